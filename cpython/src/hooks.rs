@@ -1,0 +1,383 @@
+//! PEP 445 hooks that wrap the raw, mem and object allocators at run time.
+//!
+//! Each hook forwards synchronously, on the calling thread, with the caller's
+//! arguments unchanged, to the allocator that was installed before it
+//! (pymalloc, CPython's mimalloc, tracemalloc, a debug hook, ...), and then
+//! records the outcome in [`TRACKER`]. Metadata lives out of band in the
+//! engine's sharded block table; pointers and sizes are never altered
+//! (DESIGN.md fact 2), so wrapping is safe on every build, including the
+//! free-threaded one where mem and object must stay CPython's mimalloc (fact 3).
+//!
+//! # Concurrency invariants
+//!
+//! * Hooks may run on any number of threads at once (per-interpreter GILs,
+//!   free-threading, raw calls with no GIL). They share only [`TRACKER`]
+//!   (sharded locks, atomics) and [`FORWARD`] (atomics written by install).
+//! * [`FORWARD`] for a domain is written before the hook for that domain is
+//!   handed to `PyMem_SetAllocator`, and only then. Installing and
+//!   uninstalling must happen while no other thread allocates (fact 2), as
+//!   CPython's own `PyMem_SetAllocator` requires; [`CONTROL`] serialises the
+//!   control operations themselves.
+//! * The `ctx` we register is the previous allocator's own `ctx`. A thread
+//!   that reads CPython's allocator struct torn during install (old function
+//!   with new ctx, or the reverse) therefore still pairs every function with
+//!   the ctx it expects: our hooks ignore their ctx argument.
+//! * A hook never re-enters itself: [`ReentryGuard`] makes nested calls on
+//!   the same thread (ours or the wrapped allocator's) forward only.
+//! * `fork()`: an `atfork` handler holds every table shard across the fork
+//!   and marks the forking thread as inside a hook, so the child inherits no
+//!   held lock and the forking thread never waits on a lock it holds.
+
+use std::ffi::c_void;
+use std::fmt;
+use std::ptr::null_mut;
+use std::sync::atomic::{AtomicPtr, Ordering::Acquire, Ordering::Release};
+use std::sync::{Mutex, Once};
+
+use interheap_engine::{BucketId, Domain, Tracker};
+use pyo3_ffi::{PyMemAllocatorDomain, PyMemAllocatorEx, PyMem_GetAllocator, PyMem_SetAllocator};
+
+use crate::interp::current_interpreter_id;
+use crate::reentry::ReentryGuard;
+
+type MallocFn = extern "C" fn(*mut c_void, usize) -> *mut c_void;
+type CallocFn = extern "C" fn(*mut c_void, usize, usize) -> *mut c_void;
+type ReallocFn = extern "C" fn(*mut c_void, *mut c_void, usize) -> *mut c_void;
+type FreeFn = extern "C" fn(*mut c_void, *mut c_void);
+
+/// Every block the hooks have seen, and every bucket's figures.
+pub static TRACKER: Tracker = Tracker::new();
+
+/// The allocator a domain's hook forwards to. Stored as atomics so that the
+/// hooks' reads are well defined even though install writes them at run time.
+struct Forward {
+    ctx: AtomicPtr<c_void>,
+    malloc: AtomicPtr<()>,
+    calloc: AtomicPtr<()>,
+    realloc: AtomicPtr<()>,
+    free: AtomicPtr<()>,
+}
+
+static FORWARD: [Forward; Domain::COUNT] = [const {
+    Forward {
+        ctx: AtomicPtr::new(null_mut()),
+        malloc: AtomicPtr::new(null_mut()),
+        calloc: AtomicPtr::new(null_mut()),
+        realloc: AtomicPtr::new(null_mut()),
+        free: AtomicPtr::new(null_mut()),
+    }
+}; Domain::COUNT];
+
+fn fn_addr<F: Copy>(f: Option<F>) -> *mut () {
+    // SAFETY: only instantiated with the four `extern "C" fn` pointer types
+    // above, which have the size of a data pointer on every platform CPython
+    // supports.
+    f.map_or(null_mut(), |f| unsafe { std::mem::transmute_copy::<F, *mut ()>(&f) })
+}
+
+impl Forward {
+    fn store(&self, a: &PyMemAllocatorEx) {
+        self.ctx.store(a.ctx, Release);
+        self.malloc.store(fn_addr(a.malloc), Release);
+        self.calloc.store(fn_addr(a.calloc), Release);
+        self.realloc.store(fn_addr(a.realloc), Release);
+        self.free.store(fn_addr(a.free), Release);
+    }
+
+    #[inline]
+    fn malloc(&self, size: usize) -> *mut c_void {
+        let f = self.malloc.load(Acquire);
+        if f.is_null() {
+            return null_mut();
+        }
+        // SAFETY: a non-null value was stored by `store` from a `MallocFn`.
+        let f: MallocFn = unsafe { std::mem::transmute::<*mut (), MallocFn>(f) };
+        f(self.ctx.load(Acquire), size)
+    }
+
+    #[inline]
+    fn calloc(&self, nelem: usize, elsize: usize) -> *mut c_void {
+        let f = self.calloc.load(Acquire);
+        if f.is_null() {
+            return null_mut();
+        }
+        // SAFETY: a non-null value was stored by `store` from a `CallocFn`.
+        let f: CallocFn = unsafe { std::mem::transmute::<*mut (), CallocFn>(f) };
+        f(self.ctx.load(Acquire), nelem, elsize)
+    }
+
+    #[inline]
+    fn realloc(&self, ptr: *mut c_void, size: usize) -> *mut c_void {
+        let f = self.realloc.load(Acquire);
+        if f.is_null() {
+            return null_mut();
+        }
+        // SAFETY: a non-null value was stored by `store` from a `ReallocFn`.
+        let f: ReallocFn = unsafe { std::mem::transmute::<*mut (), ReallocFn>(f) };
+        f(self.ctx.load(Acquire), ptr, size)
+    }
+
+    #[inline]
+    fn free(&self, ptr: *mut c_void) {
+        let f = self.free.load(Acquire);
+        if f.is_null() {
+            return;
+        }
+        // SAFETY: a non-null value was stored by `store` from a `FreeFn`.
+        let f: FreeFn = unsafe { std::mem::transmute::<*mut (), FreeFn>(f) };
+        f(self.ctx.load(Acquire), ptr)
+    }
+}
+
+const fn domain_of<const D: usize>() -> Domain {
+    match Domain::from_index(D) {
+        Some(d) => d,
+        None => panic!("domain index out of range"),
+    }
+}
+
+#[inline]
+fn current_bucket() -> BucketId {
+    BucketId::for_interpreter(current_interpreter_id())
+}
+
+extern "C" fn hook_malloc<const D: usize>(_ctx: *mut c_void, size: usize) -> *mut c_void {
+    let forward = &FORWARD[D];
+    let Some(_guard) = ReentryGuard::enter() else { return forward.malloc(size) };
+    let block = forward.malloc(size);
+    let owner = current_bucket();
+    if block.is_null() {
+        TRACKER.failed(owner, domain_of::<D>());
+    } else {
+        TRACKER.allocated(owner, domain_of::<D>(), block as usize, size);
+    }
+    block
+}
+
+extern "C" fn hook_calloc<const D: usize>(_ctx: *mut c_void, nelem: usize, elsize: usize) -> *mut c_void {
+    let forward = &FORWARD[D];
+    let Some(_guard) = ReentryGuard::enter() else { return forward.calloc(nelem, elsize) };
+    let owner = current_bucket();
+    // Fact 8: refuse an overflowing nelem * elsize before forwarding.
+    let Some(size) = nelem.checked_mul(elsize) else {
+        TRACKER.failed(owner, domain_of::<D>());
+        return null_mut();
+    };
+    let block = forward.calloc(nelem, elsize);
+    if block.is_null() {
+        TRACKER.failed(owner, domain_of::<D>());
+    } else {
+        TRACKER.allocated(owner, domain_of::<D>(), block as usize, size);
+    }
+    block
+}
+
+extern "C" fn hook_realloc<const D: usize>(_ctx: *mut c_void, ptr: *mut c_void, size: usize) -> *mut c_void {
+    let forward = &FORWARD[D];
+    let Some(_guard) = ReentryGuard::enter() else { return forward.realloc(ptr, size) };
+    if ptr.is_null() {
+        // realloc(NULL, n) is an allocation.
+        let block = forward.realloc(ptr, size);
+        let owner = current_bucket();
+        if block.is_null() {
+            TRACKER.failed(owner, domain_of::<D>());
+        } else {
+            TRACKER.allocated(owner, domain_of::<D>(), block as usize, size);
+        }
+        return block;
+    }
+    // Forget the old address first: once the allocator moves the block,
+    // another thread may be handed the old address and record it.
+    let old = TRACKER.reallocating(ptr as usize);
+    let block = forward.realloc(ptr, size);
+    TRACKER.reallocated(current_bucket(), domain_of::<D>(), ptr as usize, old, block as usize, size);
+    block
+}
+
+extern "C" fn hook_free<const D: usize>(_ctx: *mut c_void, ptr: *mut c_void) {
+    let forward = &FORWARD[D];
+    if !ptr.is_null() {
+        if let Some(_guard) = ReentryGuard::enter() {
+            // Before forwarding: after the free the address may be reused.
+            TRACKER.freeing(domain_of::<D>(), ptr as usize);
+        }
+    }
+    forward.free(ptr)
+}
+
+fn hooks_for<const D: usize>(ctx: *mut c_void) -> PyMemAllocatorEx {
+    PyMemAllocatorEx {
+        ctx,
+        malloc: Some(hook_malloc::<D>),
+        calloc: Some(hook_calloc::<D>),
+        realloc: Some(hook_realloc::<D>),
+        free: Some(hook_free::<D>),
+    }
+}
+
+fn ffi_domain(domain: Domain) -> PyMemAllocatorDomain {
+    match domain {
+        Domain::Raw => PyMemAllocatorDomain::PYMEM_DOMAIN_RAW,
+        Domain::Mem => PyMemAllocatorDomain::PYMEM_DOMAIN_MEM,
+        Domain::Object => PyMemAllocatorDomain::PYMEM_DOMAIN_OBJ,
+    }
+}
+
+fn get_allocator(domain: Domain) -> PyMemAllocatorEx {
+    let mut current =
+        PyMemAllocatorEx { ctx: null_mut(), malloc: None, calloc: None, realloc: None, free: None };
+    // SAFETY: PyMem_GetAllocator only copies the domain's allocator struct
+    // into the out-parameter, which is a valid, writable PyMemAllocatorEx.
+    unsafe { PyMem_GetAllocator(ffi_domain(domain), &mut current) };
+    current
+}
+
+fn set_allocator(domain: Domain, mut allocator: PyMemAllocatorEx) {
+    // SAFETY: `allocator` is a complete, valid allocator struct; CPython
+    // copies it. The caller holds CONTROL and, per the module docs, no other
+    // thread allocates during install/uninstall.
+    unsafe { PyMem_SetAllocator(ffi_domain(domain), &mut allocator) };
+}
+
+fn same_allocator(a: &PyMemAllocatorEx, b: &PyMemAllocatorEx) -> bool {
+    a.ctx == b.ctx
+        && fn_addr(a.malloc) == fn_addr(b.malloc)
+        && fn_addr(a.calloc) == fn_addr(b.calloc)
+        && fn_addr(a.realloc) == fn_addr(b.realloc)
+        && fn_addr(a.free) == fn_addr(b.free)
+}
+
+/// What install saved: per domain, what we replaced and what we put there.
+#[derive(Clone, Copy)]
+struct Installation {
+    previous: [PyMemAllocatorEx; Domain::COUNT],
+    ours: [PyMemAllocatorEx; Domain::COUNT],
+}
+
+// SAFETY: an Installation is plain data (function pointers and opaque ctx
+// values that are only ever passed back to those functions); moving it
+// between threads is harmless. Access is serialised by CONTROL.
+unsafe impl Send for Installation {}
+
+/// Serialises install, uninstall and state queries.
+static CONTROL: Mutex<Option<Installation>> = Mutex::new(None);
+
+/// Why a control operation was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HookError {
+    /// `install` was called while the hooks are installed.
+    AlreadyInstalled,
+    /// `uninstall` was called while the hooks are not installed.
+    NotInstalled,
+    /// Something was installed on top of our hooks since (tracemalloc,
+    /// another hook), or replaced them, in these domains.
+    NotOnTop(Vec<Domain>),
+}
+
+impl fmt::Display for HookError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HookError::AlreadyInstalled => write!(f, "interheap's hooks are already installed"),
+            HookError::NotInstalled => write!(f, "interheap's hooks are not installed"),
+            HookError::NotOnTop(domains) => {
+                let names: Vec<&str> = domains.iter().map(|d| d.name()).collect();
+                write!(
+                    f,
+                    "interheap's hooks are no longer the installed allocator in the {} domain{}: \
+                     something installed after them (tracemalloc, another hook) sits on top or \
+                     replaced them; remove it first (for tracemalloc: tracemalloc.stop())",
+                    names.join(", "),
+                    if names.len() == 1 { "" } else { "s" }
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for HookError {}
+
+fn lock_control() -> std::sync::MutexGuard<'static, Option<Installation>> {
+    // A panic while holding CONTROL leaves consistent data (each step either
+    // happened or not), so a poisoned lock is still usable.
+    CONTROL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+extern "C" fn before_fork() {
+    crate::reentry::set_in_hook(true);
+    TRACKER.table().lock_all();
+}
+
+extern "C" fn after_fork() {
+    // SAFETY: runs in the parent or the child right after `before_fork`
+    // locked every shard on this same thread.
+    unsafe { TRACKER.table().unlock_all() };
+    crate::reentry::set_in_hook(false);
+}
+
+fn register_fork_handlers() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: the handlers are `extern "C"` functions with static
+        // lifetime that take no arguments, as pthread_atfork requires.
+        let rc = unsafe { libc::pthread_atfork(Some(before_fork), Some(after_fork), Some(after_fork)) };
+        debug_assert_eq!(rc, 0, "pthread_atfork failed");
+    });
+}
+
+/// Wraps all three domains. Resets every figure first (a fresh start).
+///
+/// Call while no other thread allocates (CPython's own rule for
+/// `PyMem_SetAllocator`), from a thread attached to the main interpreter.
+pub fn install() -> Result<(), HookError> {
+    let mut control = lock_control();
+    if control.is_some() {
+        return Err(HookError::AlreadyInstalled);
+    }
+    register_fork_handlers();
+    TRACKER.reset();
+    let previous = Domain::ALL.map(get_allocator);
+    let ours =
+        [hooks_for::<0>(previous[0].ctx), hooks_for::<1>(previous[1].ctx), hooks_for::<2>(previous[2].ctx)];
+    for domain in Domain::ALL {
+        FORWARD[domain.index()].store(&previous[domain.index()]);
+        set_allocator(domain, ours[domain.index()]);
+    }
+    *control = Some(Installation { previous, ours });
+    Ok(())
+}
+
+/// Removes the hooks and restores what they wrapped, if and only if they are
+/// still the installed allocator in every domain. Figures stay readable.
+pub fn uninstall() -> Result<(), HookError> {
+    let mut control = lock_control();
+    let Some(installation) = *control else { return Err(HookError::NotInstalled) };
+    let covered: Vec<Domain> = Domain::ALL
+        .into_iter()
+        .filter(|d| !same_allocator(&get_allocator(*d), &installation.ours[d.index()]))
+        .collect();
+    if !covered.is_empty() {
+        return Err(HookError::NotOnTop(covered));
+    }
+    for domain in Domain::ALL {
+        set_allocator(domain, installation.previous[domain.index()]);
+    }
+    *control = None;
+    // Blocks still live will be freed unseen; their records are useless now.
+    TRACKER.table().clear();
+    Ok(())
+}
+
+/// Whether [`install`] has been called without a matching [`uninstall`].
+pub fn is_installed() -> bool {
+    lock_control().is_some()
+}
+
+/// Per domain: whether our hook is the allocator CPython calls first right
+/// now. `false` for an installed hook means something sits on top of it.
+pub fn on_top() -> [bool; Domain::COUNT] {
+    let control = lock_control();
+    match *control {
+        None => [false; Domain::COUNT],
+        Some(inst) => Domain::ALL.map(|d| same_allocator(&get_allocator(d), &inst.ours[d.index()])),
+    }
+}

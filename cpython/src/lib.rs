@@ -1,0 +1,19 @@
+//! interheap's CPython glue, over `pyo3-ffi`.
+//!
+//! This crate owns everything that touches CPython's C API from inside an
+//! allocator call:
+//!
+//! * [`interp`]: which interpreter the calling thread belongs to, without ever
+//!   waiting for a GIL (DESIGN.md fact 5);
+//! * [`reentry`]: the thread-local guard that keeps a hook from counting the
+//!   calls it causes itself (fact 4);
+//! * [`hooks`]: PEP 445 wrappers for the raw, mem and object domains that
+//!   forward to whatever allocator was installed before them and record every
+//!   block in the engine's [`interheap_engine::Tracker`] (option 6 of the
+//!   design discussion), plus installing and removing them.
+//!
+//! Nothing here calls Python, raises, or unwinds from a hook (fact 8).
+
+pub mod hooks;
+pub mod interp;
+pub mod reentry;

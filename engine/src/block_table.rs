@@ -1,0 +1,441 @@
+//! An out-of-band table of live blocks: address -> (exact size, owner, domain).
+//!
+//! Hooks installed after CPython has started may not add headers to blocks or
+//! change pointers (they forward to the allocator underneath), so the only way
+//! to know a block's size at `free` time is to remember it here.
+//!
+//! # Layout
+//!
+//! [`SHARDS`] independent open-addressing hash tables, each behind its own
+//! `parking_lot` mutex and on its own cache lines. A block's address picks
+//! its shard (top bits of a Fibonacci hash) and its home slot (the bits below).
+//! Collisions use linear probing; removal uses backward-shift deletion, so
+//! there are no tombstones and lookups never degrade. Each slot is 16 bytes:
+//! the address and a packed record (44-bit size, 18-bit bucket, 2-bit domain).
+//! Sizes of 16 TiB or more do not fit and are kept in a side list.
+//!
+//! # Concurrency
+//!
+//! * A shard's slots are only read or written with that shard's lock held.
+//!   Locks are held for a bounded probe sequence (plus, rarely, a rehash), never
+//!   across a call into the allocator underneath, so no lock is ever held
+//!   while waiting for anything but another table operation.
+//! * Two threads never contend on one *block*: a block's address is owned by
+//!   whoever allocated it until it is freed, so insert/remove of one address are
+//!   ordered by the allocator's own happens-before (free -> reuse).
+//! * The table's own memory comes from Rust's global allocator (the C
+//!   library's `malloc` in interheap's extension), never from Python's domains,
+//!   so a hook never re-enters itself through the table.
+//! * `fork()`: [`BlockTable::lock_all`] / [`BlockTable::unlock_all`] let an
+//!   `atfork` handler hold every shard across the fork so the child never
+//!   inherits a lock held by a thread that does not exist there.
+
+use parking_lot::Mutex;
+
+use crate::domain::Domain;
+use crate::ledger::BucketId;
+
+/// Number of shards (a power of two).
+pub const SHARDS: usize = 128;
+const SHARD_BITS: u32 = SHARDS.trailing_zeros();
+const INITIAL_SLOTS: usize = 256;
+
+const SIZE_BITS: u32 = 44;
+const OWNER_BITS: u32 = 18;
+const SIZE_MASK: u64 = (1 << SIZE_BITS) - 1;
+/// Marks a record whose size lives in the side list of huge blocks.
+const SIZE_HUGE: u64 = SIZE_MASK;
+const OWNER_MASK: u64 = (1 << OWNER_BITS) - 1;
+
+/// What the table remembers about a live block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockRecord {
+    /// The size the caller asked for, in bytes.
+    pub size: usize,
+    /// The bucket (interpreter) that allocated it.
+    pub owner: BucketId,
+    /// The domain it was allocated in.
+    pub domain: Domain,
+}
+
+impl BlockRecord {
+    fn pack(self) -> u64 {
+        let size = if (self.size as u64) < SIZE_HUGE { self.size as u64 } else { SIZE_HUGE };
+        size | ((u64::from(self.owner.index()) & OWNER_MASK) << SIZE_BITS)
+            | ((self.domain as u64) << (SIZE_BITS + OWNER_BITS))
+    }
+
+    /// Unpacks a record; `size` is the packed size field, which the caller
+    /// replaces for huge blocks.
+    fn unpack(packed: u64) -> BlockRecord {
+        BlockRecord {
+            size: (packed & SIZE_MASK) as usize,
+            owner: BucketId::from_index(((packed >> SIZE_BITS) & OWNER_MASK) as u32),
+            domain: Domain::from_index((packed >> (SIZE_BITS + OWNER_BITS)) as usize).unwrap_or(Domain::Raw),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct Slot {
+    /// Block address; 0 marks an empty slot (NULL is never stored).
+    key: usize,
+    packed: u64,
+}
+
+struct ShardMap {
+    slots: Vec<Slot>,
+    len: usize,
+    /// Sizes of blocks too large for the packed field, by address.
+    huge: Vec<(usize, usize)>,
+}
+
+#[repr(align(128))]
+struct Shard {
+    map: Mutex<ShardMap>,
+}
+
+/// Occupancy figures, for reporting the table's own overhead.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableStats {
+    /// Live blocks recorded.
+    pub entries: usize,
+    /// Slots allocated across all shards.
+    pub slots: usize,
+    /// Bytes of memory the table holds (slots plus side lists).
+    pub bytes: usize,
+    /// Sum of the recorded sizes of all live blocks. Maintained independently
+    /// of the ledger, so comparing the two checks the accounting.
+    pub live_bytes: u64,
+}
+
+/// The sharded block table. See the module docs.
+pub struct BlockTable {
+    shards: [Shard; SHARDS],
+}
+
+impl Default for BlockTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[inline]
+fn hash(key: usize) -> u64 {
+    (key as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+impl ShardMap {
+    const fn new() -> ShardMap {
+        ShardMap { slots: Vec::new(), len: 0, huge: Vec::new() }
+    }
+
+    #[inline]
+    fn home(&self, key: usize) -> usize {
+        // Bits just below the shard-selecting top bits.
+        let bits = self.slots.len().trailing_zeros();
+        ((hash(key) << SHARD_BITS) >> (64 - bits)) as usize
+    }
+
+    /// Index of `key`'s slot, or of the empty slot where it would go.
+    #[inline]
+    fn probe(&self, key: usize) -> usize {
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(key);
+        loop {
+            let k = self.slots[i].key;
+            if k == key || k == 0 {
+                return i;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    fn grow(&mut self) {
+        let new_len = (self.slots.len() * 2).max(INITIAL_SLOTS);
+        let old = std::mem::replace(&mut self.slots, vec![Slot::default(); new_len]);
+        for slot in old.into_iter().filter(|s| s.key != 0) {
+            let i = self.probe(slot.key);
+            self.slots[i] = slot;
+        }
+    }
+
+    fn take_huge(&mut self, key: usize) -> usize {
+        match self.huge.iter().position(|&(k, _)| k == key) {
+            Some(i) => self.huge.swap_remove(i).1,
+            None => SIZE_HUGE as usize,
+        }
+    }
+
+    /// The real size of a record whose packed size field is `packed_size`.
+    fn full_size(&self, key: usize, packed_size: usize) -> usize {
+        if packed_size as u64 != SIZE_HUGE {
+            return packed_size;
+        }
+        self.huge.iter().find(|&&(k, _)| k == key).map_or(packed_size, |h| h.1)
+    }
+
+    /// The record in slot `i`; `take` also drops its side-list entry.
+    fn record_at(&mut self, i: usize, take: bool) -> BlockRecord {
+        let slot = self.slots[i];
+        let mut rec = BlockRecord::unpack(slot.packed);
+        if rec.size as u64 == SIZE_HUGE {
+            rec.size = if take { self.take_huge(slot.key) } else { self.full_size(slot.key, rec.size) };
+        }
+        rec
+    }
+
+    fn insert(&mut self, key: usize, rec: BlockRecord) -> Option<BlockRecord> {
+        // Keep the load factor at or below 5/8 so probe sequences stay short.
+        if (self.len + 1) * 8 > self.slots.len() * 5 {
+            self.grow();
+        }
+        let i = self.probe(key);
+        let displaced = if self.slots[i].key == key {
+            Some(self.record_at(i, true))
+        } else {
+            self.len += 1;
+            None
+        };
+        self.slots[i] = Slot { key, packed: rec.pack() };
+        if rec.size as u64 >= SIZE_HUGE {
+            self.huge.push((key, rec.size));
+        }
+        displaced
+    }
+
+    fn remove(&mut self, key: usize) -> Option<BlockRecord> {
+        if self.len == 0 {
+            return None;
+        }
+        let mut hole = self.probe(key);
+        if self.slots[hole].key != key {
+            return None;
+        }
+        let rec = self.record_at(hole, true);
+        // Backward-shift deletion: pull later members of the probe run into
+        // the hole when the hole lies between their home slot and them.
+        let mask = self.slots.len() - 1;
+        let mut j = hole;
+        loop {
+            j = (j + 1) & mask;
+            let k = self.slots[j].key;
+            if k == 0 {
+                break;
+            }
+            let home = self.home(k);
+            if (j.wrapping_sub(home) & mask) >= (j.wrapping_sub(hole) & mask) {
+                self.slots[hole] = self.slots[j];
+                hole = j;
+            }
+        }
+        self.slots[hole] = Slot::default();
+        self.len -= 1;
+        Some(rec)
+    }
+
+    fn get(&self, key: usize) -> Option<BlockRecord> {
+        if self.len == 0 {
+            return None;
+        }
+        let i = self.probe(key);
+        if self.slots[i].key != key {
+            return None;
+        }
+        let rec = BlockRecord::unpack(self.slots[i].packed);
+        Some(BlockRecord { size: self.full_size(key, rec.size), ..rec })
+    }
+}
+
+impl BlockTable {
+    /// An empty table; `const` so that it can be a `static`. It allocates
+    /// nothing until the first insert.
+    pub const fn new() -> BlockTable {
+        BlockTable { shards: [const { Shard { map: Mutex::new(ShardMap::new()) } }; SHARDS] }
+    }
+
+    #[inline]
+    fn shard(&self, key: usize) -> &Mutex<ShardMap> {
+        &self.shards[(hash(key) >> (64 - SHARD_BITS)) as usize].map
+    }
+
+    /// Records a live block at `addr` (non-zero). If the table already held a
+    /// record for that address, the block it described was freed without the
+    /// table seeing it; that stale record is returned so the caller can
+    /// account for the missed free.
+    pub fn insert(&self, addr: usize, rec: BlockRecord) -> Option<BlockRecord> {
+        debug_assert!(addr != 0, "NULL is never a block");
+        self.shard(addr).lock().insert(addr, rec)
+    }
+
+    /// Forgets the block at `addr` and returns what was recorded, or `None`
+    /// if the table never saw it allocated.
+    pub fn remove(&self, addr: usize) -> Option<BlockRecord> {
+        self.shard(addr).lock().remove(addr)
+    }
+
+    /// What is recorded for `addr`, if anything.
+    pub fn get(&self, addr: usize) -> Option<BlockRecord> {
+        self.shard(addr).lock().get(addr)
+    }
+
+    /// Forgets every block and returns the memory the table held.
+    pub fn clear(&self) {
+        for shard in &self.shards {
+            let mut map = shard.map.lock();
+            *map = ShardMap::new();
+        }
+    }
+
+    /// Occupancy and memory figures. Locks each shard in turn, so the total is
+    /// not an atomic cut while other threads insert.
+    pub fn stats(&self) -> TableStats {
+        let mut stats = TableStats::default();
+        for shard in &self.shards {
+            let map = shard.map.lock();
+            stats.entries += map.len;
+            for slot in map.slots.iter().filter(|s| s.key != 0) {
+                let size = map.full_size(slot.key, BlockRecord::unpack(slot.packed).size);
+                stats.live_bytes = stats.live_bytes.wrapping_add(size as u64);
+            }
+            stats.slots += map.slots.len();
+            stats.bytes += map.slots.capacity() * std::mem::size_of::<Slot>()
+                + map.huge.capacity() * std::mem::size_of::<(usize, usize)>();
+        }
+        stats
+    }
+
+    /// Acquires every shard lock and keeps it (for a `fork` prepare handler).
+    pub fn lock_all(&self) {
+        for shard in &self.shards {
+            std::mem::forget(shard.map.lock());
+        }
+    }
+
+    /// Releases every shard lock taken by [`BlockTable::lock_all`].
+    ///
+    /// # Safety
+    ///
+    /// Must only follow a [`BlockTable::lock_all`] on this table, in the same
+    /// process image (in a fork child, the locks were taken by the parent's
+    /// forking thread, which is the child's only thread).
+    pub unsafe fn unlock_all(&self) {
+        for shard in &self.shards {
+            // SAFETY: the caller guarantees lock_all holds this lock and that
+            // no guard for it exists anywhere.
+            unsafe { shard.map.force_unlock() };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(size: usize, owner: i64, domain: Domain) -> BlockRecord {
+        BlockRecord { size, owner: BucketId::for_interpreter(Some(owner)), domain }
+    }
+
+    #[test]
+    fn insert_get_remove() {
+        let t = BlockTable::new();
+        assert_eq!(t.remove(0x1000), None);
+        assert_eq!(t.insert(0x1000, rec(32, 0, Domain::Object)), None);
+        assert_eq!(t.get(0x1000), Some(rec(32, 0, Domain::Object)));
+        assert_eq!(t.remove(0x1000), Some(rec(32, 0, Domain::Object)));
+        assert_eq!(t.remove(0x1000), None);
+        assert_eq!(t.stats().entries, 0);
+    }
+
+    #[test]
+    fn reinsert_returns_stale_record() {
+        let t = BlockTable::new();
+        t.insert(0x2000, rec(10, 1, Domain::Mem));
+        assert_eq!(t.insert(0x2000, rec(20, 2, Domain::Raw)), Some(rec(10, 1, Domain::Mem)));
+        assert_eq!(t.stats().entries, 1);
+        assert_eq!(t.get(0x2000), Some(rec(20, 2, Domain::Raw)));
+    }
+
+    #[test]
+    fn packs_extremes() {
+        let t = BlockTable::new();
+        let owner = BlockRecord { size: 0, owner: BucketId::OVERFLOW, domain: Domain::Object };
+        t.insert(0x10, owner);
+        assert_eq!(t.get(0x10), Some(owner));
+        let no_interp = BlockRecord { size: 1, owner: BucketId::NO_INTERPRETER, domain: Domain::Raw };
+        t.insert(0x20, no_interp);
+        assert_eq!(t.remove(0x20), Some(no_interp));
+    }
+
+    #[test]
+    fn huge_sizes_are_exact() {
+        let t = BlockTable::new();
+        let big = rec(1 << 50, 4, Domain::Raw);
+        let edge = rec(SIZE_HUGE as usize, 4, Domain::Raw);
+        let below = rec(SIZE_HUGE as usize - 1, 4, Domain::Raw);
+        t.insert(0x100, big);
+        t.insert(0x200, edge);
+        t.insert(0x300, below);
+        assert_eq!(t.get(0x100), Some(big));
+        assert_eq!(t.insert(0x100, rec(5, 4, Domain::Raw)), Some(big));
+        assert_eq!(t.remove(0x200), Some(edge));
+        assert_eq!(t.remove(0x300), Some(below));
+        assert_eq!(t.remove(0x100), Some(rec(5, 4, Domain::Raw)));
+        assert_eq!(t.stats().bytes % 16, 0);
+    }
+
+    #[test]
+    fn many_keys_survive_growth_and_deletion() {
+        let t = BlockTable::new();
+        let n = 50_000usize;
+        for i in 1..=n {
+            t.insert(i * 16, rec(i, (i % 7) as i64, Domain::Object));
+        }
+        assert_eq!(t.stats().entries, n);
+        assert_eq!(t.stats().live_bytes, (n * (n + 1) / 2) as u64);
+        for i in (1..=n).step_by(2) {
+            assert_eq!(t.remove(i * 16).map(|r| r.size), Some(i));
+        }
+        for i in 1..=n {
+            let expect = (i % 2 == 0).then(|| rec(i, (i % 7) as i64, Domain::Object));
+            assert_eq!(t.get(i * 16), expect, "key {i}");
+        }
+        t.clear();
+        assert_eq!(t.stats(), TableStats::default());
+    }
+
+    #[test]
+    fn concurrent_threads_keep_their_own_blocks() {
+        let t = BlockTable::new();
+        std::thread::scope(|s| {
+            for thread in 0..8usize {
+                let t = &t;
+                s.spawn(move || {
+                    for round in 0..20 {
+                        let base = (thread + 1) << 32;
+                        for i in 0..2_000usize {
+                            assert_eq!(
+                                t.insert(base + i * 16, rec(i + round, thread as i64, Domain::Mem)),
+                                None
+                            );
+                        }
+                        for i in 0..2_000usize {
+                            assert_eq!(t.remove(base + i * 16).map(|r| r.size), Some(i + round));
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(t.stats().entries, 0);
+    }
+
+    #[test]
+    fn lock_all_then_unlock_all() {
+        let t = BlockTable::new();
+        t.insert(0x40, rec(1, 0, Domain::Raw));
+        t.lock_all();
+        // SAFETY: lock_all was just called on this table in this thread.
+        unsafe { t.unlock_all() };
+        assert_eq!(t.remove(0x40).map(|r| r.size), Some(1));
+    }
+}

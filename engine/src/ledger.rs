@@ -1,0 +1,456 @@
+//! Per-interpreter, per-domain memory counters.
+//!
+//! A *bucket* holds the figures of one interpreter (keyed by its interpreter ID,
+//! never by a `PyInterpreterState*`, which CPython reuses) or of the "no
+//! interpreter" case (raw calls made without a thread state). Buckets are
+//! created on first use and never freed: an interpreter that has ended keeps
+//! its bucket, so its leaks and late frees stay visible.
+//!
+//! # Concurrency
+//!
+//! Every counter is an independent atomic updated with `Relaxed` ordering:
+//! they are statistics, not synchronisation. A snapshot taken while other
+//! threads allocate is therefore not a consistent cut across counters, but
+//! each counter is exact, and once the threads are quiescent the whole
+//! snapshot is exact.
+//!
+//! *Peak bytes is exact*, not approximate: live bytes only grow through
+//! `fetch_add`, which returns the exact value each addition produced in the
+//! counter's single modification order, and that value is fed into
+//! `fetch_max` on the peak. The maximum of a history that only rises by
+//! additions is always one of those values.
+//!
+//! Bucket storage is a fixed array of lazily allocated chunks published with
+//! a compare-and-swap; a chunk, once published, is never freed or moved, so a
+//! `&Bucket` stays valid for the life of the process.
+
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering::Relaxed};
+
+use crate::domain::Domain;
+
+/// A dense bucket index: [`BucketId::NO_INTERPRETER`], one per interpreter ID,
+/// and [`BucketId::OVERFLOW`] for interpreter IDs beyond what the table tracks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BucketId(u32);
+
+/// Number of buckets. 2^18 fits the 18 bits a [`crate::BlockRecord`] packs.
+pub const MAX_BUCKETS: usize = 1 << 18;
+const CHUNK_BUCKETS: usize = 64;
+const CHUNKS: usize = MAX_BUCKETS / CHUNK_BUCKETS;
+
+impl BucketId {
+    /// Calls made with no thread state (raw domain, pre-init, finalization,
+    /// foreign threads).
+    pub const NO_INTERPRETER: BucketId = BucketId(0);
+    /// Interpreters whose ID is too large to have a bucket of their own.
+    pub const OVERFLOW: BucketId = BucketId(MAX_BUCKETS as u32 - 1);
+
+    /// The bucket of interpreter `id` (`None`: no interpreter).
+    pub fn for_interpreter(id: Option<i64>) -> BucketId {
+        match id {
+            None => BucketId::NO_INTERPRETER,
+            Some(id) if id >= 0 && (id as u64) < (MAX_BUCKETS as u64 - 2) => BucketId(id as u32 + 1),
+            Some(_) => BucketId::OVERFLOW,
+        }
+    }
+
+    /// The raw index, for packing into a block record.
+    pub const fn index(self) -> u32 {
+        self.0
+    }
+
+    /// Rebuilds an id from [`BucketId::index`]. Out-of-range values map to OVERFLOW.
+    pub const fn from_index(index: u32) -> BucketId {
+        if (index as usize) < MAX_BUCKETS {
+            BucketId(index)
+        } else {
+            BucketId::OVERFLOW
+        }
+    }
+
+    /// What this bucket stands for.
+    pub fn kind(self) -> BucketKind {
+        if self == BucketId::NO_INTERPRETER {
+            BucketKind::NoInterpreter
+        } else if self == BucketId::OVERFLOW {
+            BucketKind::OverflowInterpreters
+        } else {
+            BucketKind::Interpreter(i64::from(self.0) - 1)
+        }
+    }
+}
+
+/// What a bucket stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BucketKind {
+    /// Calls made without a thread state.
+    NoInterpreter,
+    /// The interpreter with this ID.
+    Interpreter(i64),
+    /// All interpreters whose ID is at least `MAX_BUCKETS - 2`.
+    OverflowInterpreters,
+}
+
+/// One domain's counters in one bucket. Padded to its own cache lines so
+/// that interpreters running in parallel do not share lines.
+#[repr(align(128))]
+struct DomainCounters {
+    live_bytes: AtomicU64,
+    peak_bytes: AtomicU64,
+    allocations: AtomicU64,
+    reallocations: AtomicU64,
+    frees: AtomicU64,
+    failures: AtomicU64,
+}
+
+impl DomainCounters {
+    fn add_live(&self, bytes: u64) {
+        let now = self.live_bytes.fetch_add(bytes, Relaxed).wrapping_add(bytes);
+        // The load filters the common case (no new peak) without a locked RMW.
+        if now > self.peak_bytes.load(Relaxed) {
+            self.peak_bytes.fetch_max(now, Relaxed);
+        }
+    }
+
+    fn sub_live(&self, bytes: u64) {
+        self.live_bytes.fetch_sub(bytes, Relaxed);
+    }
+
+    fn snapshot(&self) -> DomainSnapshot {
+        let allocations = self.allocations.load(Relaxed);
+        let frees = self.frees.load(Relaxed);
+        DomainSnapshot {
+            live_bytes: self.live_bytes.load(Relaxed) as i64,
+            peak_bytes: self.peak_bytes.load(Relaxed),
+            live_blocks: allocations.wrapping_sub(frees) as i64,
+            allocations,
+            reallocations: self.reallocations.load(Relaxed),
+            frees,
+            failures: self.failures.load(Relaxed),
+        }
+    }
+
+    fn reset(&self) {
+        for c in [
+            &self.live_bytes,
+            &self.peak_bytes,
+            &self.allocations,
+            &self.reallocations,
+            &self.frees,
+            &self.failures,
+        ] {
+            c.store(0, Relaxed);
+        }
+    }
+}
+
+struct Bucket {
+    used: AtomicBool,
+    domains: [DomainCounters; Domain::COUNT],
+}
+
+struct Chunk {
+    buckets: [Bucket; CHUNK_BUCKETS],
+}
+
+/// A domain's figures in one bucket, as read by [`Ledger::snapshot`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DomainSnapshot {
+    /// Bytes in blocks allocated and not yet freed.
+    pub live_bytes: i64,
+    /// The highest `live_bytes` has been since the ledger was last reset.
+    pub peak_bytes: u64,
+    /// `allocations - frees`: blocks allocated and not yet freed.
+    pub live_blocks: i64,
+    /// Successful allocations (malloc, calloc, realloc of NULL or of a block
+    /// we did not see allocated).
+    pub allocations: u64,
+    /// Successful reallocations of blocks we track.
+    pub reallocations: u64,
+    /// Frees of blocks we track.
+    pub frees: u64,
+    /// Allocation or reallocation requests that the allocator refused.
+    pub failures: u64,
+}
+
+/// One bucket's figures.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BucketSnapshot {
+    /// Which bucket.
+    pub bucket: BucketId,
+    /// What it stands for.
+    pub kind: BucketKind,
+    /// Figures per domain, indexed by [`Domain::index`].
+    pub domains: [DomainSnapshot; Domain::COUNT],
+}
+
+/// Figures of every bucket that has been used, plus ledger-wide counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LedgerSnapshot {
+    /// Used buckets, in bucket order (no-interpreter first, then by interpreter ID).
+    pub buckets: Vec<BucketSnapshot>,
+    /// Per domain: frees of blocks that were allocated before tracking began.
+    pub untracked_frees: [u64; Domain::COUNT],
+    /// Per domain: tracked blocks whose free was never seen (the address was
+    /// handed out again), counted as freed when their address came back.
+    pub missed_frees: [u64; Domain::COUNT],
+}
+
+/// The counters of every bucket. See the module docs for the concurrency rules.
+pub struct Ledger {
+    chunks: [AtomicPtr<Chunk>; CHUNKS],
+    untracked_frees: [AtomicU64; Domain::COUNT],
+    missed_frees: [AtomicU64; Domain::COUNT],
+}
+
+impl Default for Ledger {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Ledger {
+    /// An empty ledger; `const` so that it can be a `static`.
+    pub const fn new() -> Ledger {
+        Ledger {
+            chunks: [const { AtomicPtr::new(std::ptr::null_mut()) }; CHUNKS],
+            untracked_frees: [const { AtomicU64::new(0) }; Domain::COUNT],
+            missed_frees: [const { AtomicU64::new(0) }; Domain::COUNT],
+        }
+    }
+
+    fn chunk(&self, index: usize) -> &Chunk {
+        let slot = &self.chunks[index];
+        let existing = slot.load(std::sync::atomic::Ordering::Acquire);
+        if !existing.is_null() {
+            // SAFETY: a published chunk is never freed or moved (module docs),
+            // and Acquire pairs with the Release/AcqRel CAS that published it.
+            return unsafe { &*existing };
+        }
+        // SAFETY: every field of a Chunk is an atomic integer or bool, for
+        // which all-zero bytes are a valid (zero/false) value.
+        let fresh: Box<Chunk> = unsafe { Box::<Chunk>::new_zeroed().assume_init() };
+        let fresh = Box::into_raw(fresh);
+        match slot.compare_exchange(
+            std::ptr::null_mut(),
+            fresh,
+            std::sync::atomic::Ordering::AcqRel,
+            std::sync::atomic::Ordering::Acquire,
+        ) {
+            // SAFETY: we just published `fresh`; it lives for the process.
+            Ok(_) => unsafe { &*fresh },
+            Err(winner) => {
+                // SAFETY: `fresh` came from Box::into_raw above and was never
+                // shared; the winner's chunk is published and never freed.
+                unsafe {
+                    drop(Box::from_raw(fresh));
+                    &*winner
+                }
+            }
+        }
+    }
+
+    fn bucket(&self, id: BucketId) -> &Bucket {
+        let index = id.0 as usize;
+        let bucket = &self.chunk(index / CHUNK_BUCKETS).buckets[index % CHUNK_BUCKETS];
+        if !bucket.used.load(Relaxed) {
+            bucket.used.store(true, Relaxed);
+        }
+        bucket
+    }
+
+    fn counters(&self, id: BucketId, domain: Domain) -> &DomainCounters {
+        &self.bucket(id).domains[domain.index()]
+    }
+
+    /// Marks a bucket as used so that it appears in snapshots even before it
+    /// allocates (for example a freshly created interpreter).
+    pub fn touch(&self, id: BucketId) {
+        self.bucket(id);
+    }
+
+    /// A block of `size` bytes was allocated.
+    pub fn on_alloc(&self, id: BucketId, domain: Domain, size: usize) {
+        let c = self.counters(id, domain);
+        c.allocations.fetch_add(1, Relaxed);
+        c.add_live(size as u64);
+    }
+
+    /// A tracked block of `size` bytes was freed.
+    pub fn on_free(&self, id: BucketId, domain: Domain, size: usize) {
+        let c = self.counters(id, domain);
+        c.frees.fetch_add(1, Relaxed);
+        c.sub_live(size as u64);
+    }
+
+    /// A tracked block changed size from `old` to `new` bytes.
+    pub fn on_realloc(&self, id: BucketId, domain: Domain, old: usize, new: usize) {
+        let c = self.counters(id, domain);
+        c.reallocations.fetch_add(1, Relaxed);
+        if new >= old {
+            c.add_live((new - old) as u64);
+        } else {
+            c.sub_live((old - new) as u64);
+        }
+    }
+
+    /// The allocator returned NULL for a request.
+    pub fn on_failure(&self, id: BucketId, domain: Domain) {
+        self.counters(id, domain).failures.fetch_add(1, Relaxed);
+    }
+
+    /// A block we never saw allocated was freed (it predates tracking).
+    pub fn on_untracked_free(&self, domain: Domain) {
+        self.untracked_frees[domain.index()].fetch_add(1, Relaxed);
+    }
+
+    /// A tracked block's free was never seen; its address was reused. Counted
+    /// as a free so that live figures stay right.
+    pub fn on_missed_free(&self, id: BucketId, domain: Domain, size: usize) {
+        self.missed_frees[domain.index()].fetch_add(1, Relaxed);
+        self.on_free(id, domain, size);
+    }
+
+    /// The figures of one bucket (zero if it was never used).
+    pub fn bucket_snapshot(&self, id: BucketId) -> BucketSnapshot {
+        let index = id.0 as usize;
+        let chunk = self.chunks[index / CHUNK_BUCKETS].load(std::sync::atomic::Ordering::Acquire);
+        let domains = if chunk.is_null() {
+            [DomainSnapshot::default(); Domain::COUNT]
+        } else {
+            // SAFETY: published chunks are never freed (module docs).
+            let bucket = unsafe { &(*chunk).buckets[index % CHUNK_BUCKETS] };
+            std::array::from_fn(|d| bucket.domains[d].snapshot())
+        };
+        BucketSnapshot { bucket: id, kind: id.kind(), domains }
+    }
+
+    /// Figures of every used bucket. Allocates (a `Vec`), so it must not be
+    /// called from inside an allocator hook.
+    pub fn snapshot(&self) -> LedgerSnapshot {
+        let mut buckets = Vec::new();
+        for (chunk_index, slot) in self.chunks.iter().enumerate() {
+            let chunk = slot.load(std::sync::atomic::Ordering::Acquire);
+            if chunk.is_null() {
+                continue;
+            }
+            // SAFETY: published chunks are never freed (module docs).
+            let chunk = unsafe { &*chunk };
+            for (i, bucket) in chunk.buckets.iter().enumerate() {
+                if bucket.used.load(Relaxed) {
+                    let id = BucketId((chunk_index * CHUNK_BUCKETS + i) as u32);
+                    buckets.push(BucketSnapshot {
+                        bucket: id,
+                        kind: id.kind(),
+                        domains: std::array::from_fn(|d| bucket.domains[d].snapshot()),
+                    });
+                }
+            }
+        }
+        LedgerSnapshot {
+            buckets,
+            untracked_frees: std::array::from_fn(|d| self.untracked_frees[d].load(Relaxed)),
+            missed_frees: std::array::from_fn(|d| self.missed_frees[d].load(Relaxed)),
+        }
+    }
+
+    /// Zeroes every counter and forgets which buckets were used. Only
+    /// meaningful while nothing else updates the ledger (e.g. before hooks are
+    /// installed again); concurrent updates are not lost in a harmful way, but
+    /// the result is then not a clean start.
+    pub fn reset(&self) {
+        for slot in &self.chunks {
+            let chunk = slot.load(std::sync::atomic::Ordering::Acquire);
+            if chunk.is_null() {
+                continue;
+            }
+            // SAFETY: published chunks are never freed (module docs).
+            for bucket in unsafe { &(*chunk).buckets } {
+                bucket.used.store(false, Relaxed);
+                bucket.domains.iter().for_each(DomainCounters::reset);
+            }
+        }
+        for c in self.untracked_frees.iter().chain(&self.missed_frees) {
+            c.store(0, Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_ids_map_interpreters() {
+        assert_eq!(BucketId::for_interpreter(None), BucketId::NO_INTERPRETER);
+        assert_eq!(BucketId::for_interpreter(Some(0)).kind(), BucketKind::Interpreter(0));
+        assert_eq!(BucketId::for_interpreter(Some(41)).kind(), BucketKind::Interpreter(41));
+        assert_eq!(BucketId::for_interpreter(Some(-1)), BucketId::OVERFLOW);
+        assert_eq!(BucketId::for_interpreter(Some(1 << 40)), BucketId::OVERFLOW);
+        assert_eq!(
+            BucketId::for_interpreter(Some(MAX_BUCKETS as i64 - 3)).kind(),
+            BucketKind::Interpreter(MAX_BUCKETS as i64 - 3)
+        );
+        assert_eq!(BucketId::for_interpreter(Some(MAX_BUCKETS as i64 - 2)), BucketId::OVERFLOW);
+    }
+
+    #[test]
+    fn counts_live_peak_and_blocks() {
+        let ledger = Ledger::new();
+        let b = BucketId::for_interpreter(Some(3));
+        ledger.on_alloc(b, Domain::Mem, 100);
+        ledger.on_alloc(b, Domain::Mem, 50);
+        ledger.on_realloc(b, Domain::Mem, 50, 80);
+        ledger.on_free(b, Domain::Mem, 100);
+        ledger.on_failure(b, Domain::Mem);
+        let snap = ledger.bucket_snapshot(b).domains[Domain::Mem.index()];
+        assert_eq!(snap.live_bytes, 80);
+        assert_eq!(snap.peak_bytes, 180);
+        assert_eq!(snap.live_blocks, 1);
+        assert_eq!((snap.allocations, snap.reallocations, snap.frees, snap.failures), (2, 1, 1, 1));
+        // Other domains and buckets are untouched.
+        assert_eq!(ledger.bucket_snapshot(b).domains[0], DomainSnapshot::default());
+        let all = ledger.snapshot();
+        assert_eq!(all.buckets.len(), 1);
+        assert_eq!(all.buckets[0].kind, BucketKind::Interpreter(3));
+    }
+
+    #[test]
+    fn reset_forgets_everything() {
+        let ledger = Ledger::new();
+        ledger.on_alloc(BucketId::NO_INTERPRETER, Domain::Raw, 7);
+        ledger.on_untracked_free(Domain::Raw);
+        ledger.reset();
+        let snap = ledger.snapshot();
+        assert!(snap.buckets.is_empty());
+        assert_eq!(snap.untracked_frees, [0; 3]);
+    }
+
+    #[test]
+    fn peak_is_exact_under_concurrency() {
+        // Each thread allocates 1..=K then frees them all; the true peak is
+        // unknown in advance, but the final live must be 0, the peak must be
+        // at least one thread's high-water mark and at most the sum.
+        let ledger = Ledger::new();
+        let b = BucketId::for_interpreter(Some(1));
+        const K: usize = 2000;
+        let per_thread: u64 = (1..=K as u64).sum();
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for i in 1..=K {
+                        ledger.on_alloc(b, Domain::Object, i);
+                    }
+                    for i in 1..=K {
+                        ledger.on_free(b, Domain::Object, i);
+                    }
+                });
+            }
+        });
+        let snap = ledger.bucket_snapshot(b).domains[Domain::Object.index()];
+        assert_eq!(snap.live_bytes, 0);
+        assert_eq!(snap.live_blocks, 0);
+        assert_eq!(snap.allocations, 4 * K as u64);
+        assert!(snap.peak_bytes >= per_thread && snap.peak_bytes <= 4 * per_thread);
+    }
+}

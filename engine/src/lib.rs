@@ -1,0 +1,29 @@
+//! interheap's engine: the parts of interheap that know nothing about Python.
+//!
+//! This crate owns the concurrent data structures that the CPython glue
+//! (`interheap-cpython`) drives from inside allocator hooks:
+//!
+//! * [`BlockTable`]: an out-of-band, sharded map from a block's address to what
+//!   we know about it (exact size, owning bucket, domain). Hooks installed after
+//!   CPython starts cannot add headers to blocks (they must forward pointers
+//!   unchanged), so this table is where exact sizes live.
+//! * [`Ledger`]: per-bucket (per interpreter, plus a "no interpreter" bucket),
+//!   per-[`Domain`] counters: live and peak bytes, allocation, reallocation and
+//!   free counts. Lock-free; buckets are created on first use and never freed, so
+//!   an interpreter's figures outlive it.
+//! * [`Tracker`]: the two together, with the accounting rules a hook applies
+//!   around each forwarded malloc, calloc, realloc and free.
+//!
+//! Everything here is callable from any thread at any time, including from
+//! inside a `malloc` hook: nothing allocates through Python, nothing unwinds
+//! (arithmetic is wrapping, no `unwrap` on hot paths), and locks are sharded.
+
+pub mod block_table;
+pub mod domain;
+pub mod ledger;
+pub mod tracker;
+
+pub use block_table::{BlockRecord, BlockTable, TableStats};
+pub use domain::Domain;
+pub use ledger::{BucketId, BucketKind, BucketSnapshot, DomainSnapshot, Ledger, LedgerSnapshot};
+pub use tracker::Tracker;

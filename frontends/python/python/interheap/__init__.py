@@ -1,0 +1,112 @@
+"""interheap: see and control memory per interpreter and per allocator domain.
+
+Run-time hooks (PEP 445 wrappers, option 6 of the "custom allocators and the
+GIL" discussion) stack over whatever allocator CPython uses and count every
+block, exactly, per interpreter and per domain (raw, mem, object). They are
+thread-safe with per-interpreter GILs and on free-threaded builds.
+
+    import interheap
+    with interheap.hooks() as h:
+        run_workload()
+    print(h.stats)              # the figures when the block ended
+
+or ``python -m interheap run script.py`` to run a program under the hooks and
+print a report at exit.
+
+The package loads in the main interpreter only (it is a PyO3 module); the
+hooks it installs count allocations of every interpreter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _native
+from ._report import human_bytes
+from ._stats import DOMAINS, DomainStats, InterpreterStats, Snapshot, build_snapshot
+
+__all__ = [
+    "DOMAINS",
+    "DomainStats",
+    "Hooks",
+    "InterpreterStats",
+    "Snapshot",
+    "hooks",
+    "human_bytes",
+    "install",
+    "is_installed",
+    "on_top",
+    "stats",
+    "uninstall",
+]
+
+__version__ = "0.1.0"
+
+
+def install() -> None:
+    """Wrap the raw, mem and object allocators and start counting from zero.
+
+    The hooks forward every call to the allocators installed before them
+    (pymalloc, mimalloc, tracemalloc, ...). Call it while no other thread is
+    allocating, ideally at start-up (``python -m interheap run`` does).
+    Raises RuntimeError if the hooks are already installed.
+    """
+    _native.install()
+
+
+def uninstall() -> None:
+    """Remove the hooks and restore the allocators they wrapped.
+
+    Raises RuntimeError, and changes nothing, if the hooks are not installed or
+    if something was installed on top of them since (tracemalloc, say): stop
+    that first. The figures stay readable with :func:`stats`.
+    """
+    _native.uninstall()
+
+
+def is_installed() -> bool:
+    """Whether the hooks are installed (possibly under something else)."""
+    return bool(_native.is_installed())
+
+
+def on_top() -> dict[str, bool]:
+    """Per domain: whether interheap's hook is the first allocator called."""
+    return dict(_native.on_top())
+
+
+def stats() -> Snapshot:
+    """A snapshot of every interpreter's figures, per domain.
+
+    Interpreters that have been destroyed stay in it with what they left
+    allocated. Raw calls made without a thread state appear as the entry with
+    ``kind == "none"``.
+    """
+    return build_snapshot(_native.snapshot(), installed=is_installed())
+
+
+def current_interpreter_id() -> int | None:
+    """The interpreter ID the hooks attribute the calling thread's blocks to."""
+    return _native.current_interpreter_id()
+
+
+class Hooks:
+    """Context manager: installs the hooks on entry, removes them on exit.
+
+    After the block, :attr:`stats` holds the figures as they were at exit.
+    """
+
+    def __init__(self) -> None:
+        self.stats: Snapshot | None = None
+
+    def __enter__(self) -> Hooks:
+        install()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stats = stats()
+        uninstall()
+
+
+def hooks() -> Hooks:
+    """``with interheap.hooks() as h: ...``: see :class:`Hooks`."""
+    return Hooks()

@@ -1,0 +1,221 @@
+"""``python -m interheap``: run a program under the hooks, or show a saved report.
+
+    python -m interheap run [--json FILE] [--no-report] (SCRIPT | -m MODULE | -c CODE) [ARGS...]
+    python -m interheap report FILE.json
+
+``run`` installs the hooks before the program starts, runs it the way
+``python`` would (``sys.argv``, ``sys.path[0]``, ``__main__``), passes its
+exit status through, and at exit (after its threads and its own ``atexit``
+handlers) prints the per-interpreter table to stderr and writes the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import runpy
+import sys
+import types
+from dataclasses import dataclass, field
+
+RUN_USAGE = "python -m interheap run [--json FILE] [--no-report] (SCRIPT | -m MODULE | -c CODE) [ARGS...]"
+RUN_DESCRIPTION = """\
+Run a Python program with interheap's hooks installed before it starts, and
+report its memory per interpreter and per domain (raw, mem, object) at exit.
+
+The program runs as `python SCRIPT ARGS`, `python -m MODULE ARGS` or
+`python -c CODE ARGS` would run it: same sys.argv, sys.path[0] and __main__,
+and the same exit status. Everything after SCRIPT, MODULE or CODE is passed
+to the program untouched. The report goes to stderr once the program's
+threads and atexit handlers have finished."""
+
+
+class UsageError(Exception):
+    """Bad command-line arguments."""
+
+
+@dataclass
+class RunRequest:
+    kind: str  # "script", "module" or "code"
+    target: str
+    args: list[str] = field(default_factory=list)
+    json_path: str | None = None
+    report: bool = True
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m interheap run",
+        usage=RUN_USAGE,
+        description=RUN_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE ('-' for stdout)")
+    parser.add_argument("--no-report", action="store_true", help="do not print the table at exit")
+    parser.add_argument("program", nargs="*", metavar="SCRIPT | -m MODULE | -c CODE", help="what to run, then its arguments")
+    return parser
+
+
+def parse_run_args(argv: list[str]) -> RunRequest:
+    """Splits ``run``'s own options from the program and its arguments.
+
+    interheap's options come first; the first ``-m``, ``-c`` or non-option word
+    starts the program, and nothing after it is interpreted by interheap.
+    """
+    json_path: str | None = None
+    report = True
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            _run_parser().print_help()
+            raise SystemExit(0)
+        if arg == "--json":
+            if i + 1 >= len(argv):
+                raise UsageError("--json needs a FILE argument")
+            json_path = argv[i + 1]
+            i += 2
+        elif arg.startswith("--json="):
+            json_path = arg[len("--json=") :]
+            i += 1
+        elif arg == "--no-report":
+            report = False
+            i += 1
+        elif arg in ("-m", "-c"):
+            if i + 1 >= len(argv):
+                what = "a MODULE" if arg == "-m" else "a CODE"
+                raise UsageError(f"{arg} needs {what} argument")
+            kind = "module" if arg == "-m" else "code"
+            return RunRequest(kind, argv[i + 1], argv[i + 2 :], json_path, report)
+        elif arg.startswith("-m") or arg.startswith("-c"):
+            # -mMODULE / -cCODE, as python accepts them.
+            kind = "module" if arg[1] == "m" else "code"
+            return RunRequest(kind, arg[2:], argv[i + 1 :], json_path, report)
+        elif arg == "--":
+            if i + 1 >= len(argv):
+                raise UsageError("nothing to run after '--'")
+            return RunRequest("script", argv[i + 1], argv[i + 2 :], json_path, report)
+        elif arg.startswith("-"):
+            raise UsageError(f"unknown option {arg!r} (interheap's options come before the program)")
+        else:
+            return RunRequest("script", arg, argv[i + 1 :], json_path, report)
+    raise UsageError("nothing to run: give a SCRIPT, -m MODULE or -c CODE")
+
+
+def _check_request(req: RunRequest) -> None:
+    """Refuses, before anything runs, what would fail only at exit."""
+    if req.kind == "script" and not os.path.exists(req.target):
+        raise UsageError(f"can't open file {req.target!r}: no such file or directory")
+    if req.kind == "module" and not req.target:
+        raise UsageError("-m needs a MODULE argument")
+    if req.json_path not in (None, "-"):
+        directory = os.path.dirname(os.path.abspath(req.json_path))
+        if not os.path.isdir(directory):
+            raise UsageError(f"--json: directory {directory!r} does not exist")
+        if os.path.isdir(req.json_path):
+            raise UsageError(f"--json: {req.json_path!r} is a directory")
+        if not os.access(directory, os.W_OK):
+            raise UsageError(f"--json: directory {directory!r} is not writable")
+
+
+def _report_at_exit(req: RunRequest) -> None:
+    import interheap
+
+    snap = interheap.stats()
+    if req.report:
+        print(snap.format_table(), file=sys.stderr, flush=True)
+    if req.json_path is not None:
+        text = json.dumps(snap.to_dict(), indent=2) + "\n"
+        if req.json_path == "-":
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        else:
+            try:
+                with open(req.json_path, "w", encoding="utf-8") as fh:
+                    fh.write(text)
+            except OSError as exc:
+                print(f"interheap: could not write {req.json_path}: {exc}", file=sys.stderr)
+
+
+def _fresh_main(filename: str | None) -> dict:
+    module = types.ModuleType("__main__")
+    if filename is not None:
+        module.__file__ = filename
+    module.__builtins__ = __builtins__  # type: ignore[attr-defined]
+    sys.modules["__main__"] = module
+    return module.__dict__
+
+
+def run(req: RunRequest) -> None:
+    """Installs the hooks and runs the program. Exceptions and SystemExit
+    propagate, so the interpreter reports and exits exactly as for ``python``."""
+    import interheap
+
+    _check_request(req)
+    interheap.install()
+    atexit.register(_report_at_exit, req)
+    if req.kind == "script":
+        sys.argv = [req.target, *req.args]
+        sys.path[0] = os.path.dirname(os.path.abspath(req.target))
+        runpy.run_path(req.target, run_name="__main__")
+    elif req.kind == "module":
+        sys.argv = [req.target, *req.args]
+        sys.path[0] = os.getcwd()
+        runpy._run_module_as_main(req.target, alter_argv=True)  # type: ignore[attr-defined]
+    else:
+        sys.argv = ["-c", *req.args]
+        sys.path[0] = ""
+        exec(compile(req.target, "<string>", "exec"), _fresh_main(None))
+
+
+def report(path: str) -> int:
+    from ._stats import Snapshot
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        snap = Snapshot.from_dict(data)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"interheap report: cannot read {path}: {exc}", file=sys.stderr)
+        return 2
+    print(snap.format_table())
+    return 0
+
+
+MAIN_DESCRIPTION = """\
+interheap: exact memory per interpreter and per allocator domain.
+
+commands:
+  run      run a program under the hooks and report at exit
+           (python -m interheap run --help)
+  report   print the table of a JSON file written by `run --json`"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = "python -m interheap"
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: {prog} {{run,report,--version}} ...\n\n{MAIN_DESCRIPTION}")
+        raise SystemExit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    if command == "--version":
+        from . import __version__
+
+        print(f"interheap {__version__}")
+        return
+    try:
+        if command == "run":
+            req = parse_run_args(rest)
+            _check_request(req)
+        elif command == "report":
+            if len(rest) != 1 or rest[0].startswith("-"):
+                raise UsageError("usage: python -m interheap report FILE.json")
+            raise SystemExit(report(rest[0]))
+        else:
+            raise UsageError(f"unknown command {command!r}; expected 'run' or 'report'")
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}\nusage: {RUN_USAGE}", file=sys.stderr)
+        raise SystemExit(2) from None
+    run(req)

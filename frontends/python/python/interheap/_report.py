@@ -1,0 +1,94 @@
+"""Text rendering of a :class:`~interheap.Snapshot` (the ``run`` report)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._stats import DomainStats, Snapshot
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def human_bytes(n: int | None) -> str:
+    """1536 -> '1.5 KiB'; negative values keep their sign; None -> '-'."""
+    if n is None:
+        return "-"
+    sign = "-" if n < 0 else ""
+    value = float(abs(n))
+    for unit in _UNITS:
+        if value < 1024 or unit == _UNITS[-1]:
+            if unit == "B":
+                return f"{sign}{int(value)} B"
+            return f"{sign}{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_count(n: int) -> str:
+    return f"{n:,}"
+
+
+_COLUMNS = ("interpreter", "state", "domain", "live", "peak", "live blocks", "allocs", "reallocs", "frees")
+
+
+def _row(name: str, state: str, domain: str, s: DomainStats) -> list[str]:
+    return [
+        name,
+        state,
+        domain,
+        human_bytes(s.live_bytes),
+        human_bytes(s.peak_bytes),
+        human_count(s.live_blocks),
+        human_count(s.allocations),
+        human_count(s.reallocations),
+        human_count(s.frees),
+    ]
+
+
+def format_snapshot(snap: Snapshot) -> str:
+    rows: list[list[str] | None] = []
+    for entry in snap.interpreters:
+        if entry.alive is None:
+            state = "-"
+        else:
+            state = "alive" if entry.alive else "destroyed"
+        label = entry.name if entry.kind != "interpreter" or entry.id == 0 else f"interp {entry.id}"
+        if entry.id == 0:
+            label = "main (0)"
+        for i, (domain, stats) in enumerate(entry.domains.items()):
+            rows.append(_row(label if i == 0 else "", state if i == 0 else "", domain, stats))
+        rows.append(_row("", "", "all", entry.all))
+        rows.append(None)
+    for i, (domain, stats) in enumerate(snap.totals.items()):
+        rows.append(_row("total" if i == 0 else "", "", domain, stats))
+    rows.append(_row("", "", "all", snap.total))
+
+    widths = [len(c) for c in _COLUMNS]
+    for row in rows:
+        if row:
+            widths = [max(w, len(cell)) for w, cell in zip(widths, row)]
+
+    def render(cells: list[str] | tuple[str, ...]) -> str:
+        out = []
+        for i, (cell, width) in enumerate(zip(cells, widths)):
+            out.append(cell.ljust(width) if i < 3 else cell.rjust(width))
+        return "  ".join(out).rstrip()
+
+    mode = "free-threaded" if snap.free_threaded else "default build"
+    lines = [
+        f"interheap: memory by interpreter and domain (Python {snap.python}, {mode})",
+        render(_COLUMNS),
+        render(["-" * w for w in widths]),
+    ]
+    for row in rows:
+        lines.append(render(row) if row else "")
+    untracked = sum(snap.untracked_frees.values())
+    missed = sum(snap.missed_frees.values())
+    lines.append(
+        f"frees of blocks allocated before the hooks: {human_count(untracked)}"
+        f"   missed frees: {human_count(missed)}"
+        f"   block table: {human_count(snap.table.get('entries', 0))} entries,"
+        f" {human_bytes(snap.table.get('bytes', 0))}"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Sets up everything interheap needs on a fresh machine, reusing caches:
+#   - the interpreters of the test matrix (scripts/interpreters.sh: 3.12, 3.13
+#     and a free-threaded 3.13t built once and cached),
+#   - one virtual environment per interpreter: .venv for 3.13 (the default),
+#     .venvs/<tag> for the others, with the dev tools and interheap built in
+#     release mode and installed (Cargo target dirs are cached per interpreter
+#     under the cache dir, so a fresh clone rebuilds only interheap's crates).
+# Usage: scripts/setup.sh [TAG ...]   (default: every interpreter of the matrix)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE=${INTERHEAP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/interheap}
+DEFAULT_TAG=${INTERHEAP_DEFAULT_TAG:-3.13}
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+command -v cargo >/dev/null || { log "cargo not found: install Rust (rustup) first"; exit 1; }
+
+matrix=$("$ROOT/scripts/interpreters.sh")
+wanted=("$@")
+
+venv_dir() {
+    # .venv is the default interpreter's; the others live in .venvs/<tag>.
+    if [ "$1" = "$DEFAULT_TAG" ]; then echo "$ROOT/.venv"; else echo "$ROOT/.venvs/$1"; fi
+}
+
+: > "$ROOT/.venvs.list.tmp"
+while read -r tag python; do
+    [ -n "$tag" ] || continue
+    if [ ${#wanted[@]} -gt 0 ] && [[ ! " ${wanted[*]} " == *" $tag "* ]]; then continue; fi
+    venv=$(venv_dir "$tag")
+    # Recreate the venv if it is missing or was made by another interpreter.
+    if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.interheap-python" 2>/dev/null)" != "$python" ]; then
+        log "$tag: creating $venv from $python"
+        rm -rf "$venv"
+        mkdir -p "$(dirname "$venv")"
+        "$python" -m venv "$venv"
+        echo "$python" > "$venv/.interheap-python"
+    fi
+    if ! cmp -s "$ROOT/requirements-dev.txt" "$venv/.interheap-requirements"; then
+        log "$tag: installing dev requirements"
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$ROOT/requirements-dev.txt"
+        cp "$ROOT/requirements-dev.txt" "$venv/.interheap-requirements"
+    fi
+    log "$tag: building interheap (release)"
+    (
+        cd "$ROOT/frontends/python"
+        VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH" CARGO_TARGET_DIR="$CACHE/target/$tag" \
+            "$venv/bin/maturin" develop --release --quiet >"$CACHE/build-$tag.log" 2>&1 \
+            || { tail -40 "$CACHE/build-$tag.log" >&2; exit 1; }
+    )
+    "$venv/bin/python" -c "import interheap; interheap.stats()" \
+        || { log "$tag: interheap does not import in $venv"; exit 1; }
+    echo "$tag $venv" >> "$ROOT/.venvs.list.tmp"
+done <<< "$matrix"
+mv "$ROOT/.venvs.list.tmp" "$ROOT/.venvs.list"
+log "ready: $(tr '\n' ' ' < "$ROOT/.venvs.list")"

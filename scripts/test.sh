@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Runs every check and test of interheap on every interpreter of the matrix.
+# Expects scripts/setup.sh to have run (make test does both).
+#   1. Rust: cargo fmt --check, cargo clippy -D warnings, cargo test (engine, glue)
+#   2. Python: ruff
+#   3. pytest on each venv listed in .venvs.list (3.12, 3.13, 3.13t)
+# Prints one closing line "N passed, N failed" over all pytest runs.
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE=${INTERHEAP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/interheap}
+cd "$ROOT"
+[ -f .venvs.list ] || { echo "test: run scripts/setup.sh first (or: make test)" >&2; exit 2; }
+
+failures=()
+step() { printf '\n=== %s\n' "$*"; }
+run() { "$@" || failures+=("$*"); }
+
+PY=$ROOT/.venv/bin/python
+export PYO3_PYTHON=$PY
+LIBDIR=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))')
+export CARGO_TARGET_DIR=$CACHE/target/checks
+
+step "cargo fmt --check"
+run cargo fmt --all --check
+step "cargo clippy -D warnings"
+run cargo clippy --quiet --workspace --all-targets -- -D warnings
+step "cargo test (engine, CPython glue)"
+run env LD_LIBRARY_PATH="$LIBDIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+    cargo test --quiet -p interheap-engine -p interheap-cpython
+step "ruff"
+run "$ROOT/.venv/bin/ruff" check .
+run "$ROOT/.venv/bin/ruff" format --check .
+
+passed=0; failed=0
+while read -r tag venv; do
+    step "pytest on $tag ($venv)"
+    log=$(mktemp)
+    "$venv/bin/python" -m pytest -q -p no:cacheprovider tests "$@" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    summary=$(grep -E '^[0-9=].*(passed|failed|error)' "$log" | tail -1)
+    p=$(grep -oE '[0-9]+ passed' <<< "$summary" | grep -oE '[0-9]+' || true)
+    f=$(grep -oE '[0-9]+ (failed|error)' <<< "$summary" | grep -oE '[0-9]+' | paste -sd+ | bc 2>/dev/null || true)
+    passed=$((passed + ${p:-0})); failed=$((failed + ${f:-0}))
+    # Exit 5 (no tests collected) is a failure too: a matrix entry that tests nothing.
+    [ "$rc" -eq 0 ] || failures+=("pytest on $tag (exit $rc)")
+    rm -f "$log"
+done < .venvs.list
+
+echo
+if [ ${#failures[@]} -gt 0 ]; then
+    printf 'FAILED: %s\n' "${failures[@]}"
+fi
+echo "$passed passed, $failed failed"
+[ ${#failures[@]} -eq 0 ]
