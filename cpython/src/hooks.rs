@@ -335,6 +335,8 @@ pub fn install() -> Result<(), HookError> {
     }
     register_fork_handlers();
     TRACKER.reset();
+    // The installing interpreter is listed from the start, even before it allocates.
+    TRACKER.ledger().touch(current_bucket());
     let previous = Domain::ALL.map(get_allocator);
     let ours =
         [hooks_for::<0>(previous[0].ctx), hooks_for::<1>(previous[1].ctx), hooks_for::<2>(previous[2].ctx)];

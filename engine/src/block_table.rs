@@ -152,7 +152,18 @@ impl ShardMap {
     }
 
     fn grow(&mut self) {
-        let new_len = (self.slots.len() * 2).max(INITIAL_SLOTS);
+        self.rehash((self.slots.len() * 2).max(INITIAL_SLOTS));
+    }
+
+    /// Gives memory back after a peak: halve when the load falls below 1/16.
+    /// (Growth happens above 5/8, so a halved table sits at 1/8: no thrashing.)
+    fn maybe_shrink(&mut self) {
+        if self.slots.len() > INITIAL_SLOTS && self.len * 16 < self.slots.len() {
+            self.rehash(self.slots.len() / 2);
+        }
+    }
+
+    fn rehash(&mut self, new_len: usize) {
         let old = std::mem::replace(&mut self.slots, vec![Slot::default(); new_len]);
         for slot in old.into_iter().filter(|s| s.key != 0) {
             let i = self.probe(slot.key);
@@ -231,6 +242,7 @@ impl ShardMap {
         }
         self.slots[hole] = Slot::default();
         self.len -= 1;
+        self.maybe_shrink();
         Some(rec)
     }
 
@@ -400,6 +412,16 @@ mod tests {
             let expect = (i % 2 == 0).then(|| rec(i, (i % 7) as i64, Domain::Object));
             assert_eq!(t.get(i * 16), expect, "key {i}");
         }
+        let before = t.stats().slots;
+        for i in (2..=n).step_by(2) {
+            assert!(t.remove(i * 16).is_some());
+        }
+        assert!(t.stats().slots < before, "the table gives memory back after a peak");
+        assert_eq!(t.stats().slots, SHARDS * INITIAL_SLOTS);
+        for i in 1..=100 {
+            t.insert(i * 16, rec(i, 0, Domain::Raw));
+        }
+        assert_eq!(t.stats().entries, 100);
         t.clear();
         assert_eq!(t.stats(), TableStats::default());
     }

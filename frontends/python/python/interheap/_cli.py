@@ -52,9 +52,13 @@ def _run_parser() -> argparse.ArgumentParser:
         description=RUN_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE ('-' for stdout)")
+    parser.add_argument(
+        "--json", metavar="FILE", help="also write the figures as JSON to FILE ('-' for stdout)"
+    )
     parser.add_argument("--no-report", action="store_true", help="do not print the table at exit")
-    parser.add_argument("program", nargs="*", metavar="SCRIPT | -m MODULE | -c CODE", help="what to run, then its arguments")
+    parser.add_argument(
+        "program", nargs="*", metavar="SCRIPT | -m MODULE | -c CODE", help="what to run, then its arguments"
+    )
     return parser
 
 

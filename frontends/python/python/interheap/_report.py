@@ -67,11 +67,11 @@ def format_snapshot(snap: Snapshot) -> str:
     widths = [len(c) for c in _COLUMNS]
     for row in rows:
         if row:
-            widths = [max(w, len(cell)) for w, cell in zip(widths, row)]
+            widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=False)]
 
     def render(cells: list[str] | tuple[str, ...]) -> str:
         out = []
-        for i, (cell, width) in enumerate(zip(cells, widths)):
+        for i, (cell, width) in enumerate(zip(cells, widths, strict=False)):
             out.append(cell.ljust(width) if i < 3 else cell.rjust(width))
         return "  ".join(out).rstrip()
 

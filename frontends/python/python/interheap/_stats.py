@@ -116,9 +116,7 @@ class Snapshot:
     missed_frees: dict[str, int]
     table: dict[str, int]
     python: str = field(default_factory=lambda: sys.version.split()[0])
-    free_threaded: bool = field(
-        default_factory=lambda: bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
-    )
+    free_threaded: bool = field(default_factory=lambda: bool(sysconfig.get_config_var("Py_GIL_DISABLED")))
 
     @property
     def totals(self) -> dict[str, DomainStats]:

@@ -1,0 +1,80 @@
+"""Imported by test scenarios that run in a child process.
+
+Hides the difference between 3.12's ``_xxsubinterpreters`` and 3.13's
+``_interpreters``, and reports results to the parent test as one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import sysconfig
+
+FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+
+try:  # 3.13+
+    import _interpreters as _mod
+
+    def create(kind: str = "isolated") -> int:
+        """A new interpreter: 'isolated' (own GIL and obmalloc) or 'legacy'."""
+        return int(_mod.create(kind))
+
+    def run(interp_id: int, code: str) -> None:
+        """Runs ``code`` in the interpreter; raises if it raised."""
+        failure = _mod.exec(interp_id, code)
+        if failure is not None:
+            detail = getattr(failure, "formatted", None) or repr(failure)
+            raise RuntimeError(f"interpreter {interp_id} failed:\n{detail}")
+
+    def destroy(interp_id: int) -> None:
+        _mod.destroy(interp_id)
+
+except ImportError:  # 3.12
+    import _xxsubinterpreters as _mod
+
+    # 3.12 destroys an interpreter when its last InterpreterID handle is
+    # garbage collected, so keep the handles until destroy().
+    _handles: dict[int, object] = {}
+
+    def create(kind: str = "isolated") -> int:
+        handle = _mod.create(isolated=(kind == "isolated"))
+        _handles[int(handle)] = handle
+        return int(handle)
+
+    def run(interp_id: int, code: str) -> None:
+        _mod.run_string(interp_id, code)
+
+    def destroy(interp_id: int) -> None:
+        _mod.destroy(interp_id)
+        _handles.pop(interp_id, None)
+
+
+def result(**data: object) -> None:
+    """Sends the scenario's findings to the parent test."""
+    print("RESULT:" + json.dumps(data), flush=True)
+
+
+def live_bytes(snapshot, interp_id: int | None) -> int:
+    entry = snapshot.interpreter(interp_id)
+    return 0 if entry is None else entry.live_bytes
+
+
+def consistency(snapshot) -> dict:
+    """The ledger's totals next to the block table's own count of live blocks."""
+    total = snapshot.total
+    return {
+        "ledger_live_blocks": total.live_blocks,
+        "ledger_live_bytes": total.live_bytes,
+        "ledger_allocations_minus_frees": total.allocations - total.frees,
+        "table_entries": snapshot.table["entries"],
+        "table_live_bytes": snapshot.table["live_bytes"],
+        "negative": [
+            (e.name, d)
+            for e in snapshot.interpreters
+            for d, s in e.domains.items()
+            if s.live_bytes < 0 or s.live_blocks < 0
+        ],
+    }
+
+
+__all__ = ["FREE_THREADED", "consistency", "create", "destroy", "live_bytes", "result", "run", "sys"]
