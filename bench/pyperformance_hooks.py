@@ -20,6 +20,9 @@ Usage (from a venv with interheap, pyperformance and pyperf installed):
     python bench/pyperformance_hooks.py [--benchmarks a,b,c] [--rounds N] [--quick]
         [--configs none,hooks,tracemalloc] [--json OUT] [--python PATH]
 
+On a shared 2-core machine the default (16 benchmarks, 3 rounds) takes about 6 minutes
+and ``--quick`` (4 benchmarks, 1 round) about 10 seconds.
+
 ``--python`` benchmarks another interpreter, which needs pyperf (and, for ``hooks``,
 interheap) installed; the benchmark scripts are read from this interpreter's
 pyperformance.
@@ -44,6 +47,11 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+try:
+    import pyperf
+except ImportError:
+    sys.exit("error: pyperf is not installed (pip install pyperformance pyperf)")
 
 CONFIGS = ("none", "hooks", "tracemalloc")
 
@@ -92,7 +100,8 @@ class Run:
     loops: int
     argv: list[str]
     returncode: int | None = None
-    values: list[float] = field(default_factory=list)  # seconds per loop
+    values: list[float] = field(default_factory=list)  # seconds per (inner) loop
+    inner_loops: int = 1  # set by the script; one value takes loops * inner_loops * v
     maxrss_kib: int | None = None
     wall_s: float | None = None
     error: str | None = None
@@ -101,9 +110,7 @@ class Run:
 def find_benchmarks_dir() -> Path:
     spec = importlib.util.find_spec("pyperformance")
     if spec is None or not spec.submodule_search_locations:
-        sys.exit(
-            "error: pyperformance is not installed (pip install pyperformance pyperf)"
-        )
+        sys.exit("error: pyperformance is not installed (pip install pyperformance pyperf)")
     root = Path(next(iter(spec.submodule_search_locations)))
     bench_dir = root / "data-files" / "benchmarks"
     if not bench_dir.is_dir():
@@ -186,20 +193,18 @@ def run_child(argv: list[str], cwd: Path, log_prefix: Path, timeout: float) -> t
     return proc.returncode, rusage, wall, tail
 
 
-def load_values(path: Path) -> list[float]:
-    """Values (seconds per loop) of the single benchmark in a pyperf JSON file."""
-    with open(path, encoding="utf-8") as fp:
-        data = json.load(fp)
-    benchmarks = data["benchmarks"]
+def load_values(path: Path) -> tuple[list[float], int]:
+    """Values (seconds per loop) and inner loops of the one benchmark in a pyperf file."""
+    suite = pyperf.BenchmarkSuite.load(str(path))
+    benchmarks = suite.get_benchmarks()
     if len(benchmarks) != 1:
         raise ValueError(f"{path}: expected 1 benchmark, got {len(benchmarks)}")
-    return [v for run in benchmarks[0]["runs"] for v in run.get("values", ())]
+    bench = benchmarks[0]
+    return list(bench.get_values()), int(bench.get_metadata().get("inner_loops", 1))
 
 
 class Session:
-    def __init__(
-        self, args: argparse.Namespace, bench_dir: Path, workdir: Path
-    ) -> None:
+    def __init__(self, args: argparse.Namespace, bench_dir: Path, workdir: Path) -> None:
         self.args = args
         self.bench_dir = bench_dir
         self.workdir = workdir
@@ -207,26 +212,20 @@ class Session:
         self.calibration: list[Run] = []
         self.counter = 0
 
-    def execute(
-        self, name: str, config: str, loops: int, values: int, warmups: int, rnd: int
-    ) -> Run:
+    def execute(self, name: str, config: str, loops: int, values: int, warmups: int, rnd: int) -> Run:
         script, extra = resolve(name, self.bench_dir)
         self.counter += 1
         tag = f"{self.counter:04d}-{name}-{config}-r{rnd}"
         output = self.workdir / f"{tag}.json"
-        argv = command(
-            self.args.python, config, script, extra, loops, values, warmups, output
-        )
+        argv = command(self.args.python, config, script, extra, loops, values, warmups, output)
         run = Run(name, config, rnd, loops, argv)
-        rc, rusage, wall, tail = run_child(
-            argv, script.parent, self.workdir / tag, self.args.timeout
-        )
+        rc, rusage, wall, tail = run_child(argv, script.parent, self.workdir / tag, self.args.timeout)
         run.returncode, run.maxrss_kib, run.wall_s = rc, rusage.ru_maxrss, wall
         if rc != 0:
             run.error = f"exit code {rc}\n{tail}"
         else:
             try:
-                run.values = load_values(output)
+                run.values, run.inner_loops = load_values(output)
             except (OSError, ValueError, KeyError) as exc:
                 run.error = f"cannot read {output}: {exc}\n{tail}"
         if run.error:
@@ -242,7 +241,8 @@ class Session:
             self.calibration.append(run)
             if run.error or not run.values:
                 return None
-            per_loop = max(min(run.values), 1e-9)
+            # pyperf divides by inner loops too; an outer loop takes inner_loops values.
+            per_loop = max(min(run.values) * run.inner_loops, 1e-9)
             if per_loop * loops >= 0.02:
                 break
             # Too short to trust: measure again with enough loops for ~0.05 s.
@@ -294,9 +294,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma-separated names (default: the first 16 known; 'all' for all known)",
     )
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 3; quick 1)")
-    p.add_argument(
-        "--quick", action="store_true", help="smoke test: 4 benchmarks, 1 round"
-    )
+    p.add_argument("--quick", action="store_true", help="smoke test: 4 benchmarks, 1 round")
     p.add_argument(
         "--configs",
         default=",".join(CONFIGS),
@@ -312,9 +310,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--python", default=sys.executable, help="interpreter to benchmark")
     p.add_argument("--json", metavar="OUT", help="write every raw number to OUT")
     p.add_argument("--seed", type=int, help="seed for the shuffled order")
-    p.add_argument(
-        "--timeout", type=float, default=900.0, help="seconds before a run is killed"
-    )
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds before a run is killed")
     p.add_argument("--keep", action="store_true", help="keep the per-run files")
     args = p.parse_args(argv)
 
@@ -375,11 +371,7 @@ def report(args: argparse.Namespace, runs: list[Run], loops: dict[str, int]) -> 
                 "failed_runs": failed,
             }
         line = f"{name:<22} {loops.get(name, 0):>6} "
-        line += (
-            f"{medians['none'] * 1e3:>11.4g}"
-            if "none" in medians
-            else f"{'FAILED':>11}"
-        )
+        line += f"{medians['none'] * 1e3:>11.4g}" if "none" in medians else f"{'FAILED':>11}"
         for c in others:
             if "none" in medians and c in medians:
                 ratio = medians[c] / medians["none"]
@@ -402,9 +394,9 @@ def report(args: argparse.Namespace, runs: list[Run], loops: dict[str, int]) -> 
     print()
     if others:
         parts = [f"{c}/none = {geomean(time_ratios[c]):.3f}" for c in others]
-        print("geomean time      " + "   ".join(parts))
+        print("geomean " + "   ".join(parts))
         parts = [f"{c}/none = {geomean(rss_ratios[c]):.3f}" for c in others]
-        print("geomean peak RSS  " + "   ".join(parts))
+        print("geomean peak RSS " + "   ".join(parts))
         for c in others:
             summary["geomean"][c] = {
                 "time_ratio": geomean(time_ratios[c]),
@@ -469,9 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                 configs = args.configs[:]
                 rng.shuffle(configs)
                 for c in configs:
-                    run = session.execute(
-                        name, c, loops[name], args.values, args.warmups, rnd
-                    )
+                    run = session.execute(name, c, loops[name], args.values, args.warmups, rnd)
                     session.runs.append(run)
                 recent = session.runs[-len(configs) :]
                 print("F" if any(r.error for r in recent) else ".", end="", flush=True)

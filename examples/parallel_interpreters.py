@@ -3,11 +3,14 @@
 Each subinterpreter is created with its own GIL ("isolated" config) and runs in its own
 thread, so the four workloads really run at the same time. Every workload allocates a
 known amount of memory, computed inside the interpreter with ``sys.getsizeof``, and keeps
-it alive until its script ends; then the host destroys the interpreter. The main
-interpreter keeps a small workload of its own, so a per-interpreter memory report shows
-five interpreters with distinct figures:
+it alive until its script ends (after spinning ``--hold`` CPU seconds, so all of them are
+alive at once); then the host destroys the interpreter. The main interpreter keeps a small
+workload of its own, so a per-interpreter memory report shows five interpreters with
+distinct figures. The host prints, per interpreter, its ID, what it did, the bytes it
+intended and its times; with own GILs the summed CPU time exceeds the wall time
+(``--config legacy``, one shared GIL, shows the contrast on default builds):
 
-    python examples/parallel_interpreters.py [--scale 0.1] [--config legacy]
+    python examples/parallel_interpreters.py [--scale 0.1] [--hold 0] [--config legacy]
     python -m interheap run examples/parallel_interpreters.py
 
 Works on CPython 3.12 (``_xxsubinterpreters``) and 3.13+ including free-threaded builds
@@ -19,8 +22,8 @@ by ``sys.getsizeof``; the allocator adds its own rounding and overhead on top):
     name     where  what                                                    intended
     main     main   list of small str objects, kept until exit             ~5 MB kept
     keeper   sub    list of (int, str) tuples, kept until the script ends  ~50 MB kept
-    churn    sub    batches of short-lived (float, float) tuples           ~200 MB cumulative, small peak
-    bytes    sub    2 bytes + 2 bytearray buffers of ~7.5 MB each           ~30 MB kept (large blocks)
+    churn    sub    batches of short-lived (float, float) tuples           ~200 MB total, ~0.1 MB peak
+    bytes    sub    2 bytes + 2 bytearray buffers of ~7.5 MB each          ~30 MB kept (large blocks)
     dicts    sub    small dicts and sets of ints, kept                     ~20 MB kept
 """
 
@@ -90,10 +93,11 @@ else:
 
 
 # --- workload code run inside the subinterpreters -------------------------------------------
-# Each script receives TARGET (intended bytes) and RESULT_FD (write end of a pipe), stores
-# its objects in module globals (alive until the interpreter is destroyed) and writes
-# repr({...}) of its figures to RESULT_FD. Only builtins, sys, os and time are used, so
-# nothing depends on which extension modules support subinterpreters.
+# Each script receives TARGET (intended bytes), HOLD (CPU seconds to spin afterwards) and
+# RESULT_FD (write end of a pipe), stores its objects in module globals (alive until the
+# interpreter is destroyed) and writes repr({...}) of its figures to RESULT_FD. Only
+# builtins, sys, os and time are used, so nothing depends on which extension modules
+# support subinterpreters.
 
 PRELUDE = """\
 import os, sys, time
@@ -102,16 +106,27 @@ _t0 = time.perf_counter()
 
 EPILOGUE = """\
 _elapsed = time.perf_counter() - _t0
+# Hold the objects while burning HOLD seconds of this thread's CPU time (allocating
+# next to nothing), so that all interpreters are alive at once and the host can show
+# that they ran in parallel.
+_h0 = time.thread_time()
+while time.thread_time() - _h0 < HOLD:
+    pass
 os.write(RESULT_FD, repr({"intended": intended, "elapsed": _elapsed,
                           "detail": detail}).encode())
 """
 
 SCRIPTS = {
-    # ~144 bytes per entry: 56 (tuple) + 28 (int) + ~52 (str) + 8 (list slot).
+    # Object sizes differ between builds (free-threaded objects are larger), so the
+    # count comes from the size of a sample entry: tuple + int + str + a list slot.
     "keeper": """\
 getsizeof = sys.getsizeof
-n = max(1, TARGET // 144)
-kept = [(i + 1_000_000, f"item-{i:06d}") for i in range(n)]
+def entry(i):
+    return (i + 1_000_000, f"item-{i:06d}")
+sample = entry(0)
+per_entry = getsizeof(sample) + getsizeof(sample[0]) + getsizeof(sample[1]) + 8
+n = max(1, TARGET // per_entry)
+kept = [entry(i) for i in range(n)]
 intended = getsizeof(kept) + sum(getsizeof(t) + getsizeof(t[0]) + getsizeof(t[1]) for t in kept)
 detail = f"{len(kept)} tuples kept"
 """,
@@ -140,14 +155,21 @@ kept = [b"\\x5a" * size, b"\\xa5" * size, bytearray(size), bytearray(size)]
 intended = sum(getsizeof(b) for b in kept)
 detail = f"4 buffers of {size} B"
 """,
-    # ~1236 bytes per group: one 3-key dict (184) + one 8-int set (728) + 11 ints (28 each)
-    # + 2 list slots.
+    # One group is a 3-key dict + an 8-int set, their 11 ints and 2 list slots.
     "dicts": """\
 getsizeof = sys.getsizeof
-n = max(1, TARGET // 1236)
 base = 10_000_000
-dicts = [{"a": base + i, "b": base + 2 * i, "c": base + 3 * i} for i in range(n)]
-sets = [set(range(base + 8 * i, base + 8 * i + 8)) for i in range(n)]
+def make_dict(i):
+    return {"a": base + i, "b": base + 2 * i, "c": base + 3 * i}
+def make_set(i):
+    return set(range(base + 8 * i, base + 8 * i + 8))
+d, s = make_dict(1), make_set(1)
+per_group = (getsizeof(d) + sum(getsizeof(v) for v in d.values())
+             + getsizeof(s) + sum(getsizeof(v) for v in s) + 16)
+del d, s
+n = max(1, TARGET // per_group)
+dicts = [make_dict(i) for i in range(n)]
+sets = [make_set(i) for i in range(n)]
 intended = (getsizeof(dicts) + getsizeof(sets)
             + sum(getsizeof(d) + sum(getsizeof(v) for v in d.values()) for d in dicts)
             + sum(getsizeof(s) + sum(getsizeof(v) for v in s) for s in sets))
@@ -167,7 +189,7 @@ class Outcome:
     cpu: float  # CPU seconds of the OS thread that ran create + exec + destroy
 
 
-def run_workload(workload: str, target_bytes: int, isolated: bool) -> Outcome:
+def run_workload(workload: str, target_bytes: int, isolated: bool, hold: float) -> Outcome:
     """Create an interpreter, run one workload in it, destroy it (in the calling thread).
 
     Any failure, in the host or inside the interpreter, raises here; the executor hands
@@ -180,12 +202,8 @@ def run_workload(workload: str, target_bytes: int, isolated: bool) -> Outcome:
         # Keep the handle referenced until destroy() (3.12 destroys on last reference).
         handle = create_interpreter(isolated)
         try:
-            code = (
-                f"TARGET = {target_bytes}\nRESULT_FD = {wfd}\n"
-                + PRELUDE
-                + SCRIPTS[workload]
-                + EPILOGUE
-            )
+            params = f"TARGET = {target_bytes}\nHOLD = {hold!r}\nRESULT_FD = {wfd}\n"
+            code = params + PRELUDE + SCRIPTS[workload] + EPILOGUE
             run_in(handle, code)
         finally:
             destroy(handle)
@@ -212,7 +230,8 @@ def run_workload(workload: str, target_bytes: int, isolated: bool) -> Outcome:
 
 def main_workload(target_bytes: int) -> tuple[list[str], int]:
     """The main interpreter's own workload: small str objects kept until exit."""
-    n = max(1, target_bytes // 64)  # ~56 (str) + 8 (list slot)
+    per_entry = sys.getsizeof(f"main-object-{0:08d}") + 8  # str + list slot
+    n = max(1, target_bytes // per_entry)
     kept = [f"main-object-{i:08d}" for i in range(n)]
     intended = sys.getsizeof(kept) + sum(sys.getsizeof(s) for s in kept)
     return kept, intended
@@ -233,9 +252,18 @@ def main(argv: list[str] | None = None) -> int:
         help="subinterpreter config: own GIL and allocator state (default), or legacy, "
         "sharing the main interpreter's GIL and obmalloc state (for comparison)",
     )
+    parser.add_argument(
+        "--hold",
+        type=float,
+        default=0.5,
+        help="CPU seconds each subinterpreter spins, holding its objects, after its "
+        "workload (default 0.5; 0 to skip)",
+    )
     args = parser.parse_args(argv)
     if args.scale <= 0:
         parser.error("--scale must be positive")
+    if args.hold < 0:
+        parser.error("--hold must be >= 0")
 
     gil = getattr(sys, "_is_gil_enabled", lambda: True)()
     print(
@@ -251,22 +279,17 @@ def main(argv: list[str] | None = None) -> int:
     isolated = args.config == "isolated"
     t1 = time.perf_counter()
     # One thread per interpreter; each creates, runs and destroys its own interpreter.
-    with ThreadPoolExecutor(
-        max_workers=len(WORKLOADS), thread_name_prefix="interp"
-    ) as pool:
+    with ThreadPoolExecutor(max_workers=len(WORKLOADS), thread_name_prefix="interp") as pool:
         futures = [
-            pool.submit(run_workload, name, int(size * args.scale), isolated)
+            pool.submit(run_workload, name, int(size * args.scale), isolated, args.hold)
             for name, (size, _) in WORKLOADS.items()
         ]
         outcomes = [f.result() for f in futures]  # raises the first failure, loudly
     wall = time.perf_counter() - t1
 
     # "work s": the workload inside the interpreter; "wall s"/"cpu s": the whole thread
-    # (create + exec + destroy), wall-clock and CPU time of that OS thread.
-    header = (
-        f"{'name':<7} {'interp':>6} {'intended B':>13} {'work s':>7} {'wall s':>7} "
-        f"{'cpu s':>7}  what"
-    )
+    # (create + exec incl. --hold + destroy), wall-clock and CPU time of that OS thread.
+    header = f"{'name':<7} {'interp':>6} {'intended B':>13} {'work s':>7} {'wall s':>7} {'cpu s':>7}  what"
     print(header)
     print("-" * len(header))
     print(

@@ -22,11 +22,15 @@
 //!   that reads CPython's allocator struct torn during install (old function
 //!   with new ctx, or the reverse) therefore still pairs every function with
 //!   the ctx it expects: our hooks ignore their ctx argument.
-//! * A hook never re-enters itself: [`ReentryGuard`] makes nested calls on
+//! * A hook never re-enters itself: [`HookEntry`] makes nested calls on
 //!   the same thread (ours or the wrapped allocator's) forward only.
+//! * Each thread records its young blocks in its own nursery (see
+//!   `interheap_engine::nursery` for the protocol that lets other threads
+//!   free them); the thread-local that holds it retires it at thread exit.
 //! * `fork()`: an `atfork` handler holds every table shard across the fork
 //!   and marks the forking thread as inside a hook, so the child inherits no
-//!   held lock and the forking thread never waits on a lock it holds.
+//!   held lock and the forking thread never waits on a lock it holds. In the
+//!   child, the nurseries of threads that did not survive are retired.
 
 use std::ffi::c_void;
 use std::fmt;
@@ -37,8 +41,8 @@ use std::sync::{Mutex, Once};
 use interheap_engine::{BucketId, Domain, Tracker};
 use pyo3_ffi::{PyMemAllocatorDomain, PyMemAllocatorEx, PyMem_GetAllocator, PyMem_SetAllocator};
 
+use crate::hook_thread::HookEntry;
 use crate::interp::current_interpreter_id;
-use crate::reentry::ReentryGuard;
 
 type MallocFn = extern "C" fn(*mut c_void, usize) -> *mut c_void;
 type CallocFn = extern "C" fn(*mut c_void, usize, usize) -> *mut c_void;
@@ -143,20 +147,20 @@ fn current_bucket() -> BucketId {
 
 extern "C" fn hook_malloc<const D: usize>(_ctx: *mut c_void, size: usize) -> *mut c_void {
     let forward = &FORWARD[D];
-    let Some(_guard) = ReentryGuard::enter() else { return forward.malloc(size) };
+    let Some(entry) = HookEntry::enter() else { return forward.malloc(size) };
     let block = forward.malloc(size);
     let owner = current_bucket();
     if block.is_null() {
         TRACKER.failed(owner, domain_of::<D>());
     } else {
-        TRACKER.allocated(owner, domain_of::<D>(), block as usize, size);
+        TRACKER.allocated(entry.nursery(), owner, domain_of::<D>(), block as usize, size);
     }
     block
 }
 
 extern "C" fn hook_calloc<const D: usize>(_ctx: *mut c_void, nelem: usize, elsize: usize) -> *mut c_void {
     let forward = &FORWARD[D];
-    let Some(_guard) = ReentryGuard::enter() else { return forward.calloc(nelem, elsize) };
+    let Some(entry) = HookEntry::enter() else { return forward.calloc(nelem, elsize) };
     let owner = current_bucket();
     // Fact 8: refuse an overflowing nelem * elsize before forwarding.
     let Some(size) = nelem.checked_mul(elsize) else {
@@ -167,14 +171,14 @@ extern "C" fn hook_calloc<const D: usize>(_ctx: *mut c_void, nelem: usize, elsiz
     if block.is_null() {
         TRACKER.failed(owner, domain_of::<D>());
     } else {
-        TRACKER.allocated(owner, domain_of::<D>(), block as usize, size);
+        TRACKER.allocated(entry.nursery(), owner, domain_of::<D>(), block as usize, size);
     }
     block
 }
 
 extern "C" fn hook_realloc<const D: usize>(_ctx: *mut c_void, ptr: *mut c_void, size: usize) -> *mut c_void {
     let forward = &FORWARD[D];
-    let Some(_guard) = ReentryGuard::enter() else { return forward.realloc(ptr, size) };
+    let Some(entry) = HookEntry::enter() else { return forward.realloc(ptr, size) };
     if ptr.is_null() {
         // realloc(NULL, n) is an allocation.
         let block = forward.realloc(ptr, size);
@@ -182,24 +186,25 @@ extern "C" fn hook_realloc<const D: usize>(_ctx: *mut c_void, ptr: *mut c_void, 
         if block.is_null() {
             TRACKER.failed(owner, domain_of::<D>());
         } else {
-            TRACKER.allocated(owner, domain_of::<D>(), block as usize, size);
+            TRACKER.allocated(entry.nursery(), owner, domain_of::<D>(), block as usize, size);
         }
         return block;
     }
     // Forget the old address first: once the allocator moves the block,
     // another thread may be handed the old address and record it.
-    let old = TRACKER.reallocating(ptr as usize);
+    let local = entry.nursery();
+    let old = TRACKER.reallocating(local, ptr as usize);
     let block = forward.realloc(ptr, size);
-    TRACKER.reallocated(current_bucket(), domain_of::<D>(), ptr as usize, old, block as usize, size);
+    TRACKER.reallocated(local, current_bucket(), domain_of::<D>(), ptr as usize, old, block as usize, size);
     block
 }
 
 extern "C" fn hook_free<const D: usize>(_ctx: *mut c_void, ptr: *mut c_void) {
     let forward = &FORWARD[D];
     if !ptr.is_null() {
-        if let Some(_guard) = ReentryGuard::enter() {
+        if let Some(entry) = HookEntry::enter() {
             // Before forwarding: after the free the address may be reused.
-            TRACKER.freeing(domain_of::<D>(), ptr as usize);
+            TRACKER.freeing(entry.existing_nursery(), domain_of::<D>(), ptr as usize);
         }
     }
     forward.free(ptr)
@@ -303,15 +308,23 @@ fn lock_control() -> std::sync::MutexGuard<'static, Option<Installation>> {
 }
 
 extern "C" fn before_fork() {
-    crate::reentry::set_in_hook(true);
+    crate::hook_thread::set_in_hook(true);
     TRACKER.table().lock_all();
 }
 
-extern "C" fn after_fork() {
-    // SAFETY: runs in the parent or the child right after `before_fork`
-    // locked every shard on this same thread.
+extern "C" fn after_fork_in_parent() {
+    // SAFETY: runs right after `before_fork` locked every shard on this thread.
     unsafe { TRACKER.table().unlock_all() };
-    crate::reentry::set_in_hook(false);
+    crate::hook_thread::set_in_hook(false);
+}
+
+extern "C" fn after_fork_in_child() {
+    // SAFETY: runs right after `before_fork` locked every shard on this
+    // thread, which is the child's only thread.
+    unsafe { TRACKER.table().unlock_all() };
+    // The other threads are gone: move their young blocks to the table.
+    TRACKER.after_fork_in_child(crate::hook_thread::current_nursery());
+    crate::hook_thread::set_in_hook(false);
 }
 
 fn register_fork_handlers() {
@@ -319,7 +332,9 @@ fn register_fork_handlers() {
     ONCE.call_once(|| {
         // SAFETY: the handlers are `extern "C"` functions with static
         // lifetime that take no arguments, as pthread_atfork requires.
-        let rc = unsafe { libc::pthread_atfork(Some(before_fork), Some(after_fork), Some(after_fork)) };
+        let rc = unsafe {
+            libc::pthread_atfork(Some(before_fork), Some(after_fork_in_parent), Some(after_fork_in_child))
+        };
         debug_assert_eq!(rc, 0, "pthread_atfork failed");
     });
 }

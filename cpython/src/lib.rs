@@ -5,8 +5,9 @@
 //!
 //! * [`interp`]: which interpreter the calling thread belongs to, without ever
 //!   waiting for a GIL (DESIGN.md fact 5);
-//! * [`reentry`]: the thread-local guard that keeps a hook from counting the
-//!   calls it causes itself (fact 4);
+//! * [`hook_thread`]: each thread's state for the hooks: the guard that keeps
+//!   a hook from counting the calls it causes itself (fact 4) and the thread's
+//!   nursery of young blocks;
 //! * [`hooks`]: PEP 445 wrappers for the raw, mem and object domains that
 //!   forward to whatever allocator was installed before them and record every
 //!   block in the engine's [`interheap_engine::Tracker`] (option 6 of the
@@ -14,6 +15,6 @@
 //!
 //! Nothing here calls Python, raises, or unwinds from a hook (fact 8).
 
+pub mod hook_thread;
 pub mod hooks;
 pub mod interp;
-pub mod reentry;

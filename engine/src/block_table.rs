@@ -7,8 +7,10 @@
 //! # Layout
 //!
 //! [`SHARDS`] independent open-addressing hash tables, each behind its own
-//! `parking_lot` mutex and on its own cache lines. A block's address picks
-//! its shard (top bits of a Fibonacci hash) and its home slot (the bits below).
+//! [`ShardLock`] and on its own cache lines. A block's chunk (address / 256)
+//! picks its shard and the start of a run of slots (a Fibonacci hash); its
+//! offset within the chunk picks the slot in that run, so blocks that are
+//! neighbours in memory are neighbours in the table (cache locality).
 //! Collisions use linear probing; removal uses backward-shift deletion, so
 //! there are no tombstones and lookups never degrade. Each slot is 16 bytes:
 //! the address and a packed record (44-bit size, 18-bit bucket, 2-bit domain).
@@ -30,7 +32,7 @@
 //!   `atfork` handler hold every shard across the fork so the child never
 //!   inherits a lock held by a thread that does not exist there.
 
-use parking_lot::Mutex;
+use crate::shard_lock::ShardLock;
 
 use crate::domain::Domain;
 use crate::ledger::BucketId;
@@ -59,7 +61,13 @@ pub struct BlockRecord {
 }
 
 impl BlockRecord {
-    fn pack(self) -> u64 {
+    /// Whether `size` fits the packed form exactly (below 16 TiB).
+    #[inline(always)]
+    pub fn packable(size: usize) -> bool {
+        (size as u64) < SIZE_HUGE
+    }
+
+    pub(crate) fn pack(self) -> u64 {
         let size = if (self.size as u64) < SIZE_HUGE { self.size as u64 } else { SIZE_HUGE };
         size | ((u64::from(self.owner.index()) & OWNER_MASK) << SIZE_BITS)
             | ((self.domain as u64) << (SIZE_BITS + OWNER_BITS))
@@ -67,7 +75,7 @@ impl BlockRecord {
 
     /// Unpacks a record; `size` is the packed size field, which the caller
     /// replaces for huge blocks.
-    fn unpack(packed: u64) -> BlockRecord {
+    pub(crate) fn unpack(packed: u64) -> BlockRecord {
         BlockRecord {
             size: (packed & SIZE_MASK) as usize,
             owner: BucketId::from_index(((packed >> SIZE_BITS) & OWNER_MASK) as u32),
@@ -92,7 +100,7 @@ struct ShardMap {
 
 #[repr(align(128))]
 struct Shard {
-    map: Mutex<ShardMap>,
+    map: ShardLock<ShardMap>,
 }
 
 /// Occupancy figures, for reporting the table's own overhead.
@@ -120,9 +128,22 @@ impl Default for BlockTable {
     }
 }
 
+/// Blocks in the same 256-byte chunk share a shard and a run of at most 16
+/// slots (4 cache lines). Larger chunks give more locality but longer probe
+/// clusters (a dense run that another run lands in must be probed through).
+const PAGE_SHIFT: u32 = 8;
+/// Allocators align blocks to at least 16 bytes, so the low 4 bits carry nothing.
+const GRANULE_SHIFT: u32 = 4;
+
+/// Hash of a block's page: spreads pages over shards and over slot runs.
 #[inline]
-fn hash(key: usize) -> u64 {
-    (key as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+fn page_hash(key: usize) -> u64 {
+    ((key >> PAGE_SHIFT) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+#[inline]
+fn shard_index(key: usize) -> usize {
+    (page_hash(key) >> (64 - SHARD_BITS)) as usize
 }
 
 impl ShardMap {
@@ -130,11 +151,28 @@ impl ShardMap {
         ShardMap { slots: Vec::new(), len: 0, huge: Vec::new() }
     }
 
+    /// The slot where `key`'s probe sequence starts: its page's hashed run,
+    /// plus its offset in the page. Blocks allocated one after another in a
+    /// page (the common case for pymalloc and mimalloc) land in neighbouring
+    /// slots and share cache lines, instead of scattering over the table.
     #[inline]
     fn home(&self, key: usize) -> usize {
-        // Bits just below the shard-selecting top bits.
+        let mask = self.slots.len() - 1;
+        // The hash's best bits are its high ones: take those just below the
+        // shard-selecting top bits.
         let bits = self.slots.len().trailing_zeros();
-        ((hash(key) << SHARD_BITS) >> (64 - bits)) as usize
+        let run = ((page_hash(key) << SHARD_BITS) >> (64 - bits)) as usize;
+        let offset = (key >> GRANULE_SHIFT) & ((1 << (PAGE_SHIFT - GRANULE_SHIFT)) - 1);
+        run.wrapping_add(offset) & mask
+    }
+
+    /// The slot at `i`, which callers always reduce modulo the table size.
+    #[inline(always)]
+    fn slot(&self, i: usize) -> Slot {
+        debug_assert!(i < self.slots.len());
+        // SAFETY: every index passed here is masked with `len - 1`, and the
+        // length is a non-zero power of two whenever `probe` can be reached.
+        unsafe { *self.slots.get_unchecked(i) }
     }
 
     /// Index of `key`'s slot, or of the empty slot where it would go.
@@ -143,7 +181,7 @@ impl ShardMap {
         let mask = self.slots.len() - 1;
         let mut i = self.home(key);
         loop {
-            let k = self.slots[i].key;
+            let k = self.slot(i).key;
             if k == key || k == 0 {
                 return i;
             }
@@ -196,6 +234,7 @@ impl ShardMap {
         rec
     }
 
+    #[inline]
     fn insert(&mut self, key: usize, rec: BlockRecord) -> Option<BlockRecord> {
         // Keep the load factor at or below 5/8 so probe sequences stay short.
         if (self.len + 1) * 8 > self.slots.len() * 5 {
@@ -215,6 +254,7 @@ impl ShardMap {
         displaced
     }
 
+    #[inline]
     fn remove(&mut self, key: usize) -> Option<BlockRecord> {
         if self.len == 0 {
             return None;
@@ -230,7 +270,7 @@ impl ShardMap {
         let mut j = hole;
         loop {
             j = (j + 1) & mask;
-            let k = self.slots[j].key;
+            let k = self.slot(j).key;
             if k == 0 {
                 break;
             }
@@ -263,18 +303,19 @@ impl BlockTable {
     /// An empty table; `const` so that it can be a `static`. It allocates
     /// nothing until the first insert.
     pub const fn new() -> BlockTable {
-        BlockTable { shards: [const { Shard { map: Mutex::new(ShardMap::new()) } }; SHARDS] }
+        BlockTable { shards: [const { Shard { map: ShardLock::new(ShardMap::new()) } }; SHARDS] }
     }
 
     #[inline]
-    fn shard(&self, key: usize) -> &Mutex<ShardMap> {
-        &self.shards[(hash(key) >> (64 - SHARD_BITS)) as usize].map
+    fn shard(&self, key: usize) -> &ShardLock<ShardMap> {
+        &self.shards[shard_index(key)].map
     }
 
     /// Records a live block at `addr` (non-zero). If the table already held a
     /// record for that address, the block it described was freed without the
     /// table seeing it; that stale record is returned so the caller can
     /// account for the missed free.
+    #[inline(always)]
     pub fn insert(&self, addr: usize, rec: BlockRecord) -> Option<BlockRecord> {
         debug_assert!(addr != 0, "NULL is never a block");
         self.shard(addr).lock().insert(addr, rec)
@@ -282,6 +323,7 @@ impl BlockTable {
 
     /// Forgets the block at `addr` and returns what was recorded, or `None`
     /// if the table never saw it allocated.
+    #[inline(always)]
     pub fn remove(&self, addr: usize) -> Option<BlockRecord> {
         self.shard(addr).lock().remove(addr)
     }

@@ -104,6 +104,7 @@ struct DomainCounters {
 }
 
 impl DomainCounters {
+    #[inline]
     fn add_live(&self, bytes: u64) {
         let now = self.live_bytes.fetch_add(bytes, Relaxed).wrapping_add(bytes);
         // The load filters the common case (no new peak) without a locked RMW.
@@ -112,6 +113,7 @@ impl DomainCounters {
         }
     }
 
+    #[inline]
     fn sub_live(&self, bytes: u64) {
         self.live_bytes.fetch_sub(bytes, Relaxed);
     }
@@ -219,6 +221,7 @@ impl Ledger {
         }
     }
 
+    #[inline]
     fn chunk(&self, index: usize) -> &Chunk {
         let slot = &self.chunks[index];
         let existing = slot.load(std::sync::atomic::Ordering::Acquire);
@@ -250,6 +253,7 @@ impl Ledger {
         }
     }
 
+    #[inline]
     fn bucket(&self, id: BucketId) -> &Bucket {
         let index = id.0 as usize;
         let bucket = &self.chunk(index / CHUNK_BUCKETS).buckets[index % CHUNK_BUCKETS];
@@ -259,6 +263,7 @@ impl Ledger {
         bucket
     }
 
+    #[inline]
     fn counters(&self, id: BucketId, domain: Domain) -> &DomainCounters {
         &self.bucket(id).domains[domain.index()]
     }
@@ -270,6 +275,7 @@ impl Ledger {
     }
 
     /// A block of `size` bytes was allocated.
+    #[inline(always)]
     pub fn on_alloc(&self, id: BucketId, domain: Domain, size: usize) {
         let c = self.counters(id, domain);
         c.allocations.fetch_add(1, Relaxed);
@@ -277,6 +283,7 @@ impl Ledger {
     }
 
     /// A tracked block of `size` bytes was freed.
+    #[inline(always)]
     pub fn on_free(&self, id: BucketId, domain: Domain, size: usize) {
         let c = self.counters(id, domain);
         c.frees.fetch_add(1, Relaxed);

@@ -11,7 +11,9 @@
 //!   per-[`Domain`] counters: live and peak bytes, allocation, reallocation and
 //!   free counts. Lock-free; buckets are created on first use and never freed, so
 //!   an interpreter's figures outlive it.
-//! * [`Tracker`]: the two together, with the accounting rules a hook applies
+//! * [`Nursery`]: a per-thread cache of young blocks, so that blocks that
+//!   die young on the thread that made them never touch the shared table.
+//! * [`Tracker`]: all of these together, with the accounting rules a hook applies
 //!   around each forwarded malloc, calloc, realloc and free.
 //!
 //! Everything here is callable from any thread at any time, including from
@@ -21,9 +23,12 @@
 pub mod block_table;
 pub mod domain;
 pub mod ledger;
+pub mod nursery;
+pub mod shard_lock;
 pub mod tracker;
 
 pub use block_table::{BlockRecord, BlockTable, TableStats};
 pub use domain::Domain;
 pub use ledger::{BucketId, BucketKind, BucketSnapshot, DomainSnapshot, Ledger, LedgerSnapshot};
+pub use nursery::{Nurseries, Nursery};
 pub use tracker::Tracker;

@@ -26,11 +26,17 @@
 use crate::block_table::{BlockRecord, BlockTable, TableStats};
 use crate::domain::Domain;
 use crate::ledger::{BucketId, Ledger, LedgerSnapshot};
+use crate::nursery::{cacheable, Nurseries, Nursery};
 
-/// Block table plus ledger, with the accounting rules in the module docs.
+/// Block table, nurseries and ledger, with the accounting rules in the module docs.
+///
+/// Every method that takes `local: Option<&Nursery>` must be given the
+/// calling thread's own nursery (from [`Tracker::adopt_nursery`]) or `None`;
+/// with `None` the shared table alone is used (slower, always correct).
 pub struct Tracker {
     table: BlockTable,
     ledger: Ledger,
+    nurseries: Nurseries,
 }
 
 impl Default for Tracker {
@@ -42,7 +48,7 @@ impl Default for Tracker {
 impl Tracker {
     /// An empty tracker; `const` so that it can be a `static`.
     pub const fn new() -> Tracker {
-        Tracker { table: BlockTable::new(), ledger: Ledger::new() }
+        Tracker { table: BlockTable::new(), ledger: Ledger::new(), nurseries: Nurseries::new() }
     }
 
     /// The bucket counters.
@@ -50,29 +56,89 @@ impl Tracker {
         &self.ledger
     }
 
-    /// The block table.
+    /// The shared block table (blocks not in any nursery).
     pub fn table(&self) -> &BlockTable {
         &self.table
     }
 
-    /// `owner` allocated `size` bytes at `addr` (non-zero) in `domain`.
-    pub fn allocated(&self, owner: BucketId, domain: Domain, addr: usize, size: usize) {
-        self.ledger.on_alloc(owner, domain, size);
-        let stale = self.table.insert(addr, BlockRecord { size, owner, domain });
+    /// A nursery for the calling thread to pass as `local`. Give it back with
+    /// [`Tracker::retire_nursery`] before the thread ends.
+    pub fn adopt_nursery(&self) -> &'static Nursery {
+        self.nurseries.adopt()
+    }
+
+    /// The calling thread is done with its nursery: move its blocks to the
+    /// shared table and let another thread adopt it.
+    pub fn retire_nursery(&self, nursery: &Nursery) {
+        self.nurseries
+            .retire(&self.table, nursery, &mut |s| self.ledger.on_missed_free(s.owner, s.domain, s.size));
+    }
+
+    /// In a `fork` child: retire the nurseries of the threads that did not
+    /// survive the fork (every one but `keep`). Single-threaded only.
+    pub fn after_fork_in_child(&self, keep: Option<&Nursery>) {
+        self.nurseries
+            .adopt_orphans(&self.table, keep, &mut |s| self.ledger.on_missed_free(s.owner, s.domain, s.size));
+    }
+
+    #[inline(always)]
+    fn record(&self, local: Option<&Nursery>, addr: usize, rec: BlockRecord) {
+        let stale = match local {
+            Some(nursery) if cacheable(addr) && BlockRecord::packable(rec.size) => {
+                nursery.record(&self.table, addr, rec)
+            }
+            _ => self.table.insert(addr, rec),
+        };
         if let Some(s) = stale {
             self.ledger.on_missed_free(s.owner, s.domain, s.size);
         }
     }
 
+    /// Finds and forgets the record of `addr`, wherever it is.
+    #[inline(always)]
+    fn forget(&self, local: Option<&Nursery>, addr: usize) -> Option<BlockRecord> {
+        if let Some(rec) = local.and_then(|n| n.take_own(addr)) {
+            return Some(rec);
+        }
+        if let Some(rec) = self.table.remove(addr) {
+            return Some(rec);
+        }
+        self.forget_elsewhere(local, addr)
+    }
+
+    /// The block is in another thread's nursery, or being evicted from one
+    /// right now, or was never tracked (see the nursery module's protocol).
+    #[cold]
+    #[inline(never)]
+    fn forget_elsewhere(&self, local: Option<&Nursery>, addr: usize) -> Option<BlockRecord> {
+        self.nurseries.claim(addr, local).or_else(|| self.table.remove(addr))
+    }
+
+    /// `owner` allocated `size` bytes at `addr` (non-zero) in `domain`.
+    #[inline(always)]
+    pub fn allocated(
+        &self,
+        local: Option<&Nursery>,
+        owner: BucketId,
+        domain: Domain,
+        addr: usize,
+        size: usize,
+    ) {
+        self.ledger.on_alloc(owner, domain, size);
+        self.record(local, addr, BlockRecord { size, owner, domain });
+    }
+
     /// An allocation or reallocation request by `owner` failed.
+    #[inline]
     pub fn failed(&self, owner: BucketId, domain: Domain) {
         self.ledger.on_failure(owner, domain);
     }
 
     /// The block at `addr` (non-zero) is about to be freed through `domain`.
     /// Call before forwarding the free.
-    pub fn freeing(&self, domain: Domain, addr: usize) {
-        match self.table.remove(addr) {
+    #[inline(always)]
+    pub fn freeing(&self, local: Option<&Nursery>, domain: Domain, addr: usize) {
+        match self.forget(local, addr) {
             Some(rec) => self.ledger.on_free(rec.owner, rec.domain, rec.size),
             None => self.ledger.on_untracked_free(domain),
         }
@@ -80,15 +146,18 @@ impl Tracker {
 
     /// The block at `addr` (non-zero) is about to be reallocated. Call before
     /// forwarding; pass the result to [`Tracker::reallocated`].
-    pub fn reallocating(&self, addr: usize) -> Option<BlockRecord> {
-        self.table.remove(addr)
+    #[inline]
+    pub fn reallocating(&self, local: Option<&Nursery>, addr: usize) -> Option<BlockRecord> {
+        self.forget(local, addr)
     }
 
     /// A reallocation of `old_addr` (with record `old` from
     /// [`Tracker::reallocating`]) by `owner` returned `new_addr` (0: it failed
     /// and the old block is untouched) for `new_size` bytes.
+    #[allow(clippy::too_many_arguments)]
     pub fn reallocated(
         &self,
+        local: Option<&Nursery>,
         owner: BucketId,
         domain: Domain,
         old_addr: usize,
@@ -100,20 +169,17 @@ impl Tracker {
             (old, 0) => {
                 if let Some(rec) = old {
                     // The old block is still live; put its record back.
-                    self.table.insert(old_addr, rec);
+                    self.record(local, old_addr, rec);
                 }
                 self.ledger.on_failure(owner, domain);
             }
             (Some(rec), _) => {
                 self.ledger.on_realloc(rec.owner, rec.domain, rec.size, new_size);
-                let stale = self.table.insert(new_addr, BlockRecord { size: new_size, ..rec });
-                if let Some(s) = stale {
-                    self.ledger.on_missed_free(s.owner, s.domain, s.size);
-                }
+                self.record(local, new_addr, BlockRecord { size: new_size, ..rec });
             }
             (None, _) => {
                 self.ledger.on_untracked_free(domain);
-                self.allocated(owner, domain, new_addr, new_size);
+                self.allocated(local, owner, domain, new_addr, new_size);
             }
         }
     }
@@ -123,14 +189,22 @@ impl Tracker {
         self.ledger.snapshot()
     }
 
-    /// The block table's occupancy and memory.
+    /// Occupancy of the shared table, plus the blocks resident in nurseries
+    /// (`entries` and `live_bytes` count both; `bytes` adds the nurseries' memory).
     pub fn table_stats(&self) -> TableStats {
-        self.table.stats()
+        let mut stats = self.table.stats();
+        let (count, bytes) = self.nurseries.residents();
+        stats.entries += count;
+        stats.live_bytes = stats.live_bytes.wrapping_add(bytes);
+        stats.bytes += self.nurseries.count() * std::mem::size_of::<Nursery>();
+        stats
     }
 
-    /// Forgets every block and zeroes every counter (a fresh start).
+    /// Forgets every block and zeroes every counter (a fresh start). Only call
+    /// while no other thread allocates.
     pub fn reset(&self) {
         self.table.clear();
+        self.nurseries.clear();
         self.ledger.reset();
     }
 }
@@ -152,8 +226,8 @@ mod tests {
     #[test]
     fn cross_interpreter_free_is_charged_to_owner() {
         let t = Tracker::new();
-        t.allocated(interp(1), Domain::Mem, 0x100, 64);
-        t.freeing(Domain::Mem, 0x100);
+        t.allocated(None, interp(1), Domain::Mem, 0x100, 64);
+        t.freeing(None, Domain::Mem, 0x100);
         assert_eq!(mem(&t, interp(1)).live_bytes, 0);
         assert_eq!(mem(&t, interp(1)).frees, 1);
         assert_eq!(mem(&t, interp(2)), crate::DomainSnapshot::default());
@@ -162,7 +236,7 @@ mod tests {
     #[test]
     fn untracked_free_changes_no_bucket() {
         let t = Tracker::new();
-        t.freeing(Domain::Raw, 0x500);
+        t.freeing(None, Domain::Raw, 0x500);
         let snap = t.snapshot();
         assert!(snap.buckets.is_empty());
         assert_eq!(snap.untracked_frees, [1, 0, 0]);
@@ -171,9 +245,9 @@ mod tests {
     #[test]
     fn realloc_moves_record_and_keeps_owner() {
         let t = Tracker::new();
-        t.allocated(interp(3), Domain::Mem, 0x100, 10);
-        let old = t.reallocating(0x100);
-        t.reallocated(interp(0), Domain::Mem, 0x100, old, 0x200, 30);
+        t.allocated(None, interp(3), Domain::Mem, 0x100, 10);
+        let old = t.reallocating(None, 0x100);
+        t.reallocated(None, interp(0), Domain::Mem, 0x100, old, 0x200, 30);
         assert_eq!(t.table.get(0x100), None);
         assert_eq!(t.table.get(0x200).map(|r| (r.size, r.owner)), Some((30, interp(3))));
         let s = mem(&t, interp(3));
@@ -183,9 +257,9 @@ mod tests {
     #[test]
     fn failed_realloc_keeps_block() {
         let t = Tracker::new();
-        t.allocated(interp(1), Domain::Mem, 0x100, 10);
-        let old = t.reallocating(0x100);
-        t.reallocated(interp(1), Domain::Mem, 0x100, old, 0, 1 << 40);
+        t.allocated(None, interp(1), Domain::Mem, 0x100, 10);
+        let old = t.reallocating(None, 0x100);
+        t.reallocated(None, interp(1), Domain::Mem, 0x100, old, 0, 1 << 40);
         assert_eq!(t.table.get(0x100).map(|r| r.size), Some(10));
         let s = mem(&t, interp(1));
         assert_eq!((s.live_bytes, s.failures, s.reallocations), (10, 1, 0));
@@ -194,9 +268,9 @@ mod tests {
     #[test]
     fn realloc_of_untracked_block_is_a_fresh_allocation() {
         let t = Tracker::new();
-        let old = t.reallocating(0x100);
+        let old = t.reallocating(None, 0x100);
         assert_eq!(old, None);
-        t.reallocated(A, Domain::Raw, 0x100, old, 0x100, 48);
+        t.reallocated(None, A, Domain::Raw, 0x100, old, 0x100, 48);
         let snap = t.snapshot();
         assert_eq!(snap.untracked_frees[0], 1);
         let raw = snap.buckets[0].domains[0];
@@ -206,9 +280,9 @@ mod tests {
     #[test]
     fn reused_address_counts_missed_free() {
         let t = Tracker::new();
-        t.allocated(interp(1), Domain::Object, 0x100, 10);
+        t.allocated(None, interp(1), Domain::Object, 0x100, 10);
         // The free of 0x100 happened while we were not looking.
-        t.allocated(interp(2), Domain::Object, 0x100, 20);
+        t.allocated(None, interp(2), Domain::Object, 0x100, 20);
         let snap = t.snapshot();
         assert_eq!(snap.missed_frees[Domain::Object.index()], 1);
         let one = t.ledger.bucket_snapshot(interp(1)).domains[2];
@@ -218,13 +292,141 @@ mod tests {
     }
 
     #[test]
+    fn nursery_blocks_freed_locally_never_touch_the_table() {
+        let t = Tracker::new();
+        let n = t.adopt_nursery();
+        t.allocated(Some(n), interp(1), Domain::Object, 0x1000, 32);
+        assert_eq!(t.table.stats().entries, 0, "young block stays in the nursery");
+        assert_eq!(t.table_stats().entries, 1);
+        assert_eq!(t.table_stats().live_bytes, 32);
+        t.freeing(Some(n), Domain::Object, 0x1000);
+        assert_eq!(t.table_stats().entries, 0);
+        let s = t.ledger.bucket_snapshot(interp(1)).domains[2];
+        assert_eq!((s.live_bytes, s.allocations, s.frees), (0, 1, 1));
+        t.retire_nursery(n);
+    }
+
+    #[test]
+    fn nursery_block_freed_by_another_thread_is_claimed() {
+        let t = Tracker::new();
+        let n = t.adopt_nursery();
+        t.allocated(Some(n), interp(1), Domain::Mem, 0x2000, 64);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let other = t.adopt_nursery();
+                assert!(!std::ptr::eq(other, n));
+                t.freeing(Some(other), Domain::Mem, 0x2000);
+                t.retire_nursery(other);
+            });
+        });
+        assert_eq!(mem(&t, interp(1)).live_bytes, 0);
+        assert_eq!(t.snapshot().untracked_frees, [0; 3]);
+        assert_eq!(t.table_stats().entries, 0);
+        t.retire_nursery(n);
+    }
+
+    #[test]
+    fn evicted_and_retired_blocks_move_to_the_table() {
+        let t = Tracker::new();
+        let n = t.adopt_nursery();
+        // More blocks than slots: some must be evicted.
+        let count = crate::nursery::NURSERY_SLOTS * 4;
+        for i in 1..=count {
+            t.allocated(Some(n), interp(2), Domain::Object, i * 16, i);
+        }
+        let stats = t.table_stats();
+        assert_eq!(stats.entries, count);
+        assert_eq!(stats.live_bytes, (count * (count + 1) / 2) as u64);
+        assert!(t.table.stats().entries >= count - crate::nursery::NURSERY_SLOTS);
+        t.retire_nursery(n);
+        assert_eq!(t.table.stats().entries, count, "retiring moves every block to the table");
+        // A retired nursery is adopted again and is empty.
+        let again = t.adopt_nursery();
+        assert!(std::ptr::eq(again, n));
+        for i in 1..=count {
+            t.freeing(Some(again), Domain::Object, i * 16);
+        }
+        assert_eq!(t.table_stats().entries, 0);
+        assert_eq!(t.ledger.bucket_snapshot(interp(2)).domains[2].live_bytes, 0);
+        t.retire_nursery(again);
+    }
+
+    #[test]
+    fn same_address_again_in_nursery_is_a_missed_free() {
+        let t = Tracker::new();
+        let n = t.adopt_nursery();
+        t.allocated(Some(n), interp(1), Domain::Object, 0x100, 10);
+        t.allocated(Some(n), interp(1), Domain::Object, 0x100, 20);
+        assert_eq!(t.snapshot().missed_frees[2], 1);
+        assert_eq!(t.ledger.bucket_snapshot(interp(1)).domains[2].live_bytes, 20);
+        t.retire_nursery(n);
+    }
+
+    #[test]
+    fn threads_passing_blocks_keep_exact_figures() {
+        // Each thread allocates blocks in its nursery and hands half of them
+        // to the next thread to free; the figures must end at exactly zero.
+        let t = Tracker::new();
+        const THREADS: usize = 6;
+        const PER: usize = 20_000;
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            (0..THREADS).map(|_| std::sync::mpsc::channel::<Vec<usize>>()).unzip();
+        std::thread::scope(|s| {
+            for (i, rx) in receivers.into_iter().enumerate() {
+                let tx = senders[(i + 1) % THREADS].clone();
+                let t = &t;
+                s.spawn(move || {
+                    let n = t.adopt_nursery();
+                    let base = (i + 1) << 36;
+                    let mut mine = Vec::new();
+                    let mut theirs = Vec::new();
+                    for k in 0..PER {
+                        let addr = base + k * 32;
+                        t.allocated(Some(n), interp(i as i64), Domain::Object, addr, 1 + k % 700);
+                        if k % 2 == 0 {
+                            mine.push(addr)
+                        } else {
+                            theirs.push(addr)
+                        }
+                        if mine.len() > 64 {
+                            t.freeing(Some(n), Domain::Object, mine.remove(0));
+                        }
+                    }
+                    tx.send(theirs).unwrap();
+                    drop(tx);
+                    for addr in mine {
+                        t.freeing(Some(n), Domain::Object, addr);
+                    }
+                    for addr in rx.recv().unwrap() {
+                        t.freeing(Some(n), Domain::Object, addr);
+                    }
+                    t.retire_nursery(n);
+                });
+            }
+            drop(senders);
+        });
+        let snap = t.snapshot();
+        assert_eq!(snap.untracked_frees, [0; 3]);
+        assert_eq!(snap.missed_frees, [0; 3]);
+        for b in &snap.buckets {
+            let d = b.domains[Domain::Object.index()];
+            assert_eq!((d.live_bytes, d.live_blocks), (0, 0), "{:?}", b.kind);
+            assert_eq!(d.allocations, PER as u64);
+        }
+        assert_eq!(t.table_stats().entries, 0);
+    }
+
+    #[test]
     fn reset_is_a_fresh_start() {
         let t = Tracker::new();
-        t.allocated(interp(1), Domain::Object, 0x100, 10);
+        t.allocated(None, interp(1), Domain::Object, 0x100, 10);
+        let n = t.adopt_nursery();
+        t.allocated(Some(n), interp(1), Domain::Object, 0x200, 10);
         t.reset();
         assert_eq!(t.table_stats().entries, 0);
         assert!(t.snapshot().buckets.is_empty());
-        t.freeing(Domain::Object, 0x100);
+        t.freeing(None, Domain::Object, 0x100);
+        t.retire_nursery(n);
         assert_eq!(t.snapshot().untracked_frees[2], 1);
     }
 }

@@ -1,0 +1,317 @@
+//! Per-thread caches of recently allocated blocks ("nurseries").
+//!
+//! Most blocks die young and on the thread that made them. Recording every
+//! block in the shared [`BlockTable`] costs a lock and a probe twice per block;
+//! a nursery lets a thread record its new blocks in a small direct-mapped array
+//! of its own and forget them there when it frees them, with no lock and no
+//! read-modify-write. A block that survives until its slot is needed again is
+//! *evicted* into the shared table.
+//!
+//! # Protocol
+//!
+//! A slot holds `key` (a block address; 0 when empty) and `packed` (its
+//! record). A block is in exactly one place: one nursery slot or the shared
+//! table. The owner thread is the only writer of `packed` and the only one that
+//! stores a non-zero `key`; other threads may only claim a slot's block with a
+//! compare-and-swap of `key` from the block's address to 0.
+//!
+//! * **Owner records a block**: if the slot holds an older block `k`, the owner
+//!   claims it by CAS `k -> k | EVICTING`, inserts `k` into the shared table,
+//!   then writes the new `packed` and publishes the new key (Release). If the
+//!   CAS fails, another thread claimed `k` (it was freed): the slot is empty.
+//! * **Owner frees a block in its own slot**: stores 0. No other thread can be
+//!   freeing the same block at the same time (that would be a double free in
+//!   the program), so no CAS is needed.
+//! * **Any other free** (block `k`): (1) remove `k` from the shared table; if
+//!   found, done. (2) Otherwise scan `k`'s slot in every nursery: on seeing
+//!   `k`, read `packed`, then CAS `k -> 0`; success means this thread owns the
+//!   record. On seeing `k | EVICTING`, wait until the owner finishes moving it.
+//!   (3) Remove `k` from the shared table again: an eviction may have moved it
+//!   there between (1) and (2). Not found anywhere means the block was
+//!   allocated before tracking began.
+//!
+//! Why no ABA: while a thread frees `k`, the address `k` is still allocated, so
+//! no slot can come to hold `k` again for another block before that free is
+//! forwarded to the allocator, which happens after the bookkeeping.
+//!
+//! Addresses with bit 0 set (never produced by CPython's allocators, which
+//! align to 8 or 16 bytes) bypass nurseries, since bit 0 marks eviction.
+//!
+//! Nurseries live in a global append-only list and are never freed: a thread
+//! that ends *retires* its nursery (evicting every block) and a new thread
+//! adopts a retired one. Scans therefore cost one load per nursery ever
+//! created, which stays small (threads reuse retired nurseries).
+
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+
+use crate::block_table::{BlockRecord, BlockTable};
+
+/// Slots per nursery (a power of two): 16 bytes each, 8 KiB per thread.
+pub const NURSERY_SLOTS: usize = 512;
+const EVICTING: usize = 1;
+
+struct Slot {
+    key: AtomicUsize,
+    packed: AtomicU64,
+}
+
+/// One thread's cache of young blocks. See the module docs.
+pub struct Nursery {
+    slots: [Slot; NURSERY_SLOTS],
+    /// Whether a thread currently owns this nursery.
+    active: AtomicBool,
+    /// Next nursery in the global list (set once, before publication).
+    next: *const Nursery,
+}
+
+// SAFETY: all shared fields are atomics; `next` is written once before the
+// nursery is published (Release) and never changed, so it may be read from
+// any thread that observed the publication (Acquire).
+unsafe impl Sync for Nursery {}
+// SAFETY: see above; a nursery has no thread-bound state.
+unsafe impl Send for Nursery {}
+
+/// Direct-mapped by address: allocators carve blocks in address order, so
+/// the nursery acts as a sliding window over recently carved memory, and
+/// evictions reach the shared table in address order too, which keeps that
+/// table's accesses local (see `block_table`'s layout).
+#[inline(always)]
+fn slot_index(addr: usize) -> usize {
+    (addr >> 4) & (NURSERY_SLOTS - 1)
+}
+
+/// Whether `addr` may live in a nursery (bit 0 is the eviction mark).
+#[inline(always)]
+pub fn cacheable(addr: usize) -> bool {
+    addr & EVICTING == 0
+}
+
+impl Nursery {
+    #[inline(always)]
+    fn slot(&self, addr: usize) -> &Slot {
+        &self.slots[slot_index(addr)]
+    }
+
+    /// Owner only: records a new block, evicting an older one from its slot
+    /// into `table` if need be. Returns a stale record this displaced (a missed
+    /// free: the slot, or the shared table, already held this address).
+    ///
+    /// The caller checks [`cacheable`] and [`BlockRecord::packable`] first.
+    #[inline(always)]
+    pub fn record(&self, table: &BlockTable, addr: usize, rec: BlockRecord) -> Option<BlockRecord> {
+        debug_assert!(addr != 0 && cacheable(addr) && BlockRecord::packable(rec.size));
+        let slot = self.slot(addr);
+        let old = slot.key.load(Ordering::Acquire);
+        let mut displaced = None;
+        if old == addr {
+            // The same address is live again: its free was never seen.
+            displaced = Some(BlockRecord::unpack(slot.packed.load(Ordering::Relaxed)));
+        } else if old != 0 {
+            displaced = self.evict(table, slot, old);
+        }
+        slot.packed.store(rec.pack(), Ordering::Relaxed);
+        slot.key.store(addr, Ordering::Release);
+        displaced
+    }
+
+    /// Owner only: moves the block `old` out of `slot` into the shared table.
+    #[cold]
+    #[inline(never)]
+    fn evict(&self, table: &BlockTable, slot: &Slot, old: usize) -> Option<BlockRecord> {
+        let packed = slot.packed.load(Ordering::Relaxed);
+        if slot.key.compare_exchange(old, old | EVICTING, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            // Another thread freed `old` and claimed it; the slot is empty.
+            return None;
+        }
+        let displaced = table.insert(old, BlockRecord::unpack(packed));
+        slot.key.store(0, Ordering::Release);
+        displaced
+    }
+
+    /// Owner only: if `addr` is in this nursery, forgets it and returns its record.
+    #[inline(always)]
+    pub fn take_own(&self, addr: usize) -> Option<BlockRecord> {
+        let slot = self.slot(addr);
+        if slot.key.load(Ordering::Relaxed) != addr {
+            return None;
+        }
+        let rec = BlockRecord::unpack(slot.packed.load(Ordering::Relaxed));
+        slot.key.store(0, Ordering::Release);
+        Some(rec)
+    }
+
+    /// Any thread: claims `addr` from this nursery if it is resident. Waits
+    /// out an eviction in progress and then reports `None` (the block is in
+    /// the shared table by the time this returns).
+    fn claim(&self, addr: usize) -> Option<BlockRecord> {
+        let slot = self.slot(addr);
+        loop {
+            let key = slot.key.load(Ordering::Acquire);
+            if key == addr {
+                let packed = slot.packed.load(Ordering::Relaxed);
+                if slot.key.compare_exchange(addr, 0, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                    return Some(BlockRecord::unpack(packed));
+                }
+                continue; // the owner started evicting it; look again
+            }
+            if key == addr | EVICTING {
+                std::hint::spin_loop();
+                std::thread::yield_now();
+                continue;
+            }
+            return None;
+        }
+    }
+
+    /// Owner (or a single-threaded caller): evicts every resident block.
+    fn evict_all(&self, table: &BlockTable, displaced: &mut dyn FnMut(BlockRecord)) {
+        for slot in &self.slots {
+            let key = slot.key.load(Ordering::Acquire);
+            if key != 0 && cacheable(key) {
+                if let Some(d) = self.evict(table, slot, key) {
+                    displaced(d);
+                }
+            }
+        }
+    }
+
+    /// Live blocks and their bytes resident here (racy while the owner runs).
+    fn residents(&self) -> (usize, u64) {
+        let mut count = 0;
+        let mut bytes = 0u64;
+        for slot in &self.slots {
+            let key = slot.key.load(Ordering::Acquire);
+            if key != 0 && cacheable(key) {
+                count += 1;
+                let rec = BlockRecord::unpack(slot.packed.load(Ordering::Relaxed));
+                bytes = bytes.wrapping_add(rec.size as u64);
+            }
+        }
+        (count, bytes)
+    }
+}
+
+/// The global list of nurseries. See the module docs.
+pub struct Nurseries {
+    head: AtomicPtr<Nursery>,
+}
+
+impl Default for Nurseries {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Nurseries {
+    /// An empty list; `const` so that it can be a `static`.
+    pub const fn new() -> Nurseries {
+        Nurseries { head: AtomicPtr::new(std::ptr::null_mut()) }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &'static Nursery> {
+        let mut next = self.head.load(Ordering::Acquire) as *const Nursery;
+        std::iter::from_fn(move || {
+            if next.is_null() {
+                return None;
+            }
+            // SAFETY: nurseries are leaked on creation and never freed; `next`
+            // links were written before publication (see `Nursery`).
+            let current: &'static Nursery = unsafe { &*next };
+            next = current.next;
+            Some(current)
+        })
+    }
+
+    /// A nursery for the calling thread: a retired one if any, else a new one.
+    pub fn adopt(&self) -> &'static Nursery {
+        for nursery in self.iter() {
+            if nursery.active.compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                return nursery;
+            }
+        }
+        // SAFETY: a Nursery is atomics plus a raw pointer, all valid when zeroed
+        // (empty slots, inactive, no next).
+        let fresh: &'static mut Nursery = Box::leak(unsafe { Box::<Nursery>::new_zeroed().assume_init() });
+        fresh.active.store(true, Ordering::Relaxed);
+        let mut head = self.head.load(Ordering::Acquire);
+        loop {
+            fresh.next = head;
+            match self.head.compare_exchange_weak(head, fresh, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return fresh,
+                Err(now) => head = now,
+            }
+        }
+    }
+
+    /// Owner only: evicts every block of `nursery` into `table` and makes it
+    /// available to another thread. `displaced` receives stale records that
+    /// evictions pushed out of the shared table (missed frees).
+    pub fn retire(&self, table: &BlockTable, nursery: &Nursery, displaced: &mut dyn FnMut(BlockRecord)) {
+        nursery.evict_all(table, displaced);
+        nursery.active.store(false, Ordering::Release);
+    }
+
+    /// Any thread: finds `addr` in some nursery other than `skip` and claims it.
+    pub fn claim(&self, addr: usize, skip: Option<&Nursery>) -> Option<BlockRecord> {
+        if !cacheable(addr) {
+            return None;
+        }
+        self.iter().filter(|n| !skip.is_some_and(|s| std::ptr::eq(*n, s))).find_map(|n| n.claim(addr))
+    }
+
+    /// Live blocks and bytes resident in all nurseries.
+    pub fn residents(&self) -> (usize, u64) {
+        self.iter().fold((0, 0), |(c, b), n| {
+            let (nc, nb) = n.residents();
+            (c + nc, b.wrapping_add(nb))
+        })
+    }
+
+    /// Empties every nursery without recording anything (a reset). Only call
+    /// while no other thread records or frees blocks.
+    pub fn clear(&self) {
+        for nursery in self.iter() {
+            for slot in &nursery.slots {
+                slot.key.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// In a `fork` child (single-threaded; the other threads are gone): moves
+    /// every other nursery's blocks into `table` and retires those nurseries.
+    ///
+    /// A thread that did not survive the fork may have been between claiming
+    /// a slot for eviction (`key | EVICTING`) and clearing it; its block is
+    /// moved here, and a record it already inserted is recognised as the same
+    /// block, not counted as a missed free.
+    pub fn adopt_orphans(
+        &self,
+        table: &BlockTable,
+        keep: Option<&Nursery>,
+        displaced: &mut dyn FnMut(BlockRecord),
+    ) {
+        for nursery in self.iter() {
+            if keep.is_some_and(|k| std::ptr::eq(nursery, k)) {
+                continue;
+            }
+            for slot in &nursery.slots {
+                let key = slot.key.load(Ordering::Acquire);
+                if key == 0 {
+                    continue;
+                }
+                let rec = BlockRecord::unpack(slot.packed.load(Ordering::Relaxed));
+                let stale = table.insert(key & !EVICTING, rec);
+                if let Some(d) = stale.filter(|_| cacheable(key)) {
+                    displaced(d);
+                }
+                slot.key.store(0, Ordering::Release);
+            }
+            nursery.active.store(false, Ordering::Release);
+        }
+    }
+
+    /// How many nurseries exist.
+    pub fn count(&self) -> usize {
+        self.iter().count()
+    }
+}
