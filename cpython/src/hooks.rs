@@ -151,7 +151,7 @@ extern "C" fn hook_malloc<const D: usize>(_ctx: *mut c_void, size: usize) -> *mu
     let block = forward.malloc(size);
     let owner = current_bucket();
     if block.is_null() {
-        TRACKER.failed(owner, domain_of::<D>());
+        TRACKER.failed(entry.existing_nursery(), owner, domain_of::<D>());
     } else {
         TRACKER.allocated(entry.nursery(), owner, domain_of::<D>(), block as usize, size);
     }
@@ -164,12 +164,12 @@ extern "C" fn hook_calloc<const D: usize>(_ctx: *mut c_void, nelem: usize, elsiz
     let owner = current_bucket();
     // Fact 8: refuse an overflowing nelem * elsize before forwarding.
     let Some(size) = nelem.checked_mul(elsize) else {
-        TRACKER.failed(owner, domain_of::<D>());
+        TRACKER.failed(entry.existing_nursery(), owner, domain_of::<D>());
         return null_mut();
     };
     let block = forward.calloc(nelem, elsize);
     if block.is_null() {
-        TRACKER.failed(owner, domain_of::<D>());
+        TRACKER.failed(entry.existing_nursery(), owner, domain_of::<D>());
     } else {
         TRACKER.allocated(entry.nursery(), owner, domain_of::<D>(), block as usize, size);
     }
@@ -184,7 +184,7 @@ extern "C" fn hook_realloc<const D: usize>(_ctx: *mut c_void, ptr: *mut c_void, 
         let block = forward.realloc(ptr, size);
         let owner = current_bucket();
         if block.is_null() {
-            TRACKER.failed(owner, domain_of::<D>());
+            TRACKER.failed(entry.existing_nursery(), owner, domain_of::<D>());
         } else {
             TRACKER.allocated(entry.nursery(), owner, domain_of::<D>(), block as usize, size);
         }

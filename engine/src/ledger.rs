@@ -97,11 +97,25 @@ pub enum BucketKind {
 struct DomainCounters {
     live_bytes: AtomicU64,
     peak_bytes: AtomicU64,
-    allocations: AtomicU64,
-    reallocations: AtomicU64,
-    frees: AtomicU64,
-    failures: AtomicU64,
+    counts: [AtomicU64; COUNTS],
 }
+
+/// The event counts kept per bucket and domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Count {
+    /// Successful allocations.
+    Allocations = 0,
+    /// Frees of tracked blocks.
+    Frees = 1,
+    /// Successful reallocations of tracked blocks.
+    Reallocations = 2,
+    /// Refused requests.
+    Failures = 3,
+}
+
+/// Number of [`Count`] kinds.
+pub const COUNTS: usize = 4;
 
 impl DomainCounters {
     #[inline]
@@ -119,28 +133,17 @@ impl DomainCounters {
     }
 
     fn snapshot(&self) -> DomainSnapshot {
-        let allocations = self.allocations.load(Relaxed);
-        let frees = self.frees.load(Relaxed);
-        DomainSnapshot {
+        let mut snap = DomainSnapshot {
             live_bytes: self.live_bytes.load(Relaxed) as i64,
             peak_bytes: self.peak_bytes.load(Relaxed),
-            live_blocks: allocations.wrapping_sub(frees) as i64,
-            allocations,
-            reallocations: self.reallocations.load(Relaxed),
-            frees,
-            failures: self.failures.load(Relaxed),
-        }
+            ..DomainSnapshot::default()
+        };
+        snap.add_counts(std::array::from_fn(|k| self.counts[k].load(Relaxed)));
+        snap
     }
 
     fn reset(&self) {
-        for c in [
-            &self.live_bytes,
-            &self.peak_bytes,
-            &self.allocations,
-            &self.reallocations,
-            &self.frees,
-            &self.failures,
-        ] {
+        for c in self.counts.iter().chain([&self.live_bytes, &self.peak_bytes]) {
             c.store(0, Relaxed);
         }
     }
@@ -175,6 +178,17 @@ pub struct DomainSnapshot {
     pub failures: u64,
 }
 
+impl DomainSnapshot {
+    /// Adds event counts (indexed by [`Count`]) and updates `live_blocks`.
+    pub fn add_counts(&mut self, counts: [u64; COUNTS]) {
+        self.allocations = self.allocations.wrapping_add(counts[Count::Allocations as usize]);
+        self.frees = self.frees.wrapping_add(counts[Count::Frees as usize]);
+        self.reallocations = self.reallocations.wrapping_add(counts[Count::Reallocations as usize]);
+        self.failures = self.failures.wrapping_add(counts[Count::Failures as usize]);
+        self.live_blocks = self.allocations.wrapping_sub(self.frees) as i64;
+    }
+}
+
 /// One bucket's figures.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BucketSnapshot {
@@ -196,6 +210,24 @@ pub struct LedgerSnapshot {
     /// Per domain: tracked blocks whose free was never seen (the address was
     /// handed out again), counted as freed when their address came back.
     pub missed_frees: [u64; Domain::COUNT],
+}
+
+impl LedgerSnapshot {
+    /// Adds event counts kept elsewhere (a thread's nursery) to a bucket,
+    /// listing the bucket if it was not listed yet.
+    pub fn merge_counts(&mut self, id: BucketId, counts: &[[u64; COUNTS]; Domain::COUNT]) {
+        let index = match self.buckets.binary_search_by_key(&id, |b| b.bucket) {
+            Ok(i) => i,
+            Err(i) => {
+                let empty = BucketSnapshot { bucket: id, kind: id.kind(), domains: Default::default() };
+                self.buckets.insert(i, empty);
+                i
+            }
+        };
+        for (domain, c) in self.buckets[index].domains.iter_mut().zip(counts) {
+            domain.add_counts(*c);
+        }
+    }
 }
 
 /// The counters of every bucket. See the module docs for the concurrency rules.
@@ -274,36 +306,57 @@ impl Ledger {
         self.bucket(id);
     }
 
+    /// Adds `bytes` to a bucket's live bytes (and its peak, exactly).
+    #[inline(always)]
+    pub fn add_live(&self, id: BucketId, domain: Domain, bytes: usize) {
+        self.counters(id, domain).add_live(bytes as u64);
+    }
+
+    /// Takes `bytes` from a bucket's live bytes.
+    #[inline(always)]
+    pub fn sub_live(&self, id: BucketId, domain: Domain, bytes: usize) {
+        self.counters(id, domain).sub_live(bytes as u64);
+    }
+
+    /// Adds `n` to one of a bucket's event counts.
+    #[inline(always)]
+    pub fn add_count(&self, id: BucketId, domain: Domain, count: Count, n: u64) {
+        self.counters(id, domain).counts[count as usize].fetch_add(n, Relaxed);
+    }
+
     /// A block of `size` bytes was allocated.
     #[inline(always)]
     pub fn on_alloc(&self, id: BucketId, domain: Domain, size: usize) {
-        let c = self.counters(id, domain);
-        c.allocations.fetch_add(1, Relaxed);
-        c.add_live(size as u64);
+        self.add_count(id, domain, Count::Allocations, 1);
+        self.add_live(id, domain, size);
     }
 
     /// A tracked block of `size` bytes was freed.
     #[inline(always)]
     pub fn on_free(&self, id: BucketId, domain: Domain, size: usize) {
-        let c = self.counters(id, domain);
-        c.frees.fetch_add(1, Relaxed);
-        c.sub_live(size as u64);
+        self.add_count(id, domain, Count::Frees, 1);
+        self.sub_live(id, domain, size);
+    }
+
+    /// A tracked block's size changed from `old` to `new` bytes (live bytes only).
+    #[inline]
+    pub fn resize_live(&self, id: BucketId, domain: Domain, old: usize, new: usize) {
+        if new >= old {
+            self.add_live(id, domain, new - old);
+        } else {
+            self.sub_live(id, domain, old - new);
+        }
     }
 
     /// A tracked block changed size from `old` to `new` bytes.
     pub fn on_realloc(&self, id: BucketId, domain: Domain, old: usize, new: usize) {
-        let c = self.counters(id, domain);
-        c.reallocations.fetch_add(1, Relaxed);
-        if new >= old {
-            c.add_live((new - old) as u64);
-        } else {
-            c.sub_live((old - new) as u64);
-        }
+        self.add_count(id, domain, Count::Reallocations, 1);
+        self.resize_live(id, domain, old, new);
     }
 
     /// The allocator returned NULL for a request.
     pub fn on_failure(&self, id: BucketId, domain: Domain) {
-        self.counters(id, domain).failures.fetch_add(1, Relaxed);
+        self.add_count(id, domain, Count::Failures, 1);
     }
 
     /// A block we never saw allocated was freed (it predates tracking).

@@ -37,14 +37,28 @@
 //! Addresses with bit 0 set (never produced by CPython's allocators, which
 //! align to 8 or 16 bytes) bypass nurseries, since bit 0 marks eviction.
 //!
+//! # Event counts
+//!
+//! A nursery also keeps the owner thread's event counts (allocations, frees,
+//! reallocations, failures) for one bucket, the interpreter the thread last
+//! allocated in, with plain loads and stores instead of read-modify-writes:
+//! the owner is their only writer. Counts for other buckets go to the ledger's
+//! atomics. The owner flushes them into the ledger when it allocates in
+//! another bucket and when it retires. Snapshots add them in; a snapshot taken
+//! while a thread flushes may count that thread's pending counts twice or not
+//! at all, and is exact once threads are quiet. Live and peak bytes never live
+//! here: exact peaks need one shared counter.
+//!
 //! Nurseries live in a global append-only list and are never freed: a thread
 //! that ends *retires* its nursery (evicting every block) and a new thread
 //! adopts a retired one. Scans therefore cost one load per nursery ever
 //! created, which stays small (threads reuse retired nurseries).
 
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::block_table::{BlockRecord, BlockTable};
+use crate::domain::Domain;
+use crate::ledger::{BucketId, Count, Ledger, COUNTS};
 
 /// Slots per nursery (a power of two): 16 bytes each, 8 KiB per thread.
 pub const NURSERY_SLOTS: usize = 512;
@@ -55,9 +69,20 @@ struct Slot {
     packed: AtomicU64,
 }
 
+const NO_BUCKET: u32 = u32::MAX;
+
+/// Event counts for one bucket, written only by the owner thread.
+struct LocalCounts {
+    /// The bucket counted here; `NO_BUCKET` when none. Zeroed memory means
+    /// bucket 0 with zero counts, which is harmless.
+    bucket: AtomicU32,
+    counts: [[AtomicU64; COUNTS]; Domain::COUNT],
+}
+
 /// One thread's cache of young blocks. See the module docs.
 pub struct Nursery {
     slots: [Slot; NURSERY_SLOTS],
+    local: LocalCounts,
     /// Whether a thread currently owns this nursery.
     active: AtomicBool,
     /// Next nursery in the global list (set once, before publication).
@@ -75,6 +100,9 @@ unsafe impl Send for Nursery {}
 /// the nursery acts as a sliding window over recently carved memory, and
 /// evictions reach the shared table in address order too, which keeps that
 /// table's accesses local (see `block_table`'s layout).
+const COUNT_KINDS: [Count; COUNTS] =
+    [Count::Allocations, Count::Frees, Count::Reallocations, Count::Failures];
+
 #[inline(always)]
 fn slot_index(addr: usize) -> usize {
     (addr >> 4) & (NURSERY_SLOTS - 1)
@@ -90,6 +118,55 @@ impl Nursery {
     #[inline(always)]
     fn slot(&self, addr: usize) -> &Slot {
         &self.slots[slot_index(addr)]
+    }
+
+    /// Owner only: counts an event for `bucket`. Allocations move the local
+    /// counts to `bucket` (the thread's current interpreter); other events for
+    /// another bucket go straight to the ledger.
+    #[inline(always)]
+    pub fn count(&self, ledger: &Ledger, bucket: BucketId, domain: Domain, count: Count) {
+        if self.local.bucket.load(Ordering::Relaxed) != bucket.index() {
+            if count != Count::Allocations {
+                ledger.add_count(bucket, domain, count, 1);
+                return;
+            }
+            self.switch_bucket(ledger, bucket);
+        }
+        let c = &self.local.counts[domain.index()][count as usize];
+        c.store(c.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn switch_bucket(&self, ledger: &Ledger, bucket: BucketId) {
+        self.flush_counts(ledger);
+        self.local.bucket.store(bucket.index(), Ordering::Relaxed);
+    }
+
+    /// Owner (or single-threaded caller): moves the local counts to the ledger.
+    fn flush_counts(&self, ledger: &Ledger) {
+        let bucket = self.local.bucket.load(Ordering::Relaxed);
+        for (domain, counts) in Domain::ALL.into_iter().zip(&self.local.counts) {
+            for (kind, c) in counts.iter().enumerate() {
+                let n = c.load(Ordering::Relaxed);
+                if n != 0 && bucket != NO_BUCKET {
+                    ledger.add_count(BucketId::from_index(bucket), domain, COUNT_KINDS[kind], n);
+                }
+                c.store(0, Ordering::Relaxed);
+            }
+        }
+        self.local.bucket.store(NO_BUCKET, Ordering::Relaxed);
+    }
+
+    /// The bucket and counts kept here (racy while the owner runs).
+    fn local_counts(&self) -> Option<(BucketId, [[u64; COUNTS]; Domain::COUNT])> {
+        let bucket = self.local.bucket.load(Ordering::Relaxed);
+        (bucket != NO_BUCKET).then(|| {
+            let counts = std::array::from_fn(|d| {
+                std::array::from_fn(|k| self.local.counts[d][k].load(Ordering::Relaxed))
+            });
+            (BucketId::from_index(bucket), counts)
+        })
     }
 
     /// Owner only: records a new block, evicting an older one from its slot
@@ -233,6 +310,7 @@ impl Nurseries {
         // (empty slots, inactive, no next).
         let fresh: &'static mut Nursery = Box::leak(unsafe { Box::<Nursery>::new_zeroed().assume_init() });
         fresh.active.store(true, Ordering::Relaxed);
+        fresh.local.bucket.store(NO_BUCKET, Ordering::Relaxed);
         let mut head = self.head.load(Ordering::Acquire);
         loop {
             fresh.next = head;
@@ -246,8 +324,15 @@ impl Nurseries {
     /// Owner only: evicts every block of `nursery` into `table` and makes it
     /// available to another thread. `displaced` receives stale records that
     /// evictions pushed out of the shared table (missed frees).
-    pub fn retire(&self, table: &BlockTable, nursery: &Nursery, displaced: &mut dyn FnMut(BlockRecord)) {
+    pub fn retire(
+        &self,
+        table: &BlockTable,
+        ledger: &Ledger,
+        nursery: &Nursery,
+        displaced: &mut dyn FnMut(BlockRecord),
+    ) {
         nursery.evict_all(table, displaced);
+        nursery.flush_counts(ledger);
         nursery.active.store(false, Ordering::Release);
     }
 
@@ -274,7 +359,14 @@ impl Nurseries {
             for slot in &nursery.slots {
                 slot.key.store(0, Ordering::Relaxed);
             }
+            nursery.local.counts.iter().flatten().for_each(|c| c.store(0, Ordering::Relaxed));
+            nursery.local.bucket.store(NO_BUCKET, Ordering::Relaxed);
         }
+    }
+
+    /// Every nursery's pending event counts, by bucket (racy while owners run).
+    pub fn pending_counts(&self) -> impl Iterator<Item = (BucketId, [[u64; COUNTS]; Domain::COUNT])> {
+        self.iter().filter_map(|n| n.local_counts())
     }
 
     /// In a `fork` child (single-threaded; the other threads are gone): moves
@@ -287,6 +379,7 @@ impl Nurseries {
     pub fn adopt_orphans(
         &self,
         table: &BlockTable,
+        ledger: &Ledger,
         keep: Option<&Nursery>,
         displaced: &mut dyn FnMut(BlockRecord),
     ) {
@@ -306,6 +399,7 @@ impl Nurseries {
                 }
                 slot.key.store(0, Ordering::Release);
             }
+            nursery.flush_counts(ledger);
             nursery.active.store(false, Ordering::Release);
         }
     }

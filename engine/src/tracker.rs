@@ -25,7 +25,7 @@
 
 use crate::block_table::{BlockRecord, BlockTable, TableStats};
 use crate::domain::Domain;
-use crate::ledger::{BucketId, Ledger, LedgerSnapshot};
+use crate::ledger::{BucketId, Count, Ledger, LedgerSnapshot};
 use crate::nursery::{cacheable, Nurseries, Nursery};
 
 /// Block table, nurseries and ledger, with the accounting rules in the module docs.
@@ -70,15 +70,27 @@ impl Tracker {
     /// The calling thread is done with its nursery: move its blocks to the
     /// shared table and let another thread adopt it.
     pub fn retire_nursery(&self, nursery: &Nursery) {
-        self.nurseries
-            .retire(&self.table, nursery, &mut |s| self.ledger.on_missed_free(s.owner, s.domain, s.size));
+        self.nurseries.retire(&self.table, &self.ledger, nursery, &mut |s| {
+            self.ledger.on_missed_free(s.owner, s.domain, s.size)
+        });
     }
 
     /// In a `fork` child: retire the nurseries of the threads that did not
     /// survive the fork (every one but `keep`). Single-threaded only.
     pub fn after_fork_in_child(&self, keep: Option<&Nursery>) {
-        self.nurseries
-            .adopt_orphans(&self.table, keep, &mut |s| self.ledger.on_missed_free(s.owner, s.domain, s.size));
+        self.nurseries.adopt_orphans(&self.table, &self.ledger, keep, &mut |s| {
+            self.ledger.on_missed_free(s.owner, s.domain, s.size)
+        });
+    }
+
+    /// Counts an event in the thread's nursery when it has one (no atomic
+    /// read-modify-write), else in the ledger.
+    #[inline(always)]
+    fn count(&self, local: Option<&Nursery>, bucket: BucketId, domain: Domain, count: Count) {
+        match local {
+            Some(nursery) => nursery.count(&self.ledger, bucket, domain, count),
+            None => self.ledger.add_count(bucket, domain, count, 1),
+        }
     }
 
     #[inline(always)]
@@ -124,14 +136,15 @@ impl Tracker {
         addr: usize,
         size: usize,
     ) {
-        self.ledger.on_alloc(owner, domain, size);
+        self.ledger.add_live(owner, domain, size);
+        self.count(local, owner, domain, Count::Allocations);
         self.record(local, addr, BlockRecord { size, owner, domain });
     }
 
     /// An allocation or reallocation request by `owner` failed.
     #[inline]
-    pub fn failed(&self, owner: BucketId, domain: Domain) {
-        self.ledger.on_failure(owner, domain);
+    pub fn failed(&self, local: Option<&Nursery>, owner: BucketId, domain: Domain) {
+        self.count(local, owner, domain, Count::Failures);
     }
 
     /// The block at `addr` (non-zero) is about to be freed through `domain`.
@@ -139,7 +152,10 @@ impl Tracker {
     #[inline(always)]
     pub fn freeing(&self, local: Option<&Nursery>, domain: Domain, addr: usize) {
         match self.forget(local, addr) {
-            Some(rec) => self.ledger.on_free(rec.owner, rec.domain, rec.size),
+            Some(rec) => {
+                self.ledger.sub_live(rec.owner, rec.domain, rec.size);
+                self.count(local, rec.owner, rec.domain, Count::Frees);
+            }
             None => self.ledger.on_untracked_free(domain),
         }
     }
@@ -171,10 +187,11 @@ impl Tracker {
                     // The old block is still live; put its record back.
                     self.record(local, old_addr, rec);
                 }
-                self.ledger.on_failure(owner, domain);
+                self.count(local, owner, domain, Count::Failures);
             }
             (Some(rec), _) => {
-                self.ledger.on_realloc(rec.owner, rec.domain, rec.size, new_size);
+                self.ledger.resize_live(rec.owner, rec.domain, rec.size, new_size);
+                self.count(local, rec.owner, rec.domain, Count::Reallocations);
                 self.record(local, new_addr, BlockRecord { size: new_size, ..rec });
             }
             (None, _) => {
@@ -184,9 +201,13 @@ impl Tracker {
         }
     }
 
-    /// Figures of every used bucket.
+    /// Figures of every used bucket, including counts pending in nurseries.
     pub fn snapshot(&self) -> LedgerSnapshot {
-        self.ledger.snapshot()
+        let mut snap = self.ledger.snapshot();
+        for (bucket, counts) in self.nurseries.pending_counts() {
+            snap.merge_counts(bucket, &counts);
+        }
+        snap
     }
 
     /// Occupancy of the shared table, plus the blocks resident in nurseries
@@ -219,8 +240,12 @@ mod tests {
         BucketId::for_interpreter(Some(id))
     }
 
+    fn bucket(t: &Tracker, b: BucketId) -> [crate::DomainSnapshot; 3] {
+        t.snapshot().buckets.into_iter().find(|x| x.bucket == b).map_or(Default::default(), |x| x.domains)
+    }
+
     fn mem(t: &Tracker, b: BucketId) -> crate::DomainSnapshot {
-        t.ledger.bucket_snapshot(b).domains[Domain::Mem.index()]
+        bucket(t, b)[Domain::Mem.index()]
     }
 
     #[test]
@@ -285,8 +310,8 @@ mod tests {
         t.allocated(None, interp(2), Domain::Object, 0x100, 20);
         let snap = t.snapshot();
         assert_eq!(snap.missed_frees[Domain::Object.index()], 1);
-        let one = t.ledger.bucket_snapshot(interp(1)).domains[2];
-        let two = t.ledger.bucket_snapshot(interp(2)).domains[2];
+        let one = bucket(&t, interp(1))[2];
+        let two = bucket(&t, interp(2))[2];
         assert_eq!((one.live_bytes, one.live_blocks), (0, 0));
         assert_eq!((two.live_bytes, two.live_blocks), (20, 1));
     }
@@ -301,7 +326,7 @@ mod tests {
         assert_eq!(t.table_stats().live_bytes, 32);
         t.freeing(Some(n), Domain::Object, 0x1000);
         assert_eq!(t.table_stats().entries, 0);
-        let s = t.ledger.bucket_snapshot(interp(1)).domains[2];
+        let s = bucket(&t, interp(1))[2];
         assert_eq!((s.live_bytes, s.allocations, s.frees), (0, 1, 1));
         t.retire_nursery(n);
     }
@@ -347,7 +372,7 @@ mod tests {
             t.freeing(Some(again), Domain::Object, i * 16);
         }
         assert_eq!(t.table_stats().entries, 0);
-        assert_eq!(t.ledger.bucket_snapshot(interp(2)).domains[2].live_bytes, 0);
+        assert_eq!(bucket(&t, interp(2))[2].live_bytes, 0);
         t.retire_nursery(again);
     }
 
@@ -358,7 +383,7 @@ mod tests {
         t.allocated(Some(n), interp(1), Domain::Object, 0x100, 10);
         t.allocated(Some(n), interp(1), Domain::Object, 0x100, 20);
         assert_eq!(t.snapshot().missed_frees[2], 1);
-        assert_eq!(t.ledger.bucket_snapshot(interp(1)).domains[2].live_bytes, 20);
+        assert_eq!(bucket(&t, interp(1))[2].live_bytes, 20);
         t.retire_nursery(n);
     }
 
