@@ -59,6 +59,32 @@ def live_bytes(snapshot, interp_id: int | None) -> int:
     return 0 if entry is None else entry.live_bytes
 
 
+def quiet_stats(timeout: float = 5.0):
+    """A snapshot taken once the process is quiet.
+
+    ``Thread.join()`` returns before the OS thread has finished tearing down
+    (CPython frees the thread state with ``PyMem_RawFree`` afterwards), so a
+    snapshot taken right after joining can catch a free in flight: the block
+    already gone from the table, the ledger not yet updated. Such a mismatch is
+    transient; an accounting bug is not. Wait (up to ``timeout``) for a
+    snapshot whose two independent records agree and return it, or return the
+    last one, whose mismatch the test then reports.
+    """
+    import time
+
+    import interheap
+
+    deadline = time.monotonic() + timeout
+    while True:
+        snap = interheap.stats()
+        c = consistency(snap)
+        if c["ledger_live_blocks"] == c["table_entries"] and c["ledger_live_bytes"] == c["table_live_bytes"]:
+            return snap
+        if time.monotonic() > deadline:
+            return snap
+        time.sleep(0.01)
+
+
 def consistency(snapshot) -> dict:
     """The ledger's totals next to the block table's own count of live blocks."""
     total = snapshot.total
@@ -77,4 +103,14 @@ def consistency(snapshot) -> dict:
     }
 
 
-__all__ = ["FREE_THREADED", "consistency", "create", "destroy", "live_bytes", "result", "run", "sys"]
+__all__ = [
+    "FREE_THREADED",
+    "consistency",
+    "create",
+    "destroy",
+    "live_bytes",
+    "quiet_stats",
+    "result",
+    "run",
+    "sys",
+]

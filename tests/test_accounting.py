@@ -116,7 +116,7 @@ def test_destroyed_interpreters_keep_only_what_they_leaked():
 
 STRESS = r"""
 import os, random, threading, time, interheap
-from scenario_support import create, run, destroy, result, consistency, FREE_THREADED
+from scenario_support import create, run, destroy, result, consistency, quiet_stats, FREE_THREADED
 
 MODE = {mode!r}
 SECONDS = {seconds}
@@ -167,7 +167,7 @@ for t in threads:
     t.start()
 for t in threads:
     t.join()
-snap = interheap.stats()
+snap = quiet_stats()
 result(errors=errors, buckets=len(snap.interpreters), allocations=snap.total.allocations,
        **consistency(snap))
 """
@@ -202,7 +202,7 @@ def test_free_threaded_threads_attribute_exact_known_bytes():
     out = scenario(
         r"""
         import sys, threading, interheap
-        from scenario_support import result, live_bytes, consistency
+        from scenario_support import result, live_bytes, consistency, quiet_stats
         interheap.install()
         kept = [None] * 8
         start = threading.Barrier(9)
@@ -214,7 +214,7 @@ def test_free_threaded_threads_attribute_exact_known_bytes():
         before = live_bytes(interheap.stats(), 0)
         start.wait()
         for t in threads: t.join()
-        after = interheap.stats()
+        after = quiet_stats()
         expected = sum(sys.getsizeof(x) + sum(map(sys.getsizeof, x)) for x in kept)
         gil = getattr(sys, "_is_gil_enabled", lambda: True)()
         result(delta=live_bytes(after, 0) - before, expected=expected, gil=gil, **consistency(after))

@@ -27,16 +27,29 @@ use crate::block_table::{BlockRecord, BlockTable, TableStats};
 use crate::domain::Domain;
 use crate::ledger::{BucketId, Count, Ledger, LedgerSnapshot};
 use crate::nursery::{cacheable, Nurseries, Nursery};
+use crate::shard_lock::ShardLock;
 
 /// Block table, nurseries and ledger, with the accounting rules in the module docs.
 ///
 /// Every method that takes `local: Option<&Nursery>` must be given the
 /// calling thread's own nursery (from [`Tracker::adopt_nursery`]) or `None`;
 /// with `None` the shared table alone is used (slower, always correct).
+///
+/// # Census lock
+///
+/// Retiring a nursery moves its blocks to the shared table and its counts to
+/// the ledger; a snapshot reads the ledger, the table and the nurseries in
+/// turn. Both hold the census lock, so a snapshot never sees a retirement
+/// half done. This matters because a thread's nursery is retired by its
+/// exit-time destructor, which can still be running after `Thread.join()`
+/// returned in Python: without the lock, "join, then snapshot" could miss
+/// blocks in flight. The lock is taken only on those rare paths, never per
+/// allocation.
 pub struct Tracker {
     table: BlockTable,
     ledger: Ledger,
     nurseries: Nurseries,
+    census: ShardLock<()>,
 }
 
 impl Default for Tracker {
@@ -48,7 +61,12 @@ impl Default for Tracker {
 impl Tracker {
     /// An empty tracker; `const` so that it can be a `static`.
     pub const fn new() -> Tracker {
-        Tracker { table: BlockTable::new(), ledger: Ledger::new(), nurseries: Nurseries::new() }
+        Tracker {
+            table: BlockTable::new(),
+            ledger: Ledger::new(),
+            nurseries: Nurseries::new(),
+            census: ShardLock::new(()),
+        }
     }
 
     /// The bucket counters.
@@ -70,9 +88,31 @@ impl Tracker {
     /// The calling thread is done with its nursery: move its blocks to the
     /// shared table and let another thread adopt it.
     pub fn retire_nursery(&self, nursery: &Nursery) {
+        let _census = self.census.lock();
         self.nurseries.retire(&self.table, &self.ledger, nursery, &mut |s| {
             self.ledger.on_missed_free(s.owner, s.domain, s.size)
         });
+    }
+
+    /// For a `fork` prepare handler: takes the census lock and every shard
+    /// lock, so that the child inherits none of them held by a thread that
+    /// does not exist there. Undo with [`Tracker::unlock_after_fork`].
+    pub fn lock_for_fork(&self) {
+        std::mem::forget(self.census.lock());
+        self.table.lock_all();
+    }
+
+    /// Releases what [`Tracker::lock_for_fork`] took.
+    ///
+    /// # Safety
+    ///
+    /// Must follow [`Tracker::lock_for_fork`] on the same thread, in the
+    /// parent or in the child.
+    pub unsafe fn unlock_after_fork(&self) {
+        // SAFETY: lock_for_fork holds every shard lock and forgot the guards.
+        unsafe { self.table.unlock_all() };
+        // SAFETY: lock_for_fork holds the census lock and forgot its guard.
+        unsafe { self.census.force_unlock() };
     }
 
     /// In a `fork` child: retire the nurseries of the threads that did not
@@ -203,6 +243,11 @@ impl Tracker {
 
     /// Figures of every used bucket, including counts pending in nurseries.
     pub fn snapshot(&self) -> LedgerSnapshot {
+        let _census = self.census.lock();
+        self.snapshot_locked()
+    }
+
+    fn snapshot_locked(&self) -> LedgerSnapshot {
         let mut snap = self.ledger.snapshot();
         for (bucket, counts) in self.nurseries.pending_counts() {
             snap.merge_counts(bucket, &counts);
@@ -210,9 +255,22 @@ impl Tracker {
         snap
     }
 
+    /// The ledger's figures and the blocks' own count, read together (see
+    /// the census lock): in a quiet process, live blocks and bytes in the
+    /// first equal entries and live bytes in the second.
+    pub fn census(&self) -> (LedgerSnapshot, TableStats) {
+        let _census = self.census.lock();
+        (self.snapshot_locked(), self.table_stats_locked())
+    }
+
     /// Occupancy of the shared table, plus the blocks resident in nurseries
     /// (`entries` and `live_bytes` count both; `bytes` adds the nurseries' memory).
     pub fn table_stats(&self) -> TableStats {
+        let _census = self.census.lock();
+        self.table_stats_locked()
+    }
+
+    fn table_stats_locked(&self) -> TableStats {
         let mut stats = self.table.stats();
         let (count, bytes) = self.nurseries.residents();
         stats.entries += count;
@@ -439,6 +497,44 @@ mod tests {
             assert_eq!(d.allocations, PER as u64);
         }
         assert_eq!(t.table_stats().entries, 0);
+    }
+
+    #[test]
+    fn census_is_consistent_while_threads_retire() {
+        // Threads fill their nurseries, stop allocating, then retire them (as
+        // at thread exit) while another thread takes censuses. With nothing
+        // allocating, every census must agree with itself: a retirement must
+        // never be caught halfway (blocks or counts between two places).
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        const THREADS: usize = 4;
+        const BLOCKS: usize = 2_000;
+        let t = Tracker::new();
+        let filled = std::sync::Barrier::new(THREADS + 1);
+        let retired = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for i in 0..THREADS {
+                let (t, filled, retired) = (&t, &filled, &retired);
+                s.spawn(move || {
+                    let n = t.adopt_nursery();
+                    for k in 0..BLOCKS {
+                        t.allocated(Some(n), interp(i as i64), Domain::Object, ((i + 1) << 40) + k * 16, 8);
+                    }
+                    filled.wait();
+                    t.retire_nursery(n);
+                    retired.fetch_add(1, SeqCst);
+                });
+            }
+            filled.wait();
+            let mut censuses = 0;
+            while retired.load(SeqCst) < THREADS || censuses < 10 {
+                let (snap, table) = t.census();
+                let blocks: i64 = snap.buckets.iter().map(|b| b.domains[2].live_blocks).sum();
+                assert_eq!(blocks as usize, table.entries, "census caught a retirement halfway");
+                assert_eq!(table.entries, THREADS * BLOCKS);
+                censuses += 1;
+            }
+        });
+        assert_eq!(t.table.stats().entries, THREADS * BLOCKS, "every block ended in the shared table");
     }
 
     #[test]

@@ -74,8 +74,7 @@ fn per_domain<'py>(py: Python<'py>, values: &[u64; Domain::COUNT]) -> PyResult<B
 /// `untracked_frees`, `missed_frees` and `table`.
 #[pyfunction]
 fn snapshot(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
-    let snap = TRACKER.snapshot();
-    let table = TRACKER.table_stats();
+    let (snap, table) = TRACKER.census();
     let buckets = snap
         .buckets
         .iter()
