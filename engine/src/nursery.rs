@@ -60,8 +60,8 @@ use crate::block_table::{BlockRecord, BlockTable};
 use crate::domain::Domain;
 use crate::ledger::{BucketId, Count, Ledger, COUNTS};
 
-/// Slots per nursery (a power of two): 16 bytes each, 8 KiB per thread.
-pub const NURSERY_SLOTS: usize = 512;
+/// Slots per nursery (a power of two): 16 bytes each, 16 KiB per thread.
+pub const NURSERY_SLOTS: usize = 1024;
 const EVICTING: usize = 1;
 
 struct Slot {
