@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test of interheap on every interpreter of the matrix.
 # Expects scripts/setup.sh to have run (make test does both).
-#   1. Rust: cargo fmt --check, cargo clippy -D warnings, cargo test (engine, glue)
+#   1. Rust: cargo fmt --check, cargo clippy -D warnings, cargo test (engine, glue),
+#      and the engine's tests under AddressSanitizer (nightly)
 #   2. Python: ruff
 #   3. pytest on each venv listed in .venvs.list (3.12, 3.13, 3.13t)
 # Prints one closing line "N passed, N failed" over all pytest runs.
@@ -28,6 +29,13 @@ run cargo clippy --quiet --workspace --all-targets -- -D warnings
 step "cargo test (engine, CPython glue)"
 run env LD_LIBRARY_PATH="$LIBDIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
     cargo test --quiet -p interheap-engine -p interheap-cpython
+step "engine under AddressSanitizer + LeakSanitizer (nightly)"
+if cargo +nightly --version >/dev/null 2>&1; then
+    run env RUSTFLAGS="-Zsanitizer=address" CARGO_TARGET_DIR="$CACHE/target/asan" \
+        cargo +nightly test --quiet -p interheap-engine --target "$(rustc -vV | sed -n 's/^host: //p')"
+else
+    echo "NOT RUN: no nightly toolchain, so no AddressSanitizer run of the engine"
+fi
 step "ruff"
 run "$ROOT/.venv/bin/ruff" check .
 run "$ROOT/.venv/bin/ruff" format --check .

@@ -21,8 +21,9 @@
 //! additions is always one of those values.
 //!
 //! Bucket storage is a fixed array of lazily allocated chunks published with
-//! a compare-and-swap; a chunk, once published, is never freed or moved, so a
-//! `&Bucket` stays valid for the life of the process.
+//! a compare-and-swap; a chunk, once published, is never moved and is freed
+//! only when the ledger is dropped (never, for the process-wide static), so a
+//! `&Bucket` stays valid as long as the ledger.
 
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering::Relaxed};
 
@@ -237,6 +238,20 @@ pub struct Ledger {
     missed_frees: [AtomicU64; Domain::COUNT],
 }
 
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        for slot in &mut self.chunks {
+            let chunk = *slot.get_mut();
+            if !chunk.is_null() {
+                // SAFETY: published chunks come from Box::into_raw in `chunk`
+                // and are freed exactly once, here; `&mut self` proves no
+                // `&Bucket` borrowed from the ledger is still alive.
+                drop(unsafe { Box::from_raw(chunk) });
+            }
+        }
+    }
+}
+
 impl Default for Ledger {
     fn default() -> Self {
         Self::new()
@@ -258,7 +273,7 @@ impl Ledger {
         let slot = &self.chunks[index];
         let existing = slot.load(std::sync::atomic::Ordering::Acquire);
         if !existing.is_null() {
-            // SAFETY: a published chunk is never freed or moved (module docs),
+            // SAFETY: a published chunk is not freed or moved while `self` is borrowed (module docs),
             // and Acquire pairs with the Release/AcqRel CAS that published it.
             return unsafe { &*existing };
         }
@@ -272,11 +287,12 @@ impl Ledger {
             std::sync::atomic::Ordering::AcqRel,
             std::sync::atomic::Ordering::Acquire,
         ) {
-            // SAFETY: we just published `fresh`; it lives for the process.
+            // SAFETY: we just published `fresh`; it lives as long as the ledger.
             Ok(_) => unsafe { &*fresh },
             Err(winner) => {
                 // SAFETY: `fresh` came from Box::into_raw above and was never
-                // shared; the winner's chunk is published and never freed.
+                // shared; the winner's chunk is published and lives as long as
+                // the ledger.
                 unsafe {
                     drop(Box::from_raw(fresh));
                     &*winner
@@ -378,7 +394,7 @@ impl Ledger {
         let domains = if chunk.is_null() {
             [DomainSnapshot::default(); Domain::COUNT]
         } else {
-            // SAFETY: published chunks are never freed (module docs).
+            // SAFETY: published chunks live as long as the ledger (module docs).
             let bucket = unsafe { &(*chunk).buckets[index % CHUNK_BUCKETS] };
             std::array::from_fn(|d| bucket.domains[d].snapshot())
         };
@@ -394,7 +410,7 @@ impl Ledger {
             if chunk.is_null() {
                 continue;
             }
-            // SAFETY: published chunks are never freed (module docs).
+            // SAFETY: published chunks live as long as the ledger (module docs).
             let chunk = unsafe { &*chunk };
             for (i, bucket) in chunk.buckets.iter().enumerate() {
                 if bucket.used.load(Relaxed) {
@@ -424,7 +440,7 @@ impl Ledger {
             if chunk.is_null() {
                 continue;
             }
-            // SAFETY: published chunks are never freed (module docs).
+            // SAFETY: published chunks live as long as the ledger (module docs).
             for bucket in unsafe { &(*chunk).buckets } {
                 bucket.used.store(false, Relaxed);
                 bucket.domains.iter().for_each(DomainCounters::reset);

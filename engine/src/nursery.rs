@@ -273,6 +273,19 @@ pub struct Nurseries {
     head: AtomicPtr<Nursery>,
 }
 
+impl Drop for Nurseries {
+    fn drop(&mut self) {
+        let mut next = *self.head.get_mut();
+        while !next.is_null() {
+            // SAFETY: every nursery in the list came from Box::leak in `adopt`
+            // and is freed exactly once, here; `&mut self` proves no borrow of
+            // any nursery outlives the list.
+            let nursery = unsafe { Box::from_raw(next) };
+            next = nursery.next as *mut Nursery;
+        }
+    }
+}
+
 impl Default for Nurseries {
     fn default() -> Self {
         Self::new()
@@ -285,30 +298,33 @@ impl Nurseries {
         Nurseries { head: AtomicPtr::new(std::ptr::null_mut()) }
     }
 
-    fn iter(&self) -> impl Iterator<Item = &'static Nursery> {
+    fn iter(&self) -> impl Iterator<Item = &Nursery> + '_ {
         let mut next = self.head.load(Ordering::Acquire) as *const Nursery;
         std::iter::from_fn(move || {
             if next.is_null() {
                 return None;
             }
-            // SAFETY: nurseries are leaked on creation and never freed; `next`
+            // SAFETY: nurseries are freed only when the list itself is dropped
+            // (which needs `&mut self`, so not while this borrow lives); `next`
             // links were written before publication (see `Nursery`).
-            let current: &'static Nursery = unsafe { &*next };
+            let current: &Nursery = unsafe { &*next };
             next = current.next;
             Some(current)
         })
     }
 
     /// A nursery for the calling thread: a retired one if any, else a new one.
-    pub fn adopt(&self) -> &'static Nursery {
+    /// It lives as long as the list (for a `static` list: forever).
+    pub fn adopt(&self) -> &Nursery {
         for nursery in self.iter() {
             if nursery.active.compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
                 return nursery;
             }
         }
         // SAFETY: a Nursery is atomics plus a raw pointer, all valid when zeroed
-        // (empty slots, inactive, no next).
-        let fresh: &'static mut Nursery = Box::leak(unsafe { Box::<Nursery>::new_zeroed().assume_init() });
+        // (empty slots, inactive, no next). The list owns it from here on and
+        // frees it in `Drop`.
+        let fresh: &mut Nursery = Box::leak(unsafe { Box::<Nursery>::new_zeroed().assume_init() });
         fresh.active.store(true, Ordering::Relaxed);
         fresh.local.bucket.store(NO_BUCKET, Ordering::Relaxed);
         let mut head = self.head.load(Ordering::Acquire);
@@ -365,7 +381,7 @@ impl Nurseries {
     }
 
     /// Every nursery's pending event counts, by bucket (racy while owners run).
-    pub fn pending_counts(&self) -> impl Iterator<Item = (BucketId, [[u64; COUNTS]; Domain::COUNT])> {
+    pub fn pending_counts(&self) -> impl Iterator<Item = (BucketId, [[u64; COUNTS]; Domain::COUNT])> + '_ {
         self.iter().filter_map(|n| n.local_counts())
     }
 

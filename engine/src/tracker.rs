@@ -81,7 +81,7 @@ impl Tracker {
 
     /// A nursery for the calling thread to pass as `local`. Give it back with
     /// [`Tracker::retire_nursery`] before the thread ends.
-    pub fn adopt_nursery(&self) -> &'static Nursery {
+    pub fn adopt_nursery(&self) -> &Nursery {
         self.nurseries.adopt()
     }
 
