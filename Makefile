@@ -1,5 +1,5 @@
 # interheap: the two commands a fresh machine needs are `make demo` and `make test`.
-.PHONY: setup demo test bench fmt clean
+.PHONY: setup demo test bench bench-instructions fmt clean
 
 PYTHON := .venv/bin/python
 
@@ -19,6 +19,10 @@ test: setup
 bench: setup
 	$(PYTHON) -m pip install -q --disable-pip-version-check pyperformance
 	$(PYTHON) bench/pyperformance_hooks.py $(BENCH_ARGS)
+
+# Instructions the hooks add per allocation + free pair (callgrind, repeatable).
+bench-instructions: setup
+	$(PYTHON) bench/hook_instructions.py
 
 fmt:
 	cargo fmt --all

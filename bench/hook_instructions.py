@@ -1,0 +1,94 @@
+"""Instructions the hooks add per allocation + free pair, by callgrind.
+
+Runs the same allocation loop twice under ``valgrind --tool=callgrind``, in
+the same kind of process (interheap imported in both), once without the hooks
+and once with them, and prints (Ir(hooks) - Ir(none)) / pairs. Instruction
+counts are repeatable on a noisy shared machine, unlike times.
+
+    python bench/hook_instructions.py [--pairs N] [--kind list|bytes|dict]
+
+The loop creates and drops a one-element list (one object-domain block and
+one mem-domain block per iteration, freed at once: the nursery path), or
+bytes / small dicts. Requires valgrind on PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+CHILD = r"""
+import sys
+import interheap
+hooks, n, kind = sys.argv[1] == "hooks", int(sys.argv[2]), sys.argv[3]
+make = {"list": lambda i: [i], "bytes": lambda i: bytes(40), "dict": lambda i: {"k": i}}[kind]
+def work(n):
+    for i in range(n):
+        x = make(i)
+        del x
+work(2000)                      # warm up caches, free lists, the nursery
+if hooks:
+    interheap.install()
+work(n)
+if hooks:
+    s = interheap.stats()
+    e = s.interpreter(0)
+    print("PAIRS", e.object.allocations + e.mem.allocations)
+"""
+
+
+def instructions(python: str, mode: str, pairs: int, kind: str, workdir: str) -> tuple[int, str]:
+    out_file = os.path.join(workdir, f"cg.{mode}")
+    proc = subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={out_file}",
+            python,
+            "-c",
+            CHILD,
+            mode,
+            str(pairs),
+            kind,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    match = re.search(r"refs:\s+([\d,]+)", proc.stderr)
+    if not match:
+        sys.exit(f"no instruction count in valgrind's output:\n{proc.stderr[-2000:]}")
+    return int(match.group(1).replace(",", "")), proc.stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--pairs", type=int, default=200_000, help="loop iterations (default 200000)")
+    parser.add_argument("--kind", choices=("list", "bytes", "dict"), default="list")
+    parser.add_argument("--python", default=sys.executable)
+    args = parser.parse_args()
+    if shutil.which("valgrind") is None:
+        sys.exit("error: valgrind is not installed")
+    with tempfile.TemporaryDirectory() as workdir:
+        none, _ = instructions(args.python, "none", args.pairs, args.kind, workdir)
+        hooks, out = instructions(args.python, "hooks", args.pairs, args.kind, workdir)
+    match = re.search(r"PAIRS (\d+)", out)
+    pairs = int(match.group(1)) if match else 0
+    if pairs <= 0:
+        sys.exit(f"the hooks saw no allocations:\n{out}")
+    print(f"python: {args.python}  loop: {args.kind} x {args.pairs}")
+    print(f"instructions without hooks: {none:,}")
+    print(f"instructions with hooks:    {hooks:,}")
+    print(f"allocation + free pairs the hooks saw: {pairs:,}")
+    print(f"added instructions per pair: {(hooks - none) / pairs:.0f}")
+
+
+if __name__ == "__main__":
+    main()
