@@ -95,3 +95,109 @@ proptest! {
         }
     }
 }
+
+/// Operations of several "threads" (each with its own nursery) on one tracker.
+#[derive(Clone, Debug)]
+enum ThreadOp {
+    Alloc {
+        thread: usize,
+        addr: usize,
+        size: usize,
+        owner: i64,
+    },
+    Free {
+        thread: usize,
+        addr: usize,
+    },
+    Realloc {
+        thread: usize,
+        from: usize,
+        to: usize,
+        size: usize,
+    },
+    /// The thread ends (its nursery is retired) and a new one takes its place.
+    Restart {
+        thread: usize,
+    },
+}
+
+const THREADS: usize = 3;
+
+fn thread_op() -> impl Strategy<Value = ThreadOp> {
+    // Addresses collide in nursery slots (1024 slots, 16-byte granules) so
+    // that evictions happen, and are shared between threads.
+    let addr = prop_oneof![(1usize..64).prop_map(|a| a * 16), (1usize..64).prop_map(|a| a * 16 + 16 * 1024)];
+    let thread = 0..THREADS;
+    prop_oneof![
+        4 => (thread.clone(), addr.clone(), 0usize..5000, 0i64..3)
+            .prop_map(|(thread, addr, size, owner)| ThreadOp::Alloc { thread, addr, size, owner }),
+        4 => (thread.clone(), addr.clone()).prop_map(|(thread, addr)| ThreadOp::Free { thread, addr }),
+        2 => (thread.clone(), addr.clone(), addr, 0usize..5000)
+            .prop_map(|(thread, from, to, size)| ThreadOp::Realloc { thread, from, to, size }),
+        1 => thread.prop_map(|thread| ThreadOp::Restart { thread }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// With nurseries in play (own frees, other threads' frees, evictions,
+    /// retirements), every figure still matches a plain model.
+    #[test]
+    fn tracker_with_nurseries_matches_model(ops in proptest::collection::vec(thread_op(), 1..300)) {
+        use interheap_engine::Tracker;
+        let tracker = Tracker::new();
+        let mut nurseries: Vec<_> = (0..THREADS).map(|_| tracker.adopt_nursery()).collect();
+        let mut model: HashMap<usize, BlockRecord> = HashMap::new();
+        let mut untracked = 0u64;
+        for op in &ops {
+            match *op {
+                ThreadOp::Alloc { thread, addr, size, owner } => {
+                    if model.contains_key(&addr) {
+                        continue; // an allocator never hands out a live address
+                    }
+                    let owner = BucketId::for_interpreter(Some(owner));
+                    tracker.allocated(Some(nurseries[thread]), owner, Domain::Object, addr, size);
+                    model.insert(addr, BlockRecord { size, owner, domain: Domain::Object });
+                }
+                ThreadOp::Free { thread, addr } => {
+                    tracker.freeing(Some(nurseries[thread]), Domain::Object, addr);
+                    if model.remove(&addr).is_none() {
+                        untracked += 1;
+                    }
+                }
+                ThreadOp::Realloc { thread, from, to, size } => {
+                    let Some(old) = model.get(&from).copied() else { continue };
+                    if to != from && model.contains_key(&to) {
+                        continue;
+                    }
+                    let local = Some(nurseries[thread]);
+                    let rec = tracker.reallocating(local, from);
+                    prop_assert_eq!(rec, Some(old));
+                    tracker.reallocated(local, old.owner, Domain::Object, from, rec, to, size);
+                    model.remove(&from);
+                    model.insert(to, BlockRecord { size, ..old });
+                }
+                ThreadOp::Restart { thread } => {
+                    tracker.retire_nursery(nurseries[thread]);
+                    nurseries[thread] = tracker.adopt_nursery();
+                }
+            }
+        }
+        let (snap, table) = tracker.census();
+        prop_assert_eq!(table.entries, model.len());
+        prop_assert_eq!(table.live_bytes, model.values().map(|r| r.size as u64).sum::<u64>());
+        prop_assert_eq!(snap.untracked_frees[Domain::Object.index()], untracked);
+        prop_assert_eq!(snap.missed_frees, [0; 3]);
+        for bucket in &snap.buckets {
+            let d = bucket.domains[Domain::Object.index()];
+            let mine: Vec<_> = model.values().filter(|r| r.owner == bucket.bucket).collect();
+            prop_assert_eq!(d.live_blocks, mine.len() as i64);
+            prop_assert_eq!(d.live_bytes, mine.iter().map(|r| r.size as i64).sum::<i64>());
+        }
+        for nursery in nurseries {
+            tracker.retire_nursery(nursery);
+        }
+        prop_assert_eq!(tracker.table().stats().entries, model.len());
+    }
+}
