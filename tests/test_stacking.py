@@ -68,9 +68,10 @@ def test_hooks_over_tracemalloc():
 
 
 def test_replaced_hooks_are_reported_not_restored_blindly():
-    # tracemalloc.stop() restores what *it* wrapped: if it was installed
-    # first, that removes our hooks too. uninstall must then refuse rather
-    # than "restore" allocators over whatever is there now.
+    # tracemalloc.stop() restores what *it* wrapped: if it was started first,
+    # that removes our hooks too. That cannot be told apart from something
+    # sitting on top of them, so uninstall refuses rather than "restore"
+    # allocators over whatever is there now; the process keeps working.
     out = scenario(
         r"""
         import tracemalloc, interheap
@@ -84,13 +85,71 @@ def test_replaced_hooks_are_reported_not_restored_blindly():
             refused = None
         except RuntimeError as e:
             refused = str(e)
-        x = [bytes(1000) for _ in range(1000)]   # the process keeps working
+        x = [bytes(1000) for _ in range(1000)]
         result(top=top, refused=refused, n=len(x))
         """
     )
     assert out["top"] == {"raw": False, "mem": False, "object": False}
     assert out["refused"] and "no longer the installed allocator" in out["refused"]
     assert out["n"] == 1000
+
+
+def test_allocator_put_back_by_someone_else_uninstalls_cleanly():
+    # Someone restored exactly what interheap wrapped (here with ctypes,
+    # as an embedder might): nothing is left to undo, so uninstall succeeds.
+    out = scenario(
+        r"""
+        import ctypes, interheap
+        from scenario_support import result
+
+        class Allocator(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_void_p) for n in ("ctx", "malloc", "calloc", "realloc", "free")]
+
+        api = ctypes.PyDLL(None)
+        saved = [Allocator() for _ in range(3)]
+        for d in range(3):
+            api.PyMem_GetAllocator(d, ctypes.byref(saved[d]))
+        interheap.install()
+        api.PyMem_SetAllocator(1, ctypes.byref(saved[1]))   # mem domain put back
+        top = interheap.on_top()
+        interheap.uninstall()
+        now = [Allocator() for _ in range(3)]
+        for d in range(3):
+            api.PyMem_GetAllocator(d, ctypes.byref(now[d]))
+        restored = [now[d].malloc == saved[d].malloc for d in range(3)]
+        result(top=top, installed=interheap.is_installed(), restored=restored)
+        """
+    )
+    assert out["top"] == {"raw": True, "mem": False, "object": True}
+    assert out["installed"] is False
+    assert out["restored"] == [True, True, True]
+
+
+def test_unknown_allocator_on_top_is_refused_and_nothing_changes():
+    # Something that is neither our hook nor what we wrapped sits on top
+    # (here: tracemalloc started after us): uninstall refuses, changes
+    # nothing, and works once that is gone.
+    out = scenario(
+        r"""
+        import tracemalloc, interheap
+        from scenario_support import result
+        interheap.install()
+        tracemalloc.start()
+        try:
+            interheap.uninstall()
+            refused = None
+        except RuntimeError as e:
+            refused = str(e)
+        still = interheap.is_installed()
+        tracing = tracemalloc.is_tracing()
+        tracemalloc.stop()
+        interheap.uninstall()
+        result(refused=refused, still=still, tracing=tracing, after=interheap.is_installed())
+        """
+    )
+    assert out["refused"] and "sits on top" in out["refused"]
+    assert out["still"] is True and out["tracing"] is True
+    assert out["after"] is False
 
 
 def test_hooks_over_debug_hooks():

@@ -73,9 +73,10 @@ static FORWARD: [Forward; Domain::COUNT] = [const {
 }; Domain::COUNT];
 
 fn fn_addr<F: Copy>(f: Option<F>) -> *mut () {
-    // SAFETY: only instantiated with the four `extern "C" fn` pointer types
-    // above, which have the size of a data pointer on every platform CPython
-    // supports.
+    const { assert!(std::mem::size_of::<F>() == std::mem::size_of::<*mut ()>()) };
+    // SAFETY: the const assertion above makes `F` exactly pointer-sized (it
+    // is only used with the four `extern "C" fn` pointer types), so reading
+    // it as a `*mut ()` reads exactly its bytes.
     f.map_or(null_mut(), |f| unsafe { std::mem::transmute_copy::<F, *mut ()>(&f) })
 }
 
@@ -363,24 +364,39 @@ pub fn install() -> Result<(), HookError> {
     Ok(())
 }
 
-/// Removes the hooks and restores what they wrapped, if and only if they are
-/// still the installed allocator in every domain. Figures stay readable.
+/// Removes the hooks and restores what they wrapped.
+///
+/// Per domain, the installed allocator must be either our hook (it is put
+/// back to what it wrapped) or exactly what our hook wrapped (someone already
+/// put that back: nothing to undo). Anything else may be something sitting on
+/// top of our hook, which would keep forwarding to it, so nothing is changed
+/// and the call fails. (After `tracemalloc.stop()` with tracemalloc started
+/// *before* interheap, the domains hold what tracemalloc wrapped: our hook is
+/// gone, but that cannot be told apart from being covered, so this refuses.)
+/// Figures stay readable.
 pub fn uninstall() -> Result<(), HookError> {
     let mut control = lock_control();
     let Some(installation) = *control else { return Err(HookError::NotInstalled) };
+    let current = Domain::ALL.map(get_allocator);
     let covered: Vec<Domain> = Domain::ALL
         .into_iter()
-        .filter(|d| !same_allocator(&get_allocator(*d), &installation.ours[d.index()]))
+        .filter(|d| {
+            let now = &current[d.index()];
+            !same_allocator(now, &installation.ours[d.index()])
+                && !same_allocator(now, &installation.previous[d.index()])
+        })
         .collect();
     if !covered.is_empty() {
         return Err(HookError::NotOnTop(covered));
     }
     for domain in Domain::ALL {
-        set_allocator(domain, installation.previous[domain.index()]);
+        if same_allocator(&current[domain.index()], &installation.ours[domain.index()]) {
+            set_allocator(domain, installation.previous[domain.index()]);
+        }
     }
     *control = None;
     // Blocks still live will be freed unseen; their records are useless now.
-    TRACKER.table().clear();
+    TRACKER.forget_blocks();
     Ok(())
 }
 

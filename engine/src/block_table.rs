@@ -19,9 +19,10 @@
 //! # Concurrency
 //!
 //! * A shard's slots are only read or written with that shard's lock held.
-//!   Locks are held for a bounded probe sequence (plus, rarely, a rehash), never
-//!   across a call into the allocator underneath, so no lock is ever held
-//!   while waiting for anything but another table operation.
+//!   Locks are held for a bounded probe sequence, plus, rarely, a rehash (which
+//!   allocates through the C library's `malloc`, never through Python) or a
+//!   `stats` scan of the shard; never across a call into the Python allocator
+//!   underneath the hooks.
 //! * Two threads never contend on one *block*: a block's address is owned by
 //!   whoever allocated it until it is freed, so insert/remove of one address are
 //!   ordered by the allocator's own happens-before (free -> reuse).
@@ -319,6 +320,19 @@ impl BlockTable {
     pub fn insert(&self, addr: usize, rec: BlockRecord) -> Option<BlockRecord> {
         debug_assert!(addr != 0, "NULL is never a block");
         self.shard(addr).lock().insert(addr, rec)
+    }
+
+    /// Like [`BlockTable::insert`], and runs `then` before the shard lock is
+    /// released (a nursery eviction clears its slot there; see the nursery
+    /// module).
+    #[inline]
+    pub fn insert_then(&self, addr: usize, rec: BlockRecord, then: impl FnOnce()) -> Option<BlockRecord> {
+        debug_assert!(addr != 0, "NULL is never a block");
+        let mut shard = self.shard(addr).lock();
+        let displaced = shard.insert(addr, rec);
+        then();
+        drop(shard);
+        displaced
     }
 
     /// Forgets the block at `addr` and returns what was recorded, or `None`

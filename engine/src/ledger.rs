@@ -123,7 +123,9 @@ impl DomainCounters {
     fn add_live(&self, bytes: u64) {
         let now = self.live_bytes.fetch_add(bytes, Relaxed).wrapping_add(bytes);
         // The load filters the common case (no new peak) without a locked RMW.
-        if now > self.peak_bytes.load(Relaxed) {
+        // A negative live figure (which exact accounting never produces) must
+        // not become a peak of nearly 2^64.
+        if (now as i64) >= 0 && now > self.peak_bytes.load(Relaxed) {
             self.peak_bytes.fetch_max(now, Relaxed);
         }
     }

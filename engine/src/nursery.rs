@@ -200,9 +200,12 @@ impl Nursery {
             // Another thread freed `old` and claimed it; the slot is empty.
             return None;
         }
-        let displaced = table.insert(old, BlockRecord::unpack(packed));
-        slot.key.store(0, Ordering::Release);
-        displaced
+        // Clear the slot while the shard lock is still held: a `fork` prepare
+        // handler takes every shard lock, so in a child a slot marked
+        // EVICTING always means "not inserted yet" (see `adopt_orphans`).
+        // Freeing threads that see 0 then take that shard lock after us and
+        // find the record.
+        table.insert_then(old, BlockRecord::unpack(packed), || slot.key.store(0, Ordering::Release))
     }
 
     /// Owner only: if `addr` is in this nursery, forgets it and returns its record.
@@ -388,10 +391,15 @@ impl Nurseries {
     /// In a `fork` child (single-threaded; the other threads are gone): moves
     /// every other nursery's blocks into `table` and retires those nurseries.
     ///
-    /// A thread that did not survive the fork may have been between claiming
-    /// a slot for eviction (`key | EVICTING`) and clearing it; its block is
-    /// moved here, and a record it already inserted is recognised as the same
-    /// block, not counted as a missed free.
+    /// A thread that did not survive the fork may have claimed a slot for
+    /// eviction (`key | EVICTING`) without inserting it yet (eviction clears
+    /// the slot under the shard lock, and the fork held every shard lock), so
+    /// its block is moved here like any resident one.
+    ///
+    /// Other operations that a vanished thread left half done (an allocation
+    /// counted but not yet recorded, a free recorded but not yet counted) are
+    /// not repaired: in a child forked while other threads were allocating,
+    /// figures can be off by those few blocks.
     pub fn adopt_orphans(
         &self,
         table: &BlockTable,
@@ -409,8 +417,7 @@ impl Nurseries {
                     continue;
                 }
                 let rec = BlockRecord::unpack(slot.packed.load(Ordering::Relaxed));
-                let stale = table.insert(key & !EVICTING, rec);
-                if let Some(d) = stale.filter(|_| cacheable(key)) {
+                if let Some(d) = table.insert(key & !EVICTING, rec) {
                     displaced(d);
                 }
                 slot.key.store(0, Ordering::Release);
@@ -423,5 +430,41 @@ impl Nurseries {
     /// How many nurseries exist.
     pub fn count(&self) -> usize {
         self.iter().count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::BucketId;
+    use std::sync::atomic::Ordering::{AcqRel, Acquire};
+
+    #[test]
+    fn fork_child_does_not_resurrect_a_block_freed_during_eviction() {
+        // Owner O evicts X and is preempted; R frees X through the table; a
+        // fork follows. The child must not record X again.
+        let (table, ledger, nurseries) = (BlockTable::new(), Ledger::new(), Nurseries::new());
+        let owner = BucketId::for_interpreter(Some(1));
+        let x = 0x1000usize;
+        let rec = BlockRecord { size: 64, owner, domain: Domain::Object };
+        let o = nurseries.adopt();
+        ledger.add_live(owner, Domain::Object, 64);
+        assert!(o.record(&table, x, rec).is_none());
+        let slot = o.slot(x);
+        let old = slot.key.load(Acquire);
+        // What evict() does, all of it, as one step under the shard lock.
+        assert!(o.evict(&table, slot, old).is_none());
+        let r = table.remove(x).unwrap(); // R frees X via the table
+        ledger.sub_live(r.owner, r.domain, r.size);
+        nurseries
+            .adopt_orphans(&table, &ledger, None, &mut |s| ledger.on_missed_free(s.owner, s.domain, s.size));
+        assert_eq!(table.get(x), None, "the fork child re-recorded a block that was already freed");
+        // And a slot caught mid-claim (EVICTING, not inserted) is adopted.
+        let y = 0x2000usize;
+        let n = nurseries.adopt();
+        assert!(n.record(&table, y, rec).is_none());
+        n.slot(y).key.compare_exchange(y, y | EVICTING, AcqRel, Acquire).unwrap();
+        nurseries.adopt_orphans(&table, &ledger, None, &mut |_| panic!("no missed free here"));
+        assert_eq!(table.get(y), Some(rec));
     }
 }

@@ -280,11 +280,22 @@ impl Tracker {
     }
 
     /// Forgets every block and zeroes every counter (a fresh start). Only call
-    /// while no other thread allocates.
+    /// while no other thread allocates. Holds the census lock, so a thread
+    /// that is still retiring its nursery at exit (which `Thread.join()` does
+    /// not wait for) cannot slip old records into the fresh start.
     pub fn reset(&self) {
+        let _census = self.census.lock();
         self.table.clear();
         self.nurseries.clear();
         self.ledger.reset();
+    }
+
+    /// Forgets every block but keeps the figures (after the hooks are
+    /// removed, when the records can no longer be matched with frees).
+    pub fn forget_blocks(&self) {
+        let _census = self.census.lock();
+        self.table.clear();
+        self.nurseries.clear();
     }
 }
 
@@ -535,6 +546,29 @@ mod tests {
             }
         });
         assert_eq!(t.table.stats().entries, THREADS * BLOCKS, "every block ended in the shared table");
+    }
+
+    #[test]
+    fn reset_is_a_fresh_start_even_if_a_thread_retires_meanwhile() {
+        // A thread's exit-time retirement racing with reset() (as install()
+        // after a join can see) must not leave old records behind.
+        for _ in 0..200 {
+            let t = Tracker::new();
+            let go = std::sync::Barrier::new(2);
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    let n = t.adopt_nursery();
+                    for k in 1..=1024usize {
+                        t.allocated(Some(n), interp(1), Domain::Object, k * 16, 8);
+                    }
+                    go.wait();
+                    t.retire_nursery(n);
+                });
+                go.wait();
+                t.reset();
+            });
+            assert_eq!(t.table_stats().entries, 0, "reset() left records from before it");
+        }
     }
 
     #[test]
