@@ -59,6 +59,17 @@ def live_bytes(snapshot, interp_id: int | None) -> int:
     return 0 if entry is None else entry.live_bytes
 
 
+def uninstall_error() -> str | None:
+    """Calls interheap.uninstall(); returns its error message, or None if it worked."""
+    import interheap
+
+    try:
+        interheap.uninstall()
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
 def quiet_stats(timeout: float = 5.0):
     """A snapshot taken once the process is quiet.
 
@@ -113,4 +124,5 @@ __all__ = [
     "result",
     "run",
     "sys",
+    "uninstall_error",
 ]

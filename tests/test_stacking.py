@@ -10,15 +10,11 @@ def test_hooks_under_tracemalloc_and_uninstall_refuses():
     out = scenario(
         r"""
         import tracemalloc, interheap
-        from scenario_support import result, live_bytes
+        from scenario_support import result, live_bytes, uninstall_error
         interheap.install()
         tracemalloc.start()               # tracemalloc now wraps our hooks
         top = interheap.on_top()
-        try:
-            interheap.uninstall()
-            refused = None
-        except RuntimeError as e:
-            refused = str(e)
+        refused = uninstall_error()
         still = interheap.is_installed()
         # Both layers still see new memory.
         base_ih = live_bytes(interheap.stats(), 0)
@@ -75,16 +71,12 @@ def test_replaced_hooks_are_reported_not_restored_blindly():
     out = scenario(
         r"""
         import tracemalloc, interheap
-        from scenario_support import result
+        from scenario_support import result, uninstall_error
         tracemalloc.start()
         interheap.install()
         tracemalloc.stop()
         top = interheap.on_top()
-        try:
-            interheap.uninstall()
-            refused = None
-        except RuntimeError as e:
-            refused = str(e)
+        refused = uninstall_error()
         x = [bytes(1000) for _ in range(1000)]
         result(top=top, refused=refused, n=len(x))
         """
@@ -132,14 +124,10 @@ def test_unknown_allocator_on_top_is_refused_and_nothing_changes():
     out = scenario(
         r"""
         import tracemalloc, interheap
-        from scenario_support import result
+        from scenario_support import result, uninstall_error
         interheap.install()
         tracemalloc.start()
-        try:
-            interheap.uninstall()
-            refused = None
-        except RuntimeError as e:
-            refused = str(e)
+        refused = uninstall_error()
         still = interheap.is_installed()
         tracing = tracemalloc.is_tracing()
         tracemalloc.stop()
