@@ -351,6 +351,15 @@ pub fn install() -> Result<(), HookError> {
     }
     register_fork_handlers();
     TRACKER.reset();
+    // On a default build CPython calls the mem and object allocators only with
+    // the GIL of the interpreter that owns the block, which serialises their
+    // figures: no locked read-modify-write is needed (see
+    // `Tracker::set_serialized`). Raw calls need no GIL; a free-threaded build
+    // has none.
+    let gil_serialised = !cfg!(Py_GIL_DISABLED);
+    TRACKER.set_serialized(Domain::Raw, false);
+    TRACKER.set_serialized(Domain::Mem, gil_serialised);
+    TRACKER.set_serialized(Domain::Object, gil_serialised);
     // The installing interpreter is listed from the start, even before it allocates.
     TRACKER.ledger().touch(current_bucket());
     let previous = Domain::ALL.map(get_allocator);

@@ -135,6 +135,23 @@ impl DomainCounters {
         self.live_bytes.fetch_sub(bytes, Relaxed);
     }
 
+    /// `add_live` for a caller that is the only writer at this moment (see
+    /// [`Ledger::add_live_serialized`]): a plain load and store, no locked
+    /// read-modify-write.
+    #[inline(always)]
+    fn add_live_serialized(&self, bytes: u64) {
+        let now = self.live_bytes.load(Relaxed).wrapping_add(bytes);
+        self.live_bytes.store(now, Relaxed);
+        if (now as i64) >= 0 && now > self.peak_bytes.load(Relaxed) {
+            self.peak_bytes.store(now, Relaxed);
+        }
+    }
+
+    #[inline(always)]
+    fn sub_live_serialized(&self, bytes: u64) {
+        self.live_bytes.store(self.live_bytes.load(Relaxed).wrapping_sub(bytes), Relaxed);
+    }
+
     fn snapshot(&self) -> DomainSnapshot {
         let mut snap = DomainSnapshot {
             live_bytes: self.live_bytes.load(Relaxed) as i64,
@@ -334,6 +351,23 @@ impl Ledger {
     #[inline(always)]
     pub fn sub_live(&self, id: BucketId, domain: Domain, bytes: usize) {
         self.counters(id, domain).sub_live(bytes as u64);
+    }
+
+    /// [`Ledger::add_live`] for callers that never update this bucket's
+    /// counter for `domain` at the same time as another thread: a plain load
+    /// and store instead of a locked read-modify-write; live and peak stay
+    /// exact. CPython's mem and object domains on a default (GIL) build are
+    /// such callers: every call holds the GIL of the interpreter whose
+    /// allocator state it uses (see `Tracker::set_serialized`).
+    #[inline(always)]
+    pub fn add_live_serialized(&self, id: BucketId, domain: Domain, bytes: usize) {
+        self.counters(id, domain).add_live_serialized(bytes as u64);
+    }
+
+    /// [`Ledger::sub_live`] under the same rule as [`Ledger::add_live_serialized`].
+    #[inline(always)]
+    pub fn sub_live_serialized(&self, id: BucketId, domain: Domain, bytes: usize) {
+        self.counters(id, domain).sub_live_serialized(bytes as u64);
     }
 
     /// Adds `n` to one of a bucket's event counts.

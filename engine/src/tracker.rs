@@ -28,6 +28,7 @@ use crate::domain::Domain;
 use crate::ledger::{BucketId, Count, Ledger, LedgerSnapshot};
 use crate::nursery::{cacheable, Nurseries, Nursery};
 use crate::shard_lock::ShardLock;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 /// Block table, nurseries and ledger, with the accounting rules in the module docs.
 ///
@@ -50,6 +51,9 @@ pub struct Tracker {
     ledger: Ledger,
     nurseries: Nurseries,
     census: ShardLock<()>,
+    /// Per domain: whether the caller guarantees that live bytes of one
+    /// bucket are never updated by two threads at once (see `set_serialized`).
+    serialized: [AtomicBool; Domain::COUNT],
 }
 
 impl Default for Tracker {
@@ -66,6 +70,42 @@ impl Tracker {
             ledger: Ledger::new(),
             nurseries: Nurseries::new(),
             census: ShardLock::new(()),
+            serialized: [const { AtomicBool::new(false) }; Domain::COUNT],
+        }
+    }
+
+    /// Declares whether every update of a bucket's `domain` figures comes from
+    /// a thread that holds a lock serialising all such updates for that
+    /// bucket. Then live and peak bytes are kept with plain loads and stores
+    /// instead of locked read-modify-writes (still exact).
+    ///
+    /// CPython's mem and object domains on a default build qualify: CPython
+    /// requires the GIL for those calls, and a block is only ever allocated
+    /// or freed under the GIL of the interpreter whose allocator state owns it
+    /// (legacy subinterpreters share the main interpreter's GIL and state).
+    /// The one exception is a free of one isolated interpreter's block from
+    /// another, which already corrupts that allocator's state (DESIGN fact 7)
+    /// and may lose one update here. The raw domain (no GIL) and free-threaded
+    /// builds (no GIL at all) do not qualify.
+    pub fn set_serialized(&self, domain: Domain, serialized: bool) {
+        self.serialized[domain.index()].store(serialized, Relaxed);
+    }
+
+    #[inline(always)]
+    fn add_live(&self, owner: BucketId, domain: Domain, bytes: usize) {
+        if self.serialized[domain.index()].load(Relaxed) {
+            self.ledger.add_live_serialized(owner, domain, bytes);
+        } else {
+            self.ledger.add_live(owner, domain, bytes);
+        }
+    }
+
+    #[inline(always)]
+    fn sub_live(&self, owner: BucketId, domain: Domain, bytes: usize) {
+        if self.serialized[domain.index()].load(Relaxed) {
+            self.ledger.sub_live_serialized(owner, domain, bytes);
+        } else {
+            self.ledger.sub_live(owner, domain, bytes);
         }
     }
 
@@ -176,7 +216,7 @@ impl Tracker {
         addr: usize,
         size: usize,
     ) {
-        self.ledger.add_live(owner, domain, size);
+        self.add_live(owner, domain, size);
         self.count(local, owner, domain, Count::Allocations);
         self.record(local, addr, BlockRecord { size, owner, domain });
     }
@@ -193,7 +233,7 @@ impl Tracker {
     pub fn freeing(&self, local: Option<&Nursery>, domain: Domain, addr: usize) {
         match self.forget(local, addr) {
             Some(rec) => {
-                self.ledger.sub_live(rec.owner, rec.domain, rec.size);
+                self.sub_live(rec.owner, rec.domain, rec.size);
                 self.count(local, rec.owner, rec.domain, Count::Frees);
             }
             None => self.ledger.on_untracked_free(domain),
@@ -230,7 +270,11 @@ impl Tracker {
                 self.count(local, owner, domain, Count::Failures);
             }
             (Some(rec), _) => {
-                self.ledger.resize_live(rec.owner, rec.domain, rec.size, new_size);
+                if new_size >= rec.size {
+                    self.add_live(rec.owner, rec.domain, new_size - rec.size);
+                } else {
+                    self.sub_live(rec.owner, rec.domain, rec.size - new_size);
+                }
                 self.count(local, rec.owner, rec.domain, Count::Reallocations);
                 self.record(local, new_addr, BlockRecord { size: new_size, ..rec });
             }
