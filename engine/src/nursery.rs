@@ -49,9 +49,10 @@
 //! at all, and is exact once threads are quiet. Live and peak bytes never live
 //! here: exact peaks need one shared counter.
 //!
-//! Nurseries live in a global append-only list and are never freed: a thread
-//! that ends *retires* its nursery (evicting every block) and a new thread
-//! adopts a retired one. Scans therefore cost one load per nursery ever
+//! Nurseries live in an append-only list and are freed only when the list
+//! itself is dropped (never, for the process-wide static): a thread that ends
+//! *retires* its nursery (evicting every block) and a new thread adopts a
+//! retired one. Scans therefore cost one load per nursery ever
 //! created, which stays small (threads reuse retired nurseries).
 
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
