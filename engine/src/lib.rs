@@ -15,6 +15,9 @@
 //!   die young on the thread that made them never touch the shared table.
 //! * [`Tracker`]: all of these together, with the accounting rules a hook applies
 //!   around each forwarded malloc, calloc, realloc and free.
+//! * [`heap`]: interheap's own allocator: thread-safe heaps with one owner each
+//!   (a thread, or one interpreter's GIL), remote-free lists, exact figures
+//!   per heap and size class, and heaps that can end while their blocks live on.
 //!
 //! Everything here is callable from any thread at any time, including from
 //! inside a `malloc` hook: nothing allocates through Python, nothing unwinds
@@ -22,6 +25,7 @@
 
 pub mod block_table;
 pub mod domain;
+pub mod heap;
 pub mod ledger;
 pub mod nursery;
 pub mod shard_lock;

@@ -1,0 +1,1000 @@
+//! [`Heap`]: one owner's pages, its remote-free list, and its exact figures.
+
+use std::cell::UnsafeCell;
+use std::ptr;
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+
+use super::os::{self, OS_PAGE, SEGMENT_SIZE};
+use super::segment::{
+    find_free_run, page_of, segment_of, slot_address, slot_mask, Block, Page, Segment, SegmentKind,
+    ALL_SLOTS_FREE, HUGE_BLOCK_OFFSET, SLOTS, SLOT_SHIFT, SLOT_SIZE,
+};
+use super::size_class::{
+    class_of, class_size, page_slots, HUGE_CLASS, LARGE_CLASS, MAX_LARGE_SIZE, MAX_PAGED_SIZE, PAGED_CLASSES,
+    STAT_CLASSES,
+};
+use super::stats::{ClassSnapshot, HeapSnapshot};
+use crate::shard_lock::ShardLock;
+
+/// The owner token of an ended heap; no caller may use it.
+pub const ENDED_OWNER: usize = usize::MAX;
+/// The token of a caller that owns no heap: it matches no heap.
+pub const NO_OWNER: usize = 0;
+
+const ACTIVE: u8 = 0;
+const ENDED: u8 = 1;
+
+/// What a heap serves, as its creator describes it. The engine does not
+/// interpret it; it is carried into snapshots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeapLabel {
+    /// Creator-defined kind (for example "interpreter" or "thread").
+    pub kind: u8,
+    /// Creator-defined identity (for example an interpreter ID).
+    pub id: i64,
+    /// Creator-defined sub-part (for example an allocator domain).
+    pub part: u8,
+}
+
+/// A heap: the pages one owner allocates from, with exact figures.
+///
+/// # Ownership and concurrency
+///
+/// A heap is *active* or *ended*.
+///
+/// * **Active:** exactly one owner uses it at a time: a thread, or any thread
+///   holding an exclusion the creator chose (CPython's GIL of one
+///   interpreter). The owner is identified by a nonzero token (`owner`), which
+///   the caller compares with its own. Only the owner allocates, and only the
+///   owner touches `local`, the pages' free lists and the segments' slot
+///   maps, with no atomic read-modify-writes. Anyone else who frees a block of
+///   this heap pushes it onto `remote` (a lock-free stack), counting it in
+///   the atomic remote counters; the owner takes the whole stack with one swap
+///   when it needs memory, and gives the blocks back to their pages.
+/// * **Ended:** no owner (`owner == ENDED_OWNER`). Every change is made under
+///   `lock`: a free takes the lock, gives the block back at once, and returns
+///   pages and segments that became empty to the OS. Blocks still live stay
+///   valid and are reported; the heap's figures stay readable forever
+///   (heaps are never deallocated).
+///
+/// Transitions take `lock`: `end` (by the owner, or by the creator once the
+/// owner can no longer run) and `adopt` (an ended heap gets a new owner).
+/// Frees that race with a transition are resolved by the protocol in
+/// `free_foreign`: the pusher re-checks the state after its push (SeqCst on
+/// both sides), so a block is never stranded on an ended heap's stack.
+///
+/// Figures: per-class allocation and free counts and the owner's byte
+/// totals are written only by the owner (or under the lock when ended), with
+/// plain load-then-store on atomics so that readers on other threads never race;
+/// remote counts use `fetch_add`. Live bytes are the owner's net bytes minus
+/// the bytes freed remotely, so they are exact at every instant a snapshot
+/// reads them in order.
+pub struct Heap {
+    owner: AtomicUsize,
+    state: AtomicU8,
+    remote: AtomicPtr<Block>,
+    lock: ShardLock<()>,
+    label: HeapLabel,
+    local: UnsafeCell<Local>,
+    counters: Counters,
+    /// Next heap in the registry (set once before the heap is published).
+    registry_next: *const Heap,
+    /// Next heap waiting in a [`HeapPool`](super::HeapPool) (changed under the pool's lock).
+    pool_next: AtomicPtr<Heap>,
+}
+
+// SAFETY: shared fields are atomics or the lock; `local` and the pages are
+// touched only by the owner or under `lock` (see the type docs), and the raw
+// pointers refer to segments whose lifetime the heap manages.
+unsafe impl Sync for Heap {}
+// SAFETY: as above; nothing in a heap is tied to the thread that created it.
+unsafe impl Send for Heap {}
+
+/// State only the owner (or the holder of `lock` when ended) touches.
+struct Local {
+    /// Per class, the queue of pages that have free blocks; the head is the current page.
+    bins: [*mut Page; PAGED_CLASSES],
+    /// Normal segments of this heap.
+    segments: *mut Segment,
+    /// One empty normal segment kept for reuse, so a heap that oscillates
+    /// around a segment boundary does not map and unmap at every step.
+    spare: *mut Segment,
+}
+
+struct Counters {
+    allocations: [AtomicU64; STAT_CLASSES],
+    frees: [AtomicU64; STAT_CLASSES],
+    remote_frees: [AtomicU64; STAT_CLASSES],
+    /// Bytes allocated minus bytes freed by the owner (wraps below zero while
+    /// remote frees are pending, which `remote_bytes` makes up for).
+    owner_bytes: AtomicU64,
+    remote_bytes: AtomicU64,
+    peak_bytes: AtomicU64,
+    reallocations: AtomicU64,
+    failures: AtomicU64,
+    mapped_bytes: AtomicU64,
+}
+
+/// Adds `n` to a counter that only one writer changes at a time.
+#[inline(always)]
+fn add_serial(counter: &AtomicU64, n: u64) {
+    counter.store(counter.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+}
+
+/// Registry of every heap ever created (a push-only list, so readers need no lock).
+static HEAPS: AtomicPtr<Heap> = AtomicPtr::new(ptr::null_mut());
+
+/// Every heap ever created, newest first.
+pub fn heaps() -> impl Iterator<Item = &'static Heap> {
+    let mut next = HEAPS.load(Ordering::Acquire) as *const Heap;
+    std::iter::from_fn(move || {
+        // SAFETY: registered heaps are leaked and never freed.
+        let heap = unsafe { next.as_ref()? };
+        next = heap.registry_next;
+        Some(heap)
+    })
+}
+
+/// What [`realloc`](Heap::realloc) did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Realloc {
+    /// The block now at this address (maybe the same), or null if memory ran out
+    /// (the old block is then untouched).
+    Done(*mut u8),
+    /// The pointer is not ours; the caller must hand it to whoever allocated it.
+    NotOurs,
+}
+
+impl Heap {
+    /// Creates an active heap owned by `owner` and registers it.
+    ///
+    /// `owner` must not be [`NO_OWNER`] or [`ENDED_OWNER`]; it must differ
+    /// from every other active heap's owner token unless that owner also owns
+    /// this heap (the same exclusion may own several heaps).
+    pub fn new(label: HeapLabel, owner: usize) -> &'static Heap {
+        debug_assert!(owner != NO_OWNER && owner != ENDED_OWNER);
+        let heap = Box::leak(Box::new(Heap {
+            owner: AtomicUsize::new(owner),
+            state: AtomicU8::new(ACTIVE),
+            remote: AtomicPtr::new(ptr::null_mut()),
+            lock: ShardLock::new(()),
+            label,
+            local: UnsafeCell::new(Local {
+                bins: [ptr::null_mut(); PAGED_CLASSES],
+                segments: ptr::null_mut(),
+                spare: ptr::null_mut(),
+            }),
+            counters: Counters {
+                allocations: [const { AtomicU64::new(0) }; STAT_CLASSES],
+                frees: [const { AtomicU64::new(0) }; STAT_CLASSES],
+                remote_frees: [const { AtomicU64::new(0) }; STAT_CLASSES],
+                owner_bytes: AtomicU64::new(0),
+                remote_bytes: AtomicU64::new(0),
+                peak_bytes: AtomicU64::new(0),
+                reallocations: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+                mapped_bytes: AtomicU64::new(0),
+            },
+            registry_next: ptr::null(),
+            pool_next: AtomicPtr::new(ptr::null_mut()),
+        }));
+        let mut head = HEAPS.load(Ordering::Relaxed);
+        loop {
+            heap.registry_next = head;
+            match HEAPS.compare_exchange_weak(head, heap, Ordering::Release, Ordering::Relaxed) {
+                Ok(_) => return heap,
+                Err(now) => head = now,
+            }
+        }
+    }
+
+    pub(super) fn pool_next(&self) -> *const Heap {
+        self.pool_next.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn set_pool_next(&self, next: *const Heap) {
+        self.pool_next.store(next as *mut Heap, Ordering::Relaxed);
+    }
+
+    /// The label given at creation.
+    pub fn label(&self) -> HeapLabel {
+        self.label
+    }
+
+    /// The current owner token ([`ENDED_OWNER`] once ended).
+    #[inline(always)]
+    pub fn owner(&self) -> usize {
+        self.owner.load(Ordering::Relaxed)
+    }
+
+    /// Whether the heap has ended (and not been adopted since).
+    pub fn is_ended(&self) -> bool {
+        self.state.load(Ordering::Acquire) == ENDED
+    }
+
+    /// # Safety
+    ///
+    /// The caller is the owner, or holds `lock` while the heap is ended, and
+    /// does not keep the reference across a call that may take it again.
+    #[allow(clippy::mut_from_ref)]
+    #[inline(always)]
+    unsafe fn local(&self) -> &mut Local {
+        // SAFETY: exclusive access per the contract above.
+        unsafe { &mut *self.local.get() }
+    }
+
+    // ----- allocation (owner only) -----
+
+    /// Allocates `size` bytes, 16-byte aligned; null if the OS refuses memory.
+    ///
+    /// # Safety
+    ///
+    /// The caller is the heap's owner (see the type docs).
+    #[inline]
+    pub unsafe fn alloc(&self, size: usize) -> *mut u8 {
+        if size <= MAX_PAGED_SIZE {
+            let class = class_of(size);
+            // SAFETY: the caller is the owner.
+            let page = unsafe { self.local().bins[class] };
+            if !page.is_null() {
+                // SAFETY: a queued page is live and belongs to this heap, which we own.
+                let page = unsafe { &*page };
+                let block = page.free.get();
+                if !block.is_null() {
+                    // SAFETY: free blocks of a live page are ours to read; the first word links the list.
+                    page.free.set(unsafe { (*block).next });
+                    page.used.set(page.used.get() + 1);
+                    self.count_alloc(class, class_size(class));
+                    return block as *mut u8;
+                }
+                let bump = page.bump.get();
+                if bump < page.end.get() {
+                    // SAFETY: `bump + size` stays within the page (end is a whole number of blocks).
+                    page.bump.set(unsafe { bump.add(class_size(class)) });
+                    page.used.set(page.used.get() + 1);
+                    self.count_alloc(class, class_size(class));
+                    return bump;
+                }
+            }
+            // SAFETY: the caller is the owner.
+            unsafe { self.alloc_paged_slow(class) }
+        } else {
+            // SAFETY: the caller is the owner.
+            unsafe { self.alloc_large(size) }
+        }
+    }
+
+    /// Allocates `count * size` zeroed bytes; null on overflow or if the OS refuses memory.
+    ///
+    /// # Safety
+    ///
+    /// The caller is the heap's owner.
+    pub unsafe fn alloc_zeroed(&self, count: usize, size: usize) -> *mut u8 {
+        let Some(total) = count.checked_mul(size) else {
+            self.count_failure();
+            return ptr::null_mut();
+        };
+        // SAFETY: the caller is the owner.
+        let p = unsafe { self.alloc(total) };
+        if !p.is_null() && !self.is_fresh_huge(p) {
+            // SAFETY: `p` is a fresh block of at least `total` bytes.
+            unsafe { ptr::write_bytes(p, 0, total) };
+        }
+        p
+    }
+
+    /// Whether `p` (just allocated by this heap) is a huge block straight from
+    /// the OS, hence already zero.
+    fn is_fresh_huge(&self, p: *mut u8) -> bool {
+        p as usize & os::SEGMENT_MASK == HUGE_BLOCK_OFFSET && {
+            let seg = segment_of(p);
+            // SAFETY: `p` is our block, so its segment header is live.
+            unsafe { (*seg).kind == SegmentKind::Huge }
+        }
+    }
+
+    /// Resizes `ptr` (ours or not, or null) to `new_size` bytes, allocating
+    /// any new block from this heap. `token_for` gives the caller's owner token
+    /// for a heap, as for [`free`].
+    ///
+    /// # Safety
+    ///
+    /// The caller is this heap's owner; `ptr` is null or a live block (of any allocator).
+    pub unsafe fn realloc(
+        &self,
+        ptr: *mut u8,
+        new_size: usize,
+        token_for: impl FnOnce(&Heap) -> usize,
+    ) -> Realloc {
+        if ptr.is_null() {
+            // SAFETY: the caller is the owner.
+            return Realloc::Done(unsafe { self.alloc(new_size) });
+        }
+        // SAFETY: `ptr` is a live block, per the contract.
+        let Some(old_size) = (unsafe { usable_size(ptr) }) else { return Realloc::NotOurs };
+        add_serial(&self.counters.reallocations, 1);
+        let keeps = new_size <= old_size
+            && (new_size > old_size / 2
+                || (old_size <= MAX_PAGED_SIZE && class_of(new_size) == class_of(old_size)));
+        if keeps {
+            return Realloc::Done(ptr);
+        }
+        // SAFETY: the caller is the owner.
+        let new = unsafe { self.alloc(new_size) };
+        if new.is_null() {
+            return Realloc::Done(new);
+        }
+        // SAFETY: both blocks are live and distinct; we copy what both hold.
+        unsafe {
+            ptr::copy_nonoverlapping(ptr, new, old_size.min(new_size));
+            free(ptr, token_for);
+        }
+        Realloc::Done(new)
+    }
+
+    #[inline(always)]
+    fn count_alloc(&self, class: usize, bytes: usize) {
+        let c = &self.counters;
+        add_serial(&c.allocations[class], 1);
+        let owner_bytes = c.owner_bytes.load(Ordering::Relaxed).wrapping_add(bytes as u64);
+        c.owner_bytes.store(owner_bytes, Ordering::Relaxed);
+        let live = owner_bytes.wrapping_sub(c.remote_bytes.load(Ordering::Relaxed));
+        if live > c.peak_bytes.load(Ordering::Relaxed) && live < u64::MAX / 2 {
+            c.peak_bytes.store(live, Ordering::Relaxed);
+        }
+    }
+
+    fn count_failure(&self) {
+        add_serial(&self.counters.failures, 1);
+    }
+
+    /// The current page of `class` is exhausted (or missing): reclaim remote
+    /// frees, move to the next page with free blocks, or start a new page.
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner.
+    #[cold]
+    unsafe fn alloc_paged_slow(&self, class: usize) -> *mut u8 {
+        // SAFETY: (whole body) the caller is the owner, so `local`, the queued
+        // pages and our segments are ours to change.
+        unsafe {
+            self.drain_remote();
+            loop {
+                let page = self.local().bins[class];
+                if page.is_null() {
+                    if self.new_paged_page(class).is_null() {
+                        self.count_failure();
+                        return ptr::null_mut();
+                    }
+                    continue;
+                }
+                let p = &*page;
+                let block = p.free.get();
+                if !block.is_null() {
+                    p.free.set((*block).next);
+                    p.used.set(p.used.get() + 1);
+                    self.count_alloc(class, class_size(class));
+                    return block as *mut u8;
+                }
+                let bump = p.bump.get();
+                if bump < p.end.get() {
+                    p.bump.set(bump.add(class_size(class)));
+                    p.used.set(p.used.get() + 1);
+                    self.count_alloc(class, class_size(class));
+                    return bump;
+                }
+                // Full: it leaves the queue until a block comes back.
+                self.unqueue(page);
+            }
+        }
+    }
+
+    /// A block with a page span (or a segment) of its own.
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner.
+    #[cold]
+    unsafe fn alloc_large(&self, size: usize) -> *mut u8 {
+        if size <= MAX_LARGE_SIZE {
+            let span = size.div_ceil(SLOT_SIZE);
+            // SAFETY: the caller is the owner.
+            let Some((seg, first)) = (unsafe { self.take_slots(span) }) else {
+                self.count_failure();
+                return ptr::null_mut();
+            };
+            let usable = span * SLOT_SIZE;
+            // SAFETY: `take_slots` reserved the span in our segment.
+            unsafe {
+                let page = &*ptr::addr_of_mut!((*seg).pages[first]);
+                page.block_size.set(usable);
+                page.class.set(LARGE_CLASS as u8);
+                page.used.set(1);
+                page.free.set(ptr::null_mut());
+            }
+            self.count_alloc(LARGE_CLASS, usable);
+            return slot_address(seg, first);
+        }
+        let Some(map_size) = size.checked_add(HUGE_BLOCK_OFFSET + OS_PAGE - 1).map(|n| n & !(OS_PAGE - 1))
+        else {
+            self.count_failure();
+            return ptr::null_mut();
+        };
+        let Some(base) = os::map_aligned(map_size) else {
+            self.count_failure();
+            return ptr::null_mut();
+        };
+        let seg = base as *mut Segment;
+        let usable = map_size - HUGE_BLOCK_OFFSET;
+        // SAFETY: the mapping is fresh, zeroed, ours and large enough for the header.
+        unsafe {
+            ptr::addr_of_mut!((*seg).heap).write(self);
+            ptr::addr_of_mut!((*seg).kind).write(SegmentKind::Huge);
+            ptr::addr_of_mut!((*seg).map_size).write(map_size);
+            let page = &*ptr::addr_of_mut!((*seg).pages[0]);
+            page.block_size.set(usable);
+            page.class.set(HUGE_CLASS as u8);
+            page.used.set(1);
+            page.span.set(1);
+        }
+        os::publish_segment(base);
+        add_serial(&self.counters.mapped_bytes, map_size as u64);
+        self.count_alloc(HUGE_CLASS, usable);
+        // SAFETY: the block starts inside the mapping.
+        unsafe { base.add(HUGE_BLOCK_OFFSET) }
+    }
+
+    /// Starts a page for `class` and queues it at the head; null if out of memory.
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner.
+    unsafe fn new_paged_page(&self, class: usize) -> *mut Page {
+        let span = page_slots(class);
+        // SAFETY: the caller is the owner.
+        let Some((seg, first)) = (unsafe { self.take_slots(span) }) else { return ptr::null_mut() };
+        let size = class_size(class);
+        let start = slot_address(seg, first);
+        let capacity = span * SLOT_SIZE / size;
+        // SAFETY: `take_slots` reserved the span in our segment.
+        unsafe {
+            let page_ptr = ptr::addr_of_mut!((*seg).pages[first]);
+            let page = &*page_ptr;
+            page.block_size.set(size);
+            page.class.set(class as u8);
+            page.used.set(0);
+            page.free.set(ptr::null_mut());
+            page.bump.set(start);
+            page.end.set(start.add(capacity * size));
+            self.enqueue_head(page_ptr);
+            page_ptr
+        }
+    }
+
+    /// Reserves `span` free slots in one of our segments (mapping a new one if
+    /// needed) and marks them as one page; returns the segment and first slot.
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner.
+    unsafe fn take_slots(&self, span: usize) -> Option<(*mut Segment, usize)> {
+        // SAFETY: (whole body) the caller is the owner of `local` and of our segments.
+        unsafe {
+            let local = self.local();
+            let mut seg = local.segments;
+            while !seg.is_null() {
+                if let Some(first) = find_free_run((*seg).free_slots.get(), span) {
+                    Self::mark_page(seg, first, span);
+                    return Some((seg, first));
+                }
+                seg = (*seg).next.get();
+            }
+            let seg = self.new_segment()?;
+            let first = find_free_run((*seg).free_slots.get(), span)?;
+            Self::mark_page(seg, first, span);
+            Some((seg, first))
+        }
+    }
+
+    /// # Safety
+    ///
+    /// `seg` is ours, the caller owns it, and slots `first..first+span` are free.
+    unsafe fn mark_page(seg: *mut Segment, first: usize, span: usize) {
+        // SAFETY: per the contract.
+        unsafe {
+            let s = &*seg;
+            s.free_slots.set(s.free_slots.get() & !slot_mask(first, span));
+            for slot in first..first + span {
+                s.pages[slot].first.set(first as u8);
+            }
+            s.pages[first].span.set(span as u8);
+            s.pages[first].queued.set(false);
+        }
+    }
+
+    /// A new (or the spare) normal segment, linked at the head of our list.
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner.
+    unsafe fn new_segment(&self) -> Option<*mut Segment> {
+        // SAFETY: (whole body) the caller is the owner; a new mapping is ours alone.
+        unsafe {
+            let local = self.local();
+            let seg = if !local.spare.is_null() {
+                std::mem::replace(&mut local.spare, ptr::null_mut())
+            } else {
+                let base = os::map_aligned(SEGMENT_SIZE)?;
+                let seg = base as *mut Segment;
+                ptr::addr_of_mut!((*seg).heap).write(self);
+                ptr::addr_of_mut!((*seg).kind).write(SegmentKind::Normal);
+                ptr::addr_of_mut!((*seg).map_size).write(SEGMENT_SIZE);
+                (*seg).free_slots.set(ALL_SLOTS_FREE);
+                os::publish_segment(base);
+                add_serial(&self.counters.mapped_bytes, SEGMENT_SIZE as u64);
+                seg
+            };
+            (*seg).prev.set(ptr::null_mut());
+            (*seg).next.set(local.segments);
+            if !local.segments.is_null() {
+                (*local.segments).prev.set(seg);
+            }
+            local.segments = seg;
+            Some(seg)
+        }
+    }
+
+    // ----- page queues (owner only) -----
+
+    /// # Safety
+    ///
+    /// The caller is the owner; `page` is a live, unqueued paged page of ours.
+    unsafe fn enqueue_head(&self, page: *mut Page) {
+        // SAFETY: per the contract.
+        unsafe {
+            let p = &*page;
+            let bin = &mut self.local().bins[p.class.get() as usize];
+            p.prev.set(ptr::null_mut());
+            p.next.set(*bin);
+            if !bin.is_null() {
+                (**bin).prev.set(page);
+            }
+            *bin = page;
+            p.queued.set(true);
+        }
+    }
+
+    /// Queues a page that got a block back, behind the current page (so the
+    /// current page keeps serving until it runs out).
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner; `page` is a live, unqueued paged page of ours.
+    unsafe fn enqueue_second(&self, page: *mut Page) {
+        // SAFETY: per the contract.
+        unsafe {
+            let p = &*page;
+            let head = self.local().bins[p.class.get() as usize];
+            if head.is_null() {
+                return self.enqueue_head(page);
+            }
+            let after = (*head).next.get();
+            p.prev.set(head);
+            p.next.set(after);
+            if !after.is_null() {
+                (*after).prev.set(page);
+            }
+            (*head).next.set(page);
+            p.queued.set(true);
+        }
+    }
+
+    /// # Safety
+    ///
+    /// The caller is the owner; `page` is queued.
+    unsafe fn unqueue(&self, page: *mut Page) {
+        // SAFETY: per the contract.
+        unsafe {
+            let p = &*page;
+            let (prev, next) = (p.prev.get(), p.next.get());
+            if prev.is_null() {
+                self.local().bins[p.class.get() as usize] = next;
+            } else {
+                (*prev).next.set(next);
+            }
+            if !next.is_null() {
+                (*next).prev.set(prev);
+            }
+            p.queued.set(false);
+        }
+    }
+
+    // ----- giving blocks back -----
+
+    /// The owner frees `block` of `page` (counted as an owner free).
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner; `block` is a live block of `page`, a page of ours.
+    #[inline]
+    unsafe fn free_local(&self, page: *mut Page, block: *mut u8) {
+        // SAFETY: per the contract.
+        unsafe {
+            let p = &*page;
+            let class = p.class.get() as usize;
+            let c = &self.counters;
+            add_serial(&c.frees[class], 1);
+            c.owner_bytes.store(
+                c.owner_bytes.load(Ordering::Relaxed).wrapping_sub(p.block_size.get() as u64),
+                Ordering::Relaxed,
+            );
+            self.give_back(page, block);
+        }
+    }
+
+    /// Returns `block` to `page` (no counting): the structural half of a free.
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner (or holds `lock` while ended); `block` is a
+    /// block of `page` that is not on any free list.
+    #[inline]
+    unsafe fn give_back(&self, page: *mut Page, block: *mut u8) {
+        // SAFETY: per the contract.
+        unsafe {
+            let p = &*page;
+            if p.class.get() as usize >= PAGED_CLASSES {
+                return self.retire_single(page, block);
+            }
+            let b = block as *mut Block;
+            (*b).next = p.free.get();
+            p.free.set(b);
+            let used = p.used.get() - 1;
+            p.used.set(used);
+            if !p.queued.get() {
+                self.enqueue_second(page);
+            } else if used == 0 && (self.local().bins[p.class.get() as usize] != page || self.is_ended()) {
+                self.retire_page(page);
+            }
+        }
+    }
+
+    /// Releases an empty paged page's slots.
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner (or holds `lock` while ended); the page is queued and empty.
+    #[cold]
+    unsafe fn retire_page(&self, page: *mut Page) {
+        // SAFETY: per the contract.
+        unsafe {
+            self.unqueue(page);
+            let p = &*page;
+            p.block_size.set(0);
+            let seg = segment_of(page as *const u8);
+            let first = p.first.get() as usize;
+            self.release_slots(seg, first, p.span.get() as usize);
+        }
+    }
+
+    /// Frees a large or huge block (each has its page or segment to itself).
+    ///
+    /// # Safety
+    ///
+    /// As for `give_back`.
+    #[cold]
+    unsafe fn retire_single(&self, page: *mut Page, block: *mut u8) {
+        // SAFETY: per the contract; a huge segment holds nothing but this block.
+        unsafe {
+            let p = &*page;
+            p.used.set(0);
+            p.block_size.set(0);
+            let seg = segment_of(block);
+            if (*seg).kind == SegmentKind::Huge {
+                let size = (*seg).map_size;
+                add_serial(&self.counters.mapped_bytes, (size as u64).wrapping_neg());
+                os::unmap_segment(seg as *mut u8, size);
+            } else {
+                self.release_slots(seg, p.first.get() as usize, p.span.get() as usize);
+            }
+        }
+    }
+
+    /// Marks slots free; an entirely free segment becomes the spare or goes back to the OS.
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner (or holds `lock` while ended); the slots hold no live block.
+    unsafe fn release_slots(&self, seg: *mut Segment, first: usize, span: usize) {
+        // SAFETY: per the contract.
+        unsafe {
+            let s = &*seg;
+            let free = s.free_slots.get() | slot_mask(first, span);
+            s.free_slots.set(free);
+            if free != ALL_SLOTS_FREE {
+                return;
+            }
+            let local = self.local();
+            let (prev, next) = (s.prev.get(), s.next.get());
+            if prev.is_null() {
+                local.segments = next;
+            } else {
+                (*prev).next.set(next);
+            }
+            if !next.is_null() {
+                (*next).prev.set(prev);
+            }
+            if local.spare.is_null() && !self.is_ended() {
+                local.spare = seg;
+            } else {
+                add_serial(&self.counters.mapped_bytes, (SEGMENT_SIZE as u64).wrapping_neg());
+                os::unmap_segment(seg as *mut u8, SEGMENT_SIZE);
+            }
+        }
+    }
+
+    /// Someone other than the owner frees `block` of `page`.
+    ///
+    /// # Safety
+    ///
+    /// `block` is a live block of `page`, a page of this heap; the caller is not the owner.
+    #[cold]
+    unsafe fn free_foreign(&self, page: *mut Page, block: *mut u8) {
+        // SAFETY: `class` and `block_size` do not change while the block is live.
+        let (class, size) = unsafe { ((*page).class.get() as usize, (*page).block_size.get()) };
+        self.counters.remote_frees[class].fetch_add(1, Ordering::Relaxed);
+        self.counters.remote_bytes.fetch_add(size as u64, Ordering::Relaxed);
+        loop {
+            if self.state.load(Ordering::SeqCst) == ACTIVE {
+                self.push_remote(block as *mut Block);
+                // If the heap ended meanwhile, the ender may have drained
+                // before our push: drain ourselves (under the lock).
+                if self.state.load(Ordering::SeqCst) == ENDED {
+                    let _guard = self.lock.lock();
+                    if self.state.load(Ordering::Relaxed) == ENDED {
+                        // SAFETY: we hold the lock of an ended heap.
+                        unsafe { self.drain_remote() };
+                    }
+                }
+                return;
+            }
+            let guard = self.lock.lock();
+            if self.state.load(Ordering::Relaxed) == ENDED {
+                // SAFETY: we hold the lock of an ended heap, and the block is live.
+                unsafe {
+                    self.drain_remote();
+                    self.give_back(page, block);
+                }
+                return;
+            }
+            // Adopted meanwhile: push it to the new owner instead.
+            drop(guard);
+        }
+    }
+
+    fn push_remote(&self, block: *mut Block) {
+        let mut head = self.remote.load(Ordering::Relaxed);
+        loop {
+            // SAFETY: the block is ours to write until it is published by the swap below.
+            unsafe { (*block).next = head };
+            match self.remote.compare_exchange_weak(head, block, Ordering::SeqCst, Ordering::Relaxed) {
+                Ok(_) => return,
+                Err(now) => head = now,
+            }
+        }
+    }
+
+    /// Gives every remotely freed block back to its page.
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner (or holds `lock` while ended).
+    unsafe fn drain_remote(&self) {
+        if self.remote.load(Ordering::Relaxed).is_null() {
+            return;
+        }
+        let mut block = self.remote.swap(ptr::null_mut(), Ordering::SeqCst);
+        while !block.is_null() {
+            // SAFETY: blocks on our stack are blocks of our pages, pushed whole
+            // (the swap's Acquire side orders their `next` writes before us).
+            unsafe {
+                let next = (*block).next;
+                let seg = segment_of(block as *const u8);
+                self.give_back(page_of(seg, block as *const u8), block as *mut u8);
+                block = next;
+            }
+        }
+    }
+
+    // ----- transitions -----
+
+    /// Ends the heap: it has no owner from now on. Pending remote frees are
+    /// reclaimed, empty pages and segments go back to the OS, and the free
+    /// parts of segments that still hold live blocks are discarded. Live
+    /// blocks stay valid; later frees of them are served under the lock.
+    ///
+    /// # Safety
+    ///
+    /// The owner must not run on this heap during or after the call (the
+    /// owner calls it itself, or its exclusion is gone for good).
+    pub unsafe fn end(&self) {
+        let _guard = self.lock.lock();
+        if self.state.load(Ordering::Relaxed) == ENDED {
+            return;
+        }
+        self.owner.store(ENDED_OWNER, Ordering::Relaxed);
+        self.state.store(ENDED, Ordering::SeqCst);
+        // SAFETY: we hold the lock and the heap is ended (no owner runs).
+        unsafe {
+            self.drain_remote();
+            for class in 0..PAGED_CLASSES {
+                let mut page = self.local().bins[class];
+                while !page.is_null() {
+                    let next = (*page).next.get();
+                    if (*page).used.get() == 0 {
+                        self.retire_page(page);
+                    }
+                    page = next;
+                }
+            }
+            let local = self.local();
+            if !local.spare.is_null() {
+                add_serial(&self.counters.mapped_bytes, (SEGMENT_SIZE as u64).wrapping_neg());
+                os::unmap_segment(local.spare as *mut u8, SEGMENT_SIZE);
+                local.spare = ptr::null_mut();
+            }
+            let mut seg = local.segments;
+            while !seg.is_null() {
+                let free = (*seg).free_slots.get();
+                for slot in 1..SLOTS {
+                    if free & (1 << slot) != 0 {
+                        os::discard(slot_address(seg, slot), SLOT_SIZE);
+                    }
+                }
+                seg = (*seg).next.get();
+            }
+        }
+    }
+
+    /// Gives an ended heap a new owner; false if it was not ended.
+    pub fn adopt(&self, owner: usize) -> bool {
+        debug_assert!(owner != NO_OWNER && owner != ENDED_OWNER);
+        let _guard = self.lock.lock();
+        if self.state.load(Ordering::Relaxed) != ENDED {
+            return false;
+        }
+        // SAFETY: we hold the lock of an ended heap.
+        unsafe { self.drain_remote() };
+        self.owner.store(owner, Ordering::Relaxed);
+        self.state.store(ACTIVE, Ordering::SeqCst);
+        true
+    }
+
+    // ----- figures -----
+
+    /// The heap's figures now. Each figure is exact; a heap in use may change between reads.
+    pub fn snapshot(&self) -> HeapSnapshot {
+        let c = &self.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        // Remote bytes first: read after the owner's figure, a remote free
+        // that lands in between could make live bytes briefly negative.
+        let remote_bytes = load(&c.remote_bytes);
+        let owner_bytes = load(&c.owner_bytes);
+        let classes: Vec<ClassSnapshot> = (0..STAT_CLASSES)
+            .map(|class| ClassSnapshot {
+                block_size: if class < PAGED_CLASSES { class_size(class) as u64 } else { 0 },
+                allocations: load(&c.allocations[class]),
+                frees: load(&c.frees[class]),
+                remote_frees: load(&c.remote_frees[class]),
+            })
+            .collect();
+        HeapSnapshot {
+            label: self.label,
+            ended: self.is_ended(),
+            live_bytes: owner_bytes.wrapping_sub(remote_bytes) as i64,
+            peak_bytes: load(&c.peak_bytes),
+            reallocations: load(&c.reallocations),
+            failures: load(&c.failures),
+            mapped_bytes: load(&c.mapped_bytes),
+            classes,
+        }
+    }
+}
+
+// ----- pointer lookups (any thread) -----
+
+/// Frees `ptr` if it is ours; returns false (touching nothing) if it is not.
+///
+/// `token_for(heap)` must return the caller's owner token for the heap that
+/// owns the block: its token if it is that heap's owner, else anything else
+/// (for example [`NO_OWNER`]). The block goes straight back to its page when
+/// the caller is the owner, and onto the owner's remote-free list otherwise.
+///
+/// # Safety
+///
+/// `ptr` is a live block (of any allocator) that is not used again.
+#[inline]
+pub unsafe fn free(ptr: *mut u8, token_for: impl FnOnce(&Heap) -> usize) -> bool {
+    let seg = segment_of(ptr);
+    if !os::is_segment(seg as usize) {
+        return false;
+    }
+    // SAFETY: the segment map says the segment is ours and live, and `ptr`, a
+    // live block of it, keeps it (and its heap) alive.
+    unsafe {
+        let heap = &*(*seg).heap;
+        let page = page_of(seg, ptr);
+        if heap.owner() == token_for(heap) {
+            heap.free_local(page, ptr);
+        } else {
+            heap.free_foreign(page, ptr);
+        }
+    }
+    true
+}
+
+/// The usable size of `ptr` if it is one of our live blocks' addresses, else `None`.
+///
+/// # Safety
+///
+/// If `ptr` is ours it must be a live block (the answer reads its page).
+#[inline]
+pub unsafe fn usable_size(ptr: *const u8) -> Option<usize> {
+    let seg = segment_of(ptr);
+    if !os::is_segment(seg as usize) {
+        return None;
+    }
+    // SAFETY: the segment is ours and live while `ptr` is.
+    unsafe { Some((*page_of(seg, ptr)).block_size.get()) }
+}
+
+/// The heap owning `ptr`, if `ptr` lies in one of our segments.
+///
+/// # Safety
+///
+/// As for [`usable_size`].
+pub unsafe fn heap_of(ptr: *const u8) -> Option<&'static Heap> {
+    let seg = segment_of(ptr);
+    if !os::is_segment(seg as usize) {
+        return None;
+    }
+    // SAFETY: the segment is ours and live while `ptr` is; heaps are never freed.
+    unsafe { Some(&*(*seg).heap) }
+}
+
+/// Whether `ptr` is the address of a block of ours (live or free), decided
+/// without touching memory that is not ours: the segment map first, then our
+/// own headers.
+// `ptr` itself is never dereferenced, only our segment header (hence the allow).
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
+pub fn owns(ptr: *const u8) -> bool {
+    let addr = ptr as usize;
+    let seg = segment_of(ptr);
+    if !os::is_segment(seg as usize) {
+        return false;
+    }
+    // SAFETY: the segment is published, so its header is readable. A segment
+    // unmapped concurrently is a use-after-free by the caller (the pointer
+    // was not live), which this query does not defend against.
+    unsafe {
+        let offset = addr - seg as usize;
+        if (*seg).kind == SegmentKind::Huge {
+            return offset == HUGE_BLOCK_OFFSET && (*seg).pages[0].block_size.get() != 0;
+        }
+        let slot = offset >> SLOT_SHIFT;
+        if slot == 0 {
+            return false;
+        }
+        let page = &*page_of(seg, ptr);
+        let size = page.block_size.get();
+        if size == 0 {
+            return false;
+        }
+        let start = slot_address(seg, page.first.get() as usize) as usize;
+        if page.class.get() as usize >= PAGED_CLASSES {
+            return addr == start;
+        }
+        (addr - start).is_multiple_of(size) && addr < page.bump.get() as usize
+    }
+}

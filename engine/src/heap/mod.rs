@@ -1,0 +1,46 @@
+//! interheap's allocator: thread-safe heaps, one per owner, with exact figures.
+//!
+//! This module owns memory, where the rest of the engine only accounts for
+//! it. Its shape follows mimalloc's ideas (segments, pages, per-page free
+//! lists, remote-free lists), specialised for CPython:
+//!
+//! * **Segments** ([`os`]): memory comes from the OS in 4 MiB-aligned
+//!   segments, recorded in a static segment map, so that any pointer maps in
+//!   O(1) to its segment header, page, block size and owning heap, and so that
+//!   a pointer that is not ours is recognised without touching it.
+//! * **Size classes** ([`size_class`]): 44 classes from 16 bytes to 64 KiB
+//!   (16-byte steps to 128, then four steps per power of two), served from
+//!   64 KiB or 512 KiB pages; larger blocks get a page span (up to 2 MiB) or a
+//!   segment of their own. Every block is 16-byte aligned.
+//! * **Heaps** ([`Heap`]): a heap has exactly one *owner* at a time, and the
+//!   owner's fast path uses no atomic read-modify-write and no lock: pop a
+//!   block from the current page's free list (or bump into a fresh page).
+//!   The owner is a thread, or any thread holding an exclusion the caller
+//!   names, such as one interpreter's GIL: the CPython glue gives each
+//!   interpreter its own heaps, owned by whoever holds that interpreter's
+//!   GIL. Frees by anyone else go onto the heap's lock-free remote-free list,
+//!   which the owner reclaims in bulk.
+//! * **Ending**: a heap whose owner is gone for good is *ended*: its free
+//!   memory goes back to the OS, its live blocks stay valid and are reported,
+//!   and later frees of them are served under the heap's lock. A
+//!   [`HeapPool`] lets short-lived owners (threads) adopt ended heaps.
+//! * **Figures** ([`HeapSnapshot`]): exact live and peak bytes and, per size
+//!   class, allocations, owner frees and remote frees, readable from any
+//!   thread at any time, with no pointer table.
+//!
+//! Nothing here allocates through Python or unwinds. Metadata (heap
+//! structures) comes from Rust's global allocator; block memory only from
+//! the OS.
+
+#[allow(clippy::module_inception)]
+mod heap;
+pub mod os;
+mod pool;
+mod segment;
+pub mod size_class;
+mod stats;
+
+pub use heap::{free, heap_of, heaps, owns, usable_size, Heap, HeapLabel, Realloc, ENDED_OWNER, NO_OWNER};
+pub use pool::HeapPool;
+pub use segment::{HUGE_BLOCK_OFFSET, SLOT_SIZE};
+pub use stats::{ClassSnapshot, HeapSnapshot};

@@ -1,0 +1,159 @@
+//! Memory from the operating system, and the map that says which is ours.
+//!
+//! Memory comes from the OS in *segments*: mappings aligned to
+//! [`SEGMENT_SIZE`] (4 MiB), so that any pointer's segment header is found by
+//! masking its low bits. The *segment map* is one bit per 4 MiB of address
+//! space, set while a segment starts there. It lets the allocator answer "is
+//! this pointer ours?" without touching memory it does not own: a pointer
+//! whose 4 MiB unit has no bit set is someone else's (pointers allocated
+//! before interheap was installed, by another allocator), and is never
+//! dereferenced.
+//!
+//! The map covers the 47-bit user address space of x86-64 and AArch64 Linux
+//! (4 MiB of zero-initialised static memory, which the OS only backs where it
+//! is written). Mappings above it are refused, so the map never lies.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// log2 of the segment size and alignment.
+pub const SEGMENT_SHIFT: usize = 22;
+/// Segment size and alignment: 4 MiB.
+pub const SEGMENT_SIZE: usize = 1 << SEGMENT_SHIFT;
+/// Mask of the offset inside a segment.
+pub const SEGMENT_MASK: usize = SEGMENT_SIZE - 1;
+/// Address bits covered by the segment map.
+const ADDRESS_BITS: usize = 47;
+const MAP_WORDS: usize = 1 << (ADDRESS_BITS - SEGMENT_SHIFT - 6);
+/// The OS page size we round huge mappings to.
+pub const OS_PAGE: usize = 4096;
+
+/// One bit per segment-aligned unit of address space: set while a segment starts there.
+static SEGMENT_MAP: [AtomicU64; MAP_WORDS] = [const { AtomicU64::new(0) }; MAP_WORDS];
+
+#[inline(always)]
+fn map_slot(addr: usize) -> Option<(&'static AtomicU64, u64)> {
+    let unit = addr >> SEGMENT_SHIFT;
+    let word = SEGMENT_MAP.get(unit >> 6)?;
+    Some((word, 1u64 << (unit & 63)))
+}
+
+/// Whether an interheap segment starts at `base` (a segment-aligned address).
+///
+/// Reads only the segment map. Ordering: a segment is published in the map
+/// (Release) after its header is written, so a thread that learns of a block
+/// in it (through any synchronised hand-off) and then sees the bit (Acquire)
+/// also sees the header.
+#[inline(always)]
+pub fn is_segment(base: usize) -> bool {
+    match map_slot(base) {
+        Some((word, bit)) => word.load(Ordering::Acquire) & bit != 0,
+        None => false,
+    }
+}
+
+fn set_segment_bit(base: usize, on: bool) {
+    if let Some((word, bit)) = map_slot(base) {
+        if on {
+            word.fetch_or(bit, Ordering::Release);
+        } else {
+            word.fetch_and(!bit, Ordering::Release);
+        }
+    }
+}
+
+/// Maps `size` bytes (a multiple of [`OS_PAGE`]) of zeroed memory aligned to
+/// [`SEGMENT_SIZE`], or returns `None` if the OS refuses.
+pub fn map_aligned(size: usize) -> Option<*mut u8> {
+    let padded = size.checked_add(SEGMENT_SIZE)?;
+    // SAFETY: an anonymous private mapping with no address hint touches no
+    // existing memory; failure is reported as MAP_FAILED.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            padded,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return None;
+    }
+    let raw = raw as usize;
+    let base = (raw + SEGMENT_MASK) & !SEGMENT_MASK;
+    let head = base - raw;
+    let tail = padded - head - size;
+    // SAFETY: both ranges lie inside the mapping just created and outside
+    // [base, base + size), which is what we keep.
+    unsafe {
+        if head > 0 {
+            libc::munmap(raw as *mut libc::c_void, head);
+        }
+        if tail > 0 {
+            libc::munmap((base + size) as *mut libc::c_void, tail);
+        }
+    }
+    if map_slot(base + size - 1).is_none() {
+        // Above the segment map's reach: we could not recognise it later.
+        // SAFETY: [base, base + size) is the mapping we own and nobody else knows of.
+        unsafe { libc::munmap(base as *mut libc::c_void, size) };
+        return None;
+    }
+    Some(base as *mut u8)
+}
+
+/// Publishes a segment at `base` in the segment map (after its header is written).
+pub fn publish_segment(base: *mut u8) {
+    set_segment_bit(base as usize, true);
+}
+
+/// Removes the segment at `base` from the map and returns its `size` bytes to the OS.
+///
+/// # Safety
+///
+/// `base..base+size` must be a mapping from [`map_aligned`] that nothing uses any more.
+pub unsafe fn unmap_segment(base: *mut u8, size: usize) {
+    set_segment_bit(base as usize, false);
+    // SAFETY: the caller hands over a whole mapping of ours that is unused.
+    unsafe { libc::munmap(base as *mut libc::c_void, size) };
+}
+
+/// Tells the OS it may drop the contents of `len` bytes at `addr` (they read as zero afterwards).
+///
+/// # Safety
+///
+/// The range must be page-aligned, inside one of our mappings, and hold no live data.
+pub unsafe fn discard(addr: *mut u8, len: usize) {
+    // SAFETY: per the contract, the range is ours and holds nothing live.
+    unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapping_is_aligned_zeroed_and_recognised_only_while_published() {
+        let size = 2 * SEGMENT_SIZE + OS_PAGE;
+        let base = map_aligned(size).expect("mmap");
+        assert_eq!(base as usize & SEGMENT_MASK, 0);
+        // SAFETY: the mapping is ours and `size` bytes long.
+        let bytes = unsafe { std::slice::from_raw_parts(base, size) };
+        assert!(bytes.iter().step_by(997).all(|&b| b == 0));
+        assert!(!is_segment(base as usize));
+        publish_segment(base);
+        assert!(is_segment(base as usize));
+        assert!(!is_segment(base as usize + SEGMENT_SIZE), "only the start unit is marked");
+        // SAFETY: nothing uses the mapping.
+        unsafe { unmap_segment(base, size) };
+        assert!(!is_segment(base as usize));
+    }
+
+    #[test]
+    fn foreign_and_out_of_range_addresses_are_not_ours() {
+        let on_stack = 0u64;
+        assert!(!is_segment(&on_stack as *const u64 as usize & !SEGMENT_MASK));
+        assert!(!is_segment(usize::MAX & !SEGMENT_MASK));
+    }
+}

@@ -1,0 +1,64 @@
+//! [`HeapPool`]: heaps for owners that come and go, such as threads.
+//!
+//! When a thread exits, its heap ends (blocks other threads still use stay
+//! valid); the next thread that needs a heap adopts an ended one instead of
+//! creating another, so the number of heaps stays bounded by the number of
+//! threads alive at once, and a heap's figures keep adding up across owners.
+
+use std::ptr;
+
+use super::heap::{Heap, HeapLabel};
+use crate::shard_lock::ShardLock;
+
+/// Ended heaps waiting for an owner, linked through `Heap::pool_next`.
+struct Waiting(*const Heap);
+// SAFETY: the pointers are to leaked heaps, valid on every thread.
+unsafe impl Send for Waiting {}
+
+/// A pool of heaps for short-lived owners. See the module docs.
+pub struct HeapPool {
+    waiting: ShardLock<Waiting>,
+}
+
+impl Default for HeapPool {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HeapPool {
+    pub const fn new() -> Self {
+        HeapPool { waiting: ShardLock::new(Waiting(ptr::null())) }
+    }
+
+    /// An active heap owned by `owner`: an ended heap of this pool adopted, or a new one.
+    pub fn acquire(&self, label: HeapLabel, owner: usize) -> &'static Heap {
+        loop {
+            let heap = {
+                let mut waiting = self.waiting.lock();
+                // SAFETY: waiting heaps are leaked heaps.
+                let Some(heap) = (unsafe { waiting.0.as_ref() }) else { break };
+                waiting.0 = heap.pool_next();
+                heap
+            };
+            if heap.adopt(owner) {
+                return heap;
+            }
+        }
+        Heap::new(label, owner)
+    }
+
+    /// Ends `heap` and keeps it for the next [`acquire`](Self::acquire).
+    ///
+    /// # Safety
+    ///
+    /// As for [`Heap::end`]: the owner no longer runs on it. The heap must
+    /// have come from this pool and must not be waiting in it already.
+    pub unsafe fn release(&self, heap: &'static Heap) {
+        // SAFETY: per the contract.
+        unsafe { heap.end() };
+        let mut waiting = self.waiting.lock();
+        heap.set_pool_next(waiting.0);
+        waiting.0 = heap;
+    }
+}

@@ -1,0 +1,168 @@
+//! The layout of a segment: a header, then pages of blocks.
+//!
+//! A normal segment is [`SEGMENT_SIZE`] bytes cut into [`SLOTS`] slots of
+//! [`SLOT_SIZE`] (64 KiB). Slot 0 holds the [`Segment`] header; a page spans
+//! one or more of the other slots. Every slot has a [`Page`] descriptor in the
+//! header; all slots of a page name the page's first slot, so a pointer anywhere
+//! in a page finds the page's descriptor in O(1): mask to the segment, shift to
+//! the slot, read its `first`.
+//!
+//! A huge segment holds one block, at [`HUGE_BLOCK_OFFSET`], described by
+//! `pages[0]`; it is as long as the block needs (a multiple of the OS page).
+//!
+//! Every field is plain (not atomic) and belongs to the heap that owns the
+//! segment, under the rules written on `Heap`: the owner changes them; other
+//! threads read only `Segment::heap`, `Segment::kind` and a page's
+//! `block_size` and `class`, which do not change while a block of the page is
+//! live.
+
+use std::cell::Cell;
+use std::ptr;
+
+use super::os::{SEGMENT_MASK, SEGMENT_SIZE};
+use super::Heap;
+
+/// log2 of the slot size.
+pub const SLOT_SHIFT: usize = 16;
+/// Slot size: 64 KiB.
+pub const SLOT_SIZE: usize = 1 << SLOT_SHIFT;
+/// Slots per normal segment (slot 0 is the header).
+pub const SLOTS: usize = SEGMENT_SIZE / SLOT_SIZE;
+/// `free_slots` of a segment with every page slot free.
+pub const ALL_SLOTS_FREE: u64 = !1;
+
+/// A free block: its first word links the free list.
+#[repr(C)]
+pub struct Block {
+    pub next: *mut Block,
+}
+
+/// Kind of segment.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub enum SegmentKind {
+    /// Slots holding pages.
+    Normal,
+    /// One huge block.
+    Huge,
+}
+
+/// Descriptor of a page (or of a slot inside a page: see `first`).
+#[repr(C)]
+pub struct Page {
+    /// Free blocks of this page (owner only).
+    pub free: Cell<*mut Block>,
+    /// Next never-handed-out block (bump allocation of fresh pages).
+    pub bump: Cell<*mut u8>,
+    /// End of the bump range (start + capacity * block size).
+    pub end: Cell<*mut u8>,
+    /// Block size; for large and huge blocks the usable size. 0 while the page is unused.
+    pub block_size: Cell<usize>,
+    /// Blocks handed out and not yet given back to this page.
+    pub used: Cell<u32>,
+    /// Size class, or `LARGE_CLASS` / `HUGE_CLASS`.
+    pub class: Cell<u8>,
+    /// Slots the page spans.
+    pub span: Cell<u8>,
+    /// The page's first slot (every slot of a page names it).
+    pub first: Cell<u8>,
+    /// Whether the page is in its heap's queue of pages with free blocks.
+    pub queued: Cell<bool>,
+    /// Neighbours in the heap's queue for this class.
+    pub next: Cell<*mut Page>,
+    pub prev: Cell<*mut Page>,
+}
+
+/// Header at the start of every segment.
+#[repr(C)]
+pub struct Segment {
+    /// The heap that owns every block of this segment (fixed for the segment's life).
+    pub heap: *const Heap,
+    pub kind: SegmentKind,
+    /// Bytes mapped at the segment's base.
+    pub map_size: usize,
+    /// Bit i set when slot i is free (normal segments; bit 0 is the header, never free).
+    pub free_slots: Cell<u64>,
+    /// Neighbours in the owning heap's list of normal segments.
+    pub next: Cell<*mut Segment>,
+    pub prev: Cell<*mut Segment>,
+    pub pages: [Page; SLOTS],
+}
+
+/// Offset of a huge segment's block: the header, rounded up to a 4 KiB page.
+pub const HUGE_BLOCK_OFFSET: usize = (std::mem::size_of::<Segment>() + 4095) & !4095;
+
+const _: () = assert!(std::mem::size_of::<Segment>() <= SLOT_SIZE, "the header must fit slot 0");
+
+/// The segment containing `p`.
+#[inline(always)]
+pub fn segment_of(p: *const u8) -> *mut Segment {
+    (p as usize & !SEGMENT_MASK) as *mut Segment
+}
+
+/// The descriptor of the page containing `p`.
+///
+/// # Safety
+///
+/// `p` must lie in a live segment of ours whose slot holding `p` belongs to a page.
+#[inline(always)]
+pub unsafe fn page_of(seg: *mut Segment, p: *const u8) -> *mut Page {
+    let slot = (p as usize - seg as usize) >> SLOT_SHIFT;
+    // SAFETY: `slot < SLOTS` because `p` lies in the segment's first 4 MiB
+    // (huge blocks are looked up by their first byte, in slot 0), and the
+    // header is live while the segment is.
+    unsafe {
+        let pages = ptr::addr_of_mut!((*seg).pages) as *mut Page;
+        let first = (*pages.add(slot)).first.get() as usize;
+        pages.add(first)
+    }
+}
+
+/// Address of slot `slot` of `seg`.
+#[inline(always)]
+pub fn slot_address(seg: *mut Segment, slot: usize) -> *mut u8 {
+    (seg as usize + (slot << SLOT_SHIFT)) as *mut u8
+}
+
+/// Index of the first run of `span` free slots in `free`, if any.
+#[inline]
+pub fn find_free_run(free: u64, span: usize) -> Option<usize> {
+    let mut run = free;
+    for shift in 1..span {
+        run &= free >> shift;
+        if run == 0 {
+            return None;
+        }
+    }
+    (run != 0).then(|| run.trailing_zeros() as usize)
+}
+
+/// Bit mask of `span` slots starting at `first`.
+#[inline]
+pub fn slot_mask(first: usize, span: usize) -> u64 {
+    let ones = if span >= 64 { u64::MAX } else { (1u64 << span) - 1 };
+    ones << first
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_runs() {
+        assert_eq!(find_free_run(ALL_SLOTS_FREE, 1), Some(1));
+        assert_eq!(find_free_run(ALL_SLOTS_FREE, 63), Some(1));
+        assert_eq!(find_free_run(ALL_SLOTS_FREE, 64), None);
+        assert_eq!(find_free_run(0b1011_0110, 2), Some(1));
+        assert_eq!(find_free_run(0b1011_0110, 3), None);
+        assert_eq!(find_free_run(0, 1), None);
+        assert_eq!(slot_mask(3, 2), 0b11000);
+        assert_eq!(slot_mask(0, 64), u64::MAX);
+    }
+
+    #[test]
+    fn huge_offset_is_page_aligned_and_leaves_room() {
+        assert_eq!(HUGE_BLOCK_OFFSET % 4096, 0);
+        assert!(HUGE_BLOCK_OFFSET >= std::mem::size_of::<Segment>());
+    }
+}

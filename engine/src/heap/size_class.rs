@@ -1,0 +1,108 @@
+//! Size classes: which block size serves a request, and how big a page is.
+//!
+//! Requests up to 128 bytes are served in 16-byte steps (8 classes); above
+//! that, each power of two is split into four steps (at most 25% waste), up to
+//! [`MAX_PAGED_SIZE`] (64 KiB). Every class size is a multiple of 16, and
+//! pages start 64 KiB-aligned, so every block is 16-byte aligned as CPython
+//! requires. Larger requests get a page of their own ([`LARGE_CLASS`]) or,
+//! above [`MAX_LARGE_SIZE`], a segment of their own ([`HUGE_CLASS`]).
+
+/// Classes served from shared pages (16 B ..= 64 KiB).
+pub const PAGED_CLASSES: usize = 44;
+/// Pseudo-class of blocks that own a page span inside a segment.
+pub const LARGE_CLASS: usize = PAGED_CLASSES;
+/// Pseudo-class of blocks that own a whole segment.
+pub const HUGE_CLASS: usize = PAGED_CLASSES + 1;
+/// Number of classes that statistics are kept for.
+pub const STAT_CLASSES: usize = PAGED_CLASSES + 2;
+
+/// Largest block served from a one-slot (64 KiB) page.
+pub const MAX_SMALL_SIZE: usize = 8 * 1024;
+/// Largest block served from a shared page.
+pub const MAX_PAGED_SIZE: usize = 64 * 1024;
+/// Largest block served from a span inside a segment; above it, a segment of its own.
+pub const MAX_LARGE_SIZE: usize = 2 * 1024 * 1024;
+/// Slots (64 KiB each) of a page for classes above [`MAX_SMALL_SIZE`].
+pub const MEDIUM_PAGE_SLOTS: usize = 8;
+
+/// The block size of paged class `class` (`class < PAGED_CLASSES`).
+pub const fn class_size(class: usize) -> usize {
+    if class < 8 {
+        (class + 1) * 16
+    } else {
+        let k = 7 + (class - 8) / 4;
+        let step = (class - 8) % 4;
+        (1 << k) + (step + 1) * (1 << (k - 2))
+    }
+}
+
+/// The paged class serving `size` bytes (`size <= MAX_PAGED_SIZE`); 0 is served as 1.
+#[inline(always)]
+pub const fn class_of(size: usize) -> usize {
+    if size <= 128 {
+        // size 0 maps to class 0 too: (0 + 15) / 16 = 0, saturating below.
+        let c = (size + 15) >> 4;
+        if c == 0 {
+            0
+        } else {
+            c - 1
+        }
+    } else {
+        let s = size - 1;
+        let k = (usize::BITS - 1 - s.leading_zeros()) as usize;
+        let step = (s >> (k - 2)) & 3;
+        8 + (k - 7) * 4 + step
+    }
+}
+
+/// Slots of 64 KiB that a page of paged class `class` spans.
+pub const fn page_slots(class: usize) -> usize {
+    if class_size(class) <= MAX_SMALL_SIZE {
+        1
+    } else {
+        MEDIUM_PAGE_SLOTS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_are_increasing_aligned_and_end_at_64k() {
+        for c in 0..PAGED_CLASSES {
+            assert_eq!(class_size(c) % 16, 0, "class {c}");
+            if c > 0 {
+                assert!(class_size(c) > class_size(c - 1));
+            }
+        }
+        assert_eq!(class_size(PAGED_CLASSES - 1), MAX_PAGED_SIZE);
+    }
+
+    #[test]
+    fn class_of_is_the_smallest_class_that_fits() {
+        for size in 0..=MAX_PAGED_SIZE {
+            let c = class_of(size);
+            assert!(c < PAGED_CLASSES, "size {size}");
+            assert!(class_size(c) >= size.max(1), "size {size} class {c}");
+            if c > 0 {
+                assert!(class_size(c - 1) < size, "size {size} fits a smaller class");
+            }
+        }
+    }
+
+    #[test]
+    fn waste_is_bounded() {
+        for size in 129..=MAX_PAGED_SIZE {
+            let bs = class_size(class_of(size));
+            assert!((bs - size) * 4 <= size, "size {size} -> {bs}");
+        }
+    }
+
+    #[test]
+    fn pages_hold_at_least_eight_blocks() {
+        for c in 0..PAGED_CLASSES {
+            assert!(page_slots(c) * 64 * 1024 / class_size(c) >= 8, "class {c}");
+        }
+    }
+}

@@ -1,0 +1,470 @@
+//! Tests of the allocator (`interheap_engine::heap`): single-owner use,
+//! remote frees across threads, ending and adoption, exact figures, and a
+//! property test against a model.
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::thread;
+
+use interheap_engine::heap::{self, size_class, Heap, HeapLabel, HeapPool, Realloc, NO_OWNER};
+use proptest::prelude::*;
+
+fn label(id: i64) -> HeapLabel {
+    HeapLabel { kind: 1, id, part: 0 }
+}
+
+/// Fills a block with a pattern derived from its address and a seed.
+fn fill(p: *mut u8, len: usize, seed: u8) {
+    for i in 0..len {
+        // SAFETY: the block is ours and `len` bytes long.
+        unsafe { *p.add(i) = seed.wrapping_add(i as u8) };
+    }
+}
+
+fn check(p: *const u8, len: usize, seed: u8) -> bool {
+    // SAFETY: the block is ours and `len` bytes long.
+    (0..len).all(|i| unsafe { *p.add(i) } == seed.wrapping_add(i as u8))
+}
+
+const SIZES: &[usize] = &[
+    0,
+    1,
+    8,
+    16,
+    17,
+    100,
+    128,
+    129,
+    512,
+    513,
+    1000,
+    4096,
+    8192,
+    8193,
+    30_000,
+    65_536,
+    65_537,
+    200_000,
+    2 << 20,
+    (2 << 20) + 1,
+    5 << 20,
+];
+
+#[test]
+fn blocks_are_aligned_distinct_usable_and_counted() {
+    let h = Heap::new(label(1), 0x10);
+    let mut blocks = Vec::new();
+    for (i, &size) in SIZES.iter().enumerate() {
+        // SAFETY: this thread owns `h`.
+        let p = unsafe { h.alloc(size) };
+        assert!(!p.is_null(), "size {size}");
+        assert_eq!(p as usize % 16, 0, "size {size}");
+        assert!(heap::owns(p), "size {size}");
+        // SAFETY: `p` is live.
+        let usable = unsafe { heap::usable_size(p) }.unwrap();
+        assert!(usable >= size.max(1), "size {size} usable {usable}");
+        fill(p, size, i as u8);
+        blocks.push((p, size, i as u8, usable));
+    }
+    let snap = h.snapshot();
+    let usable_total: usize = blocks.iter().map(|b| b.3).sum();
+    assert_eq!(snap.live_bytes, usable_total as i64);
+    assert_eq!(snap.peak_bytes, usable_total as u64);
+    assert_eq!(snap.allocations(), SIZES.len() as u64);
+    assert_eq!(snap.live_blocks(), SIZES.len() as u64);
+    assert_eq!(snap.huge().allocations, 2, "2 MiB + 1 and 5 MiB get segments of their own");
+    for &(p, size, seed, _) in &blocks {
+        assert!(check(p, size, seed), "size {size} was overwritten");
+        // SAFETY: `p` is live and the owner frees it.
+        assert!(unsafe { heap::free(p, |_| 0x10) });
+    }
+    let snap = h.snapshot();
+    assert_eq!(snap.live_bytes, 0);
+    assert_eq!(snap.live_blocks(), 0);
+    assert_eq!(snap.frees(), SIZES.len() as u64);
+    assert_eq!(snap.remote_frees(), 0);
+    assert_eq!(snap.peak_bytes, usable_total as u64, "peak survives the frees");
+}
+
+#[test]
+fn pointers_that_are_not_ours_are_refused_untouched() {
+    let h = Heap::new(label(2), 0x20);
+    let on_stack = [0u8; 64];
+    let boxed = Box::new([0u8; 64]);
+    for p in [on_stack.as_ptr(), boxed.as_ptr()] {
+        assert!(!heap::owns(p));
+        // SAFETY: not ours, so free touches nothing and reports false.
+        assert!(!unsafe { heap::free(p as *mut u8, |_| 0x20) });
+        // SAFETY: as above.
+        assert_eq!(unsafe { heap::usable_size(p) }, None);
+    }
+    // SAFETY: this thread owns `h`.
+    let p = unsafe { h.alloc(48) };
+    assert!(heap::owns(p));
+    // SAFETY: interior pointers are only inspected.
+    assert!(!heap::owns(unsafe { p.add(8) }), "interior pointer");
+    // SAFETY: the page header is not a block.
+    assert!(!heap::owns((p as usize & !(heap::os::SEGMENT_SIZE - 1)) as *const u8), "segment header");
+    // SAFETY: `p` is live; its owner frees it.
+    unsafe { heap::free(p, |_| 0x20) };
+}
+
+#[test]
+fn calloc_zeroes_recycled_blocks_and_checks_overflow() {
+    let h = Heap::new(label(3), 0x30);
+    for size in [24usize, 3000, 100_000] {
+        // SAFETY: this thread owns `h`.
+        let p = unsafe { h.alloc(size) };
+        fill(p, size, 0xAB);
+        // SAFETY: the owner frees its block.
+        unsafe { heap::free(p, |_| 0x30) };
+        // SAFETY: this thread owns `h`.
+        let q = unsafe { h.alloc_zeroed(1, size) };
+        // SAFETY: `q` is `size` bytes.
+        assert!(unsafe { std::slice::from_raw_parts(q, size) }.iter().all(|&b| b == 0), "size {size}");
+        // SAFETY: the owner frees its block.
+        unsafe { heap::free(q, |_| 0x30) };
+    }
+    // SAFETY: this thread owns `h`.
+    assert!(unsafe { h.alloc_zeroed(usize::MAX / 2, 3) }.is_null());
+    assert_eq!(h.snapshot().failures, 1);
+}
+
+#[test]
+fn realloc_keeps_contents_and_forwards_foreign_pointers() {
+    let h = Heap::new(label(4), 0x40);
+    // SAFETY: this thread owns `h`.
+    let mut p = unsafe { h.alloc(10) };
+    fill(p, 10, 7);
+    let mut len = 10;
+    for new_len in [12, 100, 5000, 70_000, 3 << 20, 40, 8] {
+        // SAFETY: `p` is live; the owner reallocates.
+        let Realloc::Done(q) = (unsafe { h.realloc(p, new_len, |_| 0x40) }) else { panic!("ours") };
+        assert!(!q.is_null());
+        assert!(check(q, len.min(new_len), 7), "{len} -> {new_len}");
+        fill(q, new_len, 7);
+        p = q;
+        len = new_len;
+    }
+    let same = p;
+    // SAFETY: shrinking within the class keeps the block.
+    assert_eq!(unsafe { h.realloc(p, 16, |_| 0x40) }, Realloc::Done(same));
+    let foreign = Box::into_raw(Box::new(5u64)) as *mut u8;
+    // SAFETY: a foreign block is only looked up.
+    assert_eq!(unsafe { h.realloc(foreign, 64, |_| 0x40) }, Realloc::NotOurs);
+    // SAFETY: it was a Box.
+    drop(unsafe { Box::from_raw(foreign as *mut u64) });
+    // SAFETY: the owner frees its block.
+    unsafe { heap::free(p, |_| 0x40) };
+    let snap = h.snapshot();
+    assert_eq!(snap.live_bytes, 0);
+    assert_eq!(snap.live_blocks(), 0);
+    assert_eq!(snap.reallocations, 8);
+}
+
+#[test]
+fn remote_frees_are_counted_at_once_and_reclaimed_by_the_owner() {
+    let h = Heap::new(label(5), 0x50);
+    // SAFETY: this thread owns `h`.
+    let blocks: Vec<usize> = (0..1000).map(|_| unsafe { h.alloc(64) } as usize).collect();
+    let before = h.snapshot();
+    thread::spawn(move || {
+        for p in blocks {
+            // SAFETY: each block is live and handed over; this thread is not the owner.
+            assert!(unsafe { heap::free(p as *mut u8, |_| NO_OWNER) });
+        }
+    })
+    .join()
+    .unwrap();
+    let after = h.snapshot();
+    assert_eq!(after.remote_frees(), 1000);
+    assert_eq!(after.live_bytes, before.live_bytes - 64 * 1000);
+    assert_eq!(after.live_blocks(), 0);
+    // The owner gets the memory back: 1000 more blocks need no new segment.
+    let mapped = after.mapped_bytes;
+    // SAFETY: this thread owns `h`.
+    let again: Vec<*mut u8> = (0..1000).map(|_| unsafe { h.alloc(64) }).collect();
+    assert_eq!(h.snapshot().mapped_bytes, mapped);
+    for p in again {
+        // SAFETY: the owner frees its blocks.
+        unsafe { heap::free(p, |_| 0x50) };
+    }
+}
+
+#[test]
+fn an_ended_heap_keeps_live_blocks_valid_and_returns_the_rest() {
+    let h = Heap::new(label(6), 0x60);
+    // SAFETY: this thread owns `h` until it ends it.
+    let keep: Vec<*mut u8> = (0..100).map(|i| unsafe { h.alloc(16 + i * 40) }).collect();
+    for (i, &p) in keep.iter().enumerate() {
+        fill(p, 16 + i * 40, i as u8);
+    }
+    // SAFETY: as above.
+    let drop_now: Vec<*mut u8> = (0..20_000).map(|_| unsafe { h.alloc(256) }).collect();
+    // SAFETY: as above.
+    let big = unsafe { h.alloc(3 << 20) };
+    for p in drop_now {
+        // SAFETY: the owner frees its blocks.
+        unsafe { heap::free(p, |_| 0x60) };
+    }
+    let mapped_before = h.snapshot().mapped_bytes;
+    // SAFETY: the owner ends its own heap and never uses it as owner again.
+    unsafe { h.end() };
+    let ended = h.snapshot();
+    assert!(ended.ended);
+    assert_eq!(ended.live_blocks(), 101);
+    assert!(ended.mapped_bytes <= mapped_before);
+    for (i, &p) in keep.iter().enumerate() {
+        assert!(check(p, 16 + i * 40, i as u8), "block {i} changed after end");
+    }
+    let (tx, rx) = mpsc::channel::<usize>();
+    let freer = thread::spawn(move || {
+        for p in rx {
+            // SAFETY: live blocks handed over; nobody owns an ended heap.
+            unsafe { heap::free(p as *mut u8, |_| NO_OWNER) };
+        }
+    });
+    for p in keep {
+        tx.send(p as usize).unwrap();
+    }
+    tx.send(big as usize).unwrap();
+    drop(tx);
+    freer.join().unwrap();
+    let done = h.snapshot();
+    assert_eq!(done.live_blocks(), 0);
+    assert_eq!(done.live_bytes, 0);
+    assert_eq!(done.mapped_bytes, 0, "an ended heap with no live block holds no memory");
+}
+
+#[test]
+fn a_pool_reuses_ended_heaps_and_keeps_their_figures() {
+    static POOL: HeapPool = HeapPool::new();
+    let first = POOL.acquire(label(7), 0x70);
+    // SAFETY: this thread owns `first`.
+    let p = unsafe { first.alloc(100) };
+    // SAFETY: the owner is done with it.
+    unsafe { POOL.release(first) };
+    let second = POOL.acquire(label(7), 0x71);
+    assert!(std::ptr::eq(first, second), "the ended heap is adopted");
+    assert!(!second.is_ended());
+    assert_eq!(second.snapshot().live_blocks(), 1);
+    // The new owner frees the old owner's block as its own.
+    // SAFETY: `p` is live and `second` is now ours.
+    unsafe { heap::free(p, |_| 0x71) };
+    let snap = second.snapshot();
+    assert_eq!((snap.allocations(), snap.frees(), snap.live_bytes), (1, 1, 0));
+}
+
+#[test]
+fn threads_passing_blocks_around_keep_contents_and_exact_figures() {
+    const THREADS: usize = 4;
+    const ROUNDS: usize = 20_000;
+    let heaps: Vec<&'static Heap> =
+        (0..THREADS).map(|t| Heap::new(label(100 + t as i64), 0x1000 + t * 16)).collect();
+    let (senders, receivers): (Vec<_>, Vec<_>) =
+        (0..THREADS).map(|_| mpsc::channel::<(usize, usize, u8)>()).unzip();
+    let handles: Vec<_> = receivers
+        .into_iter()
+        .enumerate()
+        .map(|(t, rx)| {
+            let heap = heaps[t];
+            let next = senders[(t + 1) % THREADS].clone();
+            thread::spawn(move || {
+                let token = 0x1000 + t * 16;
+                let mut rng = t as u64 * 7919 + 1;
+                let mut mine = Vec::new();
+                for round in 0..ROUNDS {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    let size = match rng % 100 {
+                        0 => 100_000 + (rng as usize >> 8) % 300_000,
+                        1..=10 => 600 + (rng as usize >> 8) % 9000,
+                        _ => (rng as usize >> 8) % 512,
+                    };
+                    // SAFETY: this thread owns its heap.
+                    let p = unsafe { heap.alloc(size) };
+                    fill(p, size, round as u8);
+                    if rng % 3 == 0 {
+                        next.send((p as usize, size, round as u8)).unwrap();
+                    } else {
+                        mine.push((p as usize, size, round as u8));
+                    }
+                    if mine.len() > 64 {
+                        let (q, len, seed) = mine.swap_remove((rng as usize >> 3) % mine.len());
+                        assert!(check(q as *const u8, len, seed));
+                        // SAFETY: live block of ours (or received): free with our token.
+                        unsafe { heap::free(q as *mut u8, |_| token) };
+                    }
+                    while let Ok(received) = rx.try_recv() {
+                        mine.push(received);
+                    }
+                }
+                drop(next);
+                for (q, len, seed) in mine.drain(..) {
+                    assert!(check(q as *const u8, len, seed));
+                    // SAFETY: as above.
+                    unsafe { heap::free(q as *mut u8, |_| token) };
+                }
+                (rx, token)
+            })
+        })
+        .collect();
+    drop(senders);
+    let leftovers: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for (rx, token) in leftovers {
+        for (q, len, seed) in rx.try_iter() {
+            assert!(check(q as *const u8, len, seed));
+            // SAFETY: live block; any token frees it correctly.
+            unsafe { heap::free(q as *mut u8, |_| token) };
+        }
+    }
+    let mut remote = 0;
+    for heap in &heaps {
+        let s = heap.snapshot();
+        assert_eq!(s.live_blocks(), 0, "{:?}", s.label);
+        assert_eq!(s.live_bytes, 0, "{:?}", s.label);
+        assert_eq!(s.allocations(), ROUNDS as u64);
+        remote += s.remote_frees();
+    }
+    assert!(remote > (ROUNDS * THREADS / 10) as u64, "blocks crossed threads: {remote}");
+}
+
+/// Operations of the model test.
+#[derive(Debug, Clone)]
+enum Op {
+    Alloc {
+        heap: usize,
+        size: usize,
+        zeroed: bool,
+    },
+    /// Free the n-th live block, as the owner of heap `by` (which may not own it).
+    Free {
+        nth: usize,
+        by: usize,
+    },
+    Realloc {
+        nth: usize,
+        heap: usize,
+        size: usize,
+    },
+    End {
+        heap: usize,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let size = prop_oneof![0usize..600, 600usize..70_000, Just(3 << 20)];
+    prop_oneof![
+        6 => (0usize..3, size.clone(), any::<bool>()).prop_map(|(heap, size, zeroed)| Op::Alloc { heap, size, zeroed }),
+        4 => (any::<usize>(), 0usize..3).prop_map(|(nth, by)| Op::Free { nth, by }),
+        2 => (any::<usize>(), 0usize..3, size).prop_map(|(nth, heap, size)| Op::Realloc { nth, heap, size }),
+        1 => (0usize..3).prop_map(|heap| Op::End { heap }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Three heaps, owners simulated by tokens on one thread. The model
+    /// tracks every live block; after every step each heap's live bytes and
+    /// blocks equal the model's, and every block keeps its contents.
+    #[test]
+    fn heaps_match_a_model(ops in proptest::collection::vec(op(), 1..300)) {
+        let heaps: Vec<&'static Heap> = (0..3).map(|i| Heap::new(label(1000 + i), 0x9000 + i as usize * 16)).collect();
+        let token = |i: usize| 0x9000 + i * 16;
+        let mut ended = [false; 3];
+        // address -> (owning heap, size, seed)
+        let mut live: Vec<(usize, usize, usize, u8)> = Vec::new();
+        let mut seed = 0u8;
+        for op in ops {
+            seed = seed.wrapping_add(1);
+            match op {
+                Op::Alloc { heap, size, zeroed } => {
+                    if ended[heap] { continue; }
+                    // SAFETY: we act as the heap's owner (its token), single-threaded.
+                    let p = unsafe { if zeroed { heaps[heap].alloc_zeroed(1, size) } else { heaps[heap].alloc(size) } };
+                    prop_assert!(!p.is_null());
+                    if zeroed {
+                        // SAFETY: `p` is `size` bytes.
+                        let zero = unsafe { std::slice::from_raw_parts(p, size) }.iter().all(|&b| b == 0);
+                        prop_assert!(zero);
+                    }
+                    fill(p, size, seed);
+                    live.push((p as usize, heap, size, seed));
+                }
+                Op::Free { nth, by } => {
+                    if live.is_empty() { continue; }
+                    let (p, _, size, s) = live.swap_remove(nth % live.len());
+                    prop_assert!(check(p as *const u8, size, s));
+                    let tok = if ended[by] { NO_OWNER } else { token(by) };
+                    // SAFETY: a live block, freed once, by a (simulated) owner or not.
+                    let freed = unsafe { heap::free(p as *mut u8, |_| tok) };
+                    prop_assert!(freed);
+                }
+                Op::Realloc { nth, heap, size } => {
+                    if live.is_empty() || ended[heap] { continue; }
+                    let i = nth % live.len();
+                    let (p, old_heap, old_size, s) = live[i];
+                    let tok = token(heap);
+                    // SAFETY: we act as `heap`'s owner; `p` is live.
+                    let Realloc::Done(q) = (unsafe { heaps[heap].realloc(p as *mut u8, size, |_| tok) }) else {
+                        return Err(TestCaseError::fail("our block"));
+                    };
+                    prop_assert!(check(q, old_size.min(size), s));
+                    fill(q, size, s);
+                    let owner = if q as usize == p { old_heap } else { heap };
+                    live[i] = (q as usize, owner, size, s);
+                }
+                Op::End { heap } => {
+                    // SAFETY: the simulated owner stops using the heap.
+                    unsafe { heaps[heap].end() };
+                    ended[heap] = true;
+                }
+            }
+            for (h, heap) in heaps.iter().enumerate() {
+                let snap = heap.snapshot();
+                let mine: Vec<_> = live.iter().filter(|b| b.1 == h).collect();
+                // SAFETY: every block in the model is live.
+                let bytes: usize = mine.iter().map(|b| unsafe { heap::usable_size(b.0 as *const u8) }.unwrap()).sum();
+                prop_assert_eq!(snap.live_blocks(), mine.len() as u64);
+                prop_assert_eq!(snap.live_bytes, bytes as i64);
+                prop_assert!(snap.peak_bytes >= bytes as u64);
+                prop_assert_eq!(snap.ended, ended[h]);
+            }
+        }
+        for (p, _, size, s) in live {
+            prop_assert!(check(p as *const u8, size, s));
+            // SAFETY: live block.
+            unsafe { heap::free(p as *mut u8, |_| NO_OWNER) };
+        }
+        for heap in &heaps {
+            // SAFETY: nobody uses them any more.
+            unsafe { heap.end() };
+            let snap = heap.snapshot();
+            prop_assert_eq!(snap.live_blocks(), 0);
+            prop_assert_eq!(snap.mapped_bytes, 0);
+        }
+    }
+}
+
+#[test]
+fn size_classes_serve_every_small_size_exactly() {
+    let h = Heap::new(label(8), 0x80);
+    let mut by_class: HashMap<usize, usize> = HashMap::new();
+    for size in 0..=size_class::MAX_PAGED_SIZE {
+        if size % 97 != 0 && size > 1100 {
+            continue;
+        }
+        // SAFETY: this thread owns `h`.
+        let p = unsafe { h.alloc(size) };
+        // SAFETY: live block.
+        let usable = unsafe { heap::usable_size(p) }.unwrap();
+        assert_eq!(usable, size_class::class_size(size_class::class_of(size)));
+        *by_class.entry(usable).or_default() += 1;
+        // SAFETY: the owner frees it.
+        unsafe { heap::free(p, |_| 0x80) };
+    }
+    assert_eq!(h.snapshot().live_blocks(), 0);
+    assert!(by_class.len() > 40);
+}
