@@ -285,7 +285,7 @@ fn threads_passing_blocks_around_keep_contents_and_exact_figures() {
                     // SAFETY: this thread owns its heap.
                     let p = unsafe { heap.alloc(size) };
                     fill(p, size, round as u8);
-                    if rng % 3 == 0 {
+                    if rng.is_multiple_of(3) {
                         next.send((p as usize, size, round as u8)).unwrap();
                     } else {
                         mine.push((p as usize, size, round as u8));
@@ -453,7 +453,7 @@ fn size_classes_serve_every_small_size_exactly() {
     let h = Heap::new(label(8), 0x80);
     let mut by_class: HashMap<usize, usize> = HashMap::new();
     for size in 0..=size_class::MAX_PAGED_SIZE {
-        if size % 97 != 0 && size > 1100 {
+        if !size.is_multiple_of(97) && size > 1100 {
             continue;
         }
         // SAFETY: this thread owns `h`.
