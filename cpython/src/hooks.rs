@@ -229,7 +229,7 @@ fn ffi_domain(domain: Domain) -> PyMemAllocatorDomain {
     }
 }
 
-fn get_allocator(domain: Domain) -> PyMemAllocatorEx {
+pub(crate) fn get_allocator(domain: Domain) -> PyMemAllocatorEx {
     let mut current =
         PyMemAllocatorEx { ctx: null_mut(), malloc: None, calloc: None, realloc: None, free: None };
     // SAFETY: PyMem_GetAllocator only copies the domain's allocator struct
@@ -238,7 +238,7 @@ fn get_allocator(domain: Domain) -> PyMemAllocatorEx {
     current
 }
 
-fn set_allocator(domain: Domain, mut allocator: PyMemAllocatorEx) {
+pub(crate) fn set_allocator(domain: Domain, mut allocator: PyMemAllocatorEx) {
     // SAFETY: `allocator` is a complete, valid allocator struct; CPython
     // copies it. The caller holds CONTROL and, per the module docs, no other
     // thread allocates during install/uninstall.

@@ -13,8 +13,15 @@
 //!   block in the engine's [`interheap_engine::Tracker`] (option 6 of the
 //!   design discussion), plus installing and removing them.
 //!
+//! * [`allocator`]: interheap's own allocator as CPython's allocator, installed
+//!   before initialization: one heap per interpreter for mem and object, a
+//!   shared per-thread heap for raw (options 1 and 4 of the design discussion).
+//!
 //! Nothing here calls Python, raises, or unwinds from a hook (fact 8).
 
+pub mod allocator;
+#[cfg(feature = "c-api")]
+pub mod c_api;
 pub mod hook_thread;
 pub mod hooks;
 pub mod interp;

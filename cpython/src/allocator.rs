@@ -1,0 +1,561 @@
+//! The interheap allocator as CPython's allocator: one heap per interpreter.
+//!
+//! Installed before `Py_Initialize` (after `Py_PreInitialize`), this module
+//! *replaces* CPython's allocators (DESIGN.md fact 2 allows that only before
+//! initialization) with the engine's heaps (`interheap_engine::heap`):
+//!
+//! * **mem and object** calls made in interpreter *I* come from *I*'s own two
+//!   heaps (one per domain, so figures stay per domain). CPython makes these
+//!   calls only while holding *I*'s GIL, so that GIL is the heaps' owner: the
+//!   fast path takes no lock and no atomic read-modify-write. The owner token
+//!   is derived from the interpreter ID (fact 6: never reused, unlike
+//!   `PyInterpreterState*`).
+//! * **raw** calls, and mem/object calls made without a thread state, come
+//!   from the *shared* heap: one engine heap per thread (a thread cache),
+//!   adopted from a pool when a thread starts, ended when it exits.
+//! * A block freed by anyone who is not its heap's owner (another
+//!   interpreter, another thread, no thread state) goes onto the owner's
+//!   remote-free list and is counted there as a remote (cross-interpreter, or
+//!   cross-thread) free. Mixed-up domains (`PyMem_Free` on an object block)
+//!   are served correctly, because the block's heap is found from its address.
+//! * Pointers that are not ours (allocated before installation by the
+//!   previous allocator) are recognised through the segment map without
+//!   being touched, and handed back to the previous allocator.
+//! * When CPython frees an interpreter's state (`PyInterpreterState_Delete`
+//!   ends with `PyMem_RawFree` of the struct; no thread of it can run after
+//!   that), the interpreter's heaps end: their figures are final, their free
+//!   memory goes back to the OS, and what it leaked stays valid and reported.
+//! * Free-threaded builds keep CPython's mimalloc for mem and object (fact
+//!   3): installing those domains there is refused; raw is served.
+//!
+//! # Concurrency invariants
+//!
+//! * An interpreter heap is touched as owner only by a thread whose current
+//!   thread state belongs to that interpreter: it holds that interpreter's
+//!   GIL (CPython's rule for mem and object calls). The free path checks the
+//!   token of the *current* interpreter against the block's heap.
+//! * A thread heap is owned by its thread; its token is the address of the
+//!   thread's own thread-local slot (even), interpreter tokens are odd.
+//! * After its thread-local destructor ran, a thread allocates from one
+//!   process-wide *exiting* heap whose owner is whoever holds [`EXITING`].
+//! * [`INTERPRETERS`] is only changed under its lock; heaps are never freed.
+
+use std::cell::Cell;
+use std::ffi::c_void;
+use std::fmt;
+use std::ptr;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
+
+use interheap_engine::heap::{self, Heap, HeapLabel, HeapPool, HeapSnapshot, Realloc, NO_OWNER};
+use interheap_engine::shard_lock::ShardLock;
+use interheap_engine::Domain;
+use pyo3_ffi as ffi;
+use pyo3_ffi::PyMemAllocatorEx;
+
+use crate::hooks::{get_allocator, set_allocator};
+
+/// Label kind of an interpreter's heap (`id` = interpreter ID, `part` = domain).
+pub const KIND_INTERPRETER: u8 = 1;
+/// Label kind of a thread's share of the shared heap.
+pub const KIND_THREAD: u8 = 2;
+/// Label kind of the heap threads use after their thread-local state is gone.
+pub const KIND_EXITING: u8 = 3;
+
+/// A set of allocator domains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Domains(pub u8);
+
+impl Domains {
+    pub const RAW: Domains = Domains(1 << Domain::Raw as u8);
+    pub const MEM: Domains = Domains(1 << Domain::Mem as u8);
+    pub const OBJECT: Domains = Domains(1 << Domain::Object as u8);
+    pub const ALL: Domains = Domains(0b111);
+
+    pub fn contains(self, domain: Domain) -> bool {
+        self.0 & (1 << domain as u8) != 0
+    }
+
+    /// The domains this build lets the allocator serve: all three, or raw
+    /// only on free-threaded builds (fact 3).
+    pub fn supported() -> Domains {
+        if cfg!(Py_GIL_DISABLED) {
+            Domains::RAW
+        } else {
+            Domains::ALL
+        }
+    }
+
+    /// Names, as in reports ("raw", "mem", "object").
+    pub fn names(self) -> Vec<&'static str> {
+        Domain::ALL.iter().filter(|d| self.contains(**d)).map(|d| d.name()).collect()
+    }
+}
+
+/// Why the allocator could not be installed. Nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InstallError {
+    /// Python is already initialized: only wrapping is allowed now (fact 2).
+    AlreadyInitialized,
+    /// The allocator is already installed.
+    AlreadyInstalled,
+    /// No domain was asked for, or an unknown one.
+    NoDomains,
+    /// mem or object was asked for on a free-threaded build (fact 3).
+    FreeThreadedKeepsMimalloc,
+}
+
+impl fmt::Display for InstallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            InstallError::AlreadyInitialized => {
+                "Python is already initialized: the interheap allocator must be installed after \
+                 Py_PreInitialize() and before Py_Initialize() (after that, allocators may only be \
+                 wrapped; use interheap's hooks instead)"
+            }
+            InstallError::AlreadyInstalled => "the interheap allocator is already installed",
+            InstallError::NoDomains => "no valid allocator domain was given (raw=1, mem=2, object=4)",
+            InstallError::FreeThreadedKeepsMimalloc => {
+                "this is a free-threaded build: the mem and object domains must stay CPython's \
+                 mimalloc (the GC walks its heaps), so the interheap allocator can serve only the \
+                 raw domain here"
+            }
+        })
+    }
+}
+
+impl std::error::Error for InstallError {}
+
+/// Domains the allocator serves (0 until installed).
+static INSTALLED: AtomicU8 = AtomicU8::new(0);
+
+/// What each domain had before installation: it frees pointers that are not ours.
+struct Previous([PyMemAllocatorEx; Domain::COUNT]);
+// SAFETY: CPython's allocator structs are plain function pointers and ctx
+// values, meant to be called from any thread (the previous allocators are
+// CPython's own, which are usable from any thread within their rules).
+unsafe impl Send for Previous {}
+// SAFETY: as above; the struct is never changed after it is set.
+unsafe impl Sync for Previous {}
+static PREVIOUS: OnceLock<Previous> = OnceLock::new();
+
+/// Installs the interheap allocator for `domains`.
+///
+/// Call it after `Py_PreInitialize*()` (which may set up its own allocators,
+/// for example from `PYTHONMALLOC`) and before `Py_Initialize*()`. To keep
+/// CPython's debug hooks, call `PyMem_SetupDebugHooks()` afterwards.
+pub fn install_before_init(domains: Domains) -> Result<(), InstallError> {
+    if domains.0 == 0 || domains.0 & !Domains::ALL.0 != 0 {
+        return Err(InstallError::NoDomains);
+    }
+    if domains.0 & !Domains::supported().0 != 0 {
+        return Err(InstallError::FreeThreadedKeepsMimalloc);
+    }
+    // SAFETY: Py_IsInitialized only reads a runtime flag; callable at any time.
+    if unsafe { ffi::Py_IsInitialized() } != 0 {
+        return Err(InstallError::AlreadyInitialized);
+    }
+    if INSTALLED.load(Ordering::Acquire) != 0 || PREVIOUS.get().is_some() {
+        return Err(InstallError::AlreadyInstalled);
+    }
+    let previous = Previous(Domain::ALL.map(get_allocator));
+    if PREVIOUS.set(previous).is_err() {
+        return Err(InstallError::AlreadyInstalled);
+    }
+    for domain in Domain::ALL {
+        if domains.contains(domain) {
+            set_allocator(domain, our_allocator(domain));
+        }
+    }
+    INSTALLED.store(domains.0, Ordering::Release);
+    Ok(())
+}
+
+/// The domains the interheap allocator serves in this process.
+pub fn installed() -> Domains {
+    Domains(INSTALLED.load(Ordering::Acquire))
+}
+
+fn our_allocator(domain: Domain) -> PyMemAllocatorEx {
+    match domain {
+        Domain::Raw => PyMemAllocatorEx {
+            ctx: ptr::null_mut(),
+            malloc: Some(raw_malloc),
+            calloc: Some(raw_calloc),
+            realloc: Some(raw_realloc),
+            free: Some(raw_free),
+        },
+        Domain::Mem => interp_allocator::<1>(),
+        Domain::Object => interp_allocator::<2>(),
+    }
+}
+
+fn interp_allocator<const D: usize>() -> PyMemAllocatorEx {
+    PyMemAllocatorEx {
+        ctx: ptr::null_mut(),
+        malloc: Some(interp_malloc::<D>),
+        calloc: Some(interp_calloc::<D>),
+        realloc: Some(interp_realloc::<D>),
+        free: Some(interp_free::<D>),
+    }
+}
+
+// ----- the shared heap: one engine heap per thread -----
+
+static THREAD_POOL: HeapPool = HeapPool::new();
+const THREAD_LABEL: HeapLabel = HeapLabel { kind: KIND_THREAD, id: 0, part: Domain::Raw as u8 };
+
+/// Phases of a thread's use of the shared heap.
+const NO_HEAP: u8 = 0;
+const HAS_HEAP: u8 = 1;
+const EXITED: u8 = 2;
+
+thread_local! {
+    /// This thread's heap (null until first use). Its address is the thread's owner token.
+    static THREAD_HEAP: Cell<*const Heap> = const { Cell::new(ptr::null()) };
+    static THREAD_PHASE: Cell<u8> = const { Cell::new(NO_HEAP) };
+    /// Registered on first use; its destructor hands the heap back to the pool.
+    static RELEASE_AT_EXIT: ReleaseAtExit = const { ReleaseAtExit };
+}
+
+struct ReleaseAtExit;
+
+impl Drop for ReleaseAtExit {
+    fn drop(&mut self) {
+        let heap = THREAD_HEAP.with(|h| h.replace(ptr::null()));
+        THREAD_PHASE.with(|p| p.set(EXITED));
+        // SAFETY: the heap is this thread's, and this thread never uses it
+        // as owner again (its phase is now EXITED).
+        if let Some(heap) = unsafe { heap.as_ref() } {
+            // SAFETY: as above; the heap came from THREAD_POOL.
+            unsafe { THREAD_POOL.release(heap) };
+        }
+    }
+}
+
+#[inline(always)]
+fn thread_token() -> usize {
+    THREAD_HEAP.with(|h| h as *const Cell<*const Heap> as usize)
+}
+
+/// The exiting heap and the lock that makes its holder the owner.
+static EXITING: ShardLock<()> = ShardLock::new(());
+static EXITING_HEAP: OnceLock<&'static Heap> = OnceLock::new();
+/// Owner token of the exiting heap (even, never a thread-local address).
+const EXITING_TOKEN: usize = 2;
+
+fn exiting_heap() -> &'static Heap {
+    EXITING_HEAP.get_or_init(|| {
+        Heap::new(HeapLabel { kind: KIND_EXITING, id: 0, part: Domain::Raw as u8 }, EXITING_TOKEN)
+    })
+}
+
+/// Runs `f` with the heap this thread owns in the shared heap: its own, or
+/// (after its thread-local state is gone) the exiting heap under its lock.
+#[inline(always)]
+fn with_thread_heap<R>(f: impl FnOnce(&'static Heap) -> R) -> R {
+    let heap = THREAD_HEAP.with(Cell::get);
+    // SAFETY: a non-null THREAD_HEAP is this thread's active heap (leaked).
+    match unsafe { heap.as_ref() } {
+        Some(heap) => f(heap),
+        None => with_thread_heap_slow(f),
+    }
+}
+
+#[cold]
+fn with_thread_heap_slow<R>(f: impl FnOnce(&'static Heap) -> R) -> R {
+    if THREAD_PHASE.with(Cell::get) == NO_HEAP {
+        let heap = THREAD_POOL.acquire(THREAD_LABEL, thread_token());
+        THREAD_HEAP.with(|h| h.set(heap));
+        THREAD_PHASE.with(|p| p.set(HAS_HEAP));
+        // Registers the destructor. If thread-locals are being torn down
+        // already, registration fails; the heap then stays with this thread
+        // until it exits (its blocks remain valid either way).
+        let _ = RELEASE_AT_EXIT.try_with(|_| ());
+        return f(heap);
+    }
+    let _owner = EXITING.lock();
+    f(exiting_heap())
+}
+
+// ----- interpreter heaps -----
+
+/// One interpreter's heaps, for mem and object.
+struct InterpreterHeaps {
+    id: i64,
+    /// Address of the interpreter's state, to notice when CPython frees it.
+    state: usize,
+    heaps: [&'static Heap; 2],
+    ended: Cell<bool>,
+}
+
+struct Interpreters(Vec<&'static InterpreterHeaps>);
+// SAFETY: the entries are leaked and only changed under the INTERPRETERS lock.
+unsafe impl Send for Interpreters {}
+static INTERPRETERS: ShardLock<Interpreters> = ShardLock::new(Interpreters(Vec::new()));
+
+thread_local! {
+    /// The last interpreter this thread allocated in, and its heaps.
+    static LAST_INTERPRETER: Cell<(i64, *const InterpreterHeaps)> = const { Cell::new((-1, ptr::null())) };
+}
+
+#[inline(always)]
+fn interpreter_token(id: i64) -> usize {
+    ((id as usize) << 1) | 1
+}
+
+/// The current thread state's interpreter: its ID and address.
+#[inline(always)]
+fn current_interpreter() -> Option<(i64, *mut ffi::PyInterpreterState)> {
+    // SAFETY: PyThreadState_GetUnchecked only reads a thread-local (fact 5).
+    let tstate = unsafe { ffi::compat::PyThreadState_GetUnchecked() };
+    if tstate.is_null() {
+        return None;
+    }
+    // SAFETY: our own current thread state; the call reads one field.
+    let interp = unsafe { ffi::PyThreadState_GetInterpreter(tstate) };
+    if interp.is_null() {
+        return None;
+    }
+    // SAFETY: a live interpreter (a thread state of it is current here); for
+    // a non-NULL argument the call only reads the ID.
+    let id = unsafe { ffi::PyInterpreterState_GetID(interp) };
+    (id >= 0).then_some((id, interp))
+}
+
+/// The caller's owner token for `heap` (see the module docs).
+#[inline(always)]
+fn token_for(heap: &Heap) -> usize {
+    match heap.label().kind {
+        KIND_INTERPRETER => match current_interpreter() {
+            Some((id, _)) => interpreter_token(id),
+            None => NO_OWNER,
+        },
+        KIND_THREAD => thread_token(),
+        _ => NO_OWNER,
+    }
+}
+
+/// The heaps of interpreter `id` (created on its first allocation).
+#[inline(always)]
+fn interpreter_heaps(id: i64, state: *mut ffi::PyInterpreterState) -> &'static InterpreterHeaps {
+    let (last_id, last) = LAST_INTERPRETER.with(Cell::get);
+    if last_id == id {
+        // SAFETY: cached entries are leaked InterpreterHeaps.
+        return unsafe { &*last };
+    }
+    interpreter_heaps_slow(id, state)
+}
+
+#[cold]
+fn interpreter_heaps_slow(id: i64, state: *mut ffi::PyInterpreterState) -> &'static InterpreterHeaps {
+    let entry = {
+        let mut all = INTERPRETERS.lock();
+        match all.0.iter().find(|e| e.id == id) {
+            Some(entry) => *entry,
+            None => {
+                let token = interpreter_token(id);
+                let label = |domain: Domain| HeapLabel { kind: KIND_INTERPRETER, id, part: domain as u8 };
+                let entry: &'static InterpreterHeaps = Box::leak(Box::new(InterpreterHeaps {
+                    id,
+                    state: state as usize,
+                    heaps: [Heap::new(label(Domain::Mem), token), Heap::new(label(Domain::Object), token)],
+                    ended: Cell::new(false),
+                }));
+                all.0.push(entry);
+                entry
+            }
+        }
+    };
+    LAST_INTERPRETER.with(|c| c.set((id, entry)));
+    entry
+}
+
+/// CPython is freeing the raw block `[block, block + size)`: if an
+/// interpreter's state lives there, that interpreter is gone; end its heaps.
+#[cold]
+fn end_interpreters_in(block: usize, size: usize) {
+    let all = INTERPRETERS.lock();
+    for entry in all.0.iter() {
+        if !entry.ended.get() && entry.id != 0 && (block..block + size).contains(&entry.state) {
+            entry.ended.set(true);
+            for heap in entry.heaps {
+                // SAFETY: the interpreter's threads are gone (CPython deletes
+                // them before the interpreter state), so no owner can run.
+                unsafe { heap.end() };
+            }
+        }
+    }
+}
+
+/// The smallest raw block that can hold an interpreter state (all of 3.12's
+/// and 3.13's are far larger), so small frees skip the check.
+const MIN_INTERPRETER_STATE: usize = 4096;
+
+// ----- the allocator functions -----
+
+/// Index of the interpreter heap for const domain `D` (1 = mem, 2 = object).
+const fn part<const D: usize>() -> usize {
+    D - 1
+}
+
+extern "C" fn interp_malloc<const D: usize>(_ctx: *mut c_void, size: usize) -> *mut c_void {
+    match current_interpreter() {
+        // SAFETY: mem/object calls hold the GIL of the current interpreter,
+        // which owns that interpreter's heaps (module docs).
+        Some((id, state)) => unsafe {
+            interpreter_heaps(id, state).heaps[part::<D>()].alloc(size) as *mut c_void
+        },
+        // SAFETY: with_thread_heap hands us a heap we own.
+        None => with_thread_heap(|h| unsafe { h.alloc(size) }) as *mut c_void,
+    }
+}
+
+extern "C" fn interp_calloc<const D: usize>(_ctx: *mut c_void, count: usize, size: usize) -> *mut c_void {
+    match current_interpreter() {
+        // SAFETY: as in interp_malloc.
+        Some((id, state)) => unsafe {
+            interpreter_heaps(id, state).heaps[part::<D>()].alloc_zeroed(count, size) as *mut c_void
+        },
+        // SAFETY: with_thread_heap hands us a heap we own.
+        None => with_thread_heap(|h| unsafe { h.alloc_zeroed(count, size) }) as *mut c_void,
+    }
+}
+
+extern "C" fn interp_realloc<const D: usize>(_ctx: *mut c_void, p: *mut c_void, size: usize) -> *mut c_void {
+    let outcome = match current_interpreter() {
+        // SAFETY: as in interp_malloc; `p` is null or a live block per CPython's contract.
+        Some((id, state)) => unsafe {
+            interpreter_heaps(id, state).heaps[part::<D>()].realloc(p as *mut u8, size, token_for)
+        },
+        // SAFETY: with_thread_heap hands us a heap we own.
+        None => with_thread_heap(|h| unsafe { h.realloc(p as *mut u8, size, token_for) }),
+    };
+    match outcome {
+        Realloc::Done(q) => q as *mut c_void,
+        Realloc::NotOurs => forward_realloc(D, p, size),
+    }
+}
+
+extern "C" fn interp_free<const D: usize>(_ctx: *mut c_void, p: *mut c_void) {
+    if p.is_null() {
+        return;
+    }
+    // SAFETY: `p` is a live block that the caller gives up.
+    if !unsafe { heap::free(p as *mut u8, token_for) } {
+        forward_free(D, p);
+    }
+}
+
+extern "C" fn raw_malloc(_ctx: *mut c_void, size: usize) -> *mut c_void {
+    // SAFETY: with_thread_heap hands us a heap we own.
+    with_thread_heap(|h| unsafe { h.alloc(size) }) as *mut c_void
+}
+
+extern "C" fn raw_calloc(_ctx: *mut c_void, count: usize, size: usize) -> *mut c_void {
+    // SAFETY: with_thread_heap hands us a heap we own.
+    with_thread_heap(|h| unsafe { h.alloc_zeroed(count, size) }) as *mut c_void
+}
+
+extern "C" fn raw_realloc(_ctx: *mut c_void, p: *mut c_void, size: usize) -> *mut c_void {
+    // SAFETY: with_thread_heap hands us a heap we own; `p` is null or live.
+    match with_thread_heap(|h| unsafe { h.realloc(p as *mut u8, size, token_for) }) {
+        Realloc::Done(q) => q as *mut c_void,
+        Realloc::NotOurs => forward_realloc(Domain::Raw as usize, p, size),
+    }
+}
+
+extern "C" fn raw_free(_ctx: *mut c_void, p: *mut c_void) {
+    if p.is_null() {
+        return;
+    }
+    // SAFETY: `p` is a live block that the caller gives up; looking up its size reads our header only.
+    if let Some(size) = unsafe { heap::usable_size(p as *const u8) } {
+        if size >= MIN_INTERPRETER_STATE {
+            end_interpreters_in(p as usize, size);
+        }
+    }
+    // SAFETY: as above.
+    if !unsafe { heap::free(p as *mut u8, token_for) } {
+        forward_free(Domain::Raw as usize, p);
+    }
+}
+
+/// Hands a pointer that is not ours to the allocator that made it.
+#[cold]
+fn forward_free(domain: usize, p: *mut c_void) {
+    if let Some(prev) = PREVIOUS.get() {
+        let a = &prev.0[domain];
+        if let Some(free) = a.free {
+            // `p` was allocated by the previous allocator of this domain (it
+            // is not ours), which is still usable.
+            free(a.ctx, p);
+        }
+    }
+}
+
+#[cold]
+fn forward_realloc(domain: usize, p: *mut c_void, size: usize) -> *mut c_void {
+    match PREVIOUS.get().and_then(|prev| prev.0[domain].realloc.map(|r| (r, prev.0[domain].ctx))) {
+        // As in forward_free: the previous allocator made `p`.
+        Some((realloc, ctx)) => realloc(ctx, p, size),
+        None => ptr::null_mut(),
+    }
+}
+
+// ----- figures -----
+
+/// Every heap of the interheap allocator, with its figures.
+pub fn heap_snapshots() -> Vec<HeapSnapshot> {
+    heap::heaps()
+        .filter(|h| matches!(h.label().kind, KIND_INTERPRETER | KIND_THREAD | KIND_EXITING))
+        .map(Heap::snapshot)
+        .collect()
+}
+
+/// The figures as JSON (see `report_json` in the docs of the Python package).
+pub fn report_json() -> String {
+    let mut out = String::from("{\"version\":1,\"installed\":[");
+    let names = installed().names();
+    out.push_str(&names.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(","));
+    out.push_str("],\"heaps\":[");
+    let mut snaps = heap_snapshots();
+    snaps.sort_by_key(|s| (s.label.kind, s.label.id, s.label.part));
+    for (i, s) in snaps.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let kind = match s.label.kind {
+            KIND_INTERPRETER => "interpreter",
+            KIND_THREAD => "thread",
+            _ => "exiting",
+        };
+        let domain = Domain::from_index(s.label.part as usize).map_or("raw", Domain::name);
+        let classes: Vec<String> = s
+            .classes
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.allocations > 0)
+            .map(|(i, c)| format!("[{i},{},{},{},{}]", c.block_size, c.allocations, c.frees, c.remote_frees))
+            .collect();
+        out.push_str(&format!(
+            "{{\"kind\":\"{kind}\",\"id\":{},\"domain\":\"{domain}\",\"ended\":{},\"live_bytes\":{},\
+             \"peak_bytes\":{},\"live_blocks\":{},\"allocations\":{},\"frees\":{},\"remote_frees\":{},\
+             \"reallocations\":{},\"failures\":{},\"mapped_bytes\":{},\"classes\":[{}]}}",
+            s.label.id,
+            s.ended,
+            s.live_bytes,
+            s.peak_bytes,
+            s.live_blocks(),
+            s.allocations(),
+            s.frees(),
+            s.remote_frees(),
+            s.reallocations,
+            s.failures,
+            s.mapped_bytes,
+            classes.join(",")
+        ));
+    }
+    out.push_str("]}");
+    out
+}

@@ -1,0 +1,18 @@
+//! Links the launcher so that it finds its libpython without LD_LIBRARY_PATH
+//! (an rpath to the interpreter's LIBDIR) and exports the allocator's C API
+//! (so `interheap._native` can find it with dlsym).
+fn main() {
+    pyo3_build_config::use_pyo3_cfgs();
+    let config = pyo3_build_config::get();
+    if let Some(dir) = &config.lib_dir {
+        println!("cargo:rustc-link-arg-bins=-Wl,-rpath,{dir}");
+    }
+    for symbol in [
+        "interheap_allocator_install",
+        "interheap_allocator_installed",
+        "interheap_allocator_report_json",
+        "interheap_allocator_free_string",
+    ] {
+        println!("cargo:rustc-link-arg-bins=-Wl,--export-dynamic-symbol={symbol}");
+    }
+}

@@ -1,0 +1,73 @@
+//! `interheap-python`: runs CPython exactly as `python` would, with the
+//! interheap allocator installed before initialization.
+//!
+//! It pre-initializes CPython from its own command line (so `-E`, `-I`,
+//! `-X utf8`, `PYTHONMALLOC` and the rest mean what they mean to `python`),
+//! installs the allocator (`interheap_cpython::allocator`), and hands the
+//! untouched command line to `Py_BytesMain`. `sys.executable` is the launcher,
+//! so subprocesses (multiprocessing, `python -m test -j`, pyperf workers) run
+//! on it too.
+//!
+//! Environment:
+//! * `INTERHEAP_REPORT`: at exit, print the per-interpreter report to stderr
+//!   (`1`, `-` or `stderr`) or write it as JSON to a path (`%p` becomes the
+//!   process ID, so subprocesses do not overwrite each other).
+//! * `INTERHEAP_ALLOCATOR=0`: do not install the allocator (plain CPython).
+//! * `PYTHONMALLOC=malloc|pymalloc|mimalloc` asks CPython for that allocator,
+//!   so the launcher does not install its own; `debug` (and `*_debug`) keeps
+//!   CPython's debug hooks, on top of the interheap allocator.
+
+mod report;
+
+use std::ffi::{c_char, c_int, CString};
+use std::os::unix::ffi::OsStrExt;
+
+use interheap_cpython::allocator::{install_before_init, Domains};
+use pyo3_ffi as ffi;
+
+fn main() {
+    let args: Vec<CString> = std::env::args_os()
+        .map(|a| CString::new(a.as_bytes()).unwrap_or_else(|_| CString::new("?").unwrap()))
+        .collect();
+    let mut argv: Vec<*mut c_char> = args.iter().map(|a| a.as_ptr() as *mut c_char).collect();
+    argv.push(std::ptr::null_mut());
+    let argc = args.len() as c_int;
+
+    let pythonmalloc = std::env::var("PYTHONMALLOC").unwrap_or_default();
+    let wants_ours = std::env::var("INTERHEAP_ALLOCATOR").map_or(true, |v| v != "0")
+        && matches!(
+            pythonmalloc.as_str(),
+            "" | "debug" | "pymalloc_debug" | "malloc_debug" | "mimalloc_debug"
+        );
+    let debug_hooks = pythonmalloc.ends_with("debug");
+
+    // SAFETY: the pre-init config is initialised by CPython before use, and
+    // argv is a NULL-terminated array of NUL-terminated strings that outlives
+    // the calls (it lives until the process exits).
+    unsafe {
+        let mut preconfig = std::mem::MaybeUninit::<ffi::PyPreConfig>::zeroed();
+        ffi::PyPreConfig_InitPythonConfig(preconfig.as_mut_ptr());
+        let status = ffi::Py_PreInitializeFromBytesArgs(
+            preconfig.as_ptr(),
+            argc as ffi::Py_ssize_t,
+            argv.as_mut_ptr(),
+        );
+        if ffi::PyStatus_Exception(status) != 0 {
+            ffi::Py_ExitStatusException(status);
+        }
+    }
+    if wants_ours {
+        if let Err(e) = install_before_init(Domains::supported()) {
+            eprintln!("interheap-python: the interheap allocator was not installed: {e}");
+            std::process::exit(1);
+        }
+        if debug_hooks {
+            // SAFETY: called before initialization, on top of the allocator just installed.
+            unsafe { ffi::PyMem_SetupDebugHooks() };
+        }
+    }
+    report::register_at_exit();
+    // SAFETY: as above; Py_BytesMain runs Python and finalizes it.
+    let code = unsafe { ffi::Py_BytesMain(argc, argv.as_mut_ptr()) };
+    std::process::exit(code);
+}
