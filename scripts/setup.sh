@@ -5,7 +5,8 @@
 #   - one virtual environment per interpreter: .venv for 3.13 (the default),
 #     .venvs/<tag> for the others, with the dev tools and interheap built in
 #     release mode and installed (Cargo target dirs are cached per interpreter
-#     under the cache dir, so a fresh clone rebuilds only interheap's crates).
+#     under the cache dir, so a fresh clone rebuilds only interheap's crates),
+#     plus the interheap-python launcher in each venv's bin/.
 # Usage: scripts/setup.sh [TAG ...]   (default: every interpreter of the matrix)
 set -euo pipefail
 
@@ -49,6 +50,14 @@ while read -r tag python; do
             "$venv/bin/maturin" develop --release --quiet >"$CACHE/build-$tag.log" 2>&1 \
             || { tail -40 "$CACHE/build-$tag.log" >&2; exit 1; }
     )
+    log "$tag: building the interheap-python launcher (release)"
+    (
+        cd "$ROOT"
+        PYO3_PYTHON="$venv/bin/python" CARGO_TARGET_DIR="$CACHE/target/$tag-launcher" \
+            cargo build --release --quiet -p interheap-launcher >>"$CACHE/build-$tag.log" 2>&1 \
+            || { tail -40 "$CACHE/build-$tag.log" >&2; exit 1; }
+    )
+    install -m 755 "$CACHE/target/$tag-launcher/release/interheap-python" "$venv/bin/interheap-python"
     "$venv/bin/python" -c "import interheap; interheap.stats()" \
         || { log "$tag: interheap does not import in $venv"; exit 1; }
     echo "$tag $venv" >> "$ROOT/.venvs.list.tmp"

@@ -5,6 +5,7 @@
 #      and the engine's tests under AddressSanitizer (nightly)
 #   2. Python: ruff
 #   3. pytest on each venv listed in .venvs.list (3.12, 3.13, 3.13t)
+#   4. CPython's own regression tests under interheap-python (scripts/regrtest.sh)
 # Prints one closing line "N passed, N failed" over all pytest runs.
 set -uo pipefail
 
@@ -54,6 +55,9 @@ while read -r tag venv; do
     [ "$rc" -eq 0 ] || failures+=("pytest on $tag (exit $rc)")
     rm -f "$log"
 done < .venvs.list
+
+step "CPython regression tests under interheap-python"
+run scripts/regrtest.sh
 
 echo
 if [ ${#failures[@]} -gt 0 ]; then

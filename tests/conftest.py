@@ -19,6 +19,8 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+# The interheap-python launcher that scripts/setup.sh installs beside the venv's python.
+LAUNCHER = Path(sys.executable).with_name("interheap-python")
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -36,9 +38,11 @@ def run_python(
     env: dict[str, str] | None = None,
     cwd: str | Path | None = None,
     input: str | None = None,
+    launcher: bool = False,
 ) -> subprocess.CompletedProcess:
+    """Runs the venv's python (or, with ``launcher``, interheap-python) with ``args``."""
     return subprocess.run(
-        [sys.executable, *args],
+        [str(LAUNCHER) if launcher else sys.executable, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -48,9 +52,12 @@ def run_python(
     )
 
 
-def scenario(code: str, *, timeout: float = 180, env: dict[str, str] | None = None) -> dict:
-    """Runs ``code`` in a child; returns the dict it passed to ``result(...)``."""
-    proc = run_python(["-c", textwrap.dedent(code)], timeout=timeout, env=env)
+def scenario(
+    code: str, *, timeout: float = 180, env: dict[str, str] | None = None, launcher: bool = False
+) -> dict:
+    """Runs ``code`` in a child (under interheap-python with ``launcher``);
+    returns the dict it passed to ``result(...)``."""
+    proc = run_python(["-c", textwrap.dedent(code)], timeout=timeout, env=env, launcher=launcher)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT:")]
     if proc.returncode != 0 or not lines:
         pytest.fail(

@@ -12,7 +12,11 @@
 //! * `INTERHEAP_REPORT`: at exit, print the per-interpreter report to stderr
 //!   (`1`, `-` or `stderr`) or write it as JSON to a path (`%p` becomes the
 //!   process ID, so subprocesses do not overwrite each other).
-//! * `INTERHEAP_ALLOCATOR=0`: do not install the allocator (plain CPython).
+//! * `INTERHEAP_ALLOCATOR`: which domains the allocator serves: unset or `1`
+//!   for every domain this build supports (raw, mem and object; raw only on
+//!   free-threaded builds), a comma-separated list such as `raw,mem`, or `0`
+//!   for none (plain CPython). Asking for a domain the build cannot serve
+//!   exits with status 2 and says why.
 //! * `PYTHONMALLOC=malloc|pymalloc|mimalloc` asks CPython for that allocator,
 //!   so the launcher does not install its own; `debug` (and `*_debug`) keeps
 //!   CPython's debug hooks, on top of the interheap allocator.
@@ -33,8 +37,15 @@ fn main() {
     argv.push(std::ptr::null_mut());
     let argc = args.len() as c_int;
 
+    let domains = match requested_domains(std::env::var("INTERHEAP_ALLOCATOR").ok().as_deref()) {
+        Ok(domains) => domains,
+        Err(message) => {
+            eprintln!("interheap-python: {message}");
+            std::process::exit(2);
+        }
+    };
     let pythonmalloc = std::env::var("PYTHONMALLOC").unwrap_or_default();
-    let wants_ours = std::env::var("INTERHEAP_ALLOCATOR").map_or(true, |v| v != "0")
+    let wants_ours = domains.0 != 0
         && matches!(
             pythonmalloc.as_str(),
             "" | "debug" | "pymalloc_debug" | "malloc_debug" | "mimalloc_debug"
@@ -57,9 +68,9 @@ fn main() {
         }
     }
     if wants_ours {
-        if let Err(e) = install_before_init(Domains::supported()) {
+        if let Err(e) = install_before_init(domains) {
             eprintln!("interheap-python: the interheap allocator was not installed: {e}");
-            std::process::exit(1);
+            std::process::exit(2);
         }
         if debug_hooks {
             // SAFETY: called before initialization, on top of the allocator just installed.
@@ -70,4 +81,29 @@ fn main() {
     // SAFETY: as above; Py_BytesMain runs Python and finalizes it.
     let code = unsafe { ffi::Py_BytesMain(argc, argv.as_mut_ptr()) };
     std::process::exit(code);
+}
+
+/// The domains `INTERHEAP_ALLOCATOR` asks for (see the module docs).
+fn requested_domains(value: Option<&str>) -> Result<Domains, String> {
+    let value = match value {
+        None | Some("") | Some("1") => return Ok(Domains::supported()),
+        Some("0") => return Ok(Domains(0)),
+        Some(v) => v,
+    };
+    let mut domains = Domains(0);
+    for name in value.split(',').map(str::trim) {
+        domains.0 |= match name {
+            "raw" => Domains::RAW.0,
+            "mem" => Domains::MEM.0,
+            "object" => Domains::OBJECT.0,
+            "all" => Domains::ALL.0,
+            other => {
+                return Err(format!(
+                    "INTERHEAP_ALLOCATOR={value:?}: unknown domain {other:?} (use 0, 1, or a comma-separated \
+                     list of raw, mem, object)"
+                ))
+            }
+        };
+    }
+    Ok(domains)
 }

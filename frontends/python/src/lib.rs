@@ -114,6 +114,67 @@ fn current_interpreter_id() -> Option<i64> {
     interheap_cpython::interp::current_interpreter_id()
 }
 
+/// The interheap allocator's C API, if the process installed it (the
+/// launcher, or an embedding program linked with the embedding library).
+/// Looked up at run time: this module never installs the allocator itself.
+struct AllocatorApi {
+    installed: extern "C" fn() -> std::ffi::c_uint,
+    report_json: extern "C" fn() -> *mut std::ffi::c_char,
+    free_string: unsafe extern "C" fn(*mut std::ffi::c_char),
+}
+
+fn allocator_api() -> Option<AllocatorApi> {
+    fn lookup(name: &std::ffi::CStr) -> Option<*mut std::ffi::c_void> {
+        // SAFETY: dlsym with RTLD_DEFAULT only searches the global symbol scope.
+        let sym = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+        (!sym.is_null()).then_some(sym)
+    }
+    let installed = lookup(c"interheap_allocator_installed")?;
+    let report_json = lookup(c"interheap_allocator_report_json")?;
+    let free_string = lookup(c"interheap_allocator_free_string")?;
+    // SAFETY: these symbols are the C API declared in include/interheap_allocator.h,
+    // with exactly these signatures.
+    unsafe {
+        Some(AllocatorApi {
+            installed: std::mem::transmute::<*mut std::ffi::c_void, extern "C" fn() -> std::ffi::c_uint>(
+                installed,
+            ),
+            report_json: std::mem::transmute::<*mut std::ffi::c_void, extern "C" fn() -> *mut std::ffi::c_char>(
+                report_json,
+            ),
+            free_string: std::mem::transmute::<
+                *mut std::ffi::c_void,
+                unsafe extern "C" fn(*mut std::ffi::c_char),
+            >(free_string),
+        })
+    }
+}
+
+/// Bit mask of the domains the interheap allocator serves in this process
+/// (raw=1, mem=2, object=4); 0 if it is not installed.
+#[pyfunction]
+fn allocator_domains() -> u32 {
+    allocator_api().map_or(0, |api| (api.installed)())
+}
+
+/// The interheap allocator's figures as a JSON string, or None if it is not installed.
+#[pyfunction]
+fn allocator_report_json() -> Option<String> {
+    let api = allocator_api()?;
+    if (api.installed)() == 0 {
+        return None;
+    }
+    let raw = (api.report_json)();
+    if raw.is_null() {
+        return None;
+    }
+    // SAFETY: a NUL-terminated string from the API, freed right after copying.
+    let text = unsafe { std::ffi::CStr::from_ptr(raw) }.to_string_lossy().into_owned();
+    // SAFETY: `raw` came from report_json and is freed once.
+    unsafe { (api.free_string)(raw) };
+    Some(text)
+}
+
 #[pymodule(gil_used = false)]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(install, m)?)?;
@@ -122,5 +183,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(on_top, m)?)?;
     m.add_function(wrap_pyfunction!(snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(current_interpreter_id, m)?)?;
+    m.add_function(wrap_pyfunction!(allocator_domains, m)?)?;
+    m.add_function(wrap_pyfunction!(allocator_report_json, m)?)?;
     Ok(())
 }

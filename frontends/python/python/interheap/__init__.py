@@ -22,13 +22,28 @@ from __future__ import annotations
 from typing import Any
 
 from . import _native
+from ._allocator import (
+    AllocatorStats,
+    HeapStats,
+    InterpreterHeaps,
+    allocator_domains,
+    allocator_installed,
+    allocator_stats,
+    parse_report,
+)
 from ._report import human_bytes
 from ._stats import DOMAINS, DomainStats, InterpreterStats, Snapshot, build_snapshot
 
 __all__ = [
+    "AllocatorStats",
     "DOMAINS",
     "DomainStats",
+    "HeapStats",
     "Hooks",
+    "InterpreterHeaps",
+    "allocator_domains",
+    "allocator_installed",
+    "allocator_stats",
     "InterpreterStats",
     "Snapshot",
     "hooks",
@@ -36,6 +51,7 @@ __all__ = [
     "install",
     "is_installed",
     "on_top",
+    "parse_report",
     "stats",
     "uninstall",
 ]

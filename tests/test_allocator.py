@@ -1,0 +1,140 @@
+"""The interheap allocator under interheap-python: one heap per interpreter,
+exact figures, cross-interpreter frees, ended interpreters, the shared heap."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import FREE_THREADED, scenario
+
+per_interpreter = pytest.mark.skipif(
+    FREE_THREADED, reason="free-threaded builds keep CPython's mimalloc for mem and object (refusal tested)"
+)
+
+
+@per_interpreter
+def test_parallel_interpreters_get_their_own_heaps_with_exact_figures():
+    # Each interpreter keeps N bytearray buffers of a known size; bytearray's
+    # buffer comes from the mem domain, so the mem heap of that interpreter
+    # must grow by N blocks of the matching class, and nobody else's.
+    out = scenario(
+        """
+        import threading, interheap
+        from scenario_support import create, run, destroy, result
+        sizes = {}
+        ids = [create() for _ in range(4)]
+        before = {i: interheap.allocator_stats().interpreter(0).mem.live_blocks for i in [0]}
+        def work(n, interp):
+            run(interp, f"keep = [bytearray({n}) for _ in range(20000)]")
+        threads = [threading.Thread(target=work, args=(1000 * (k + 1), i)) for k, i in enumerate(ids)]
+        [t.start() for t in threads]; [t.join() for t in threads]
+        stats = interheap.allocator_stats()
+        grown = {i: stats.interpreter(i).mem.classes for i in ids}
+        per = {}
+        for k, i in enumerate(ids):
+            n = 1000 * (k + 1) + 1  # bytearray keeps one byte for the NUL
+            per[i] = max(count[0] - count[1] - count[2] for size, count in grown[i].items()
+                         if size >= n and size < n * 1.25 + 16)
+        main_after = stats.interpreter(0).mem.live_blocks
+        for i in ids:
+            destroy(i)
+        ended = interheap.allocator_stats()
+        result(per=list(per.values()), main_grew=main_after - before[0],
+               ended=[ended.interpreter(i).ended for i in ids],
+               leaked=[ended.interpreter(i).mem.live_bytes for i in ids],
+               failures=sum(x.mem.failures + x.object.failures for x in ended.interpreters))
+        """,
+        launcher=True,
+    )
+    assert all(count >= 20000 for count in out["per"]), out
+    assert out["main_grew"] < 1000, "the interpreters' buffers are not charged to main"
+    assert out["ended"] == [True] * 4, "CPython freeing an interpreter ends its heaps"
+    assert all(leak < 1_000_000 for leak in out["leaked"]), "the buffers were freed with their interpreter"
+    assert out["failures"] == 0
+
+
+@per_interpreter
+def test_a_block_freed_in_another_interpreter_goes_back_to_its_owner():
+    # ctypes allocates with PyMem_Malloc in interpreter A; main frees the
+    # block. With pymalloc, freeing a block of another obmalloc state
+    # corrupts memory (DESIGN.md fact 7); here it is a counted remote free.
+    out = scenario(
+        """
+        import ctypes, interheap
+        from scenario_support import create, run, result
+        a = create()
+        run(a, "import ctypes\\n"
+               "ctypes.pythonapi.PyMem_Malloc.restype = ctypes.c_void_p\\n"
+               "ptrs = [ctypes.pythonapi.PyMem_Malloc(5000) for _ in range(100)]\\n"
+               "open('/dev/shm/interheap-ptrs-' + str(__import__('os').getpid()), 'w').write(repr(ptrs))")
+        import os
+        path = '/dev/shm/interheap-ptrs-' + str(os.getpid())
+        ptrs = eval(open(path).read()); os.unlink(path)
+        before = interheap.allocator_stats().interpreter(a).mem
+        ctypes.pythonapi.PyMem_Free.argtypes = [ctypes.c_void_p]
+        for p in ptrs:
+            ctypes.pythonapi.PyMem_Free(p)
+        after = interheap.allocator_stats().interpreter(a).mem
+        main_mem = interheap.allocator_stats().interpreter(0).mem
+        result(remote=after.remote_frees - before.remote_frees,
+               live_drop=before.live_bytes - after.live_bytes,
+               main_remote=main_mem.remote_frees)
+        """,
+        launcher=True,
+    )
+    assert out["remote"] == 100
+    assert out["live_drop"] == 100 * 5120, "5000-byte blocks are in the 5120 class"
+    assert out["main_remote"] == 0
+
+
+def test_raw_calls_without_a_thread_state_use_the_shared_heap():
+    out = scenario(
+        """
+        import ctypes, interheap
+        from scenario_support import result
+        lib = ctypes.CDLL(None)  # CDLL releases the GIL: no thread state during the calls
+        lib.PyMem_RawMalloc.restype = ctypes.c_void_p
+        lib.PyMem_RawFree.argtypes = [ctypes.c_void_p]
+        before = interheap.allocator_stats().shared
+        ptrs = [lib.PyMem_RawMalloc(3000) for _ in range(500)]
+        mid = interheap.allocator_stats().shared
+        for p in ptrs:
+            lib.PyMem_RawFree(p)
+        after = interheap.allocator_stats().shared
+        result(grew=mid.live_bytes - before.live_bytes, back=after.live_bytes - before.live_bytes,
+               allocs=mid.allocations - before.allocations)
+        """,
+        launcher=True,
+    )
+    assert out["grew"] >= 500 * 3072
+    assert out["allocs"] >= 500
+    assert abs(out["back"]) < 64 * 1024
+
+
+def test_many_threads_churning_stay_exact_and_heaps_are_reused():
+    out = scenario(
+        """
+        import threading, queue, interheap
+        from scenario_support import result
+        q = queue.Queue()
+        def producer():
+            for i in range(20000):
+                q.put(bytearray(i % 700))
+        def consumer():
+            for _ in range(20000):
+                q.get()
+        for round in range(3):
+            ts = [threading.Thread(target=producer) for _ in range(4)] + \\
+                 [threading.Thread(target=consumer) for _ in range(4)]
+            [t.start() for t in ts]; [t.join() for t in ts]
+        s = interheap.allocator_stats()
+        heaps = len([h for h in s.raw_json["heaps"] if h["kind"] == "thread"])
+        bad = [h for h in s.raw_json["heaps"]
+               if h["live_blocks"] != sum(a - f - r for _, _, a, f, r in h["classes"])]
+        result(thread_heaps=heaps, inconsistent=len(bad),
+               failures=sum(h["failures"] for h in s.raw_json["heaps"]))
+        """,
+        launcher=True,
+    )
+    assert out["inconsistent"] == 0
+    assert out["failures"] == 0
+    assert out["thread_heaps"] <= 10, "24 threads over 3 rounds adopt ended heaps instead of making new ones"
