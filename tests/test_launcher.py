@@ -92,7 +92,8 @@ def test_report_at_exit_to_stderr_and_json(tmp_path):
 
     path = tmp_path / "report-%p.json"
     proc = launch(
-        "-c", "import os; print(os.getpid()); x = [bytes(64) for _ in range(10000)]",
+        "-c",
+        "import os; print(os.getpid()); x = [bytes(64) for _ in range(10000)]",
         env={"INTERHEAP_REPORT": str(path)},
     )
     written = tmp_path / f"report-{proc.stdout.strip()}.json"
@@ -112,9 +113,10 @@ def test_report_at_exit_to_stderr_and_json(tmp_path):
 def test_invalid_options_are_refused_clearly():
     proc = launch("-c", "pass", env={"INTERHEAP_ALLOCATOR": "raw,heap"})
     assert proc.returncode == 2
-    assert "unknown domain 'heap'".replace("'", '"') in proc.stderr
+    assert 'unknown domain "heap"' in proc.stderr
 
-    proc = launch("-c", "import interheap; print(interheap.allocator_domains())", env={"INTERHEAP_ALLOCATOR": "0"})
+    show = "import interheap; print(interheap.allocator_domains())"
+    proc = launch("-c", show, env={"INTERHEAP_ALLOCATOR": "0"})
     assert proc.stdout.strip() == "()"
 
     proc = launch(
@@ -132,9 +134,8 @@ def test_free_threaded_build_refuses_mem_and_object():
 
 @pytest.mark.skipif(FREE_THREADED, reason="default builds serve every domain")
 def test_default_build_serves_mem_and_object_when_asked():
-    proc = launch(
-        "-c", "import interheap; print(interheap.allocator_domains())", env={"INTERHEAP_ALLOCATOR": "mem,object"}
-    )
+    show = "import interheap; print(interheap.allocator_domains())"
+    proc = launch("-c", show, env={"INTERHEAP_ALLOCATOR": "mem,object"})
     assert proc.stdout.strip() == "('mem', 'object')"
 
 

@@ -35,17 +35,17 @@ from ._report import human_bytes
 from ._stats import DOMAINS, DomainStats, InterpreterStats, Snapshot, build_snapshot
 
 __all__ = [
-    "AllocatorStats",
     "DOMAINS",
+    "AllocatorStats",
     "DomainStats",
     "HeapStats",
     "Hooks",
     "InterpreterHeaps",
+    "InterpreterStats",
+    "Snapshot",
     "allocator_domains",
     "allocator_installed",
     "allocator_stats",
-    "InterpreterStats",
-    "Snapshot",
     "hooks",
     "human_bytes",
     "install",
