@@ -1,5 +1,5 @@
 # interheap: the two commands a fresh machine needs are `make demo` and `make test`.
-.PHONY: setup demo test bench bench-instructions fmt clean
+.PHONY: setup demo test bench bench-instructions bench-allocator bench-allocator-instructions regrtest fmt clean
 
 PYTHON := .venv/bin/python
 
@@ -23,6 +23,19 @@ bench: setup
 # Instructions the hooks add per allocation + free pair (callgrind, repeatable).
 bench-instructions: setup
 	$(PYTHON) bench/hook_instructions.py
+
+# The interheap allocator (interheap-python) vs pymalloc vs CPython's mimalloc, interleaved.
+bench-allocator: setup
+	$(PYTHON) -m pip install -q --disable-pip-version-check pyperformance
+	$(PYTHON) bench/pyperformance_hooks.py --configs none,mimalloc,interheap $(BENCH_ARGS)
+
+# Instructions per PyObject_Malloc(32) + PyObject_Free pair: pymalloc, mimalloc, interheap (callgrind).
+bench-allocator-instructions: setup
+	$(PYTHON) bench/allocator_instructions.py
+
+# CPython's own regression tests under interheap-python (also part of make test).
+regrtest: setup
+	scripts/regrtest.sh
 
 fmt:
 	cargo fmt --all

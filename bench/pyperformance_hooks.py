@@ -3,9 +3,13 @@
 Runs pyperformance's benchmark scripts in pyperf worker mode, one process per run, under
 three configurations, interleaved in one session:
 
-    none         python -u run_benchmark.py [ARGS] --worker ...
+    none         python -u run_benchmark.py [ARGS] --worker ...   (pymalloc)
     hooks        python -u -m interheap run run_benchmark.py [ARGS] --worker ...
     tracemalloc  python -u -X tracemalloc=1 run_benchmark.py [ARGS] --worker ...
+    mimalloc     PYTHONMALLOC=mimalloc python -u run_benchmark.py ...   (3.13+)
+    interheap    interheap-python -u run_benchmark.py ...   (the interheap allocator)
+
+(``--configs none,mimalloc,interheap`` compares allocators: ``make bench-allocator``.)
 
 Every run uses the same fixed ``--loops`` (calibrated once with ``none`` at the start),
 ``--warmups`` and ``--values`` and writes its values to a pyperf JSON file. Each round runs
@@ -53,7 +57,7 @@ try:
 except ImportError:
     sys.exit("error: pyperf is not installed (pip install pyperformance pyperf)")
 
-CONFIGS = ("none", "hooks", "tracemalloc")
+CONFIGS = ("none", "hooks", "tracemalloc", "mimalloc", "interheap")
 
 # Benchmarks known to run in worker mode: name -> (bm_ directory, extra script args).
 # All are pure Python, need nothing beyond pyperf and run on 3.12, 3.13 and 3.13t; each
@@ -147,6 +151,9 @@ def command(
         "none": [python, "-u"],
         "hooks": [python, "-u", "-m", "interheap", "run"],
         "tracemalloc": [python, "-u", "-X", "tracemalloc=1"],
+        # CPython's own mimalloc (3.13+), and the interheap allocator via the launcher.
+        "mimalloc": ["env", "PYTHONMALLOC=mimalloc", python, "-u"],
+        "interheap": [str(Path(python).with_name("interheap-python")), "-u"],
     }[config]
     worker = [
         "--worker",

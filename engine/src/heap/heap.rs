@@ -234,8 +234,8 @@ impl Heap {
     pub unsafe fn alloc(&self, size: usize) -> *mut u8 {
         if size <= MAX_PAGED_SIZE {
             let class = class_of(size);
-            // SAFETY: the caller is the owner.
-            let page = unsafe { self.local().bins[class] };
+            // SAFETY: the caller is the owner, and `class < PAGED_CLASSES` for sizes up to MAX_PAGED_SIZE.
+            let page = unsafe { *self.local().bins.get_unchecked(class) };
             if !page.is_null() {
                 // SAFETY: a queued page is live and belongs to this heap, which we own.
                 let page = unsafe { &*page };
@@ -335,7 +335,9 @@ impl Heap {
     #[inline(always)]
     fn count_alloc(&self, class: usize, bytes: usize) {
         let c = &self.counters;
-        add_serial(&c.allocations[class], 1);
+        debug_assert!(class < STAT_CLASSES);
+        // SAFETY: every caller passes a paged class or LARGE_CLASS / HUGE_CLASS, all < STAT_CLASSES.
+        add_serial(unsafe { c.allocations.get_unchecked(class) }, 1);
         let owner_bytes = c.owner_bytes.load(Ordering::Relaxed).wrapping_add(bytes as u64);
         c.owner_bytes.store(owner_bytes, Ordering::Relaxed);
         let live = owner_bytes.wrapping_sub(c.remote_bytes.load(Ordering::Relaxed));
@@ -624,7 +626,8 @@ impl Heap {
             let p = &*page;
             let class = p.class.get() as usize;
             let c = &self.counters;
-            add_serial(&c.frees[class], 1);
+            // `class` is a paged class, LARGE_CLASS or HUGE_CLASS: all < STAT_CLASSES.
+            add_serial(c.frees.get_unchecked(class), 1);
             c.owner_bytes.store(
                 c.owner_bytes.load(Ordering::Relaxed).wrapping_sub(p.block_size.get() as u64),
                 Ordering::Relaxed,

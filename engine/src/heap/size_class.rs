@@ -25,8 +25,24 @@ pub const MAX_LARGE_SIZE: usize = 2 * 1024 * 1024;
 /// Slots (64 KiB each) of a page for classes above [`MAX_SMALL_SIZE`].
 pub const MEDIUM_PAGE_SLOTS: usize = 8;
 
+/// Block sizes of the paged classes.
+const CLASS_SIZES: [u32; PAGED_CLASSES] = {
+    let mut table = [0u32; PAGED_CLASSES];
+    let mut c = 0;
+    while c < PAGED_CLASSES {
+        table[c] = compute_class_size(c) as u32;
+        c += 1;
+    }
+    table
+};
+
 /// The block size of paged class `class` (`class < PAGED_CLASSES`).
+#[inline(always)]
 pub const fn class_size(class: usize) -> usize {
+    CLASS_SIZES[class] as usize
+}
+
+const fn compute_class_size(class: usize) -> usize {
     if class < 8 {
         (class + 1) * 16
     } else {
@@ -36,9 +52,28 @@ pub const fn class_size(class: usize) -> usize {
     }
 }
 
+/// `class_of` for sizes up to 1024, indexed by `(size + 15) / 16`.
+const SMALL_CLASS_OF: [u8; 65] = {
+    let mut table = [0u8; 65];
+    let mut i = 0;
+    while i < 65 {
+        table[i] = compute_class_of(i * 16) as u8;
+        i += 1;
+    }
+    table
+};
+
 /// The paged class serving `size` bytes (`size <= MAX_PAGED_SIZE`); 0 is served as 1.
 #[inline(always)]
 pub const fn class_of(size: usize) -> usize {
+    if size <= 1024 {
+        SMALL_CLASS_OF[(size + 15) >> 4] as usize
+    } else {
+        compute_class_of(size)
+    }
+}
+
+const fn compute_class_of(size: usize) -> usize {
     if size <= 128 {
         // size 0 maps to class 0 too: (0 + 15) / 16 = 0, saturating below.
         let c = (size + 15) >> 4;

@@ -1,0 +1,121 @@
+"""Instructions per ``PyObject_Malloc(32)`` + ``PyObject_Free`` pair, by callgrind.
+
+A tiny C loop (compiled here with the interpreter's headers, loaded with
+ctypes.PyDLL so the GIL is held) calls ``PyObject_Malloc(size)`` and
+``PyObject_Free`` N times. The process runs twice under callgrind, with N and
+N/4 pairs; the difference of the two instruction totals over the difference of
+pair counts is the cost of one pair as a caller sees it: CPython's dispatch
+through the allocator struct plus the allocator itself, plus 4 instructions of
+loop (included in every figure). Everything else (start-up, the ctypes call)
+is identical in both runs and cancels (PYTHONHASHSEED is fixed). Compared side
+by side in one run:
+
+* ``pymalloc``: the venv's python with ``PYTHONMALLOC=pymalloc``
+* ``mimalloc``: the venv's python with ``PYTHONMALLOC=mimalloc`` (3.13+)
+* ``interheap``: ``interheap-python`` (mem and object from the interpreter's heap)
+
+    python bench/allocator_instructions.py [--pairs N] [--size 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+LOOP_C = r"""
+#include <Python.h>
+__attribute__((noinline)) void interheap_bench_pairs(long n, size_t size) {
+    for (long i = 0; i < n; i++) {
+        void *p = PyObject_Malloc(size);
+        __asm__ volatile("" : : "r"(p) : "memory");
+        PyObject_Free(p);
+    }
+}
+"""
+
+CHILD = r"""
+import ctypes, sys
+lib = ctypes.PyDLL(sys.argv[3])
+lib.interheap_bench_pairs.argtypes = [ctypes.c_long, ctypes.c_size_t]
+lib.interheap_bench_pairs(int(sys.argv[1]), int(sys.argv[2]))
+"""
+
+
+def build_loop(workdir: str) -> str:
+    import sysconfig
+
+    source = Path(workdir, "loop.c")
+    source.write_text(LOOP_C)
+    library = Path(workdir, "loop.so")
+    include = sysconfig.get_path("include")
+    subprocess.run(
+        ["gcc", "-O2", "-shared", "-fPIC", f"-I{include}", "-o", str(library), str(source)], check=True
+    )
+    return str(library)
+
+
+def count(cmd: list[str], env: dict[str, str], workdir: str, name: str) -> int:
+    out_file = os.path.join(workdir, f"cg.{name}")
+    proc = subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={out_file}",
+            *cmd,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if proc.returncode != 0:
+        sys.exit(f"{name}: valgrind failed:\n{proc.stderr[-3000:]}")
+    match = re.search(r"^summary:\s+(\d+)", Path(out_file).read_text(), re.M)
+    if not match:
+        sys.exit(f"{name}: no summary in callgrind output")
+    return int(match.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=200_000)
+    parser.add_argument("--size", type=int, default=32)
+    args = parser.parse_args()
+    if not shutil.which("valgrind"):
+        sys.exit("valgrind is required (apt-get install valgrind)")
+    python = sys.executable
+    launcher = str(Path(python).with_name("interheap-python"))
+    base_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONMALLOC", "INTERHEAP_ALLOCATOR")}
+    base_env["PYTHONHASHSEED"] = "0"
+    modes = [("pymalloc", python, {"PYTHONMALLOC": "pymalloc"})]
+    if sys.version_info >= (3, 13):
+        modes.append(("mimalloc", python, {"PYTHONMALLOC": "mimalloc"}))
+    modes.append(("interheap", launcher, {}))
+    results = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        library = build_loop(workdir)
+        for name, exe, extra in modes:
+            env = {**base_env, **extra}
+            # Two loop lengths: the difference cancels start-up and warm-up calls.
+            short = count(
+                [exe, "-c", CHILD, str(args.pairs // 4), str(args.size), library], env, workdir, name + ".s"
+            )
+            long = count(
+                [exe, "-c", CHILD, str(args.pairs), str(args.size), library], env, workdir, name + ".l"
+            )
+            results[name] = (long - short) / (args.pairs - args.pairs // 4)
+    print(
+        f"instructions per PyObject_Malloc({args.size}) + PyObject_Free pair (callgrind), Python {sys.version.split()[0]}"
+    )
+    for name, per_pair in results.items():
+        ratio = per_pair / results["pymalloc"]
+        print(f"  {name:<10} {per_pair:7.1f}   ({ratio:.2f}x pymalloc)")
+
+
+if __name__ == "__main__":
+    main()
