@@ -110,7 +110,8 @@ def main() -> None:
             )
             results[name] = (long - short) / (args.pairs - args.pairs // 4)
     print(
-        f"instructions per PyObject_Malloc({args.size}) + PyObject_Free pair (callgrind), Python {sys.version.split()[0]}"
+        f"instructions per PyObject_Malloc({args.size}) + PyObject_Free pair (callgrind), "
+        f"Python {sys.version.split()[0]}"
     )
     for name, per_pair in results.items():
         ratio = per_pair / results["pymalloc"]
