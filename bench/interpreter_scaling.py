@@ -79,7 +79,8 @@ def main() -> None:
         allocator = "?"
     print(
         f"2 interpreters / 1: median throughput ratio {statistics.median(ratios):.2f} "
-        f"(trials {', '.join(f'{r:.2f}' for r in ratios)}), Python {sys.version.split()[0]}, allocator {allocator}"
+        f"(trials {', '.join(f'{r:.2f}' for r in ratios)}), "
+        f"Python {sys.version.split()[0]}, allocator {allocator}"
     )
 
 
