@@ -138,3 +138,36 @@ def test_many_threads_churning_stay_exact_and_heaps_are_reused():
     assert out["inconsistent"] == 0
     assert out["failures"] == 0
     assert out["thread_heaps"] <= 10, "24 threads over 3 rounds adopt ended heaps instead of making new ones"
+
+
+def test_fork_while_threads_allocate_never_deadlocks():
+    # The child must not inherit a lock held by a thread that does not exist
+    # there (pool, registry and heap locks are taken around fork()).
+    out = scenario(
+        """
+        import os, threading, interheap
+        from scenario_support import result
+        stop = False
+        def churn():
+            while not stop:
+                ts = [threading.Thread(target=lambda: bytearray(5000)) for _ in range(4)]
+                [t.start() for t in ts]; [t.join() for t in ts]
+        workers = [threading.Thread(target=churn) for _ in range(3)]
+        [w.start() for w in workers]
+        codes = []
+        for _ in range(150):
+            pid = os.fork()
+            if pid == 0:
+                t = threading.Thread(target=lambda: [bytearray(5000) for _ in range(200)])
+                t.start(); t.join()
+                x = [bytes(10000) for _ in range(100)]
+                os._exit(0 if interheap.allocator_installed() else 3)
+            codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+        stop = True
+        [w.join() for w in workers]
+        result(codes=codes)
+        """,
+        launcher=True,
+        timeout=120,
+    )
+    assert out["codes"] == [0] * 150

@@ -141,7 +141,8 @@ def test_default_build_serves_mem_and_object_when_asked():
 
 def test_pythonmalloc_choices_are_honoured():
     code = "import interheap, sys; print(interheap.allocator_domains())"
-    proc = launch("-c", code, env={"PYTHONMALLOC": "malloc"})
+    # Free-threaded builds accept only mimalloc (and its debug variant) as PYTHONMALLOC.
+    proc = launch("-c", code, env={"PYTHONMALLOC": "mimalloc" if FREE_THREADED else "malloc"})
     assert proc.stdout.strip() == "()", "an explicit PYTHONMALLOC allocator replaces ours"
     # CPython's debug hooks fill new blocks with 0xCD: they sit on top of our allocator.
     probe = (

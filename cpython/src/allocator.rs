@@ -168,7 +168,32 @@ pub fn install_before_init(domains: Domains) -> Result<(), InstallError> {
         }
     }
     INSTALLED.store(domains.0, Ordering::Release);
+    // SAFETY: registering plain extern "C" handlers; they only take and release our own locks.
+    unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_finish), Some(fork_finish)) };
     Ok(())
+}
+
+/// `fork()` handlers: the child must not inherit a lock held by a thread that
+/// does not exist there. Lock order, as everywhere: pool, exiting heap,
+/// interpreter registry, then heaps (`end_interpreters_in` ends heaps while
+/// holding the registry; nothing takes the registry while holding a heap).
+extern "C" fn fork_prepare() {
+    THREAD_POOL.lock_for_fork();
+    std::mem::forget(EXITING.lock());
+    std::mem::forget(INTERPRETERS.lock());
+    heap::fork_prepare();
+}
+
+extern "C" fn fork_finish() {
+    // SAFETY: fork_prepare took every one of these locks on this thread just
+    // before the fork; heaps are only created under INTERPRETERS or the pool
+    // lock, both held, so the set of heaps did not change.
+    unsafe {
+        heap::fork_finish();
+        INTERPRETERS.force_unlock();
+        EXITING.force_unlock();
+        THREAD_POOL.unlock_after_fork();
+    }
 }
 
 /// The domains the interheap allocator serves in this process.

@@ -874,6 +874,23 @@ impl Heap {
         true
     }
 
+    // ----- fork -----
+
+    /// Takes the heap's lock and keeps it (for `fork`: see [`fork_prepare`](super::fork_prepare)).
+    pub(super) fn lock_for_fork(&self) {
+        std::mem::forget(self.lock.lock());
+    }
+
+    /// Releases the lock taken by `lock_for_fork`.
+    ///
+    /// # Safety
+    ///
+    /// `lock_for_fork` was called and its lock is not released yet.
+    pub(super) unsafe fn unlock_after_fork(&self) {
+        // SAFETY: per the contract, we hold the lock and no guard exists.
+        unsafe { self.lock.force_unlock() };
+    }
+
     // ----- figures -----
 
     /// The heap's figures now. Each figure is exact; a heap in use may change between reads.

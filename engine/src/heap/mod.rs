@@ -40,6 +40,31 @@ mod segment;
 pub mod size_class;
 mod stats;
 
+/// Before `fork()`: takes every heap's lock, so that the child inherits none
+/// held by a thread that does not exist there. Callers take their own locks
+/// that may be held around heap locks (pools, registries) first.
+pub fn fork_prepare() {
+    for heap in heaps() {
+        heap.lock_for_fork();
+    }
+}
+
+/// After `fork()`, in the parent and in the child: releases what
+/// [`fork_prepare`] took. In the child, the heaps of threads that did not
+/// survive stay as they were; their blocks remain valid, and frees of them
+/// are counted as remote frees (nobody reclaims that memory in the child).
+///
+/// # Safety
+///
+/// [`fork_prepare`] was called on this thread just before the fork, and no
+/// heap was created in between.
+pub unsafe fn fork_finish() {
+    for heap in heaps() {
+        // SAFETY: fork_prepare took this lock.
+        unsafe { heap.unlock_after_fork() };
+    }
+}
+
 pub use heap::{free, heap_of, heaps, owns, usable_size, Heap, HeapLabel, Realloc, ENDED_OWNER, NO_OWNER};
 pub use pool::HeapPool;
 pub use segment::{HUGE_BLOCK_OFFSET, SLOT_SIZE};

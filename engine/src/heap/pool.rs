@@ -34,18 +34,34 @@ impl HeapPool {
     /// An active heap owned by `owner`: an ended heap of this pool adopted, or a new one.
     pub fn acquire(&self, label: HeapLabel, owner: usize) -> &'static Heap {
         loop {
-            let heap = {
-                let mut waiting = self.waiting.lock();
-                // SAFETY: waiting heaps are leaked heaps.
-                let Some(heap) = (unsafe { waiting.0.as_ref() }) else { break };
-                waiting.0 = heap.pool_next();
-                heap
+            let mut waiting = self.waiting.lock();
+            // SAFETY: waiting heaps are leaked heaps.
+            let Some(heap) = (unsafe { waiting.0.as_ref() }) else {
+                // Created under the pool's lock, so that `fork` handlers
+                // holding it see a stable set of heaps.
+                return Heap::new(label, owner);
             };
+            waiting.0 = heap.pool_next();
+            drop(waiting);
             if heap.adopt(owner) {
                 return heap;
             }
         }
-        Heap::new(label, owner)
+    }
+
+    /// Takes the pool's lock and keeps it (for `fork`).
+    pub fn lock_for_fork(&self) {
+        std::mem::forget(self.waiting.lock());
+    }
+
+    /// Releases the lock taken by [`lock_for_fork`](Self::lock_for_fork).
+    ///
+    /// # Safety
+    ///
+    /// `lock_for_fork` was called and its lock is not released yet.
+    pub unsafe fn unlock_after_fork(&self) {
+        // SAFETY: per the contract.
+        unsafe { self.waiting.force_unlock() };
     }
 
     /// Ends `heap` and keeps it for the next [`acquire`](Self::acquire).
