@@ -54,6 +54,7 @@ use pyo3_ffi as ffi;
 use pyo3_ffi::PyMemAllocatorEx;
 
 use crate::hooks::{get_allocator, set_allocator};
+use crate::interp::current_interpreter;
 
 /// Label kind of an interpreter's heap (`id` = interpreter ID, `part` = domain).
 pub const KIND_INTERPRETER: u8 = 1;
@@ -327,25 +328,6 @@ thread_local! {
 #[inline(always)]
 fn interpreter_token(id: i64) -> usize {
     ((id as usize) << 1) | 1
-}
-
-/// The current thread state's interpreter: its ID and address.
-#[inline(always)]
-fn current_interpreter() -> Option<(i64, *mut ffi::PyInterpreterState)> {
-    // SAFETY: PyThreadState_GetUnchecked only reads a thread-local (fact 5).
-    let tstate = unsafe { ffi::compat::PyThreadState_GetUnchecked() };
-    if tstate.is_null() {
-        return None;
-    }
-    // SAFETY: our own current thread state; the call reads one field.
-    let interp = unsafe { ffi::PyThreadState_GetInterpreter(tstate) };
-    if interp.is_null() {
-        return None;
-    }
-    // SAFETY: a live interpreter (a thread state of it is current here); for
-    // a non-NULL argument the call only reads the ID.
-    let id = unsafe { ffi::PyInterpreterState_GetID(interp) };
-    (id >= 0).then_some((id, interp))
 }
 
 /// The caller's owner token for `heap` (see the module docs).

@@ -13,6 +13,13 @@ use pyo3_ffi as ffi;
 /// or `None` if the thread has no current thread state.
 #[inline]
 pub fn current_interpreter_id() -> Option<i64> {
+    current_interpreter().map(|(id, _)| id)
+}
+
+/// The current thread state's interpreter, as its ID and its address (the
+/// address only identifies it while it is alive: key by the ID, fact 6).
+#[inline(always)]
+pub fn current_interpreter() -> Option<(i64, *mut ffi::PyInterpreterState)> {
     // SAFETY: PyThreadState_GetUnchecked only reads a thread-local; it is
     // documented to be callable without an attached thread state.
     let tstate = unsafe { ffi::compat::PyThreadState_GetUnchecked() };
@@ -28,5 +35,5 @@ pub fn current_interpreter_id() -> Option<i64> {
     // SAFETY: `interp` is non-NULL and outlives the thread states bound to it;
     // for a non-NULL argument the call only reads the ID (no error, no allocation).
     let id = unsafe { ffi::PyInterpreterState_GetID(interp) };
-    (id >= 0).then_some(id)
+    (id >= 0).then_some((id, interp))
 }
