@@ -3,9 +3,10 @@
 #   - the interpreters of the test matrix (scripts/interpreters.sh: 3.12, 3.13
 #     and a free-threaded 3.13t built once and cached),
 #   - one virtual environment per interpreter: .venv for 3.13 (the default),
-#     .venvs/<tag> for the others, with the dev tools and interheap built in
-#     release mode and installed (Cargo target dirs are cached per interpreter
-#     under the cache dir, so a fresh clone rebuilds only interheap's crates).
+#     .venvs/<tag> for the others, with the dev tools, interheap and the example
+#     extension (examples/pyo3-extension) built in release mode and installed
+#     (Cargo target dirs are cached per interpreter under the cache dir, so a
+#     fresh clone rebuilds only interheap's crates).
 # Usage: scripts/setup.sh [TAG ...]   (default: every interpreter of the matrix)
 set -euo pipefail
 
@@ -51,6 +52,17 @@ while read -r tag python; do
     )
     "$venv/bin/python" -c "import interheap; interheap.stats()" \
         || { log "$tag: interheap does not import in $venv"; exit 1; }
+    # The example PyO3 extension over interheap-pyalloc, which the tests import
+    # (same cached target dir: PyO3 is built once per interpreter).
+    log "$tag: building the example extension (examples/pyo3-extension)"
+    (
+        cd "$ROOT/examples/pyo3-extension"
+        VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH" CARGO_TARGET_DIR="$CACHE/target/$tag" \
+            "$venv/bin/maturin" develop --release --quiet >"$CACHE/build-example-$tag.log" 2>&1 \
+            || { tail -40 "$CACHE/build-example-$tag.log" >&2; exit 1; }
+    )
+    "$venv/bin/python" -c "import interheap_example_ext" \
+        || { log "$tag: interheap_example_ext does not import in $venv"; exit 1; }
     echo "$tag $venv" >> "$ROOT/.venvs.list.tmp"
 done <<< "$matrix"
 mv "$ROOT/.venvs.list.tmp" "$ROOT/.venvs.list"

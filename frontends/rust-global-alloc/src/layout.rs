@@ -148,7 +148,13 @@ pub(crate) unsafe fn allocate<B: Backend>(backend: &B, size: usize, align: usize
     let extra = extra(align);
     let Some(total) = request(size, extra) else { return ptr::null_mut() };
     // SAFETY: forwarded contract.
-    let base = unsafe { if zeroed { backend.calloc(total) } else { backend.malloc(total) } };
+    let base = unsafe {
+        if zeroed {
+            backend.calloc(total)
+        } else {
+            backend.malloc(total)
+        }
+    };
     if base.is_null() {
         return base;
     }
@@ -171,7 +177,13 @@ unsafe fn allocate_worst_case<B: Backend>(backend: &B, size: usize, align: usize
     let Some(extra) = worst_case_extra(align) else { return ptr::null_mut() };
     let Some(total) = request(size, extra) else { return ptr::null_mut() };
     // SAFETY: forwarded contract.
-    let base = unsafe { if zeroed { backend.calloc(total) } else { backend.malloc(total) } };
+    let base = unsafe {
+        if zeroed {
+            backend.calloc(total)
+        } else {
+            backend.malloc(total)
+        }
+    };
     if base.is_null() {
         return base;
     }
@@ -225,7 +237,7 @@ pub(crate) unsafe fn resize_in_place<B: Backend>(
     // The backend copied header and bytes to the same offset in the new block.
     // SAFETY: `offset <= extra`, so `base + offset` is inside the new block.
     let user = unsafe { base.add(block.offset) };
-    if (user as usize) % effective_align(align) == 0 {
+    if (user as usize).is_multiple_of(effective_align(align)) {
         return Resized::Done(user);
     }
     // The new block has a different alignment than the old one had: move the

@@ -3,9 +3,10 @@
 //! so that `tracemalloc`, memray and interheap see them, without ever
 //! deadlocking or crashing the way a plain `PyMem_RawMalloc` allocator does.
 //!
-//! ```ignore
+//! ```no_run
 //! #[global_allocator]
 //! static ALLOC: interheap_pyalloc::PyRawAlloc = interheap_pyalloc::PyRawAlloc::new();
+//! # fn main() {}
 //! ```
 //!
 //! It works before `Py_Initialize`, after `Py_Finalize`, on threads Python
@@ -47,7 +48,10 @@
 //!    3.15). On a thread whose thread state is attached and is its gilstate
 //!    thread state, that call only increments a counter. On any other thread
 //!    it waits for the GIL: if the GIL's holder waits for this thread, the
-//!    process hangs (PyO3 #6268).
+//!    process hangs (PyO3 #6268). Free-threaded builds hang too: on a thread
+//!    with no thread state it creates one, and in 3.13t creating the first
+//!    extra thread state stops the world, which waits for every attached
+//!    thread to pause (seen in `_PyGC_ImmortalizeDeferredObjects`).
 //! 2. tracemalloc's `free` hook takes only tracemalloc's table lock, never
 //!    the GIL; no holder of that lock waits for the GIL.
 //! 3. `PyMem_Raw*` read the installed allocator (`ctx` and function
@@ -124,6 +128,9 @@ mod deferred;
 mod layout;
 mod route;
 mod stats;
+#[cfg(feature = "workload")]
+#[doc(hidden)]
+pub mod workload;
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::ptr;
@@ -136,9 +143,10 @@ pub use stats::{DeferredStats, RouteStats, Stats};
 /// The global allocator. Declare it once in the final artifact (the
 /// extension module's or the embedding program's crate):
 ///
-/// ```ignore
+/// ```no_run
 /// #[global_allocator]
 /// static ALLOC: interheap_pyalloc::PyRawAlloc = interheap_pyalloc::PyRawAlloc::new();
+/// # fn main() {}
 /// ```
 ///
 /// It can also be called directly through [`GlobalAlloc`]; its blocks carry

@@ -77,7 +77,7 @@ fn main() {
     let aligned_layout = Layout::from_size_align(8192, 4096).unwrap();
     // SAFETY: non-zero size.
     let pre_aligned = unsafe { alloc(aligned_layout) };
-    assert!(!pre_aligned.is_null() && pre_aligned as usize % 4096 == 0);
+    assert!(!pre_aligned.is_null() && (pre_aligned as usize).is_multiple_of(4096));
     // SAFETY: 8192 bytes are ours.
     unsafe { pre_aligned.write_bytes(0xAB, 8192) };
     let d = delta(&s0, &stats());
