@@ -1,5 +1,5 @@
 # interheap: the two commands a fresh machine needs are `make demo` and `make test`.
-.PHONY: setup demo test bench bench-instructions fmt clean
+.PHONY: setup demo test bench bench-instructions bench-pyalloc fmt clean
 
 PYTHON := .venv/bin/python
 
@@ -23,6 +23,14 @@ bench: setup
 # Instructions the hooks add per allocation + free pair (callgrind, repeatable).
 bench-instructions: setup
 	$(PYTHON) bench/hook_instructions.py
+
+# The Rust global allocator (interheap-pyalloc): ns and instructions per
+# allocation + free pair against Rust's system allocator, side by side.
+bench-pyalloc: setup
+	PYO3_PYTHON=$(CURDIR)/$(PYTHON) \
+	LD_LIBRARY_PATH="$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))')" \
+	CARGO_TARGET_DIR="$${INTERHEAP_CACHE:-$$HOME/.cache/interheap}/target/checks" \
+		cargo bench -p interheap-pyalloc --bench pairs
 
 fmt:
 	cargo fmt --all

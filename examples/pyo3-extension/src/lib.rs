@@ -346,6 +346,47 @@ fn stress<'py>(
     Ok(d)
 }
 
+fn pairs_ns<A: GlobalAlloc>(a: &A, layout: Layout, pairs: usize) -> f64 {
+    let start = Instant::now();
+    for _ in 0..pairs {
+        // SAFETY: non-zero layout; freed at once.
+        unsafe {
+            let p = a.alloc(layout);
+            a.dealloc(black_box(p), layout);
+        }
+    }
+    start.elapsed().as_nanos() as f64 / pairs as f64
+}
+
+/// Benchmark: ns per allocation + free pair inside this extension (where
+/// thread-locals cost more than in an executable), for Rust's system
+/// allocator and for the global allocator attached and detached, measured
+/// side by side in interleaved rounds. Returns the median of each.
+#[pyfunction]
+#[pyo3(signature = (size = 32, align = 8, pairs = 200_000, rounds = 9))]
+fn pair_cost(
+    py: Python<'_>,
+    size: usize,
+    align: usize,
+    pairs: usize,
+    rounds: usize,
+) -> PyResult<Bound<'_, PyDict>> {
+    let layout =
+        Layout::from_size_align(size.max(1), align).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let mut runs: [Vec<f64>; 3] = Default::default();
+    for _ in 0..rounds.max(1) {
+        runs[0].push(pairs_ns(&std::alloc::System, layout, pairs));
+        runs[1].push(pairs_ns(&ALLOC, layout, pairs));
+        runs[2].push(py.detach(|| pairs_ns(&ALLOC, layout, pairs)));
+    }
+    let d = PyDict::new(py);
+    for (name, mut v) in ["system", "attached", "detached"].into_iter().zip(runs) {
+        v.sort_by(f64::total_cmp);
+        d.set_item(name, v[v.len() / 2])?;
+    }
+    Ok(d)
+}
+
 #[pymodule(gil_used = false)]
 fn interheap_example_ext(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<RustBuffer>()?;
@@ -359,5 +400,6 @@ fn interheap_example_ext(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(start_background_churn, m)?)?;
     m.add_function(wrap_pyfunction!(drain_pool, m)?)?;
     m.add_function(wrap_pyfunction!(stress, m)?)?;
+    m.add_function(wrap_pyfunction!(pair_cost, m)?)?;
     Ok(())
 }

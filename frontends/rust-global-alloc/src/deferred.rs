@@ -23,7 +23,7 @@ use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 
 use crate::layout::{Backend, WORD};
 use crate::route::{Attached, Python};
-use crate::stats;
+use crate::stats::{self, Counters};
 
 static HEAD: AtomicPtr<u8> = AtomicPtr::new(null_mut());
 
@@ -33,8 +33,8 @@ static HEAD: AtomicPtr<u8> = AtomicPtr::new(null_mut());
 /// `base` is the start of a live Python-route block, which the caller gives
 /// up: nobody touches it again except the drain.
 #[inline]
-pub(crate) unsafe fn park(base: *mut u8, size: usize) {
-    stats::deferred(size);
+pub(crate) unsafe fn park(mine: &Counters, base: *mut u8, size: usize) {
+    stats::deferred(mine, size);
     // SAFETY: the block is ours now and at least two words long; the words
     // may be unaligned only with a backend that breaks C's alignment rules.
     unsafe { base.add(WORD).cast::<usize>().write_unaligned(size) };
@@ -61,6 +61,7 @@ pub(crate) fn drain(attached: &Attached) -> usize {
 #[cold]
 fn drain_slow(attached: &Attached) -> usize {
     let python = Python::new(attached);
+    let mine = &attached.thread().counters;
     let mut node = HEAD.swap(null_mut(), Acquire);
     let mut count = 0;
     while !node.is_null() {
@@ -72,7 +73,7 @@ fn drain_slow(attached: &Attached) -> usize {
         // SAFETY: `node` is a Python-route block nobody else refers to, and
         // `attached` proves this thread may call `PyMem_RawFree`.
         unsafe { python.free(node) };
-        stats::deferred_done(size);
+        stats::deferred_done(mine, size);
         count += 1;
         node = next;
     }

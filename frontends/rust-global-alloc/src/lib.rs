@@ -128,6 +128,7 @@ mod deferred;
 mod layout;
 mod route;
 mod stats;
+mod thread;
 #[cfg(feature = "workload")]
 #[doc(hidden)]
 pub mod workload;
@@ -137,6 +138,8 @@ use std::ptr;
 
 use layout::{Backend, Resized, Route};
 use route::{Attached, Fallback, Python};
+use stats::Counters;
+use thread::ThreadState;
 
 pub use stats::{DeferredStats, RouteStats, Stats};
 
@@ -166,20 +169,26 @@ impl PyRawAlloc {
 /// The right to use the Python route on this thread, after freeing whatever
 /// detached threads parked.
 #[inline]
-fn attach() -> Option<Attached> {
-    let attached = Attached::enter()?;
+fn attach(thread: &ThreadState) -> Option<Attached<'_>> {
+    let attached = Attached::enter(thread)?;
     deferred::drain(&attached);
     Some(attached)
 }
 
 #[inline]
-unsafe fn allocate(attached: Option<&Attached>, size: usize, align: usize, zeroed: bool) -> *mut u8 {
+unsafe fn allocate(
+    mine: &Counters,
+    attached: Option<&Attached<'_>>,
+    size: usize,
+    align: usize,
+    zeroed: bool,
+) -> *mut u8 {
     match attached {
         Some(attached) => {
             // SAFETY: `attached` allows the Python route; `align` comes from a Layout.
             let p = unsafe { layout::allocate(&Python::new(attached), size, align, zeroed) };
             if !p.is_null() {
-                stats::allocated(Route::Python, size);
+                stats::allocated(mine, Route::Python, size);
             }
             p
         }
@@ -187,7 +196,7 @@ unsafe fn allocate(attached: Option<&Attached>, size: usize, align: usize, zeroe
             // SAFETY: the fallback may be called anywhere; `align` comes from a Layout.
             let p = unsafe { layout::allocate(&Fallback, size, align, zeroed) };
             if !p.is_null() {
-                stats::allocated(Route::Fallback, size);
+                stats::allocated(mine, Route::Fallback, size);
             }
             p
         }
@@ -196,23 +205,23 @@ unsafe fn allocate(attached: Option<&Attached>, size: usize, align: usize, zeroe
 
 /// Gives the live block at `user` (asked with `size` bytes) back to its route.
 #[inline]
-unsafe fn release(attached: Option<&Attached>, user: *mut u8, size: usize) {
+unsafe fn release(mine: &Counters, attached: Option<&Attached<'_>>, user: *mut u8, size: usize) {
     // SAFETY: the caller passes a live block of this allocator.
     let block = unsafe { layout::block_of(user) };
     match (block.route, attached) {
         (Route::Fallback, _) => {
             // SAFETY: a fallback block, given up by its owner.
             unsafe { Fallback.free(block.base) };
-            stats::freed(Route::Fallback, size);
+            stats::freed(mine, Route::Fallback, size);
         }
         (Route::Python, Some(attached)) => {
             // SAFETY: a Python block; `attached` allows `PyMem_RawFree`.
             unsafe { Python::new(attached).free(block.base) };
-            stats::freed(Route::Python, size);
+            stats::freed(mine, Route::Python, size);
         }
         (Route::Python, None) => {
             // SAFETY: a Python block, given up by its owner.
-            unsafe { deferred::park(block.base, size) };
+            unsafe { deferred::park(mine, block.base, size) };
         }
     }
 }
@@ -224,25 +233,30 @@ unsafe fn release(attached: Option<&Attached>, user: *mut u8, size: usize) {
 unsafe impl GlobalAlloc for PyRawAlloc {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let t = thread::current();
         // SAFETY: forwarded from a Layout.
-        unsafe { allocate(attach().as_ref(), layout.size(), layout.align(), false) }
+        unsafe { allocate(&t.counters, attach(t).as_ref(), layout.size(), layout.align(), false) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let t = thread::current();
         // SAFETY: forwarded from a Layout.
-        unsafe { allocate(attach().as_ref(), layout.size(), layout.align(), true) }
+        unsafe { allocate(&t.counters, attach(t).as_ref(), layout.size(), layout.align(), true) }
     }
 
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        let t = thread::current();
         // SAFETY: GlobalAlloc's contract: `ptr` is a live block of ours.
-        unsafe { release(attach().as_ref(), ptr, layout.size()) }
+        unsafe { release(&t.counters, attach(t).as_ref(), ptr, layout.size()) }
     }
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let attached = attach();
+        let t = thread::current();
+        let mine = &t.counters;
+        let attached = attach(t);
         let (old_size, align) = (layout.size(), layout.align());
         // SAFETY: GlobalAlloc's contract: `ptr` is a live block of ours.
         let block = unsafe { layout::block_of(ptr) };
@@ -259,13 +273,13 @@ unsafe impl GlobalAlloc for PyRawAlloc {
         };
         match resized {
             Resized::Done(p) => {
-                stats::resized(block.route, old_size, new_size);
+                stats::resized(mine, block.route, old_size, new_size);
                 p
             }
             Resized::Failed => ptr::null_mut(),
             Resized::MustMove => {
                 // SAFETY: `align` comes from a Layout.
-                let new = unsafe { allocate(attached.as_ref(), new_size, align, false) };
+                let new = unsafe { allocate(mine, attached.as_ref(), new_size, align, false) };
                 if new.is_null() {
                     return new;
                 }
@@ -273,10 +287,10 @@ unsafe impl GlobalAlloc for PyRawAlloc {
                 // `min(old, new)` bytes.
                 unsafe { ptr::copy_nonoverlapping(ptr, new, old_size.min(new_size)) };
                 if block.route == Route::Python && attached.is_none() {
-                    stats::moved_to_fallback();
+                    stats::moved_to_fallback(mine);
                 }
                 // SAFETY: the old block is live and given up.
-                unsafe { release(attached.as_ref(), ptr, old_size) };
+                unsafe { release(mine, attached.as_ref(), ptr, old_size) };
                 new
             }
         }
@@ -295,11 +309,11 @@ pub fn stats() -> Stats {
 /// Returns how many were freed, or `None` if this thread may not (they stay
 /// parked; any attached call of this allocator frees them too).
 pub fn flush_deferred() -> Option<usize> {
-    let attached = Attached::enter()?;
+    let attached = Attached::enter(thread::current())?;
     Some(deferred::drain(&attached))
 }
 
 /// Whether an allocation made now, on this thread, would take the Python route.
 pub fn routes_to_python() -> bool {
-    Attached::enter().is_some()
+    Attached::enter(thread::current()).is_some()
 }

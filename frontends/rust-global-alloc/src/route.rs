@@ -6,28 +6,22 @@
 //! thread-locals through `PyThreadState_GetUnchecked` and
 //! `PyGILState_GetThisThreadState`, and a thread-local flag of ours.
 
-use std::cell::Cell;
-use std::marker::PhantomData;
-
 use pyo3_ffi as ffi;
 
 use crate::layout::{Backend, Route};
-
-thread_local! {
-    /// Set while this thread is inside a call of ours that holds [`Attached`],
-    /// so a nested call (a raw-domain hook that runs Rust code compiled with
-    /// this allocator) goes to the fallback instead of recursing into Python.
-    static IN_PYTHON_ROUTE: Cell<bool> = const { Cell::new(false) };
-}
+use crate::thread::ThreadState;
 
 /// Proof that this thread may call `PyMem_Raw*` now without any chance of
 /// blocking, and that no other call of ours on this thread is doing so.
-/// Not `Send`: it describes the thread that made it.
-pub(crate) struct Attached {
-    _not_send: PhantomData<*const ()>,
+/// While it lives, the thread's `in_python_route` flag is set, so a nested
+/// call (a raw-domain hook running Rust code that uses this allocator) takes
+/// the fallback instead of recursing into Python. Not `Send`: it describes
+/// the thread that made it.
+pub(crate) struct Attached<'t> {
+    thread: &'t ThreadState,
 }
 
-impl Attached {
+impl<'t> Attached<'t> {
     /// `Some` when all of these hold for the calling thread:
     ///
     /// 1. it has an attached thread state (`PyThreadState_GetUnchecked()` is
@@ -41,17 +35,17 @@ impl Attached {
     ///    `PyGILState_Ensure` would try to take the other interpreter's GIL;
     /// 3. no call of ours on this thread is already inside the Python route.
     #[inline]
-    pub(crate) fn enter() -> Option<Attached> {
+    pub(crate) fn enter(thread: &'t ThreadState) -> Option<Attached<'t>> {
         // SAFETY: reads the current-thread-state thread-local; documented to
         // be callable with no thread state, and it neither blocks nor allocates.
         let tstate = unsafe { ffi::compat::PyThreadState_GetUnchecked() };
         if tstate.is_null() {
             return None;
         }
-        if IN_PYTHON_ROUTE.with(|busy| busy.replace(true)) {
+        if thread.in_python_route.replace(true) {
             return None; // nested: the outer call keeps the flag and clears it
         }
-        let guard = Attached { _not_send: PhantomData };
+        let guard = Attached { thread };
         // SAFETY: the thread has an attached thread state, so the runtime and
         // its gilstate thread-local key exist; the call reads that key only.
         if unsafe { ffi::PyGILState_GetThisThreadState() } != tstate {
@@ -61,22 +55,30 @@ impl Attached {
     }
 }
 
-impl Drop for Attached {
+impl<'t> Attached<'t> {
+    /// The state of the thread this token belongs to.
+    #[inline]
+    pub(crate) fn thread(&self) -> &'t ThreadState {
+        self.thread
+    }
+}
+
+impl Drop for Attached<'_> {
     #[inline]
     fn drop(&mut self) {
-        IN_PYTHON_ROUTE.with(|busy| busy.set(false));
+        self.thread.in_python_route.set(false);
     }
 }
 
 /// `PyMem_Raw*`. Every method requires an [`Attached`] token, which is how
 /// the type system keeps the rule "Python's allocator only when attached".
 pub(crate) struct Python<'a> {
-    _attached: &'a Attached,
+    _attached: &'a Attached<'a>,
 }
 
 impl<'a> Python<'a> {
     #[inline]
-    pub(crate) fn new(attached: &'a Attached) -> Self {
+    pub(crate) fn new(attached: &'a Attached<'a>) -> Self {
         Python { _attached: attached }
     }
 }
