@@ -21,8 +21,12 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-// The one line an extension needs.
-#[global_allocator]
+// The one line an extension needs is
+//     #[global_allocator]
+//     static ALLOC: interheap_pyalloc::PyRawAlloc = interheap_pyalloc::PyRawAlloc::new();
+// Here it is a `cfg_attr` only so that `--features without-pyalloc` can build
+// the "before" variant of the README (the static is then unused as allocator).
+#[cfg_attr(not(feature = "without-pyalloc"), global_allocator)]
 static ALLOC: interheap_pyalloc::PyRawAlloc = interheap_pyalloc::PyRawAlloc::new();
 
 /// A Rust `Vec<u8>` owned by a Python object.
