@@ -20,6 +20,16 @@ command -v cargo >/dev/null || { log "cargo not found: install Rust (rustup) fir
 matrix=$("$ROOT/scripts/interpreters.sh")
 wanted=("$@")
 
+# develop TAG VENV DIR LOG: build the maturin project in DIR (release) into VENV.
+develop() {
+    (
+        cd "$ROOT/$3"
+        VIRTUAL_ENV="$2" PATH="$2/bin:$PATH" CARGO_TARGET_DIR="$CACHE/target/$1" \
+            "$2/bin/maturin" develop --release --quiet >"$4" 2>&1 \
+            || { tail -40 "$4" >&2; exit 1; }
+    )
+}
+
 venv_dir() {
     # .venv is the default interpreter's; the others live in .venvs/<tag>.
     if [ "$1" = "$DEFAULT_TAG" ]; then echo "$ROOT/.venv"; else echo "$ROOT/.venvs/$1"; fi
@@ -44,23 +54,13 @@ while read -r tag python; do
         cp "$ROOT/requirements-dev.txt" "$venv/.interheap-requirements"
     fi
     log "$tag: building interheap (release)"
-    (
-        cd "$ROOT/frontends/python"
-        VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH" CARGO_TARGET_DIR="$CACHE/target/$tag" \
-            "$venv/bin/maturin" develop --release --quiet >"$CACHE/build-$tag.log" 2>&1 \
-            || { tail -40 "$CACHE/build-$tag.log" >&2; exit 1; }
-    )
+    develop "$tag" "$venv" frontends/python "$CACHE/build-$tag.log"
     "$venv/bin/python" -c "import interheap; interheap.stats()" \
         || { log "$tag: interheap does not import in $venv"; exit 1; }
     # The example PyO3 extension over interheap-pyalloc, which the tests import
     # (same cached target dir: PyO3 is built once per interpreter).
     log "$tag: building the example extension (examples/pyo3-extension)"
-    (
-        cd "$ROOT/examples/pyo3-extension"
-        VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH" CARGO_TARGET_DIR="$CACHE/target/$tag" \
-            "$venv/bin/maturin" develop --release --quiet >"$CACHE/build-example-$tag.log" 2>&1 \
-            || { tail -40 "$CACHE/build-example-$tag.log" >&2; exit 1; }
-    )
+    develop "$tag" "$venv" examples/pyo3-extension "$CACHE/build-example-$tag.log"
     "$venv/bin/python" -c "import interheap_example_ext" \
         || { log "$tag: interheap_example_ext does not import in $venv"; exit 1; }
     echo "$tag $venv" >> "$ROOT/.venvs.list.tmp"

@@ -264,6 +264,13 @@ fn churn(py: Python<'_>, ops: usize, seed: u64, slice: usize) -> u64 {
     worker.finish()
 }
 
+/// One worker's whole run on a thread Python never sees.
+fn run_worker(seed: u64, ops: usize) -> u64 {
+    let mut worker = Worker::new(seed);
+    worker.run(ops);
+    worker.finish()
+}
+
 /// The same workload on `threads` Rust threads Python never sees (the GIL
 /// is released while they run). Returns the operations done.
 #[pyfunction]
@@ -271,13 +278,7 @@ fn churn(py: Python<'_>, ops: usize, seed: u64, slice: usize) -> u64 {
 fn foreign_churn(py: Python<'_>, threads: u64, ops: usize, seed: u64) -> PyResult<u64> {
     py.detach(|| {
         let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                std::thread::spawn(move || {
-                    let mut worker = Worker::new(seed.wrapping_add(1000 + t));
-                    worker.run(ops);
-                    worker.finish()
-                })
-            })
+            .map(|t| std::thread::spawn(move || run_worker(seed.wrapping_add(1000 + t), ops)))
             .collect();
         handles.into_iter().map(|h| h.join()).sum::<Result<u64, _>>()
     })
@@ -330,11 +331,7 @@ fn stress<'py>(
                     );
                 }
                 for t in 0..foreign_threads {
-                    handles.push(scope.spawn(move || {
-                        let mut worker = Worker::new(seed.wrapping_add(500 + t));
-                        worker.run(ops);
-                        worker.finish()
-                    }));
+                    handles.push(scope.spawn(move || run_worker(seed.wrapping_add(500 + t), ops)));
                 }
                 handles.into_iter().map(|h| h.join()).sum::<Result<u64, _>>()
             })

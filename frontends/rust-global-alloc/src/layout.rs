@@ -145,8 +145,30 @@ fn request(size: usize, extra: usize) -> Option<usize> {
 #[inline]
 pub(crate) unsafe fn allocate<B: Backend>(backend: &B, size: usize, align: usize, zeroed: bool) -> *mut u8 {
     debug_assert!(align.is_power_of_two());
-    let extra = extra(align);
-    let Some(total) = request(size, extra) else { return ptr::null_mut() };
+    // SAFETY: forwarded contract.
+    if let Some(p) = unsafe { allocate_with(backend, size, align, zeroed, extra(align)) } {
+        return p;
+    }
+    // The backend returned a block that is not even WORD-aligned: ask for
+    // room for any base address (this cannot miss again).
+    let Some(extra) = worst_case_extra(align) else { return ptr::null_mut() };
+    // SAFETY: forwarded contract.
+    let placed = unsafe { allocate_with(backend, size, align, zeroed, extra) };
+    placed.unwrap_or(ptr::null_mut())
+}
+
+/// One request of `size + extra` bytes: the user pointer (NULL if the
+/// backend failed or the size overflows), or `None` if the block's base left
+/// too little room to place it (the block is then freed again).
+#[inline]
+unsafe fn allocate_with<B: Backend>(
+    backend: &B,
+    size: usize,
+    align: usize,
+    zeroed: bool,
+    extra: usize,
+) -> Option<*mut u8> {
+    let Some(total) = request(size, extra) else { return Some(ptr::null_mut()) };
     // SAFETY: forwarded contract.
     let base = unsafe {
         if zeroed {
@@ -156,45 +178,16 @@ pub(crate) unsafe fn allocate<B: Backend>(backend: &B, size: usize, align: usize
         }
     };
     if base.is_null() {
-        return base;
+        return Some(base);
     }
     match place(base, align, extra) {
         // SAFETY: `offset <= extra`, so the user bytes end inside the block,
         // and `offset >= WORD` leaves room for the aligned header.
-        Some(offset) => unsafe { finish(base, offset, B::ROUTE) },
+        Some(offset) => Some(unsafe { finish(base, offset, B::ROUTE) }),
         None => {
-            // The backend returned a block that is not even WORD-aligned.
             // SAFETY: `base` came from this backend just now.
             unsafe { backend.free(base) };
-            // SAFETY: forwarded contract.
-            unsafe { allocate_worst_case(backend, size, align, zeroed) }
-        }
-    }
-}
-
-#[cold]
-unsafe fn allocate_worst_case<B: Backend>(backend: &B, size: usize, align: usize, zeroed: bool) -> *mut u8 {
-    let Some(extra) = worst_case_extra(align) else { return ptr::null_mut() };
-    let Some(total) = request(size, extra) else { return ptr::null_mut() };
-    // SAFETY: forwarded contract.
-    let base = unsafe {
-        if zeroed {
-            backend.calloc(total)
-        } else {
-            backend.malloc(total)
-        }
-    };
-    if base.is_null() {
-        return base;
-    }
-    match place(base, align, extra) {
-        // SAFETY: as in `allocate`.
-        Some(offset) => unsafe { finish(base, offset, B::ROUTE) },
-        None => {
-            // Unreachable: `extra` covers any base address.
-            // SAFETY: `base` came from this backend just now.
-            unsafe { backend.free(base) };
-            ptr::null_mut()
+            None
         }
     }
 }
