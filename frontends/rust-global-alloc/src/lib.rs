@@ -298,8 +298,10 @@ unsafe impl GlobalAlloc for PyRawAlloc {
 }
 
 /// The allocator's counters, summed over all threads: what each route holds
-/// and what waits on the deferred list. Cheap enough to call often, but not
-/// an atomic snapshot while other threads allocate.
+/// and what waits on the deferred list. It takes a short lock (the one
+/// threads take when they first allocate and when they exit) and walks the
+/// live threads' counters; while other threads allocate, it is a recent
+/// picture, not an instant one.
 pub fn stats() -> Stats {
     stats::snapshot()
 }
