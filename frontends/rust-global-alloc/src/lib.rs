@@ -124,8 +124,12 @@ compile_error!(
 #[cfg(any(PyPy, GraalPy))]
 compile_error!("interheap-pyalloc supports CPython only (it routes through CPython's PyMem_Raw* domain).");
 
+// Everything that calls CPython is left out of refused builds, so the
+// refusal above is the only error they see.
+#[cfg(not(any(Py_LIMITED_API, PyPy, GraalPy)))]
 mod deferred;
 mod layout;
+#[cfg(not(any(Py_LIMITED_API, PyPy, GraalPy)))]
 mod route;
 mod stats;
 mod thread;
@@ -133,13 +137,15 @@ mod thread;
 #[doc(hidden)]
 pub mod workload;
 
-use std::alloc::{GlobalAlloc, Layout};
-use std::ptr;
-
-use layout::{Backend, Resized, Route};
-use route::{Attached, Fallback, Python};
-use stats::Counters;
-use thread::ThreadState;
+#[cfg(not(any(Py_LIMITED_API, PyPy, GraalPy)))]
+use {
+    layout::{Backend, Resized, Route},
+    route::{Attached, Fallback, Python},
+    stats::Counters,
+    std::alloc::{GlobalAlloc, Layout},
+    std::ptr,
+    thread::ThreadState,
+};
 
 pub use stats::{DeferredStats, RouteStats, Stats};
 
@@ -166,6 +172,7 @@ impl PyRawAlloc {
     }
 }
 
+#[cfg(not(any(Py_LIMITED_API, PyPy, GraalPy)))]
 /// The right to use the Python route on this thread, after freeing whatever
 /// detached threads parked.
 #[inline]
@@ -175,6 +182,7 @@ fn attach(thread: &ThreadState) -> Option<Attached<'_>> {
     Some(attached)
 }
 
+#[cfg(not(any(Py_LIMITED_API, PyPy, GraalPy)))]
 #[inline]
 unsafe fn allocate(
     mine: &Counters,
@@ -203,6 +211,7 @@ unsafe fn allocate(
     }
 }
 
+#[cfg(not(any(Py_LIMITED_API, PyPy, GraalPy)))]
 /// Gives the live block at `user` (asked with `size` bytes) back to its route.
 #[inline]
 unsafe fn release(mine: &Counters, attached: Option<&Attached<'_>>, user: *mut u8, size: usize) {
@@ -226,6 +235,7 @@ unsafe fn release(mine: &Counters, attached: Option<&Attached<'_>>, user: *mut u
     }
 }
 
+#[cfg(not(any(Py_LIMITED_API, PyPy, GraalPy)))]
 // SAFETY: every block is placed inside memory its backend returned, aligned
 // to its layout (layout.rs), returned to that backend exactly once (by
 // `release`, `resize_in_place` or the deferred drain), and the Python backend
@@ -306,6 +316,7 @@ pub fn stats() -> Stats {
     stats::snapshot()
 }
 
+#[cfg(not(any(Py_LIMITED_API, PyPy, GraalPy)))]
 /// Frees the Python-route blocks that threads without an attached thread
 /// state have parked, if the calling thread may use the Python route now.
 /// Returns how many were freed, or `None` if this thread may not (they stay
@@ -315,6 +326,7 @@ pub fn flush_deferred() -> Option<usize> {
     Some(deferred::drain(&attached))
 }
 
+#[cfg(not(any(Py_LIMITED_API, PyPy, GraalPy)))]
 /// Whether an allocation made now, on this thread, would take the Python route.
 pub fn routes_to_python() -> bool {
     Attached::enter(thread::current()).is_some()
