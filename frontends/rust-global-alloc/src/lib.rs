@@ -53,7 +53,12 @@
 //!    extra thread state stops the world, which waits for every attached
 //!    thread to pause (seen in `_PyGC_ImmortalizeDeferredObjects`).
 //! 2. tracemalloc's `free` hook takes only tracemalloc's table lock, never
-//!    the GIL; no holder of that lock waits for the GIL.
+//!    the GIL. Holders of that lock do brief work and wait for nothing, with
+//!    one exception: in later 3.13 releases `tracemalloc.stop()` holds it
+//!    across `PyMem_SetAllocator`, whose mutex, if another thread is inside
+//!    `PyMem_GetAllocator`/`PyMem_SetAllocator` at that moment, releases and
+//!    retakes the GIL. That stalls every traced allocation, CPython's own
+//!    included; this crate never calls either function, so it never causes it.
 //! 3. `PyMem_Raw*` read the installed allocator (`ctx` and function
 //!    pointers) without synchronisation, while `PyMem_SetAllocator`, which
 //!    `tracemalloc.start()` and `stop()` call, rewrites it field by field. A
@@ -75,8 +80,9 @@
 //!   threads that wait for nothing (fact 2). Our call waits for exactly what
 //!   a `PyMem_RawMalloc` made by CPython itself on this thread at this
 //!   moment would wait for. Every other path calls only libc and atomics
-//!   (the deferred list is a lock-free stack), so it waits for nothing
-//!   Python holds. The deadlock of #6268 needs a detached or foreign thread
+//!   (the deferred list is a lock-free stack; a thread's first call and its
+//!   exit take the counters' spinlock, whose holders never call Python), so
+//!   it waits for nothing Python holds. The deadlock of #6268 needs a detached or foreign thread
 //!   to wait for the GIL; none of ours ever does.
 //! * *No torn read of our making.* Detached threads never read the raw
 //!   allocator (fact 3); they park Python blocks instead of freeing them.
