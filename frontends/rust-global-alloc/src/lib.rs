@@ -54,7 +54,7 @@
 //!    thread to pause (seen in `_PyGC_ImmortalizeDeferredObjects`).
 //! 2. tracemalloc's `free` hook takes only tracemalloc's table lock, never
 //!    the GIL. Holders of that lock do brief work and wait for nothing, with
-//!    one exception: in later 3.13 releases `tracemalloc.stop()` holds it
+//!    one exception: in 3.13.15 (not 3.13.0) `tracemalloc.stop()` holds it
 //!    across `PyMem_SetAllocator`, whose mutex, if another thread is inside
 //!    `PyMem_GetAllocator`/`PyMem_SetAllocator` at that moment, releases and
 //!    retakes the GIL. That stalls every traced allocation, CPython's own
