@@ -1,5 +1,5 @@
 # interheap: the two commands a fresh machine needs are `make demo` and `make test`.
-.PHONY: setup demo test bench bench-instructions bench-allocator bench-allocator-instructions regrtest fmt clean
+.PHONY: setup demo test bench bench-instructions bench-allocator bench-allocator-instructions bench-scaling bench-pyalloc regrtest fmt clean
 
 PYTHON := .venv/bin/python
 
@@ -36,6 +36,14 @@ bench-allocator-instructions: setup
 # CPython's own regression tests under interheap-python (also part of make test).
 regrtest: setup
 	scripts/regrtest.sh
+
+# The Rust global allocator (interheap-pyalloc): ns and instructions per
+# allocation + free pair against Rust's system allocator, side by side.
+bench-pyalloc: setup
+	PYO3_PYTHON=$(CURDIR)/$(PYTHON) \
+	LD_LIBRARY_PATH="$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))')" \
+	CARGO_TARGET_DIR="$${INTERHEAP_CACHE:-$$HOME/.cache/interheap}/target/checks" \
+		cargo bench -p interheap-pyalloc --bench pairs
 
 fmt:
 	cargo fmt --all

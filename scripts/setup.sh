@@ -3,10 +3,11 @@
 #   - the interpreters of the test matrix (scripts/interpreters.sh: 3.12, 3.13
 #     and a free-threaded 3.13t built once and cached),
 #   - one virtual environment per interpreter: .venv for 3.13 (the default),
-#     .venvs/<tag> for the others, with the dev tools and interheap built in
-#     release mode and installed (Cargo target dirs are cached per interpreter
-#     under the cache dir, so a fresh clone rebuilds only interheap's crates),
-#     plus the interheap-python launcher in each venv's bin/.
+#     .venvs/<tag> for the others, with the dev tools, interheap and the example
+#     extension (examples/pyo3-extension) built in release mode and installed
+#     (Cargo target dirs are cached per interpreter under the cache dir, so a
+#     fresh clone rebuilds only interheap's crates), plus the interheap-python
+#     launcher in each venv's bin/.
 # Usage: scripts/setup.sh [TAG ...]   (default: every interpreter of the matrix)
 set -euo pipefail
 
@@ -19,6 +20,16 @@ command -v cargo >/dev/null || { log "cargo not found: install Rust (rustup) fir
 
 matrix=$("$ROOT/scripts/interpreters.sh")
 wanted=("$@")
+
+# develop TAG VENV DIR LOG: build the maturin project in DIR (release) into VENV.
+develop() {
+    (
+        cd "$ROOT/$3"
+        VIRTUAL_ENV="$2" PATH="$2/bin:$PATH" CARGO_TARGET_DIR="$CACHE/target/$1" \
+            "$2/bin/maturin" develop --release --quiet >"$4" 2>&1 \
+            || { tail -40 "$4" >&2; exit 1; }
+    )
+}
 
 venv_dir() {
     # .venv is the default interpreter's; the others live in .venvs/<tag>.
@@ -44,12 +55,7 @@ while read -r tag python; do
         cp "$ROOT/requirements-dev.txt" "$venv/.interheap-requirements"
     fi
     log "$tag: building interheap (release)"
-    (
-        cd "$ROOT/frontends/python"
-        VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH" CARGO_TARGET_DIR="$CACHE/target/$tag" \
-            "$venv/bin/maturin" develop --release --quiet >"$CACHE/build-$tag.log" 2>&1 \
-            || { tail -40 "$CACHE/build-$tag.log" >&2; exit 1; }
-    )
+    develop "$tag" "$venv" frontends/python "$CACHE/build-$tag.log"
     log "$tag: building the interheap-python launcher (release)"
     (
         cd "$ROOT"
@@ -60,6 +66,12 @@ while read -r tag python; do
     install -m 755 "$CACHE/target/$tag-launcher/release/interheap-python" "$venv/bin/interheap-python"
     "$venv/bin/python" -c "import interheap; interheap.stats()" \
         || { log "$tag: interheap does not import in $venv"; exit 1; }
+    # The example PyO3 extension over interheap-pyalloc, which the tests import
+    # (same cached target dir: PyO3 is built once per interpreter).
+    log "$tag: building the example extension (examples/pyo3-extension)"
+    develop "$tag" "$venv" examples/pyo3-extension "$CACHE/build-example-$tag.log"
+    "$venv/bin/python" -c "import interheap_example_ext" \
+        || { log "$tag: interheap_example_ext does not import in $venv"; exit 1; }
     echo "$tag $venv" >> "$ROOT/.venvs.list.tmp"
 done <<< "$matrix"
 mv "$ROOT/.venvs.list.tmp" "$ROOT/.venvs.list"

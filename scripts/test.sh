@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every check and test of interheap on every interpreter of the matrix.
 # Expects scripts/setup.sh to have run (make test does both).
-#   1. Rust: cargo fmt --check, cargo clippy -D warnings, cargo test (engine, glue),
-#      and the engine's tests under AddressSanitizer (nightly)
+#   1. Rust: cargo fmt --check, cargo clippy -D warnings, cargo test (engine, glue,
+#      global allocator), the global allocator's refusal of abi3 builds, and the
+#      engine's and the global allocator's tests under AddressSanitizer (nightly)
 #   2. Python: ruff
 #   3. pytest on each venv listed in .venvs.list (3.12, 3.13, 3.13t)
 #   4. CPython's own regression tests under interheap-python (scripts/regrtest.sh)
@@ -27,13 +28,26 @@ step "cargo fmt --check"
 run cargo fmt --all --check
 step "cargo clippy -D warnings"
 run cargo clippy --quiet --workspace --all-targets -- -D warnings
-step "cargo test (engine, CPython glue)"
+step "cargo test (engine, CPython glue, global allocator)"
 run env LD_LIBRARY_PATH="$LIBDIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
-    cargo test --quiet -p interheap-engine -p interheap-cpython
+    cargo test --quiet -p interheap-engine -p interheap-cpython -p interheap-pyalloc
+step "global allocator refuses the stable ABI (abi3) with a clear error"
+abi3=$(CARGO_TARGET_DIR="$CACHE/target/abi3-check" \
+    cargo check --quiet -p interheap-pyalloc --features pyo3-ffi/abi3-py312 2>&1)
+if [ $? -ne 0 ] && grep -q "does not support the stable ABI" <<< "$abi3"; then
+    echo "refused, as it should be"
+else
+    echo "$abi3" | tail -20
+    failures+=("interheap-pyalloc did not refuse an abi3 build")
+fi
 step "engine under AddressSanitizer + LeakSanitizer (nightly)"
 if cargo +nightly --version >/dev/null 2>&1; then
     run env RUSTFLAGS="-Zsanitizer=address" CARGO_TARGET_DIR="$CACHE/target/asan" \
         cargo +nightly test --quiet -p interheap-engine --target "$(rustc -vV | sed -n 's/^host: //p')"
+    step "global allocator (embedded CPython, stress) under AddressSanitizer + LeakSanitizer (nightly)"
+    run env RUSTFLAGS="-Zsanitizer=address" CARGO_TARGET_DIR="$CACHE/target/asan" \
+        LD_LIBRARY_PATH="$LIBDIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" PYALLOC_STRESS_OPS=40000 \
+        cargo +nightly test --quiet -p interheap-pyalloc --target "$(rustc -vV | sed -n 's/^host: //p')"
 else
     echo "NOT RUN: no nightly toolchain, so no AddressSanitizer run of the engine"
 fi
