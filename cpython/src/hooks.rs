@@ -72,7 +72,7 @@ static FORWARD: [Forward; Domain::COUNT] = [const {
     }
 }; Domain::COUNT];
 
-fn fn_addr<F: Copy>(f: Option<F>) -> *mut () {
+pub(crate) fn fn_addr<F: Copy>(f: Option<F>) -> *mut () {
     const { assert!(std::mem::size_of::<F>() == std::mem::size_of::<*mut ()>()) };
     // SAFETY: the const assertion above makes `F` exactly pointer-sized (it
     // is only used with the four `extern "C" fn` pointer types), so reading
@@ -221,7 +221,7 @@ fn hooks_for<const D: usize>(ctx: *mut c_void) -> PyMemAllocatorEx {
     }
 }
 
-fn ffi_domain(domain: Domain) -> PyMemAllocatorDomain {
+pub(crate) fn ffi_domain(domain: Domain) -> PyMemAllocatorDomain {
     match domain {
         Domain::Raw => PyMemAllocatorDomain::PYMEM_DOMAIN_RAW,
         Domain::Mem => PyMemAllocatorDomain::PYMEM_DOMAIN_MEM,
@@ -229,7 +229,7 @@ fn ffi_domain(domain: Domain) -> PyMemAllocatorDomain {
     }
 }
 
-fn get_allocator(domain: Domain) -> PyMemAllocatorEx {
+pub(crate) fn get_allocator(domain: Domain) -> PyMemAllocatorEx {
     let mut current =
         PyMemAllocatorEx { ctx: null_mut(), malloc: None, calloc: None, realloc: None, free: None };
     // SAFETY: PyMem_GetAllocator only copies the domain's allocator struct
@@ -238,14 +238,14 @@ fn get_allocator(domain: Domain) -> PyMemAllocatorEx {
     current
 }
 
-fn set_allocator(domain: Domain, mut allocator: PyMemAllocatorEx) {
+pub(crate) fn set_allocator(domain: Domain, mut allocator: PyMemAllocatorEx) {
     // SAFETY: `allocator` is a complete, valid allocator struct; CPython
     // copies it. The caller holds CONTROL and, per the module docs, no other
     // thread allocates during install/uninstall.
     unsafe { PyMem_SetAllocator(ffi_domain(domain), &mut allocator) };
 }
 
-fn same_allocator(a: &PyMemAllocatorEx, b: &PyMemAllocatorEx) -> bool {
+pub(crate) fn same_allocator(a: &PyMemAllocatorEx, b: &PyMemAllocatorEx) -> bool {
     a.ctx == b.ctx
         && fn_addr(a.malloc) == fn_addr(b.malloc)
         && fn_addr(a.calloc) == fn_addr(b.calloc)
