@@ -21,16 +21,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _native
+from . import _native, adapters
 from ._report import human_bytes
 from ._stats import DOMAINS, DomainStats, InterpreterStats, Snapshot, build_snapshot
+from .adapters import AdapterStats
 
 __all__ = [
     "DOMAINS",
+    "AdapterStats",
     "DomainStats",
     "Hooks",
     "InterpreterStats",
     "Snapshot",
+    "adapters",
     "hooks",
     "human_bytes",
     "install",
@@ -79,7 +82,9 @@ def stats() -> Snapshot:
 
     Interpreters that have been destroyed stay in it with what they left
     allocated. Raw calls made without a thread state appear as the entry with
-    ``kind == "none"``.
+    ``kind == "none"``. ``adapters`` lists the adapters installed with
+    :mod:`interheap.adapters` and their figures (calls, lock acquisitions,
+    contended acquisitions, mode).
     """
     return build_snapshot(_native.snapshot(), installed=is_installed())
 
