@@ -16,7 +16,7 @@ use interheap_cpython::adapters::{
     AdapterError, AdapterStats, Dispatcher, InstanceStats, Kind, Mode, Options,
 };
 use interheap_engine::Domain;
-use pyo3_ffi::{PyMemAllocatorDomain, PyMemAllocatorEx};
+use pyo3_ffi::PyMemAllocatorEx;
 
 /// `INTERHEAP_THREAD_SAFE`.
 pub const THREAD_SAFE: c_uint = 0x1;
@@ -68,8 +68,10 @@ fn done(result: Result<u64, AdapterError>, id_out: *mut u64) -> c_int {
     }
 }
 
-fn domain(d: PyMemAllocatorDomain) -> Result<Domain, AdapterError> {
-    c_abi::domain_from_c(d as c_int)
+/// Domains arrive as plain ints (a C enum may hold any value; a Rust enum
+/// parameter may not), and are checked here.
+fn domain(d: c_int) -> Result<Domain, AdapterError> {
+    c_abi::domain_from_c(d)
 }
 
 fn options(flags: c_uint) -> Result<Options, AdapterError> {
@@ -120,7 +122,7 @@ pub extern "C" fn interheap_status_name(status: c_int) -> *const c_char {
 /// string; `id_out` is NULL or writable.
 #[no_mangle]
 pub unsafe extern "C" fn interheap_install(
-    domain_: PyMemAllocatorDomain,
+    domain_: c_int,
     allocator: *const PyMemAllocatorEx,
     flags: c_uint,
     name: *const c_char,
@@ -220,7 +222,7 @@ pub unsafe extern "C" fn interheap_adapter_stats_get(id: u64, out: *mut CAdapter
 /// As for [`interheap_install`], with an `interheap_aware_allocator`.
 #[no_mangle]
 pub unsafe extern "C" fn interheap_install_aware(
-    domain_: PyMemAllocatorDomain,
+    domain_: c_int,
     allocator: *const InterheapAwareAllocator,
     flags: c_uint,
     name: *const c_char,
@@ -272,7 +274,7 @@ pub unsafe extern "C" fn interheap_dispatcher_new(
 #[no_mangle]
 pub unsafe extern "C" fn interheap_dispatcher_install(
     d: *const CDispatcher,
-    domain_: PyMemAllocatorDomain,
+    domain_: c_int,
     name: *const c_char,
     id_out: *mut u64,
 ) -> c_int {

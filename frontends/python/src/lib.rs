@@ -118,10 +118,9 @@ fn adapter_error(e: AdapterError) -> PyErr {
 }
 
 fn parse_domain(name: &str) -> PyResult<Domain> {
-    Domain::ALL
-        .into_iter()
-        .find(|d| d.name() == name)
-        .ok_or_else(|| PyValueError::new_err(format!("unknown domain {name:?}: use 'raw', 'mem' or 'object'")))
+    Domain::ALL.into_iter().find(|d| d.name() == name).ok_or_else(|| {
+        PyValueError::new_err(format!("unknown domain {name:?}: use 'raw', 'mem' or 'object'"))
+    })
 }
 
 /// Installs the allocator whose struct is at `address` for `domain`, behind
