@@ -384,8 +384,8 @@ err("type", lambda: adapters.install("object", "nope"))
 snap = interheap.stats()
 d = snap.to_dict()
 again = interheap.Snapshot.from_dict(d)
-result(errors=errors, adapters=[a.to_dict() for a in snap.adapters], roundtrip=again.adapters == snap.adapters,
-       report="adapters:" in snap.format_table())
+result(errors=errors, adapters=[a.to_dict() for a in snap.adapters],
+       roundtrip=again.adapters == snap.adapters, report="adapters:" in snap.format_table())
 """
 
 
