@@ -1,5 +1,5 @@
 # interheap: the two commands a fresh machine needs are `make demo` and `make test`.
-.PHONY: setup demo test bench bench-instructions fmt clean
+.PHONY: setup demo test bench bench-instructions bench-adapters fmt clean
 
 PYTHON := .venv/bin/python
 
@@ -23,6 +23,11 @@ bench: setup
 # Instructions the hooks add per allocation + free pair (callgrind, repeatable).
 bench-instructions: setup
 	$(PYTHON) bench/hook_instructions.py
+
+# Instructions per allocator call: a legacy allocator bare, behind the lock
+# wrapper (unlocked and locked), and with the thread-safe flag (callgrind).
+bench-adapters: setup
+	$(PYTHON) bench/adapter_instructions.py $(BENCH_ARGS)
 
 fmt:
 	cargo fmt --all

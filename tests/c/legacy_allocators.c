@@ -331,3 +331,57 @@ void aw_report(long long out[3 + 4 * MAX_INTERP]) {
         out[6 + 4 * i] = aware.interp[i].seen;
     }
 }
+
+/* ---- for the benchmark: a plain forwarding allocator and a C loop ------- */
+
+typedef struct {
+    PyMemAllocatorEx under, self;
+    long calls; /* plain: not thread-safe */
+} forwarder;
+
+static forwarder forwarders[3];
+
+static void *fw_malloc(void *ctx, size_t n) {
+    forwarder *f = ctx;
+    f->calls++;
+    return f->under.malloc(f->under.ctx, n);
+}
+static void *fw_calloc(void *ctx, size_t n, size_t e) {
+    forwarder *f = ctx;
+    f->calls++;
+    return f->under.calloc(f->under.ctx, n, e);
+}
+static void *fw_realloc(void *ctx, void *p, size_t n) {
+    forwarder *f = ctx;
+    f->calls++;
+    return f->under.realloc(f->under.ctx, p, n);
+}
+static void fw_free(void *ctx, void *p) {
+    forwarder *f = ctx;
+    f->calls++;
+    f->under.free(f->under.ctx, p);
+}
+
+PyMemAllocatorEx *fw_setup(int domain) {
+    forwarder *f = &forwarders[domain];
+    PyMem_GetAllocator((PyMemAllocatorDomain)domain, &f->under);
+    f->self.ctx = f;
+    f->self.malloc = fw_malloc;
+    f->self.calloc = fw_calloc;
+    f->self.realloc = fw_realloc;
+    f->self.free = fw_free;
+    return &f->self;
+}
+
+void fw_install_bare(int domain) { PyMem_SetAllocator((PyMemAllocatorDomain)domain, &forwarders[domain].self); }
+
+long fw_calls(int domain) { return forwarders[domain].calls; }
+
+/* n PyObject_Malloc(32) + PyObject_Free pairs (call with the GIL held). */
+__attribute__((noinline)) long bench_object_pairs(long n) {
+    for (long i = 0; i < n; i++) {
+        void *p = PyObject_Malloc(32);
+        PyObject_Free(p);
+    }
+    return n;
+}

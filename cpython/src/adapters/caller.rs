@@ -21,11 +21,14 @@
 //! Both symbols are looked up with `dlsym` once; if one is missing (a
 //! future version), the conservative answer is used.
 //!
-//! A call without a thread state in the mem or object domain does not
-//! happen under the main GIL by CPython's contract, so it counts as "other"
-//! (it switches a lock wrapper to locking).
+//! A mem or object call without a thread state counts as "other" (it
+//! switches a lock wrapper to locking) once any interpreter besides main
+//! exists; while main is the only interpreter, CPython's contract (mem and
+//! object calls hold a GIL) means it holds the main GIL.
 
 use std::ffi::{c_int, c_ulong, c_void, CStr};
+use std::ptr::null_mut;
+use std::sync::atomic::{AtomicPtr, Ordering::Relaxed};
 use std::sync::OnceLock;
 
 use interheap_engine::Domain;
@@ -101,16 +104,50 @@ pub fn prepare() {
     let _ = has_feature();
 }
 
-/// The calling thread's interpreter state and ID, if it has a thread state.
-#[inline]
-fn current() -> Option<(*mut ffi::PyInterpreterState, i64)> {
+/// The first fields of CPython's `struct _ts` (`PyThreadState`), which
+/// `cpython/pystate.h` declares in the public, non-limited API, in this order
+/// on 3.12, 3.13 and 3.14, default and free-threaded builds.
+#[repr(C)]
+struct ThreadStateHead {
+    prev: *mut c_void,
+    next: *mut c_void,
+    interp: *mut ffi::PyInterpreterState,
+}
+
+/// The calling thread's interpreter state, or NULL without a thread state.
+/// One call into CPython (a thread-local read) and one load: this is on the
+/// lock wrapper's fast path.
+#[inline(always)]
+fn current_interp() -> *mut ffi::PyInterpreterState {
     // SAFETY: reads a thread-local; callable without an attached thread state.
     let tstate = unsafe { ffi::compat::PyThreadState_GetUnchecked() };
     if tstate.is_null() {
-        return None;
+        return null_mut();
     }
-    // SAFETY: the calling thread's own thread state cannot be freed under it.
-    let interp = unsafe { ffi::PyThreadState_GetInterpreter(tstate) };
+    // SAFETY: `tstate` is the calling thread's own, live thread state, whose
+    // layout starts with ThreadStateHead (see there).
+    unsafe { (*(tstate as *const ThreadStateHead)).interp }
+}
+
+/// The main interpreter's state, cached once it exists. Its address never
+/// changes (CPython 3.12+ keeps it in static storage).
+#[inline(always)]
+fn main_interp() -> *mut ffi::PyInterpreterState {
+    static MAIN: AtomicPtr<ffi::PyInterpreterState> = AtomicPtr::new(null_mut());
+    let main = MAIN.load(Relaxed);
+    if !main.is_null() {
+        return main;
+    }
+    // SAFETY: only reads the runtime's main-interpreter pointer (NULL before init).
+    let main = unsafe { ffi::PyInterpreterState_Main() };
+    MAIN.store(main, Relaxed);
+    main
+}
+
+/// The calling thread's interpreter state and ID, if it has a thread state.
+#[inline]
+fn current() -> Option<(*mut ffi::PyInterpreterState, i64)> {
+    let interp = current_interp();
     if interp.is_null() {
         return None;
     }
@@ -137,8 +174,34 @@ fn features(interp: *mut ffi::PyInterpreterState) -> (Option<bool>, Option<bool>
 }
 
 /// For a lock wrapper's unlocked mode: does this call run under the main GIL?
-#[inline]
+///
+/// Fast path, without touching a thread-local: if the newest interpreter
+/// (the head of CPython's interpreter list) is the main one, no other
+/// interpreter exists, so the call runs under the main GIL (mem and object
+/// calls hold a GIL by CPython's contract). An interpreter is linked into
+/// that list when it is created, before it can make any allocator call, and
+/// every thread that later runs it synchronised with its creation; so a call
+/// from any other interpreter always finds the head changed. (Reading the
+/// head is a plain load without CPython's lock: a stale value can only be
+/// seen by threads that are not that interpreter's.) Otherwise the calling
+/// thread's interpreter decides.
+#[inline(always)]
 pub fn classify() -> Caller {
+    let main = main_interp();
+    // SAFETY: only reads the runtime's interpreter-list head.
+    if unsafe { ffi::PyInterpreterState_Head() } == main {
+        return Caller::MainGil;
+    }
+    let interp = current_interp();
+    if !interp.is_null() && interp == main {
+        return Caller::MainGil;
+    }
+    classify_other()
+}
+
+#[cold]
+#[inline(never)]
+fn classify_other() -> Caller {
     match current() {
         None => Caller::Other(NO_INTERPRETER),
         Some((_, 0)) => Caller::MainGil,

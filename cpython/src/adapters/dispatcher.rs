@@ -539,3 +539,193 @@ impl<F: InstanceFactory> Backend for DispatcherBackend<F> {
         self.0.release_block(&caller::context(domain), ptr)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The dispatcher's routing and figures, driven directly with call
+    //! contexts (no Python): the `install` path is tested from C.
+    use super::*;
+    use std::alloc::{alloc, dealloc, Layout};
+    use std::sync::atomic::AtomicI64;
+    use std::sync::Arc;
+
+    /// A non-thread-safe instance: counts its blocks, detects overlapping calls.
+    struct Counting {
+        out: i64,
+        inside: Arc<AtomicUsize>,
+        overlaps: Arc<AtomicUsize>,
+        dropped: Arc<AtomicI64>,
+    }
+
+    impl Counting {
+        fn enter(&self) {
+            if self.inside.fetch_add(1, Relaxed) != 0 {
+                self.overlaps.fetch_add(1, Relaxed);
+            }
+        }
+        fn leave(&self) {
+            self.inside.fetch_sub(1, Relaxed);
+        }
+    }
+
+    impl Instance for Counting {
+        fn malloc(&mut self, size: usize) -> *mut c_void {
+            self.enter();
+            // SAFETY: non-zero size (HEADER included), valid alignment.
+            let p = unsafe { alloc(Layout::from_size_align(size, 16).unwrap()) } as *mut c_void;
+            self.out += 1;
+            self.leave();
+            p
+        }
+        unsafe fn free(&mut self, ptr: *mut c_void, size: usize) {
+            self.enter();
+            // SAFETY: allocated by `malloc` with this size.
+            unsafe { dealloc(ptr as *mut u8, Layout::from_size_align(size, 16).unwrap()) };
+            self.out -= 1;
+            self.leave();
+        }
+    }
+
+    impl Drop for Counting {
+        fn drop(&mut self) {
+            self.dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    #[derive(Default)]
+    struct Factory {
+        created: AtomicU64,
+        dropped: Arc<AtomicI64>,
+        overlaps: Arc<AtomicUsize>,
+    }
+
+    impl InstanceFactory for Arc<Factory> {
+        type Instance = Counting;
+        fn create(&self, _cx: &CallContext) -> Option<Counting> {
+            self.created.fetch_add(1, Relaxed);
+            Some(Counting {
+                out: 0,
+                inside: Arc::new(AtomicUsize::new(0)),
+                overlaps: Arc::clone(&self.overlaps),
+                dropped: Arc::clone(&self.dropped),
+            })
+        }
+    }
+
+    fn cx(interpreter: Option<i64>, domain: Domain) -> CallContext {
+        CallContext { interpreter, domain, own_gil: None, own_obmalloc: None }
+    }
+
+    fn figures(d: &Dispatcher<Arc<Factory>>, interp: Option<i64>) -> InstanceStats {
+        d.instances().into_iter().find(|s| s.interpreter == interp).unwrap()
+    }
+
+    #[test]
+    fn routes_frees_to_the_owner_and_releases_after_end() {
+        let factory = Arc::new(Factory::default());
+        let d = Dispatcher::new(Arc::clone(&factory));
+        let (main, sub) = (cx(Some(0), Domain::Mem), cx(Some(1), Domain::Mem));
+        let a = d.allocate(&main, 100, false);
+        let b = d.allocate(&sub, 40, true);
+        // SAFETY: `b` holds 40 zeroed bytes.
+        assert!(unsafe { std::slice::from_raw_parts(b as *const u8, 40) }.iter().all(|&x| x == 0));
+        assert_eq!(a as usize % 16, 0);
+        // Interpreter 1 frees main's block: it goes back to main's instance.
+        d.release_block(&sub, a);
+        let m = figures(d, Some(0)).domains[Domain::Mem.index()];
+        assert_eq!((m.allocations, m.frees, m.cross_frees, m.live_blocks, m.live_bytes), (1, 1, 1, 0, 0));
+        // Ending interpreter 1 keeps its instance while it holds a block...
+        let ended = d.end_interpreter(1).unwrap();
+        assert!(ended.ended && !ended.released && ended.live_blocks() == 1 && ended.live_bytes() == 40);
+        assert_eq!(factory.dropped.load(Relaxed), 0);
+        // ...and releases it when main frees that block.
+        d.release_block(&main, b);
+        let s = figures(d, Some(1));
+        assert!(s.released && s.live_blocks() == 0);
+        assert_eq!(s.domains[Domain::Mem.index()].cross_frees, 1);
+        assert_eq!(factory.dropped.load(Relaxed), 1);
+        assert_eq!(d.releases(), 1);
+        assert!(d.end_interpreter(7).is_none());
+    }
+
+    #[test]
+    fn realloc_in_place_or_moves_to_the_caller() {
+        let factory = Arc::new(Factory::default());
+        let d = Dispatcher::new(Arc::clone(&factory));
+        let (main, sub) = (cx(Some(0), Domain::Object), cx(Some(2), Domain::Object));
+        let p = d.resize(&main, std::ptr::null_mut(), 8);
+        // SAFETY: `p` holds 8 bytes.
+        unsafe { std::ptr::copy_nonoverlapping(b"abcdefgh".as_ptr(), p as *mut u8, 8) };
+        let p = d.resize(&main, p, 64);
+        let m = figures(d, Some(0)).domains[Domain::Object.index()];
+        assert_eq!((m.allocations, m.reallocations, m.live_bytes), (1, 1, 64));
+        // Another interpreter resizes it: the block moves to its instance.
+        let q = d.resize(&sub, p, 4);
+        // SAFETY: `q` holds 4 bytes, copied from the old block.
+        assert_eq!(unsafe { std::slice::from_raw_parts(q as *const u8, 4) }, b"abcd");
+        let m = figures(d, Some(0)).domains[Domain::Object.index()];
+        let s = figures(d, Some(2)).domains[Domain::Object.index()];
+        assert_eq!((m.live_blocks, m.frees, m.cross_frees), (0, 1, 1));
+        assert_eq!((s.live_blocks, s.live_bytes, s.allocations), (1, 4, 1));
+        d.release_block(&sub, q);
+        // calloc overflow is refused by the trampoline; size + HEADER overflow here.
+        assert!(d.allocate(&main, usize::MAX - 4, false).is_null());
+        assert_eq!(figures(d, Some(0)).domains[Domain::Object.index()].failures, 1);
+    }
+
+    /// Four "interpreters" in parallel threads, each allocating and freeing
+    /// in its instance and freeing blocks handed over by its neighbour.
+    /// Instances are not thread-safe: the dispatcher must serialise each.
+    #[test]
+    fn parallel_interpreters_exact_per_instance() {
+        const THREADS: i64 = 4;
+        const ROUNDS: usize = 20_000;
+        let factory = Arc::new(Factory::default());
+        let d = Dispatcher::new(Arc::clone(&factory));
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..THREADS).map(|_| std::sync::mpsc::channel::<usize>()).unzip();
+        let sent_all = std::sync::Barrier::new(THREADS as usize);
+        std::thread::scope(|scope| {
+            for (t, rx) in rxs.into_iter().enumerate() {
+                let next = txs[(t + 1) % THREADS as usize].clone();
+                let sent_all = &sent_all;
+                scope.spawn(move || {
+                    let me = cx(Some(t as i64), Domain::Mem);
+                    let mut mine = Vec::new();
+                    for i in 0..ROUNDS {
+                        let p = d.allocate(&me, 16 + i % 300, false);
+                        if i % 4 == 0 {
+                            next.send(p as usize).unwrap();
+                        } else {
+                            mine.push(p);
+                        }
+                        if mine.len() > 64 {
+                            d.release_block(&me, mine.swap_remove(i % 64));
+                        }
+                        while let Ok(theirs) = rx.try_recv() {
+                            d.release_block(&me, theirs as *mut c_void);
+                        }
+                    }
+                    for p in mine {
+                        d.release_block(&me, p);
+                    }
+                    sent_all.wait();
+                    while let Ok(theirs) = rx.try_recv() {
+                        d.release_block(&me, theirs as *mut c_void);
+                    }
+                });
+            }
+            drop(txs);
+        });
+        assert_eq!(factory.overlaps.load(Relaxed), 0);
+        assert_eq!(factory.created.load(Relaxed), THREADS as u64);
+        for s in d.instances() {
+            let f = s.domains[Domain::Mem.index()];
+            // Every block freed, every fourth one by the neighbour.
+            assert_eq!(
+                (f.allocations, f.frees, f.live_blocks, f.live_bytes),
+                (ROUNDS as u64, ROUNDS as u64, 0, 0)
+            );
+            assert_eq!(f.cross_frees, (ROUNDS as u64).div_ceil(4));
+        }
+    }
+}

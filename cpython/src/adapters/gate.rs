@@ -30,7 +30,9 @@
 //!
 //! `M`'s unlocked path: store `in_call = true`; *light barrier*; load `mode`;
 //! if still `Unlocked`, call the allocator, then store `in_call = false`
-//! (release); otherwise clear `in_call` and take the locked path.
+//! (release); otherwise clear `in_call` and take the locked path. (`in_call`
+//! is a depth, so that an allocator calling back into its own domain keeps
+//! it set until the outer call returns; a nested call never waits.)
 //!
 //! `S`'s path (every call that is not unlocked): take the lock; if `mode` is
 //! not yet `Locked`: store `mode = Draining`; *heavy barrier*; wait until
@@ -68,7 +70,7 @@
 //! may see a busy gate's counters one call behind.
 
 use std::sync::atomic::{
-    compiler_fence, fence, AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering::Acquire, Ordering::Relaxed,
+    compiler_fence, fence, AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering::Acquire, Ordering::Relaxed,
     Ordering::Release, Ordering::SeqCst,
 };
 use std::sync::OnceLock;
@@ -218,7 +220,10 @@ pub struct GateStats {
 /// See the module docs.
 pub struct Gate {
     mode: AtomicU8,
-    in_call: AtomicBool,
+    /// Depth of the unlocked call in flight (0: none). Written only by the
+    /// main-GIL holder; more than 1 when the allocator calls back into its
+    /// own domain.
+    in_call: AtomicU32,
     barrier: Barrier,
     lock: RawLock,
     calls: AtomicU64,
@@ -239,7 +244,7 @@ impl Gate {
         assert_ne!(mode, Mode::Draining, "a gate cannot start draining");
         Gate {
             mode: AtomicU8::new(mode as u8),
-            in_call: AtomicBool::new(false),
+            in_call: AtomicU32::new(0),
             barrier,
             lock: RawLock::new(),
             calls: AtomicU64::new(0),
@@ -263,27 +268,33 @@ impl Gate {
     /// asked only in `Unlocked` mode.
     #[inline(always)]
     pub fn run<R>(&self, caller: impl FnOnce() -> Caller, call: impl FnOnce() -> R) -> R {
-        match self.mode.load(Acquire) {
-            m if m == Mode::Unlocked as u8 => match caller() {
-                Caller::MainGil => {
-                    self.in_call.store(true, Relaxed);
-                    self.barrier.light();
-                    if self.mode.load(Relaxed) == Mode::Unlocked as u8 {
-                        bump(&self.calls);
-                        let result = call();
-                        self.in_call.store(false, Release);
-                        return result;
-                    }
-                    self.in_call.store(false, Release);
-                    self.run_locked(NEVER, call)
+        let mode = self.mode.load(Acquire);
+        if mode == Mode::ThreadSafe as u8 {
+            self.calls.fetch_add(1, Relaxed);
+            return call();
+        }
+        if mode == Mode::Locked as u8 {
+            return self.run_locked(NEVER, call);
+        }
+        // Unlocked, or draining.
+        match caller() {
+            Caller::MainGil => {
+                let depth = self.in_call.load(Relaxed);
+                self.in_call.store(depth + 1, Relaxed);
+                self.barrier.light();
+                // A nested call (the allocator called back into its own
+                // domain) runs inside the outer unlocked call, which a drain
+                // is already waiting for: it must not wait itself.
+                if depth > 0 || self.mode.load(Relaxed) == Mode::Unlocked as u8 {
+                    bump(&self.calls);
+                    let result = call();
+                    self.in_call.store(depth, Release);
+                    return result;
                 }
-                Caller::Other(who) => self.run_locked(who, call),
-            },
-            m if m == Mode::ThreadSafe as u8 => {
-                self.calls.fetch_add(1, Relaxed);
-                call()
+                self.in_call.store(depth, Release);
+                self.run_locked(NEVER, call)
             }
-            _ => self.run_locked(NEVER, call),
+            Caller::Other(who) => self.run_locked(who, call),
         }
     }
 
@@ -312,7 +323,7 @@ impl Gate {
         self.mode.store(Mode::Draining as u8, Relaxed);
         self.barrier.heavy();
         let mut rounds: u32 = 0;
-        while self.in_call.load(Acquire) {
+        while self.in_call.load(Acquire) != 0 {
             // One allocator call of the main-GIL holder is in flight; it
             // never waits for us. Spin briefly, then give the CPU away.
             rounds += 1;
@@ -386,6 +397,36 @@ mod tests {
         gate.run(|| Caller::MainGil, || ());
         let s = gate.stats();
         assert_eq!((s.calls, s.lock_acquisitions, s.switched_by), (3, 2, Some(3)));
+    }
+
+    #[test]
+    fn nested_unlocked_call_during_a_drain_does_not_wait() {
+        let gate = Arc::new(Gate::new(Mode::Unlocked, Barrier::Fences));
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let g = Arc::clone(&gate);
+        let main = std::thread::spawn(move || {
+            g.run(
+                || Caller::MainGil,
+                || {
+                    entered_tx.send(()).unwrap();
+                    go_rx.recv().unwrap();
+                    // The switch has begun; the allocator calls back into its domain.
+                    while g.mode() != Mode::Draining {
+                        std::thread::yield_now();
+                    }
+                    g.run(|| Caller::MainGil, || ())
+                },
+            )
+        });
+        entered_rx.recv().unwrap();
+        let g = Arc::clone(&gate);
+        let other = std::thread::spawn(move || g.run(|| Caller::Other(1), || ()));
+        go_tx.send(()).unwrap();
+        main.join().unwrap();
+        other.join().unwrap();
+        assert_eq!(gate.mode(), Mode::Locked);
+        assert_eq!(gate.stats().calls, 3);
     }
 
     #[test]
