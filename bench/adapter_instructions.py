@@ -98,15 +98,21 @@ def collect(python: str, lib: Path, mode: str, pairs: int, workdir: str) -> tupl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=100_000, help="malloc+free pairs measured (default 100000)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--pairs", type=int, default=100_000, help="malloc+free pairs measured (default 100000)"
+    )
     parser.add_argument("--python", default=sys.executable)
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         sys.exit("error: valgrind is not installed")
     free_threaded = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
     with tempfile.TemporaryDirectory() as workdir:
-        lib = build_shared(ROOT / "tests" / "c" / "legacy_allocators.c", Path(workdir) / "legacy_allocators.so")
+        lib = build_shared(
+            ROOT / "tests" / "c" / "legacy_allocators.c", Path(workdir) / "legacy_allocators.so"
+        )
         rows = []
         for mode, label in MODES:
             if mode == "unlocked" and free_threaded:
@@ -120,7 +126,9 @@ def main() -> None:
     bare = rows[0][1]
     print(f"python: {args.python} ({'free-threaded' if free_threaded else 'default build'})")
     print("instructions per allocator call (PyObject_Malloc(32) or PyObject_Free), object domain:")
-    print(f"  {'installation':<20} {'per call':>9} {'over bare':>10}   adapter mode, calls, lock acquisitions")
+    print(
+        f"  {'installation':<20} {'per call':>9} {'over bare':>10}   adapter mode, calls, lock acquisitions"
+    )
     for label, per_call, adapter in rows:
         extra = "" if adapter is None else f"   {adapter[0]}, {int(adapter[1]):,}, {int(adapter[2]):,}"
         print(f"  {label:<20} {per_call:>9.1f} {per_call - bare:>+10.1f}{extra}")

@@ -54,6 +54,24 @@ def report(domain: int) -> dict:
     return r
 
 
+def quiet_report(domain: int, timeout: float = 2.0) -> dict:
+    """``report(domain)`` once it is exact, or the last one after ``timeout``.
+
+    A report is read without the allocator's lock, so on a free-threaded
+    build (no GIL) a thread that is still ending may be inside the allocator
+    while it is read. That passing disagreement clears; lost or corrupted
+    bookkeeping does not, so a report that stays inexact is real.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        r = report(domain)
+        if r["exact"] or time.monotonic() > deadline:
+            return r
+        time.sleep(0.01)
+
+
 def aware_report() -> dict:
     out = (ctypes.c_longlong * (3 + 4 * 64))()
     lib.aw_report(out)

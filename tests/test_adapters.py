@@ -27,7 +27,7 @@ def allocators_env(tmp_path_factory) -> dict[str, str]:
 PARALLEL = r"""
 import threading, interheap, interheap.adapters as adapters
 from scenario_support import create, run, destroy, result
-from adapter_support import lib, report, MEM, OBJECT, NAMES, WORKLOAD
+from adapter_support import lib, quiet_report, MEM, OBJECT, NAMES, WORKLOAD
 
 MODE, ROUNDS = {mode!r}, {rounds}
 handles = []
@@ -52,9 +52,9 @@ threads = [threading.Thread(target=work, args=(i,)) for i in ids]
 for t in threads:
     t.start()
 finished.wait()
-reports = {{NAMES[d]: report(d) for d in (MEM, OBJECT)}}
 for t in threads:
     t.join()
+reports = {{NAMES[d]: quiet_report(d) for d in (MEM, OBJECT)}}
 for h in handles:
     h.uninstall()
 if MODE == "bare":
@@ -104,7 +104,7 @@ def test_lock_wrapper_makes_the_same_run_exact(allocators_env):
 MAIN_ONLY = r"""
 import threading, interheap, interheap.adapters as adapters
 from scenario_support import result
-from adapter_support import lib, report, MEM, OBJECT, NAMES, WORKLOAD
+from adapter_support import lib, quiet_report, MEM, OBJECT, NAMES, WORKLOAD
 
 handles = [adapters.install(NAMES[d], lib.bk_setup(d)) for d in (MEM, OBJECT)]
 exec(WORKLOAD.format(rounds=20_000))
@@ -115,7 +115,7 @@ for t in threads:
 for t in threads:
     t.join()
 stats = [a.to_dict() for a in interheap.stats().adapters]
-reports = {NAMES[d]: report(d) for d in (MEM, OBJECT)}
+reports = {NAMES[d]: quiet_report(d) for d in (MEM, OBJECT)}
 for h in handles:
     h.uninstall()
 result(adapters=stats, reports=reports)
@@ -142,7 +142,7 @@ def test_only_the_main_interpreter_takes_no_lock(allocators_env):
 RAW = r"""
 import threading, interheap.adapters as adapters
 from scenario_support import result
-from adapter_support import lib, nogil, report, RAW
+from adapter_support import lib, nogil, quiet_report, RAW
 
 allocator = lib.bk_setup(RAW)
 handle = None
@@ -156,7 +156,7 @@ for t in threads:
     t.start()
 for t in threads:
     t.join()
-r = report(RAW)
+r = quiet_report(RAW)
 stats = handle.stats().to_dict() if handle else None
 if handle:
     handle.uninstall()
@@ -191,7 +191,7 @@ def test_raw_domain_always_locks_even_with_only_main(allocators_env):
 SWITCH = r"""
 import threading, time, interheap.adapters as adapters
 from scenario_support import create, run, destroy, result
-from adapter_support import lib, report, MEM, OBJECT, NAMES, WORKLOAD
+from adapter_support import lib, quiet_report, MEM, OBJECT, NAMES, WORKLOAD
 
 handles = [adapters.install(NAMES[d], lib.bk_setup(d)) for d in (MEM, OBJECT)]
 stop = False
@@ -217,7 +217,7 @@ for t in subs:
 stop = True
 for t in mains:
     t.join()
-reports = {{NAMES[d]: report(d) for d in (MEM, OBJECT)}}
+reports = {{NAMES[d]: quiet_report(d) for d in (MEM, OBJECT)}}
 modes = [h.stats().mode for h in handles]
 for h in handles:
     h.uninstall()
@@ -244,7 +244,7 @@ def test_switch_under_stress_with_fences_instead_of_membarrier(allocators_env):
 LEGACY_SUB = r"""
 import interheap.adapters as adapters
 from scenario_support import create, run, destroy, result
-from adapter_support import lib, report, OBJECT, WORKLOAD
+from adapter_support import lib, quiet_report, OBJECT, WORKLOAD
 
 h = adapters.install("object", lib.bk_setup(OBJECT))
 iid = create("legacy")
@@ -252,7 +252,7 @@ run(iid, WORKLOAD.format(rounds=2000))
 destroy(iid)
 s = h.stats().to_dict()
 h.uninstall()
-result(adapter=s, iid=iid, report=report(OBJECT))
+result(adapter=s, iid=iid, report=quiet_report(OBJECT))
 """
 
 

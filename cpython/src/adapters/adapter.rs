@@ -502,14 +502,19 @@ pub fn install_aware<T: InterpreterAware>(
 // ---------------------------------------------------------------------------
 // fork(): no adapter lock may be inherited held.
 
+// One handler set for every adapter lock, taken in one order: the gates (an
+// allocator behind a gate may call into a dispatcher), then the dispatchers.
+
 extern "C" fn before_fork() {
     super::lock::set_forking(true);
     for a in registered() {
         a.gate.lock_for_fork();
     }
+    super::dispatcher::lock_all_for_fork();
 }
 
 extern "C" fn after_fork_in_parent() {
+    super::dispatcher::unlock_all_after_fork();
     for a in registered() {
         a.gate.unlock_after_fork();
     }
@@ -517,14 +522,16 @@ extern "C" fn after_fork_in_parent() {
 }
 
 extern "C" fn after_fork_in_child() {
+    // SAFETY: in the child, this thread is the only one.
+    unsafe { super::dispatcher::reset_all_in_fork_child() };
     for a in registered() {
-        // SAFETY: in the child, this thread is the only one.
+        // SAFETY: as above.
         unsafe { a.gate.reset_in_fork_child() };
     }
     super::lock::set_forking(false);
 }
 
-fn register_fork_handlers() {
+pub(crate) fn register_fork_handlers() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // SAFETY: static extern "C" handlers without arguments.

@@ -43,7 +43,6 @@ use std::ptr::null_mut;
 use std::sync::atomic::{
     AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
 };
-use std::sync::Once;
 
 use interheap_engine::Domain;
 
@@ -444,17 +443,7 @@ impl<F: InstanceFactory> Dispatcher<F> {
     }
 
     fn register_for_fork(&'static self) {
-        static ONCE: Once = Once::new();
-        ONCE.call_once(|| {
-            // SAFETY: static extern "C" handlers without arguments.
-            unsafe {
-                libc::pthread_atfork(
-                    Some(dispatchers_before_fork),
-                    Some(dispatchers_after_fork_parent),
-                    Some(dispatchers_after_fork_child),
-                )
-            };
-        });
+        adapter::register_fork_handlers();
         let n = DISPATCHER_COUNT.load(Relaxed);
         if n < MAX_DISPATCHERS {
             let obj: &'static dyn ForkSafe = self;
@@ -505,20 +494,24 @@ fn each_dispatcher(f: impl Fn(&dyn ForkSafe)) {
     }
 }
 
-extern "C" fn dispatchers_before_fork() {
-    super::lock::set_forking(true);
+/// Takes every dispatcher lock (the adapters' `fork()` prepare handler calls
+/// this after taking the gates' locks: one order for every lock).
+pub(crate) fn lock_all_for_fork() {
     each_dispatcher(|d| d.lock_for_fork());
 }
 
-extern "C" fn dispatchers_after_fork_parent() {
+/// Releases them in the parent.
+pub(crate) fn unlock_all_after_fork() {
     each_dispatcher(|d| d.unlock_after_fork());
-    super::lock::set_forking(false);
 }
 
-extern "C" fn dispatchers_after_fork_child() {
-    // SAFETY: the child's only thread.
+/// Frees them in the child.
+///
+/// # Safety
+/// Only in a fork child (one thread).
+pub(crate) unsafe fn reset_all_in_fork_child() {
+    // SAFETY: the caller is the child's only thread.
     each_dispatcher(|d| unsafe { d.reset_in_fork_child() });
-    super::lock::set_forking(false);
 }
 
 /// The dispatcher as an adapter backend.
