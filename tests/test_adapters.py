@@ -409,3 +409,55 @@ def test_api_forms_errors_and_figures(allocators_env):
     assert all(not a["installed"] and not a["on_top"] for a in out["adapters"])
     assert out["adapters"][0]["calls"] > 0 and out["adapters"][1]["calls"] > 0
     assert out["roundtrip"] and out["report"]
+
+
+FORK = r"""
+import os, threading, time, warnings
+import interheap.adapters as adapters
+from scenario_support import result
+from adapter_support import lib, nogil, quiet_report, RAW
+
+warnings.simplefilter("ignore")  # "multi-threaded process, fork() may deadlock": the point
+h = adapters.install("raw", lib.bk_setup(RAW))
+stop = False
+def hammer():
+    while not stop:
+        nogil.bk_hammer_raw(20000)
+threads = [threading.Thread(target=hammer) for _ in range(3)]
+for t in threads:
+    t.start()
+time.sleep(0.1)
+outcomes = []
+for i in range(20):
+    pid = os.fork()
+    if pid == 0:
+        # The only thread left: the adapter's lock must be free and the
+        # allocator's state whole (no call was in flight at the fork).
+        nogil.bk_hammer_raw(5000)
+        os._exit(0 if quiet_report(RAW)["exact"] else 3)
+    deadline = time.monotonic() + 20
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            outcomes.append(os.waitstatus_to_exitcode(status))
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            outcomes.append("hung")
+            break
+        time.sleep(0.005)
+stop = True
+for t in threads:
+    t.join()
+result(outcomes=outcomes, contended=h.stats().contended_acquisitions, exact=quiet_report(RAW)["exact"])
+"""
+
+
+def test_fork_while_other_threads_hold_the_lock(allocators_env):
+    # Three threads keep the raw adapter's lock busy while the main thread
+    # forks: the fork handlers take the lock first, so each child starts
+    # with a free lock and a consistent allocator.
+    out = scenario(FORK, env=allocators_env)
+    assert out["outcomes"] == [0] * 20
+    assert out["contended"] > 0 and out["exact"]
