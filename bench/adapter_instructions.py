@@ -24,7 +24,6 @@ import argparse
 import os
 import re
 import shutil
-import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -34,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from c_build import build_shared  # noqa: E402
+from callgrind import instructions_of  # noqa: E402
 
 CHILD = r"""
 import ctypes, sys
@@ -73,28 +73,9 @@ MODES = [
 
 def collect(python: str, lib: Path, mode: str, pairs: int, workdir: str) -> tuple[int, str]:
     out_file = os.path.join(workdir, f"cg.{mode}")
-    proc = subprocess.run(
-        [
-            "valgrind",
-            "--tool=callgrind",
-            f"--callgrind-out-file={out_file}",
-            python,
-            "-c",
-            CHILD,
-            str(lib),
-            mode,
-            str(pairs),
-        ],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, PYTHONHASHSEED="0"),
-    )
-    if proc.returncode != 0:
-        sys.exit(f"{mode}: valgrind failed:\n{proc.stderr[-3000:]}")
-    match = re.search(r"refs:\s+([\d,]+)", proc.stderr)
-    if not match:
-        sys.exit(f"no instruction count in valgrind's output:\n{proc.stderr[-2000:]}")
-    return int(match.group(1).replace(",", "")), proc.stdout
+    # A fixed hash seed keeps start-up identical between the two runs.
+    command = [python, "-c", CHILD, str(lib), mode, str(pairs)]
+    return instructions_of(command, out_file, {"PYTHONHASHSEED": "0"})
 
 
 def main() -> None:
