@@ -1,5 +1,5 @@
 # interheap: the two commands a fresh machine needs are `make demo` and `make test`.
-.PHONY: setup demo test bench bench-instructions bench-allocator bench-allocator-instructions bench-scaling bench-pyalloc regrtest fmt clean
+.PHONY: setup demo test bench bench-instructions bench-allocator bench-allocator-instructions bench-scaling bench-pyalloc bench-adapters regrtest fmt clean
 
 PYTHON := .venv/bin/python
 
@@ -44,6 +44,11 @@ bench-pyalloc: setup
 	LD_LIBRARY_PATH="$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))')" \
 	CARGO_TARGET_DIR="$${INTERHEAP_CACHE:-$$HOME/.cache/interheap}/target/checks" \
 		cargo bench -p interheap-pyalloc --bench pairs
+
+# Instructions per allocator call: a legacy allocator bare, behind the lock
+# wrapper (unlocked and locked), and with the thread-safe flag (callgrind).
+bench-adapters: setup
+	$(PYTHON) bench/adapter_instructions.py $(BENCH_ARGS)
 
 fmt:
 	cargo fmt --all

@@ -18,9 +18,10 @@ import argparse
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
+
+from callgrind import instructions_of
 
 CHILD = r"""
 import sys
@@ -44,26 +45,7 @@ if hooks:
 
 def instructions(python: str, mode: str, pairs: int, kind: str, workdir: str) -> tuple[int, str]:
     out_file = os.path.join(workdir, f"cg.{mode}")
-    proc = subprocess.run(
-        [
-            "valgrind",
-            "--tool=callgrind",
-            f"--callgrind-out-file={out_file}",
-            python,
-            "-c",
-            CHILD,
-            mode,
-            str(pairs),
-            kind,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    match = re.search(r"refs:\s+([\d,]+)", proc.stderr)
-    if not match:
-        sys.exit(f"no instruction count in valgrind's output:\n{proc.stderr[-2000:]}")
-    return int(match.group(1).replace(",", "")), proc.stdout
+    return instructions_of([python, "-c", CHILD, mode, str(pairs), kind], out_file)
 
 
 def main() -> None:

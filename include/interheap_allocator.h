@@ -1,6 +1,7 @@
 /* interheap's allocator, for programs that embed CPython.
  *
- * Link against libinterheap_embed (or use the interheap-python launcher).
+ * Link against libinterheap (frontends/c; scripts/setup.sh puts it in
+ * <venv>/interheap-c/lib), or use the interheap-python launcher.
  * Call interheap_allocator_install() after Py_PreInitialize*() and before
  * Py_Initialize*(): mem and object allocations then come from one heap per
  * interpreter, raw allocations from a shared thread-safe heap. On

@@ -7,7 +7,7 @@
 #     extension (examples/pyo3-extension) built in release mode and installed
 #     (Cargo target dirs are cached per interpreter under the cache dir, so a
 #     fresh clone rebuilds only interheap's crates), plus the interheap-python
-#     launcher in each venv's bin/.
+#     launcher in each venv's bin/, and libinterheap (the C library) built for it into <venv>/interheap-c/lib.
 # Usage: scripts/setup.sh [TAG ...]   (default: every interpreter of the matrix)
 set -euo pipefail
 
@@ -72,6 +72,16 @@ while read -r tag python; do
     develop "$tag" "$venv" examples/pyo3-extension "$CACHE/build-example-$tag.log"
     "$venv/bin/python" -c "import interheap_example_ext" \
         || { log "$tag: interheap_example_ext does not import in $venv"; exit 1; }
+    # libinterheap (include/interheap.h) for this interpreter, for C embedders
+    # and the C tests: <venv>/interheap-c/lib. Own target dir: its pyo3-ffi
+    # links libpython, the extension's does not.
+    log "$tag: building libinterheap (release)"
+    PYO3_PYTHON="$venv/bin/python" CARGO_TARGET_DIR="$CACHE/target/$tag-c" \
+        cargo build --release --quiet -p interheap-c --manifest-path "$ROOT/Cargo.toml" \
+        >"$CACHE/build-$tag-c.log" 2>&1 || { tail -40 "$CACHE/build-$tag-c.log" >&2; exit 1; }
+    mkdir -p "$venv/interheap-c/lib"
+    cp "$CACHE/target/$tag-c/release/libinterheap.so" "$CACHE/target/$tag-c/release/libinterheap.a" \
+        "$venv/interheap-c/lib/"
     echo "$tag $venv" >> "$ROOT/.venvs.list.tmp"
 done <<< "$matrix"
 mv "$ROOT/.venvs.list.tmp" "$ROOT/.venvs.list"

@@ -72,7 +72,7 @@ static FORWARD: [Forward; Domain::COUNT] = [const {
     }
 }; Domain::COUNT];
 
-fn fn_addr<F: Copy>(f: Option<F>) -> *mut () {
+pub(crate) fn fn_addr<F: Copy>(f: Option<F>) -> *mut () {
     const { assert!(std::mem::size_of::<F>() == std::mem::size_of::<*mut ()>()) };
     // SAFETY: the const assertion above makes `F` exactly pointer-sized (it
     // is only used with the four `extern "C" fn` pointer types), so reading
@@ -221,7 +221,7 @@ fn hooks_for<const D: usize>(ctx: *mut c_void) -> PyMemAllocatorEx {
     }
 }
 
-fn ffi_domain(domain: Domain) -> PyMemAllocatorDomain {
+pub(crate) fn ffi_domain(domain: Domain) -> PyMemAllocatorDomain {
     match domain {
         Domain::Raw => PyMemAllocatorDomain::PYMEM_DOMAIN_RAW,
         Domain::Mem => PyMemAllocatorDomain::PYMEM_DOMAIN_MEM,
@@ -245,7 +245,7 @@ pub(crate) fn set_allocator(domain: Domain, mut allocator: PyMemAllocatorEx) {
     unsafe { PyMem_SetAllocator(ffi_domain(domain), &mut allocator) };
 }
 
-fn same_allocator(a: &PyMemAllocatorEx, b: &PyMemAllocatorEx) -> bool {
+pub(crate) fn same_allocator(a: &PyMemAllocatorEx, b: &PyMemAllocatorEx) -> bool {
     a.ctx == b.ctx
         && fn_addr(a.malloc) == fn_addr(b.malloc)
         && fn_addr(a.calloc) == fn_addr(b.calloc)

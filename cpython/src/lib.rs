@@ -11,7 +11,10 @@
 //! * [`hooks`]: PEP 445 wrappers for the raw, mem and object domains that
 //!   forward to whatever allocator was installed before them and record every
 //!   block in the engine's [`interheap_engine::Tracker`] (option 6 of the
-//!   design discussion), plus installing and removing them.
+//!   design discussion), plus installing and removing them;
+//! * [`adapters`]: adapters for existing custom allocators (options 2, 3, 4
+//!   and 5): the lock wrapper, the thread-safe flag, the interpreter-aware
+//!   interface and the per-interpreter dispatcher.
 //!
 //! * [`allocator`]: interheap's own allocator as CPython's allocator, installed
 //!   before initialization: one heap per interpreter for mem and object, a
@@ -19,6 +22,7 @@
 //!
 //! Nothing here calls Python, raises, or unwinds from a hook (fact 8).
 
+pub mod adapters;
 pub mod allocator;
 #[cfg(feature = "c-api")]
 pub mod c_api;

@@ -7,9 +7,10 @@
 //! module, it loads in the main interpreter only (DESIGN.md fact 9); the hooks
 //! it installs serve every interpreter.
 
+use interheap_cpython::adapters::{self, c_abi, AdapterError, AdapterStats};
 use interheap_cpython::hooks::{self, TRACKER};
 use interheap_engine::{BucketKind, Domain, DomainSnapshot};
-use pyo3::exceptions::PyRuntimeError;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -105,7 +106,90 @@ fn snapshot(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     table_dict.set_item("bytes", table.bytes)?;
     table_dict.set_item("live_bytes", table.live_bytes)?;
     result.set_item("table", table_dict)?;
+    result.set_item("adapters", adapter_list(py)?)?;
     Ok(result)
+}
+
+fn adapter_error(e: AdapterError) -> PyErr {
+    match e {
+        AdapterError::Invalid(_) | AdapterError::Unknown(_) => PyValueError::new_err(e.to_string()),
+        _ => PyRuntimeError::new_err(e.to_string()),
+    }
+}
+
+fn parse_domain(name: &str) -> PyResult<Domain> {
+    Domain::ALL.into_iter().find(|d| d.name() == name).ok_or_else(|| {
+        PyValueError::new_err(format!("unknown domain {name:?}: use 'raw', 'mem' or 'object'"))
+    })
+}
+
+/// Installs the allocator whose struct is at `address` for `domain`, behind
+/// an adapter. `kind` is "legacy" (a `PyMemAllocatorEx`) or
+/// "interpreter-aware" (an `interheap_aware_allocator`). The struct is
+/// copied; its functions and ctx must stay valid for the process's life.
+/// Returns the adapter's ID. The `interheap.adapters` module checks the
+/// allocator object and finds its address.
+#[pyfunction]
+#[pyo3(signature = (domain, address, kind, thread_safe, owns_memory, name))]
+fn adapter_install(
+    domain: &str,
+    address: usize,
+    kind: &str,
+    thread_safe: bool,
+    owns_memory: bool,
+    name: &str,
+) -> PyResult<u64> {
+    let domain = parse_domain(domain)?;
+    if address == 0 {
+        return Err(PyValueError::new_err("the allocator's address is NULL"));
+    }
+    let options = adapters::Options { thread_safe, owns_memory };
+    match kind {
+        "legacy" => {
+            // SAFETY: the caller (interheap.adapters) passes the address of a
+            // live PyMemAllocatorEx (a ctypes structure or a capsule's pointer);
+            // read_unaligned copies it without assuming alignment.
+            let a = unsafe { std::ptr::read_unaligned(address as *const pyo3::ffi::PyMemAllocatorEx) };
+            adapters::install_legacy(domain, &a, options, name).map_err(adapter_error)
+        }
+        "interpreter-aware" => {
+            // SAFETY: as above, for an interheap_aware_allocator.
+            let a = unsafe { std::ptr::read_unaligned(address as *const c_abi::InterheapAwareAllocator) };
+            let aware = c_abi::CAware::new(&a).map_err(adapter_error)?;
+            adapters::install_aware(domain, aware, options, name).map_err(adapter_error)
+        }
+        other => Err(PyValueError::new_err(format!("unknown adapter kind {other:?}"))),
+    }
+}
+
+/// Removes adapter `id`, restoring the allocator installed before it.
+#[pyfunction]
+fn adapter_uninstall(id: u64) -> PyResult<()> {
+    adapters::uninstall(id).map_err(adapter_error)
+}
+
+fn adapter_dict<'py>(py: Python<'py>, a: &AdapterStats) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(py);
+    dict.set_item("id", a.id)?;
+    dict.set_item("name", &a.name)?;
+    dict.set_item("kind", a.kind.name())?;
+    dict.set_item("domain", a.domain.name())?;
+    dict.set_item("mode", a.mode.name())?;
+    dict.set_item("installed", a.installed)?;
+    dict.set_item("on_top", a.on_top)?;
+    dict.set_item("owns_memory", a.owns_memory)?;
+    dict.set_item("membarrier", a.membarrier)?;
+    dict.set_item("calls", a.gate.calls)?;
+    dict.set_item("lock_acquisitions", a.gate.lock_acquisitions)?;
+    dict.set_item("contended_acquisitions", a.gate.contended_acquisitions)?;
+    dict.set_item("switched_by", a.gate.switched_by)?;
+    Ok(dict)
+}
+
+/// Every adapter installed in this process (also uninstalled ones), as dicts.
+#[pyfunction]
+fn adapter_list(py: Python<'_>) -> PyResult<Vec<Bound<'_, PyDict>>> {
+    adapters::list().iter().map(|a| adapter_dict(py, a)).collect()
 }
 
 /// The ID of the interpreter the calling thread runs in, as the hooks see it.
@@ -185,5 +269,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(current_interpreter_id, m)?)?;
     m.add_function(wrap_pyfunction!(allocator_domains, m)?)?;
     m.add_function(wrap_pyfunction!(allocator_report_json, m)?)?;
+    m.add_function(wrap_pyfunction!(adapter_install, m)?)?;
+    m.add_function(wrap_pyfunction!(adapter_uninstall, m)?)?;
+    m.add_function(wrap_pyfunction!(adapter_list, m)?)?;
     Ok(())
 }

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _native
+from . import _native, adapters
 from ._allocator import (
     AllocatorStats,
     HeapStats,
@@ -33,9 +33,11 @@ from ._allocator import (
 )
 from ._report import human_bytes
 from ._stats import DOMAINS, DomainStats, InterpreterStats, Snapshot, build_snapshot
+from .adapters import AdapterStats
 
 __all__ = [
     "DOMAINS",
+    "AdapterStats",
     "AllocatorStats",
     "DomainStats",
     "HeapStats",
@@ -43,6 +45,7 @@ __all__ = [
     "InterpreterHeaps",
     "InterpreterStats",
     "Snapshot",
+    "adapters",
     "allocator_domains",
     "allocator_installed",
     "allocator_stats",
@@ -95,7 +98,9 @@ def stats() -> Snapshot:
 
     Interpreters that have been destroyed stay in it with what they left
     allocated. Raw calls made without a thread state appear as the entry with
-    ``kind == "none"``.
+    ``kind == "none"``. ``adapters`` lists the adapters installed with
+    :mod:`interheap.adapters` and their figures (calls, lock acquisitions,
+    contended acquisitions, mode).
     """
     return build_snapshot(_native.snapshot(), installed=is_installed())
 

@@ -91,4 +91,13 @@ def format_snapshot(snap: Snapshot) -> str:
         f"   block table: {human_count(snap.table.get('entries', 0))} entries,"
         f" {human_bytes(snap.table.get('bytes', 0))}"
     )
+    if snap.adapters:
+        lines.append("")
+        lines.append("adapters: id  domain  kind  mode  calls  lock acquisitions  contended")
+        for a in snap.adapters:
+            state = "" if a.installed else "  (uninstalled)"
+            lines.append(
+                f"  {a.id}  {a.domain}  {a.name}  {a.mode}  {human_count(a.calls)}"
+                f"  {human_count(a.lock_acquisitions)}  {human_count(a.contended_acquisitions)}{state}"
+            )
     return "\n".join(lines)

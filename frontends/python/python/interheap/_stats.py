@@ -12,6 +12,8 @@ import sysconfig
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .adapters import AdapterStats
+
 DOMAINS = ("raw", "mem", "object")
 
 
@@ -115,6 +117,7 @@ class Snapshot:
     untracked_frees: dict[str, int]
     missed_frees: dict[str, int]
     table: dict[str, int]
+    adapters: tuple[AdapterStats, ...] = ()
     python: str = field(default_factory=lambda: sys.version.split()[0])
     free_threaded: bool = field(default_factory=lambda: bool(sysconfig.get_config_var("Py_GIL_DISABLED")))
 
@@ -151,6 +154,7 @@ class Snapshot:
             "untracked_frees": dict(self.untracked_frees),
             "missed_frees": dict(self.missed_frees),
             "table": dict(self.table),
+            "adapters": [a.to_dict() for a in self.adapters],
         }
 
     @classmethod
@@ -171,6 +175,7 @@ class Snapshot:
             untracked_frees=data["untracked_frees"],
             missed_frees=data["missed_frees"],
             table=data["table"],
+            adapters=tuple(AdapterStats(**a) for a in data.get("adapters", [])),
             python=data["python"],
             free_threaded=data["free_threaded"],
         )
@@ -222,4 +227,5 @@ def build_snapshot(raw: dict[str, Any], installed: bool) -> Snapshot:
         untracked_frees=raw["untracked_frees"],
         missed_frees=raw["missed_frees"],
         table=raw["table"],
+        adapters=tuple(AdapterStats(**a) for a in raw.get("adapters", [])),
     )

@@ -1,0 +1,86 @@
+"""The C library and header: the example program, the dispatcher under
+stress, and every refusal, each compiled with gcc against this interpreter
+(libpython) and libinterheap, then run."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+from c_build import ROOT, build_program
+from conftest import FREE_THREADED, child_env
+
+
+@pytest.fixture(scope="session")
+def build_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("c-programs")
+
+
+def run_program(path, *args: str, env: dict[str, str] | None = None) -> str:
+    proc = subprocess.run(
+        [str(path), *args], capture_output=True, text=True, timeout=180, env=child_env(env), cwd=path.parent
+    )
+    if proc.returncode != 0 or "RESULT ok" not in proc.stdout:
+        pytest.fail(
+            f"{path.name} {' '.join(args)} failed (exit {proc.returncode})\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc.stdout
+
+
+def section(out: str, title: str) -> str:
+    return out.split(title, 1)[1].split("\n\n", 1)[0]
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["shared", "static"])
+def test_example_embeds_python_with_a_legacy_allocator(build_dir, static):
+    exe = build_program(
+        ROOT / "examples" / "embed_legacy_allocator.c", build_dir / f"example-{static}", static=static
+    )
+    out = run_program(exe)
+    only_main = out.split("main interpreter only:", 1)[1].split("after 4 isolated", 1)[0]
+    after = out.split("after 4 isolated interpreters in parallel:", 1)[1]
+    assert re.search(r"raw +mode=locked", only_main)  # raw: never GIL-protected
+    if FREE_THREADED:
+        assert "mem: not installed (INTERHEAP_ERR_FREE_THREADED)" in out
+        assert "object: not installed (INTERHEAP_ERR_FREE_THREADED)" in out
+    else:
+        for domain in ("mem", "object"):
+            assert re.search(rf"{domain} +mode=unlocked calls=[1-9]\d* lock_acquisitions=0 ", only_main)
+            assert re.search(rf"{domain} +mode=locked .* switched_by=[1-4]", after)
+    assert "after Py_Initialize: INTERHEAP_ERR_" in out
+    assert "overlapping_calls=0" in out and "consistent=NO" not in out
+
+
+def test_dispatcher_under_parallel_interpreters(build_dir):
+    exe = build_program(ROOT / "tests" / "c" / "dispatcher_stress.c", build_dir / "dispatcher_stress")
+    out = run_program(exe, "all")
+    assert f"installed for {1 if FREE_THREADED else 3} domain(s)" in out
+    assert "FAILED" not in out
+
+
+def test_dispatcher_releases_instances_of_ended_interpreters(build_dir):
+    # Raw only, and no pymalloc (which leaks three raw blocks per
+    # interpreter): every ended interpreter's instance must be released.
+    exe = build_program(ROOT / "tests" / "c" / "dispatcher_stress.c", build_dir / "dispatcher_stress_raw")
+    env = None if FREE_THREADED else {"PYTHONMALLOC": "malloc"}
+    out = run_program(exe, "raw", env=env)
+    assert "instances created: 6, released: 4" in out
+    assert out.count("(released)") == 4
+
+
+def test_dispatcher_keeps_instances_that_still_hold_blocks(build_dir):
+    # With pymalloc, each ended interpreter leaves blocks behind: the
+    # dispatcher reports them and keeps the instance.
+    if FREE_THREADED:
+        pytest.skip("free-threaded builds have no pymalloc (the release is tested above)")
+    exe = build_program(ROOT / "tests" / "c" / "dispatcher_stress.c", build_dir / "dispatcher_stress_keep")
+    out = run_program(exe, "raw")
+    assert "released: 0" in out
+    assert re.search(r"interpreter [1-4] holds [1-9]\d* raw", out)
+
+
+def test_c_api_refusals(build_dir):
+    exe = build_program(ROOT / "tests" / "c" / "api_errors.c", build_dir / "api_errors")
+    out = run_program(exe)
+    assert "FAILED" not in out
