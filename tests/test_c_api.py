@@ -84,3 +84,23 @@ def test_c_api_refusals(build_dir):
     exe = build_program(ROOT / "tests" / "c" / "api_errors.c", build_dir / "api_errors")
     out = run_program(exe)
     assert "FAILED" not in out
+
+
+def test_embedding_program_installs_the_interheap_allocator(build_dir):
+    import json
+
+    exe = build_program(ROOT / "tests" / "c" / "embed_allocator.c", build_dir / "embed_allocator")
+    out = run_program(exe, "1" if FREE_THREADED else "7")  # raw only on free-threaded builds
+    assert "second install refused: the interheap allocator is already installed" in out
+    expected = 1 if FREE_THREADED else 7
+    assert f"installed={expected}" in out
+    report = json.loads(out.split("REPORT ", 1)[1].splitlines()[0])
+    assert report["installed"] == (["raw"] if FREE_THREADED else ["raw", "mem", "object"])
+    if not FREE_THREADED:
+        main_object = [h for h in report["heaps"] if h["kind"] == "interpreter" and h["domain"] == "object"]
+        assert main_object and main_object[0]["live_blocks"] >= 30000, (
+            "bytes(200) objects live in main's heap"
+        )
+    else:
+        proc = subprocess.run([str(exe), "7"], capture_output=True, text=True, timeout=60, env=child_env())
+        assert proc.returncode == 3 and "free-threaded build" in proc.stdout
