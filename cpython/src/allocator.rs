@@ -476,14 +476,13 @@ extern "C" fn raw_free(_ctx: *mut c_void, p: *mut c_void) {
     if p.is_null() {
         return;
     }
-    // SAFETY: `p` is a live block that the caller gives up; looking up its size reads our header only.
-    if let Some(size) = unsafe { heap::usable_size(p as *const u8) } {
+    let end_if_interpreter_state = |size: usize| {
         if size >= MIN_INTERPRETER_STATE {
             end_interpreters_in(p as usize, size);
         }
-    }
-    // SAFETY: as above.
-    if !unsafe { heap::free(p as *mut u8, token_for) } {
+    };
+    // SAFETY: `p` is a live block that the caller gives up.
+    if !unsafe { heap::free_with(p as *mut u8, end_if_interpreter_state, token_for) } {
         forward_free(Domain::Raw as usize, p);
     }
 }

@@ -238,22 +238,9 @@ impl Heap {
             let page = unsafe { *self.local().bins.get_unchecked(class) };
             if !page.is_null() {
                 // SAFETY: a queued page is live and belongs to this heap, which we own.
-                let page = unsafe { &*page };
-                let block = page.free.get();
+                let block = unsafe { self.take_block(&*page, class) };
                 if !block.is_null() {
-                    // SAFETY: free blocks of a live page are ours to read; the first word links the list.
-                    page.free.set(unsafe { (*block).next });
-                    page.used.set(page.used.get() + 1);
-                    self.count_alloc(class, class_size(class));
-                    return block as *mut u8;
-                }
-                let bump = page.bump.get();
-                if bump < page.end.get() {
-                    // SAFETY: `bump + size` stays within the page (end is a whole number of blocks).
-                    page.bump.set(unsafe { bump.add(class_size(class)) });
-                    page.used.set(page.used.get() + 1);
-                    self.count_alloc(class, class_size(class));
-                    return bump;
+                    return block;
                 }
             }
             // SAFETY: the caller is the owner.
@@ -262,6 +249,33 @@ impl Heap {
             // SAFETY: the caller is the owner.
             unsafe { self.alloc_large(size) }
         }
+    }
+
+    /// A block of `page` (of paged class `class`): a free one, else a
+    /// never-used one; null if the page is full. Counts the allocation.
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner, and `page` is a live page of this heap for `class`.
+    #[inline(always)]
+    unsafe fn take_block(&self, page: &Page, class: usize) -> *mut u8 {
+        let block = page.free.get();
+        let taken = if !block.is_null() {
+            // SAFETY: free blocks of a live page are ours to read; the first word links the list.
+            page.free.set(unsafe { (*block).next });
+            block as *mut u8
+        } else {
+            let bump = page.bump.get();
+            if bump >= page.end.get() {
+                return ptr::null_mut();
+            }
+            // SAFETY: `bump + size` stays within the page (end is a whole number of blocks).
+            page.bump.set(unsafe { bump.add(class_size(class)) });
+            bump
+        };
+        page.used.set(page.used.get() + 1);
+        self.count_alloc(class, class_size(class));
+        taken
     }
 
     /// Allocates `count * size` zeroed bytes; null on overflow or if the OS refuses memory.
@@ -371,20 +385,9 @@ impl Heap {
                     }
                     continue;
                 }
-                let p = &*page;
-                let block = p.free.get();
+                let block = self.take_block(&*page, class);
                 if !block.is_null() {
-                    p.free.set((*block).next);
-                    p.used.set(p.used.get() + 1);
-                    self.count_alloc(class, class_size(class));
-                    return block as *mut u8;
-                }
-                let bump = p.bump.get();
-                if bump < p.end.get() {
-                    p.bump.set(bump.add(class_size(class)));
-                    p.used.set(p.used.get() + 1);
-                    self.count_alloc(class, class_size(class));
-                    return bump;
+                    return block;
                 }
                 // Full: it leaves the queue until a block comes back.
                 self.unqueue(page);
@@ -936,6 +939,22 @@ impl Heap {
 /// `ptr` is a live block (of any allocator) that is not used again.
 #[inline]
 pub unsafe fn free(ptr: *mut u8, token_for: impl FnOnce(&Heap) -> usize) -> bool {
+    // SAFETY: per this function's contract.
+    unsafe { free_with(ptr, |_| {}, token_for) }
+}
+
+/// [`free`], calling `before(usable_size)` first when the block is ours (one
+/// lookup for callers that need the block's size too).
+///
+/// # Safety
+///
+/// As for [`free`].
+#[inline]
+pub unsafe fn free_with(
+    ptr: *mut u8,
+    before: impl FnOnce(usize),
+    token_for: impl FnOnce(&Heap) -> usize,
+) -> bool {
     let seg = segment_of(ptr);
     if !os::is_segment(seg as usize) {
         return false;
@@ -945,6 +964,7 @@ pub unsafe fn free(ptr: *mut u8, token_for: impl FnOnce(&Heap) -> usize) -> bool
     unsafe {
         let heap = &*(*seg).heap;
         let page = page_of(seg, ptr);
+        before((*page).block_size.get());
         if heap.owner() == token_for(heap) {
             heap.free_local(page, ptr);
         } else {

@@ -65,7 +65,9 @@ pub unsafe fn fork_finish() {
     }
 }
 
-pub use heap::{free, heap_of, heaps, owns, usable_size, Heap, HeapLabel, Realloc, ENDED_OWNER, NO_OWNER};
+pub use heap::{
+    free, free_with, heap_of, heaps, owns, usable_size, Heap, HeapLabel, Realloc, ENDED_OWNER, NO_OWNER,
+};
 pub use pool::HeapPool;
 pub use segment::{HUGE_BLOCK_OFFSET, SLOT_SIZE};
 pub use stats::{ClassSnapshot, HeapSnapshot};

@@ -69,9 +69,8 @@ pub fn table() -> String {
         out.push_str("interheap: the interheap allocator is not installed in this process\n");
         return out;
     }
-    out.push_str(&format!(
-        "interheap allocator report (serving: {})\n{:<16}{:<11}{:<8}{:>11}{:>11}{:>13}{:>13}{:>13}{:>13}{:>11}\n",
-        installed.names().join(", "),
+    out.push_str(&format!("interheap allocator report (serving: {})\n", installed.names().join(", ")));
+    out.push_str(&line([
         "interpreter",
         "state",
         "domain",
@@ -82,7 +81,7 @@ pub fn table() -> String {
         "frees",
         "remote frees",
         "mapped",
-    ));
+    ]));
     let snaps = allocator::heap_snapshots();
     let mut interpreters: BTreeMap<i64, Vec<&HeapSnapshot>> = BTreeMap::new();
     let mut shared: Vec<&HeapSnapshot> = Vec::new();
@@ -114,42 +113,44 @@ pub fn table() -> String {
             };
             first = false;
             let domain = Domain::from_index(s.label.part as usize).map_or("?", Domain::name);
-            out.push_str(&row(&name, state, domain, s.live_bytes as i128, Some(s.peak_bytes), s));
+            out.push_str(&line([
+                &name,
+                state,
+                domain,
+                &human(s.live_bytes as i128),
+                &human(s.peak_bytes as i128),
+                &s.live_blocks().to_string(),
+                &s.allocations().to_string(),
+                &s.frees().to_string(),
+                &s.remote_frees().to_string(),
+                &human(s.mapped_bytes as i128),
+            ]));
         }
     }
     let sum = |f: &dyn Fn(&HeapSnapshot) -> u64| shared.iter().map(|s| f(s) as u128).sum::<u128>() as u64;
     let live: i128 = shared.iter().map(|s| s.live_bytes as i128).sum();
-    out.push_str(&format!(
-        "{:<16}{:<11}{:<8}{:>11}{:>11}{:>13}{:>13}{:>13}{:>13}{:>11}\n",
+    out.push_str(&line([
         "shared",
-        format!("{} heaps", shared.len()),
+        &format!("{} heaps", shared.len()),
         "raw*",
-        human(live),
+        &human(live),
         "-",
-        sum(&|s| s.live_blocks()),
-        sum(&|s| s.allocations()),
-        sum(&|s| s.frees()),
-        sum(&|s| s.remote_frees()),
-        human(sum(&|s| s.mapped_bytes) as i128),
-    ));
+        &sum(&|s| s.live_blocks()).to_string(),
+        &sum(&|s| s.allocations()).to_string(),
+        &sum(&|s| s.frees()).to_string(),
+        &sum(&|s| s.remote_frees()).to_string(),
+        &human(sum(&|s| s.mapped_bytes) as i128),
+    ]));
     out.push_str(
         "raw*: raw calls, and mem/object calls made without a thread state. Bytes are block sizes.\n",
     );
     out
 }
 
-fn row(name: &str, state: &str, domain: &str, live: i128, peak: Option<u64>, s: &HeapSnapshot) -> String {
+/// One row of the table: three left-aligned columns, then seven right-aligned ones.
+fn line(cells: [&str; 10]) -> String {
     format!(
         "{:<16}{:<11}{:<8}{:>11}{:>11}{:>13}{:>13}{:>13}{:>13}{:>11}\n",
-        name,
-        state,
-        domain,
-        human(live),
-        peak.map_or("-".to_string(), |p| human(p as i128)),
-        s.live_blocks(),
-        s.allocations(),
-        s.frees(),
-        s.remote_frees(),
-        human(s.mapped_bytes as i128),
+        cells[0], cells[1], cells[2], cells[3], cells[4], cells[5], cells[6], cells[7], cells[8], cells[9]
     )
 }
