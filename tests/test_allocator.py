@@ -175,3 +175,44 @@ def test_fork_while_threads_allocate_never_deadlocks():
         timeout=120,
     )
     assert out["codes"] == [0] * 150
+
+
+@per_interpreter
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-thread-state", "c-api-only"])
+def test_interpreters_reborn_at_the_same_address_get_fresh_heaps(fast):
+    # The allocator caches, per thread, the interpreter it last served by
+    # address; a destroyed interpreter's address is often reused by the next
+    # one. Each interpreter here runs on the same thread right after its
+    # predecessor died and must get its own heaps, never the ended ones.
+    out = scenario(
+        """
+        import interheap
+        from scenario_support import create, run, destroy, result
+        seen = []
+        for k in range(12):
+            i = create()
+            run(i, f"keep = [bytearray({3000 + 200 * k}) for _ in range(3000)]")
+            s = interheap.allocator_stats()
+            mine = s.interpreter(i)
+            n = 3000 + 200 * k + 1
+            kept = sum(a - f - r for size, (a, f, r) in (mine.mem + mine.object).classes.items()
+                       if n <= size < n * 1.25 + 16)
+            stale = [x.id for x in s.interpreters if x.ended and x.id != i and
+                     sum(a for size, (a, f, r) in (x.mem + x.object).classes.items()
+                         if n <= size < n * 1.25 + 16) > 0]
+            seen.append({"kept": kept, "ended": mine.ended, "stale": stale})
+            destroy(i)
+        s = interheap.allocator_stats()
+        result(seen=seen, fast=s.fast_thread_state,
+               failures=sum(x.mem.failures + x.object.failures for x in s.interpreters))
+        """,
+        launcher=True,
+        env=None if fast else {"INTERHEAP_FAST_THREAD_STATE": "0"},
+    )
+    for k, entry in enumerate(out["seen"]):
+        assert entry["kept"] >= 3000, (k, entry)
+        assert not entry["ended"], (k, entry)
+        assert entry["stale"] == [], f"interpreter {k}'s blocks landed in an ended interpreter's heaps"
+    assert out["failures"] == 0
+    # On glibc Linux the allocator finds libpython's thread-state slot, unless told not to.
+    assert out["fast"] is fast

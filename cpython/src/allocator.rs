@@ -39,12 +39,21 @@
 //! * After its thread-local destructor ran, a thread allocates from one
 //!   process-wide *exiting* heap whose owner is whoever holds [`EXITING`].
 //! * [`INTERPRETERS`] is only changed under its lock; heaps are never freed.
+//! * Each thread caches the interpreter it last allocated in by address
+//!   ([`LAST_INTERPRETER`]), trusted only while [`INTERPRETER_EPOCH`] is
+//!   unchanged: every interpreter whose heaps end bumps it before CPython
+//!   frees the state, so an address reused by a later interpreter never
+//!   finds the old, ended heaps. Without the raw domain interheap cannot see
+//!   those frees, and the cache is keyed by interpreter ID only.
+//! * The current thread state comes from libpython's own thread-local slot
+//!   when [`crate::interp::fast_tstate`] could find it (two loads), else from
+//!   the C API; `INTERHEAP_FAST_THREAD_STATE=0` forces the C API.
 
 use std::cell::Cell;
 use std::ffi::c_void;
 use std::fmt;
 use std::ptr;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::OnceLock;
 
 use interheap_engine::heap::{self, Heap, HeapLabel, HeapPool, HeapSnapshot, Realloc, NO_OWNER};
@@ -54,7 +63,7 @@ use pyo3_ffi as ffi;
 use pyo3_ffi::PyMemAllocatorEx;
 
 use crate::hooks::{get_allocator, set_allocator};
-use crate::interp::current_interpreter;
+use crate::interp::current_thread_interpreter;
 
 /// Label kind of an interpreter's heap (`id` = interpreter ID, `part` = domain).
 pub const KIND_INTERPRETER: u8 = 1;
@@ -158,6 +167,10 @@ pub fn install_before_init(domains: Domains) -> Result<(), InstallError> {
     }
     if INSTALLED.load(Ordering::Acquire) != 0 || PREVIOUS.get().is_some() {
         return Err(InstallError::AlreadyInstalled);
+    }
+    // An escape hatch and a way to measure the difference: the public API only.
+    if std::env::var_os("INTERHEAP_FAST_THREAD_STATE").is_some_and(|v| v == "0") {
+        crate::interp::fast_tstate::disable();
     }
     let previous = Previous(Domain::ALL.map(get_allocator));
     if PREVIOUS.set(previous).is_err() {
@@ -320,61 +333,134 @@ struct Interpreters(Vec<&'static InterpreterHeaps>);
 unsafe impl Send for Interpreters {}
 static INTERPRETERS: ShardLock<Interpreters> = ShardLock::new(Interpreters(Vec::new()));
 
-thread_local! {
-    /// The last interpreter this thread allocated in, and its heaps.
-    static LAST_INTERPRETER: Cell<(i64, *const InterpreterHeaps)> = const { Cell::new((-1, ptr::null())) };
+/// A thread's cache of the interpreter it last allocated in.
+///
+/// `interp` is trusted only while `epoch` equals [`INTERPRETER_EPOCH`]: an
+/// interpreter's address can be reused once its state is freed (fact 6), and
+/// every such free bumps the epoch. When interheap does not serve raw it never
+/// sees those frees, so the cache is keyed by ID only (`epoch` is [`NEVER`]).
+#[derive(Clone, Copy)]
+struct LastInterpreter {
+    interp: *mut ffi::PyInterpreterState,
+    epoch: u64,
+    id: i64,
+    heaps: *const InterpreterHeaps,
 }
+
+thread_local! {
+    static LAST_INTERPRETER: Cell<LastInterpreter> = const {
+        Cell::new(LastInterpreter { interp: ptr::null_mut(), epoch: NEVER, id: -1, heaps: ptr::null() })
+    };
+}
+
+/// Bumped whenever an interpreter's heaps end (CPython freed its state, so
+/// the address may come back as another interpreter).
+static INTERPRETER_EPOCH: AtomicU64 = AtomicU64::new(0);
+/// An epoch [`INTERPRETER_EPOCH`] never reaches.
+const NEVER: u64 = u64::MAX;
 
 #[inline(always)]
 fn interpreter_token(id: i64) -> usize {
     ((id as usize) << 1) | 1
 }
 
-/// The caller's owner token for `heap` (see the module docs).
+/// The cached entry of the calling thread, if it is for `interp` and still valid.
+#[inline(always)]
+fn cached(interp: *mut ffi::PyInterpreterState) -> Option<LastInterpreter> {
+    let last = LAST_INTERPRETER.with(Cell::get);
+    (last.interp == interp && last.epoch == INTERPRETER_EPOCH.load(Ordering::Acquire)).then_some(last)
+}
+
+/// The heaps of the calling thread's current interpreter (created on its
+/// first allocation), or `None` without a thread state.
+#[inline(always)]
+fn current_interpreter_heaps() -> Option<&'static InterpreterHeaps> {
+    let interp = current_thread_interpreter();
+    if interp.is_null() {
+        return None;
+    }
+    match cached(interp) {
+        // SAFETY: cached entries are leaked InterpreterHeaps.
+        Some(last) => Some(unsafe { &*last.heaps }),
+        None => current_interpreter_heaps_slow(interp),
+    }
+}
+
+#[cold]
+fn current_interpreter_heaps_slow(interp: *mut ffi::PyInterpreterState) -> Option<&'static InterpreterHeaps> {
+    // SAFETY: `interp` is the current thread state's interpreter, alive while
+    // it is current; for a non-null argument the call only reads the ID.
+    let id = unsafe { ffi::PyInterpreterState_GetID(interp) };
+    if id < 0 {
+        return None;
+    }
+    // Read before the lookup: an interpreter ending meanwhile only makes the cache stale sooner.
+    let epoch =
+        if installed().contains(Domain::Raw) { INTERPRETER_EPOCH.load(Ordering::Acquire) } else { NEVER };
+    let last = LAST_INTERPRETER.with(Cell::get);
+    let heaps = if last.id == id && !last.heaps.is_null() {
+        // SAFETY: cached entries are leaked InterpreterHeaps.
+        unsafe { &*last.heaps }
+    } else {
+        interpreter_heaps_lookup(id, interp)
+    };
+    LAST_INTERPRETER.with(|c| c.set(LastInterpreter { interp, epoch, id, heaps }));
+    Some(heaps)
+}
+
+/// The calling thread's owner token for interpreter heaps: its current
+/// interpreter's, or [`NO_OWNER`] without a thread state. Creates nothing.
+#[inline(always)]
+fn current_interpreter_token() -> usize {
+    let interp = current_thread_interpreter();
+    if interp.is_null() {
+        return NO_OWNER;
+    }
+    match cached(interp) {
+        Some(last) => interpreter_token(last.id),
+        None => current_interpreter_token_slow(interp),
+    }
+}
+
+#[cold]
+fn current_interpreter_token_slow(interp: *mut ffi::PyInterpreterState) -> usize {
+    // SAFETY: as in current_interpreter_heaps_slow.
+    let id = unsafe { ffi::PyInterpreterState_GetID(interp) };
+    if id < 0 {
+        NO_OWNER
+    } else {
+        interpreter_token(id)
+    }
+}
+
+/// The caller's owner token for `heap` (see the module docs): interpreter
+/// tokens are odd, thread tokens even, so the heap's own token tells which
+/// one the caller would hold.
 #[inline(always)]
 fn token_for(heap: &Heap) -> usize {
-    match heap.label().kind {
-        KIND_INTERPRETER => match current_interpreter() {
-            Some((id, _)) => interpreter_token(id),
-            None => NO_OWNER,
-        },
-        KIND_THREAD => thread_token(),
-        _ => NO_OWNER,
+    if heap.owner() & 1 == 1 {
+        current_interpreter_token()
+    } else {
+        thread_token()
     }
 }
 
 /// The heaps of interpreter `id` (created on its first allocation).
-#[inline(always)]
-fn interpreter_heaps(id: i64, state: *mut ffi::PyInterpreterState) -> &'static InterpreterHeaps {
-    let (last_id, last) = LAST_INTERPRETER.with(Cell::get);
-    if last_id == id {
-        // SAFETY: cached entries are leaked InterpreterHeaps.
-        return unsafe { &*last };
-    }
-    interpreter_heaps_slow(id, state)
-}
-
 #[cold]
-fn interpreter_heaps_slow(id: i64, state: *mut ffi::PyInterpreterState) -> &'static InterpreterHeaps {
-    let entry = {
-        let mut all = INTERPRETERS.lock();
-        match all.0.iter().find(|e| e.id == id) {
-            Some(entry) => *entry,
-            None => {
-                let token = interpreter_token(id);
-                let label = |domain: Domain| HeapLabel { kind: KIND_INTERPRETER, id, part: domain as u8 };
-                let entry: &'static InterpreterHeaps = Box::leak(Box::new(InterpreterHeaps {
-                    id,
-                    state: state as usize,
-                    heaps: [Heap::new(label(Domain::Mem), token), Heap::new(label(Domain::Object), token)],
-                    ended: Cell::new(false),
-                }));
-                all.0.push(entry);
-                entry
-            }
-        }
-    };
-    LAST_INTERPRETER.with(|c| c.set((id, entry)));
+fn interpreter_heaps_lookup(id: i64, state: *mut ffi::PyInterpreterState) -> &'static InterpreterHeaps {
+    let mut all = INTERPRETERS.lock();
+    if let Some(entry) = all.0.iter().find(|e| e.id == id) {
+        return entry;
+    }
+    let token = interpreter_token(id);
+    let label = |domain: Domain| HeapLabel { kind: KIND_INTERPRETER, id, part: domain as u8 };
+    let entry: &'static InterpreterHeaps = Box::leak(Box::new(InterpreterHeaps {
+        id,
+        state: state as usize,
+        heaps: [Heap::new(label(Domain::Mem), token), Heap::new(label(Domain::Object), token)],
+        ended: Cell::new(false),
+    }));
+    all.0.push(entry);
     entry
 }
 
@@ -386,6 +472,7 @@ fn end_interpreters_in(block: usize, size: usize) {
     for entry in all.0.iter() {
         if !entry.ended.get() && entry.id != 0 && (block..block + size).contains(&entry.state) {
             entry.ended.set(true);
+            INTERPRETER_EPOCH.fetch_add(1, Ordering::AcqRel);
             for heap in entry.heaps {
                 // SAFETY: the interpreter's threads are gone (CPython deletes
                 // them before the interpreter state), so no owner can run.
@@ -407,34 +494,28 @@ const fn part<const D: usize>() -> usize {
 }
 
 extern "C" fn interp_malloc<const D: usize>(_ctx: *mut c_void, size: usize) -> *mut c_void {
-    match current_interpreter() {
+    match current_interpreter_heaps() {
         // SAFETY: mem/object calls hold the GIL of the current interpreter,
         // which owns that interpreter's heaps (module docs).
-        Some((id, state)) => unsafe {
-            interpreter_heaps(id, state).heaps[part::<D>()].alloc(size) as *mut c_void
-        },
+        Some(heaps) => unsafe { heaps.heaps[part::<D>()].alloc(size) as *mut c_void },
         // SAFETY: with_thread_heap hands us a heap we own.
         None => with_thread_heap(|h| unsafe { h.alloc(size) }) as *mut c_void,
     }
 }
 
 extern "C" fn interp_calloc<const D: usize>(_ctx: *mut c_void, count: usize, size: usize) -> *mut c_void {
-    match current_interpreter() {
+    match current_interpreter_heaps() {
         // SAFETY: as in interp_malloc.
-        Some((id, state)) => unsafe {
-            interpreter_heaps(id, state).heaps[part::<D>()].alloc_zeroed(count, size) as *mut c_void
-        },
+        Some(heaps) => unsafe { heaps.heaps[part::<D>()].alloc_zeroed(count, size) as *mut c_void },
         // SAFETY: with_thread_heap hands us a heap we own.
         None => with_thread_heap(|h| unsafe { h.alloc_zeroed(count, size) }) as *mut c_void,
     }
 }
 
 extern "C" fn interp_realloc<const D: usize>(_ctx: *mut c_void, p: *mut c_void, size: usize) -> *mut c_void {
-    let outcome = match current_interpreter() {
+    let outcome = match current_interpreter_heaps() {
         // SAFETY: as in interp_malloc; `p` is null or a live block per CPython's contract.
-        Some((id, state)) => unsafe {
-            interpreter_heaps(id, state).heaps[part::<D>()].realloc(p as *mut u8, size, token_for)
-        },
+        Some(heaps) => unsafe { heaps.heaps[part::<D>()].realloc(p as *mut u8, size, token_for) },
         // SAFETY: with_thread_heap hands us a heap we own.
         None => with_thread_heap(|h| unsafe { h.realloc(p as *mut u8, size, token_for) }),
     };
@@ -521,7 +602,10 @@ pub fn heap_snapshots() -> Vec<HeapSnapshot> {
 
 /// The figures as JSON (see `report_json` in the docs of the Python package).
 pub fn report_json() -> String {
-    let mut out = String::from("{\"version\":1,\"installed\":[");
+    let mut out = format!(
+        "{{\"version\":1,\"fast_thread_state\":{},\"installed\":[",
+        crate::interp::fast_tstate::enabled()
+    );
     let names = installed().names();
     out.push_str(&names.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(","));
     out.push_str("],\"heaps\":[");

@@ -37,3 +37,243 @@ pub fn current_interpreter() -> Option<(i64, *mut ffi::PyInterpreterState)> {
     let id = unsafe { ffi::PyInterpreterState_GetID(interp) };
     (id >= 0).then_some((id, interp))
 }
+
+/// The first fields of CPython's `struct _ts` (`PyThreadState`), public in
+/// `Include/cpython/pystate.h` and the same in 3.12 and 3.13: `prev`, `next`,
+/// `interp`. Read directly only after [`fast_tstate`] verified, once per
+/// process, that `interp` is where it says and agrees with
+/// `PyThreadState_GetInterpreter`.
+#[repr(C)]
+struct ThreadStateHead {
+    prev: *mut ffi::PyThreadState,
+    next: *mut ffi::PyThreadState,
+    interp: *mut ffi::PyInterpreterState,
+}
+
+/// The current thread state and its interpreter (null, null without one),
+/// as cheaply as this process allows: two loads once [`fast_tstate`] has
+/// found libpython's own thread-local slot for this thread, else the public
+/// API (`PyThreadState_GetUnchecked`, `PyThreadState_GetInterpreter`).
+#[inline(always)]
+pub fn current_thread_interpreter() -> *mut ffi::PyInterpreterState {
+    // SAFETY: the slot is this thread's instance of libpython's
+    // `_Py_tss_tstate` (verified when it was found), live as long as the
+    // thread, or a static null until then.
+    let tstate = unsafe { *fast_tstate::slot() };
+    if tstate.is_null() {
+        return fast_tstate::current_interpreter_slow();
+    }
+    // SAFETY: `tstate` is this thread's current thread state, which cannot
+    // be freed while it is current; the layout was verified.
+    unsafe { (*(tstate as *const ThreadStateHead)).interp }
+}
+
+/// Finds and caches the address of libpython's thread-local `_Py_tss_tstate`
+/// for each thread, so that reading the current thread state costs two loads
+/// instead of a call into libpython that calls `__tls_get_addr`.
+///
+/// libpython does not export the variable, so it is found by value: once per
+/// process, on a thread with a current thread state, the one 8-byte word of
+/// libpython's TLS block (`dl_iterate_phdr` gives its address for the calling
+/// thread) that holds that thread state. Anything other than exactly one
+/// match, no TLS block, or a later disagreement with
+/// `PyThreadState_GetUnchecked` turns the fast path off for good, and the
+/// public API serves. Per thread, the slot's address is `__tls_get_addr` of
+/// (libpython's TLS module, offset), checked against the API once.
+///
+/// Only on glibc Linux; elsewhere the public API always serves.
+pub mod fast_tstate {
+    use std::cell::Cell;
+    use std::ptr;
+    use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+
+    use pyo3_ffi as ffi;
+
+    use super::ThreadStateHead;
+
+    const UNPROBED: u8 = 0;
+    const READY: u8 = 1;
+    const DISABLED: u8 = 2;
+
+    static STATE: AtomicU8 = AtomicU8::new(UNPROBED);
+    /// libpython's TLS module ID and the slot's offset in its block (set before READY).
+    static MODULE: AtomicUsize = AtomicUsize::new(0);
+    static OFFSET: AtomicUsize = AtomicUsize::new(0);
+
+    type Slot = *const *mut ffi::PyThreadState;
+
+    /// What a thread reads until its slot is found: always null, so the
+    /// fast path falls through to the public API without a second check.
+    struct NoSlot(*mut ffi::PyThreadState);
+    // SAFETY: never written; a null pointer read from any thread.
+    unsafe impl Sync for NoSlot {}
+    static NO_SLOT: NoSlot = NoSlot(ptr::null_mut());
+
+    thread_local! {
+        /// This thread's instance of `_Py_tss_tstate`, or `NO_SLOT` until found (or if unavailable).
+        static SLOT: Cell<Slot> = const { Cell::new(&NO_SLOT.0) };
+    }
+
+    /// This thread's slot: always readable (see `NO_SLOT`).
+    #[inline(always)]
+    pub fn slot() -> Slot {
+        SLOT.with(Cell::get)
+    }
+
+    fn has_slot() -> bool {
+        !ptr::eq(slot(), &NO_SLOT.0)
+    }
+
+    /// Whether the fast path is on in this process (for tests and reports).
+    pub fn enabled() -> bool {
+        STATE.load(Ordering::Acquire) == READY
+    }
+
+    /// Turns the fast path off for good (before any thread found its slot):
+    /// the public API then always serves.
+    pub fn disable() {
+        STATE.store(DISABLED, Ordering::Release);
+    }
+
+    fn api_tstate() -> *mut ffi::PyThreadState {
+        // SAFETY: only reads a thread-local; callable without an attached thread state.
+        unsafe { ffi::compat::PyThreadState_GetUnchecked() }
+    }
+
+    /// No thread state in this thread's slot: there is none, or the slot is
+    /// not found yet. The public API answers, and finds the slot when it can.
+    #[cold]
+    pub fn current_interpreter_slow() -> *mut ffi::PyInterpreterState {
+        if has_slot() {
+            return ptr::null_mut();
+        }
+        let tstate = api_tstate();
+        match STATE.load(Ordering::Acquire) {
+            READY => adopt_slot(tstate),
+            UNPROBED if !tstate.is_null() => probe(tstate),
+            _ => {}
+        }
+        if tstate.is_null() {
+            return ptr::null_mut();
+        }
+        // SAFETY: `tstate` is this thread's current thread state.
+        unsafe { ffi::PyThreadState_GetInterpreter(tstate) }
+    }
+
+    #[repr(C)]
+    struct TlsIndex {
+        module: usize,
+        offset: usize,
+    }
+
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    extern "C" {
+        /// glibc's (ld.so's) TLS resolver: the calling thread's address of a variable.
+        fn __tls_get_addr(index: *const TlsIndex) -> *mut u8;
+    }
+
+    /// Finds this thread's slot from the process-wide (module, offset).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn adopt_slot(tstate: *mut ffi::PyThreadState) {
+        let index =
+            TlsIndex { module: MODULE.load(Ordering::Relaxed), offset: OFFSET.load(Ordering::Relaxed) };
+        // SAFETY: (module, offset) name an 8-byte variable of libpython's TLS
+        // block (found by `probe`); the resolver gives this thread's instance.
+        let slot = unsafe { __tls_get_addr(&index) } as Slot;
+        // SAFETY: the slot is this thread's, aligned and readable.
+        if slot.is_null() || unsafe { *slot } != tstate {
+            STATE.store(DISABLED, Ordering::Release);
+            return;
+        }
+        // If thread-locals are being torn down, the slot is simply not cached.
+        let _ = SLOT.try_with(|s| s.set(slot));
+    }
+
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    fn adopt_slot(_tstate: *mut ffi::PyThreadState) {}
+
+    /// What `dl_iterate_phdr` found for the object that holds libpython's code.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    struct Found {
+        code: usize,
+        module: usize,
+        block: *const u8,
+        block_size: usize,
+        found: bool,
+    }
+
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe extern "C" fn find_object(
+        info: *mut libc::dl_phdr_info,
+        _size: usize,
+        data: *mut libc::c_void,
+    ) -> i32 {
+        // SAFETY: glibc passes a valid info record; `data` is our `Found`.
+        let (info, found) = unsafe { (&*info, &mut *(data as *mut Found)) };
+        let mut contains = false;
+        let mut tls_size = 0;
+        for i in 0..info.dlpi_phnum as usize {
+            // SAFETY: `dlpi_phdr` has `dlpi_phnum` entries.
+            let ph = unsafe { &*info.dlpi_phdr.add(i) };
+            let start = info.dlpi_addr as usize + ph.p_vaddr as usize;
+            if ph.p_type == libc::PT_LOAD && (start..start + ph.p_memsz as usize).contains(&found.code) {
+                contains = true;
+            }
+            if ph.p_type == libc::PT_TLS {
+                tls_size = ph.p_memsz as usize;
+            }
+        }
+        if !contains {
+            return 0;
+        }
+        found.found = true;
+        found.module = info.dlpi_tls_modid;
+        found.block = info.dlpi_tls_data as *const u8;
+        found.block_size = tls_size;
+        1
+    }
+
+    /// Finds (module, offset) on a thread whose current thread state is `tstate`.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn probe(tstate: *mut ffi::PyThreadState) {
+        let code = ffi::PyThreadState_GetInterpreter as *const () as usize;
+        let mut found = Found { code, module: 0, block: ptr::null(), block_size: 0, found: false };
+        // SAFETY: the callback only reads what glibc hands it and writes `found`.
+        unsafe { libc::dl_iterate_phdr(Some(find_object), &mut found as *mut Found as *mut libc::c_void) };
+        let words = found.block_size / 8;
+        if !found.found
+            || found.module == 0
+            || found.block.is_null()
+            || !(found.block as usize).is_multiple_of(8)
+        {
+            STATE.store(DISABLED, Ordering::Release);
+            return;
+        }
+        // SAFETY: the block is this thread's instance of libpython's TLS
+        // segment, `block_size` bytes long, aligned (checked above).
+        let block = unsafe { std::slice::from_raw_parts(found.block as *const usize, words) };
+        let mut matches = block.iter().enumerate().filter(|(_, w)| **w == tstate as usize);
+        let (Some((index, _)), None) = (matches.next(), matches.next()) else {
+            STATE.store(DISABLED, Ordering::Release);
+            return;
+        };
+        // The thread state's head must say what the API says.
+        // SAFETY: `tstate` is this thread's current thread state.
+        let interp = unsafe { ffi::PyThreadState_GetInterpreter(tstate) };
+        // SAFETY: as above; reading the public struct's first fields.
+        if unsafe { (*(tstate as *const ThreadStateHead)).interp } != interp {
+            STATE.store(DISABLED, Ordering::Release);
+            return;
+        }
+        MODULE.store(found.module, Ordering::Relaxed);
+        OFFSET.store(index * 8, Ordering::Relaxed);
+        if STATE.compare_exchange(UNPROBED, READY, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            adopt_slot(tstate);
+        }
+    }
+
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    fn probe(_tstate: *mut ffi::PyThreadState) {
+        STATE.store(DISABLED, Ordering::Release);
+    }
+}

@@ -354,9 +354,11 @@ impl Heap {
         add_serial(unsafe { c.allocations.get_unchecked(class) }, 1);
         let owner_bytes = c.owner_bytes.load(Ordering::Relaxed).wrapping_add(bytes as u64);
         c.owner_bytes.store(owner_bytes, Ordering::Relaxed);
-        let live = owner_bytes.wrapping_sub(c.remote_bytes.load(Ordering::Relaxed));
-        if live > c.peak_bytes.load(Ordering::Relaxed) && live < u64::MAX / 2 {
-            c.peak_bytes.store(live, Ordering::Relaxed);
+        // Signed: while remote frees race ahead of the owner's count, live
+        // may read below zero, which must never become a peak.
+        let live = owner_bytes.wrapping_sub(c.remote_bytes.load(Ordering::Relaxed)) as i64;
+        if live > c.peak_bytes.load(Ordering::Relaxed) as i64 {
+            c.peak_bytes.store(live as u64, Ordering::Relaxed);
         }
     }
 
@@ -658,6 +660,24 @@ impl Heap {
             p.free.set(b);
             let used = p.used.get() - 1;
             p.used.set(used);
+            // One branch on the fast path: the page was full (not queued) or is now empty.
+            if !p.queued.get() | (used == 0) {
+                self.after_give_back(page, used);
+            }
+        }
+    }
+
+    /// A page that was full gets queued again; an empty page that is not
+    /// the current one (or belongs to an ended heap) is retired.
+    ///
+    /// # Safety
+    ///
+    /// As for `give_back`, right after it returned a block to `page`.
+    #[cold]
+    unsafe fn after_give_back(&self, page: *mut Page, used: u32) {
+        // SAFETY: per the contract.
+        unsafe {
+            let p = &*page;
             if !p.queued.get() {
                 self.enqueue_second(page);
             } else if used == 0 && (self.local().bins[p.class.get() as usize] != page || self.is_ended()) {
@@ -949,7 +969,7 @@ pub unsafe fn free(ptr: *mut u8, token_for: impl FnOnce(&Heap) -> usize) -> bool
 /// # Safety
 ///
 /// As for [`free`].
-#[inline]
+#[inline(always)]
 pub unsafe fn free_with(
     ptr: *mut u8,
     before: impl FnOnce(usize),

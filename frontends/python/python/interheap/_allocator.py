@@ -111,6 +111,9 @@ class AllocatorStats:
     interpreters: tuple[InterpreterHeaps, ...]
     shared: HeapStats
     raw_json: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+    #: Whether the allocator reads the current thread state from libpython's
+    #: own thread-local slot (the fast path) rather than through the C API.
+    fast_thread_state: bool = False
 
     def interpreter(self, interp_id: int) -> InterpreterHeaps:
         for interp in self.interpreters:
@@ -145,6 +148,7 @@ def parse_report(document: dict[str, Any]) -> AllocatorStats:
         interpreters=interpreters,
         shared=shared,
         raw_json=document,
+        fast_thread_state=bool(document.get("fast_thread_state", False)),
     )
 
 
