@@ -6,7 +6,9 @@
 #      engine's and the global allocator's tests under AddressSanitizer (nightly)
 #   2. Python: ruff
 #   3. pytest on each venv listed in .venvs.list (3.12, 3.13, 3.13t)
-#   4. CPython's own regression tests under interheap-python (scripts/regrtest.sh)
+#   4. interheap-python built with AddressSanitizer, running 4 isolated
+#      interpreters that exchange objects (examples/interpreters_exchange.py)
+#   5. CPython's own regression tests under interheap-python (scripts/regrtest.sh)
 # Prints one closing line "N passed, N failed" over all pytest runs.
 set -uo pipefail
 
@@ -69,6 +71,27 @@ while read -r tag venv; do
     [ "$rc" -eq 0 ] || failures+=("pytest on $tag (exit $rc)")
     rm -f "$log"
 done < .venvs.list
+
+# interheap-python itself built with AddressSanitizer (+ LeakSanitizer at
+# exit), running 4 isolated interpreters that churn and exchange objects
+# through queues while the allocator checks its own figures.
+if cargo +nightly --version >/dev/null 2>&1; then
+    while read -r tag venv; do
+        step "interheap-python under AddressSanitizer on $tag: examples/interpreters_exchange.py"
+        asan_target=$CACHE/target/asan-launcher-$tag
+        if env PYO3_PYTHON="$venv/bin/python" RUSTFLAGS="-Zsanitizer=address" CARGO_TARGET_DIR="$asan_target" \
+            cargo +nightly build --release --quiet -p interheap-launcher --target "$(rustc -vV | sed -n 's/^host: //p')"; then
+            install -m 755 "$asan_target/$(rustc -vV | sed -n 's/^host: //p')/release/interheap-python" \
+                "$venv/bin/interheap-python-asan"
+            run env ASAN_OPTIONS=halt_on_error=1 timeout 600 "$venv/bin/interheap-python-asan" \
+                examples/interpreters_exchange.py --seconds 3
+        else
+            failures+=("AddressSanitizer build of interheap-python for $tag")
+        fi
+    done < .venvs.list
+else
+    echo "NOT RUN: no nightly toolchain, so no AddressSanitizer run of interheap-python"
+fi
 
 step "CPython regression tests under interheap-python"
 run scripts/regrtest.sh
