@@ -174,7 +174,7 @@ def run_all(interps: list[int], codes: list[str]) -> None:
         except BaseException as exc:  # reported below, in the main thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=target, args=(i, c)) for i, c in zip(interps, codes)]
+    threads = [threading.Thread(target=target, args=(i, c)) for i, c in zip(interps, codes, strict=True)]
     for t in threads:
         t.start()
     for t in threads:
@@ -199,9 +199,7 @@ def allocator_checks(interps: list[int], ended: bool) -> list[str]:
         counted = sum(a - f - r for _, _, a, f, r in heap["classes"])
         if counted != heap["live_blocks"] or heap["failures"] or heap["live_bytes"] > heap["peak_bytes"]:
             problems.append(f"inconsistent heap: {heap}")
-    if s.shared.remote_frees + sum(
-        x.mem.remote_frees + x.object.remote_frees for x in s.interpreters
-    ) == 0:
+    if s.shared.remote_frees + sum(x.mem.remote_frees + x.object.remote_frees for x in s.interpreters) == 0:
         problems.append("no cross-thread or cross-interpreter free was counted")
     if FREE_THREADED:
         return problems
@@ -216,7 +214,11 @@ def allocator_checks(interps: list[int], ended: bool) -> list[str]:
         # CPython runs the sender's pending release calls, so they are not checked.)
         n = held_size((k - 1) % len(interps)) + 1
         held, by_main = (
-            sum(a - f - r for size, (a, f, r) in (x.mem + x.object).classes.items() if n <= size < n * 1.25 + 16)
+            sum(
+                a - f - r
+                for size, (a, f, r) in (x.mem + x.object).classes.items()
+                if n <= size < 1.25 * n + 16
+            )
             for x in (mine, s.interpreter(0))
         )
         if held < ARGS.hold:
@@ -291,6 +293,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds of churn")
     parser.add_argument("--keep", type=int, default=200, help="messages each receiver keeps while churning")
-    parser.add_argument("--hold", type=int, default=2000, help="bytes objects each interpreter holds at the end")
+    parser.add_argument(
+        "--hold", type=int, default=2000, help="bytes objects each interpreter keeps at the end"
+    )
     ARGS = parser.parse_args()
     sys.exit(main())

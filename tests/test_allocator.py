@@ -229,7 +229,8 @@ def test_interpreters_exchanging_objects_through_queues(launcher):
     # the allocator's figures (held blocks in the receiver's heaps, heaps
     # consistent, cross-thread frees counted, heaps ended after destroy).
     # `make test` also runs it under an AddressSanitizer build of the launcher.
-    proc = run_python([str(ROOT / "examples" / "interpreters_exchange.py"), "--seconds", "2"], launcher=launcher)
+    example = ROOT / "examples" / "interpreters_exchange.py"
+    proc = run_python([str(example), "--seconds", "2"], launcher=launcher)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "RESULT ok" in proc.stdout
     assert ("allocator figures checked" in proc.stdout) == launcher
