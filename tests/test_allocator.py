@@ -184,6 +184,9 @@ def test_interpreters_reborn_at_the_same_address_get_fresh_heaps(fast):
     # address; a destroyed interpreter's address is often reused by the next
     # one. Each interpreter here runs on the same thread right after its
     # predecessor died and must get its own heaps, never the ended ones.
+    # (From Python, main allocates between the two and refreshes the cache;
+    # tests/c/reborn_interpreters.c goes straight from one to the next, which
+    # is the case that needs the epoch: test_c_api.py.)
     out = scenario(
         """
         import interheap

@@ -121,3 +121,41 @@ def test_embedding_program_installs_the_interheap_allocator(build_dir):
     else:
         proc = subprocess.run([str(exe), "7"], capture_output=True, text=True, timeout=60, env=child_env())
         assert proc.returncode == 3 and "free-threaded build" in proc.stdout
+
+
+@pytest.mark.skipif(FREE_THREADED, reason="free-threaded builds keep CPython's mimalloc for mem and object")
+def test_an_interpreter_reborn_at_a_freed_address_gets_fresh_heaps(build_dir):
+    import json
+
+    exe = build_program(ROOT / "tests" / "c" / "reborn_interpreters.c", build_dir / "reborn_interpreters")
+    out = run_program(exe)
+
+    def allocations(doc: dict, ended_only: bool) -> dict:
+        return {
+            (h["id"], h["domain"]): h["allocations"]
+            for h in doc["heaps"]
+            if h["kind"] == "interpreter" and (h["ended"] or not ended_only)
+        }
+
+    before, after, addresses = {}, {}, []
+    for line in out.splitlines():
+        tag, _, rest = line.partition(" ")
+        if tag == "BEFORE":
+            k, doc = rest.split(" ", 1)
+            before[int(k)] = json.loads(doc)
+        elif tag == "AFTER":
+            k, interp_id, address, doc = rest.split(" ", 3)
+            after[int(k)] = (int(interp_id), json.loads(doc))
+            addresses.append(address)
+    assert len(after) == 12, out[-2000:]
+    # The scenario the cache must survive really happens: an address comes back.
+    assert len(set(addresses)) < len(addresses), f"no interpreter address was reused: {addresses}"
+    for k, (interp_id, doc) in after.items():
+        ended_before = allocations(before[k], ended_only=True)
+        now = allocations(doc, ended_only=False)
+        moved = {key: (n, now[key]) for key, n in ended_before.items() if now[key] != n}
+        assert not moved, f"round {k}: interpreter {interp_id} allocated from ended heaps {moved}"
+        size = 3000 + 200 * k + 1
+        mine = [h for h in doc["heaps"] if h["kind"] == "interpreter" and h["id"] == interp_id]
+        kept = sum(a - f - r for h in mine for _, bs, a, f, r in h["classes"] if size <= bs < 1.25 * size + 9)
+        assert kept >= 3000, f"round {k}: interpreter {interp_id} keeps {kept} blocks of ~{size} B"
