@@ -16,6 +16,7 @@ lib.bk_setup.restype = ctypes.c_void_p
 lib.bk_setup.argtypes = [ctypes.c_int]
 lib.bk_install_bare.argtypes = [ctypes.c_int]
 lib.bk_restore.argtypes = [ctypes.c_int]
+lib.bk_set_pause_every.argtypes = [ctypes.c_long]
 lib.bk_report.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_longlong)]
 lib.aw_setup.restype = ctypes.c_void_p
 lib.aw_setup.argtypes = [ctypes.c_int]
