@@ -63,7 +63,7 @@ use pyo3_ffi as ffi;
 use pyo3_ffi::PyMemAllocatorEx;
 
 use crate::hooks::{get_allocator, set_allocator};
-use crate::interp::current_thread_interpreter;
+use crate::interp::{current_thread_interpreter, current_thread_interpreter_fast};
 
 /// Label kind of an interpreter's heap (`id` = interpreter ID, `part` = domain).
 pub const KIND_INTERPRETER: u8 = 1;
@@ -335,23 +335,43 @@ static INTERPRETERS: ShardLock<Interpreters> = ShardLock::new(Interpreters(Vec::
 
 /// A thread's cache of the interpreter it last allocated in.
 ///
-/// `interp` is trusted only while `epoch` equals [`INTERPRETER_EPOCH`]: an
-/// interpreter's address can be reused once its state is freed (fact 6), and
-/// every such free bumps the epoch. When interheap does not serve raw it never
-/// sees those frees, so the cache is keyed by ID only (`epoch` is [`NEVER`]).
+/// For allocation, `interp` is trusted only while `epoch` equals
+/// [`INTERPRETER_EPOCH`]: an interpreter's address can be reused once its
+/// state is freed (fact 6), and every such free bumps the epoch. When
+/// interheap does not serve raw it never sees those frees, so `interp` is
+/// left [`NO_INTERP`] and the cache is keyed by ID only (the slow path).
+///
+/// For frees the epoch is not needed: a stale entry names an interpreter
+/// whose heaps ended (their owner token became `ENDED_OWNER`) before CPython
+/// freed its state, so its token matches no active heap and the free is
+/// merely treated as foreign, which is always correct.
 #[derive(Clone, Copy)]
 struct LastInterpreter {
     interp: *mut ffi::PyInterpreterState,
     epoch: u64,
+    /// The interpreter's owner token (see [`interpreter_token`]).
+    token: usize,
+    /// Its heaps for mem and object, or null before the first allocation.
+    heaps: [*const Heap; 2],
     id: i64,
-    heaps: *const InterpreterHeaps,
 }
 
 thread_local! {
     static LAST_INTERPRETER: Cell<LastInterpreter> = const {
-        Cell::new(LastInterpreter { interp: ptr::null_mut(), epoch: NEVER, id: -1, heaps: ptr::null() })
+        Cell::new(LastInterpreter {
+            interp: NO_INTERP,
+            epoch: NEVER,
+            token: NO_OWNER,
+            heaps: [ptr::null(); 2],
+            id: -1,
+        })
     };
 }
+
+/// What the cache holds for "no interpreter": not null (the fast path's
+/// "no thread state") and never the address of an interpreter (address 1:
+/// the opaque type's alignment), so it matches nothing.
+const NO_INTERP: *mut ffi::PyInterpreterState = ptr::dangling_mut();
 
 /// Bumped whenever an interpreter's heaps end (CPython freed its state, so
 /// the address may come back as another interpreter).
@@ -364,30 +384,43 @@ fn interpreter_token(id: i64) -> usize {
     ((id as usize) << 1) | 1
 }
 
-/// The cached entry of the calling thread, if it is for `interp` and still valid.
+/// The calling thread's heap for domain part `part` (0 = mem, 1 = object)
+/// in its current interpreter, if this thread's cache knows it: the
+/// allocation fast path. `None` sends the caller to its slow path.
 #[inline(always)]
-fn cached(interp: *mut ffi::PyInterpreterState) -> Option<LastInterpreter> {
+fn cached_interpreter_heap(part: usize) -> Option<&'static Heap> {
+    let interp = current_thread_interpreter_fast();
     let last = LAST_INTERPRETER.with(Cell::get);
-    (last.interp == interp && last.epoch == INTERPRETER_EPOCH.load(Ordering::Acquire)).then_some(last)
+    // A null `interp` (no thread state) never matches: see NO_INTERP.
+    if last.interp == interp && last.epoch == INTERPRETER_EPOCH.load(Ordering::Acquire) {
+        // SAFETY: an entry whose interp is not NO_INTERP has both its heaps
+        // (leaked, so never null), and `part` is 0 or 1.
+        return Some(unsafe {
+            let heap = *last.heaps.get_unchecked(part);
+            std::hint::assert_unchecked(!heap.is_null());
+            &*heap
+        });
+    }
+    None
 }
 
-/// The heaps of the calling thread's current interpreter (created on its
-/// first allocation), or `None` without a thread state.
+/// The calling thread's heap for domain part `part` in its current
+/// interpreter (created on its first allocation), or `None` without a
+/// thread state.
 #[inline(always)]
-fn current_interpreter_heaps() -> Option<&'static InterpreterHeaps> {
-    let interp = current_thread_interpreter();
-    if interp.is_null() {
-        return None;
-    }
-    match cached(interp) {
-        // SAFETY: cached entries are leaked InterpreterHeaps.
-        Some(last) => Some(unsafe { &*last.heaps }),
-        None => current_interpreter_heaps_slow(interp),
+fn current_interpreter_heap(part: usize) -> Option<&'static Heap> {
+    match cached_interpreter_heap(part) {
+        Some(heap) => Some(heap),
+        None => current_interpreter_heap_slow(part),
     }
 }
 
 #[cold]
-fn current_interpreter_heaps_slow(interp: *mut ffi::PyInterpreterState) -> Option<&'static InterpreterHeaps> {
+fn current_interpreter_heap_slow(part: usize) -> Option<&'static Heap> {
+    let interp = current_thread_interpreter();
+    if interp.is_null() {
+        return None;
+    }
     // SAFETY: `interp` is the current thread state's interpreter, alive while
     // it is current; for a non-null argument the call only reads the ID.
     let id = unsafe { ffi::PyInterpreterState_GetID(interp) };
@@ -395,36 +428,67 @@ fn current_interpreter_heaps_slow(interp: *mut ffi::PyInterpreterState) -> Optio
         return None;
     }
     // Read before the lookup: an interpreter ending meanwhile only makes the cache stale sooner.
-    let epoch =
-        if installed().contains(Domain::Raw) { INTERPRETER_EPOCH.load(Ordering::Acquire) } else { NEVER };
+    let epoch = INTERPRETER_EPOCH.load(Ordering::Acquire);
     let last = LAST_INTERPRETER.with(Cell::get);
-    let heaps = if last.id == id && !last.heaps.is_null() {
-        // SAFETY: cached entries are leaked InterpreterHeaps.
-        unsafe { &*last.heaps }
+    let heaps = if last.id == id && !last.heaps[0].is_null() {
+        last.heaps
     } else {
-        interpreter_heaps_lookup(id, interp)
+        let entry = interpreter_heaps_lookup(id, interp);
+        [entry.heaps[0] as *const Heap, entry.heaps[1] as *const Heap]
     };
-    LAST_INTERPRETER.with(|c| c.set(LastInterpreter { interp, epoch, id, heaps }));
-    Some(heaps)
+    let trusted = installed().contains(Domain::Raw);
+    LAST_INTERPRETER.with(|c| {
+        c.set(LastInterpreter {
+            interp: if trusted { interp } else { NO_INTERP },
+            epoch,
+            token: interpreter_token(id),
+            heaps,
+            id,
+        })
+    });
+    // SAFETY: both entries point to leaked heaps.
+    Some(unsafe { &*heaps[part] })
 }
 
 /// The calling thread's owner token for interpreter heaps: its current
 /// interpreter's, or [`NO_OWNER`] without a thread state. Creates nothing.
 #[inline(always)]
 fn current_interpreter_token() -> usize {
-    let interp = current_thread_interpreter();
-    if interp.is_null() {
-        return NO_OWNER;
+    let interp = current_thread_interpreter_fast();
+    let last = LAST_INTERPRETER.with(Cell::get);
+    if last.interp == interp {
+        // No epoch check needed here: see LastInterpreter. A null `interp`
+        // never matches: see NO_INTERP.
+        return last.token;
     }
-    match cached(interp) {
-        Some(last) => interpreter_token(last.id),
-        None => current_interpreter_token_slow(interp),
+    current_interpreter_token_slow()
+}
+
+/// [`token_for`] without its slow path: [`NO_OWNER`] when this thread's
+/// cache does not know its interpreter (the caller then takes its slow path).
+#[inline(always)]
+fn token_for_fast(owner: usize) -> usize {
+    if owner & 1 == 1 {
+        let interp = current_thread_interpreter_fast();
+        let last = LAST_INTERPRETER.with(Cell::get);
+        // As in current_interpreter_token; NO_INTERP never matches.
+        if last.interp == interp {
+            last.token
+        } else {
+            NO_OWNER
+        }
+    } else {
+        thread_token()
     }
 }
 
 #[cold]
-fn current_interpreter_token_slow(interp: *mut ffi::PyInterpreterState) -> usize {
-    // SAFETY: as in current_interpreter_heaps_slow.
+fn current_interpreter_token_slow() -> usize {
+    let interp = current_thread_interpreter();
+    if interp.is_null() {
+        return NO_OWNER;
+    }
+    // SAFETY: as in current_interpreter_heap_slow.
     let id = unsafe { ffi::PyInterpreterState_GetID(interp) };
     if id < 0 {
         NO_OWNER
@@ -433,12 +497,12 @@ fn current_interpreter_token_slow(interp: *mut ffi::PyInterpreterState) -> usize
     }
 }
 
-/// The caller's owner token for `heap` (see the module docs): interpreter
-/// tokens are odd, thread tokens even, so the heap's own token tells which
-/// one the caller would hold.
+/// The caller's owner token for a heap whose owner token is `owner` (see the
+/// module docs): interpreter tokens are odd, thread tokens even, so the
+/// heap's own token tells which one the caller would hold.
 #[inline(always)]
-fn token_for(heap: &Heap) -> usize {
-    if heap.owner() & 1 == 1 {
+fn token_for(owner: usize) -> usize {
+    if owner & 1 == 1 {
         current_interpreter_token()
     } else {
         thread_token()
@@ -493,29 +557,40 @@ const fn part<const D: usize>() -> usize {
     D - 1
 }
 
-extern "C" fn interp_malloc<const D: usize>(_ctx: *mut c_void, size: usize) -> *mut c_void {
-    match current_interpreter_heaps() {
+extern "C" fn interp_malloc<const D: usize>(ctx: *mut c_void, size: usize) -> *mut c_void {
+    if let Some(heap) = cached_interpreter_heap(part::<D>()) {
         // SAFETY: mem/object calls hold the GIL of the current interpreter,
         // which owns that interpreter's heaps (module docs).
-        Some(heaps) => unsafe { heaps.heaps[part::<D>()].alloc(size) as *mut c_void },
+        return unsafe { heap.alloc(size) } as *mut c_void;
+    }
+    interp_malloc_slow::<D>(ctx, size)
+}
+
+/// Same signature as the fast path, so that the call to it is a jump.
+#[cold]
+extern "C" fn interp_malloc_slow<const D: usize>(_ctx: *mut c_void, size: usize) -> *mut c_void {
+    match current_interpreter_heap_slow(part::<D>()) {
+        // SAFETY: mem/object calls hold the GIL of the current interpreter,
+        // which owns that interpreter's heaps (module docs).
+        Some(heap) => unsafe { heap.alloc(size) as *mut c_void },
         // SAFETY: with_thread_heap hands us a heap we own.
         None => with_thread_heap(|h| unsafe { h.alloc(size) }) as *mut c_void,
     }
 }
 
 extern "C" fn interp_calloc<const D: usize>(_ctx: *mut c_void, count: usize, size: usize) -> *mut c_void {
-    match current_interpreter_heaps() {
+    match current_interpreter_heap(part::<D>()) {
         // SAFETY: as in interp_malloc.
-        Some(heaps) => unsafe { heaps.heaps[part::<D>()].alloc_zeroed(count, size) as *mut c_void },
+        Some(heap) => unsafe { heap.alloc_zeroed(count, size) as *mut c_void },
         // SAFETY: with_thread_heap hands us a heap we own.
         None => with_thread_heap(|h| unsafe { h.alloc_zeroed(count, size) }) as *mut c_void,
     }
 }
 
 extern "C" fn interp_realloc<const D: usize>(_ctx: *mut c_void, p: *mut c_void, size: usize) -> *mut c_void {
-    let outcome = match current_interpreter_heaps() {
+    let outcome = match current_interpreter_heap(part::<D>()) {
         // SAFETY: as in interp_malloc; `p` is null or a live block per CPython's contract.
-        Some(heaps) => unsafe { heaps.heaps[part::<D>()].realloc(p as *mut u8, size, token_for) },
+        Some(heap) => unsafe { heap.realloc(p as *mut u8, size, token_for) },
         // SAFETY: with_thread_heap hands us a heap we own.
         None => with_thread_heap(|h| unsafe { h.realloc(p as *mut u8, size, token_for) }),
     };
@@ -525,7 +600,18 @@ extern "C" fn interp_realloc<const D: usize>(_ctx: *mut c_void, p: *mut c_void, 
     }
 }
 
-extern "C" fn interp_free<const D: usize>(_ctx: *mut c_void, p: *mut c_void) {
+extern "C" fn interp_free<const D: usize>(ctx: *mut c_void, p: *mut c_void) {
+    // SAFETY: `p` is null (never ours: the segment map has no segment at 0)
+    // or a live block that the caller gives up.
+    if unsafe { heap::free_fast(p as *mut u8, token_for_fast) } {
+        return;
+    }
+    interp_free_slow::<D>(ctx, p);
+}
+
+/// Same signature as the fast path, so that the call to it is a jump.
+#[cold]
+extern "C" fn interp_free_slow<const D: usize>(_ctx: *mut c_void, p: *mut c_void) {
     if p.is_null() {
         return;
     }

@@ -54,6 +54,20 @@ struct ThreadStateHead {
 /// as cheaply as this process allows: two loads once [`fast_tstate`] has
 /// found libpython's own thread-local slot for this thread, else the public
 /// API (`PyThreadState_GetUnchecked`, `PyThreadState_GetInterpreter`).
+/// The fast half of [`current_thread_interpreter`]: null when this thread's
+/// slot holds no thread state, or its slot is not found (yet); the caller
+/// then takes its slow path, which calls [`current_thread_interpreter`].
+#[inline(always)]
+pub fn current_thread_interpreter_fast() -> *mut ffi::PyInterpreterState {
+    // SAFETY: as in current_thread_interpreter.
+    let tstate = unsafe { *fast_tstate::slot() };
+    if tstate.is_null() {
+        return std::ptr::null_mut();
+    }
+    // SAFETY: as in current_thread_interpreter; a thread state always has an interpreter.
+    unsafe { (*(tstate as *const ThreadStateHead)).interp }
+}
+
 #[inline(always)]
 pub fn current_thread_interpreter() -> *mut ffi::PyInterpreterState {
     // SAFETY: the slot is this thread's instance of libpython's

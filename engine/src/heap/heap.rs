@@ -110,6 +110,11 @@ struct Counters {
     owner_bytes: AtomicU64,
     remote_bytes: AtomicU64,
     peak_bytes: AtomicU64,
+    /// `peak_bytes` plus the remote bytes seen when the peak was last
+    /// checked (owner only). Remote bytes only grow, so while `owner_bytes`
+    /// stays at or below this, live bytes cannot exceed the peak and the
+    /// allocation fast path need not read the shared remote figure.
+    peak_trigger: AtomicU64,
     reallocations: AtomicU64,
     failures: AtomicU64,
     mapped_bytes: AtomicU64,
@@ -171,6 +176,7 @@ impl Heap {
                 owner_bytes: AtomicU64::new(0),
                 remote_bytes: AtomicU64::new(0),
                 peak_bytes: AtomicU64::new(0),
+                peak_trigger: AtomicU64::new(0),
                 reallocations: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
                 mapped_bytes: AtomicU64::new(0),
@@ -270,11 +276,13 @@ impl Heap {
                 return ptr::null_mut();
             }
             // SAFETY: `bump + size` stays within the page (end is a whole number of blocks).
-            page.bump.set(unsafe { bump.add(class_size(class)) });
+            page.bump.set(unsafe { bump.add(page.block_size.get()) });
             bump
         };
+        // SAFETY: both branches hand out an address inside a live page.
+        unsafe { std::hint::assert_unchecked(!taken.is_null()) };
         page.used.set(page.used.get() + 1);
-        self.count_alloc(class, class_size(class));
+        self.count_alloc(class, page.block_size.get());
         taken
     }
 
@@ -318,7 +326,7 @@ impl Heap {
         &self,
         ptr: *mut u8,
         new_size: usize,
-        token_for: impl FnOnce(&Heap) -> usize,
+        token_for: impl FnOnce(usize) -> usize,
     ) -> Realloc {
         if ptr.is_null() {
             // SAFETY: the caller is the owner.
@@ -354,12 +362,26 @@ impl Heap {
         add_serial(unsafe { c.allocations.get_unchecked(class) }, 1);
         let owner_bytes = c.owner_bytes.load(Ordering::Relaxed).wrapping_add(bytes as u64);
         c.owner_bytes.store(owner_bytes, Ordering::Relaxed);
+        // Signed: owner bytes wrap below zero while remote frees are pending.
+        if owner_bytes as i64 > c.peak_trigger.load(Ordering::Relaxed) as i64 {
+            self.check_peak(owner_bytes);
+        }
+    }
+
+    /// Owner bytes passed the trigger: live bytes may be a new peak.
+    #[cold]
+    fn check_peak(&self, owner_bytes: u64) {
+        let c = &self.counters;
+        let remote = c.remote_bytes.load(Ordering::Relaxed);
         // Signed: while remote frees race ahead of the owner's count, live
         // may read below zero, which must never become a peak.
-        let live = owner_bytes.wrapping_sub(c.remote_bytes.load(Ordering::Relaxed)) as i64;
-        if live > c.peak_bytes.load(Ordering::Relaxed) as i64 {
-            c.peak_bytes.store(live as u64, Ordering::Relaxed);
+        let live = owner_bytes.wrapping_sub(remote) as i64;
+        let mut peak = c.peak_bytes.load(Ordering::Relaxed);
+        if live > peak as i64 {
+            peak = live as u64;
+            c.peak_bytes.store(peak, Ordering::Relaxed);
         }
+        c.peak_trigger.store(peak.wrapping_add(remote), Ordering::Relaxed);
     }
 
     fn count_failure(&self) {
@@ -949,18 +971,64 @@ impl Heap {
 
 /// Frees `ptr` if it is ours; returns false (touching nothing) if it is not.
 ///
-/// `token_for(heap)` must return the caller's owner token for the heap that
-/// owns the block: its token if it is that heap's owner, else anything else
-/// (for example [`NO_OWNER`]). The block goes straight back to its page when
+/// `token_for(owner)`, given the owner token of the heap that owns the block,
+/// must return the caller's own token for that heap: equal to `owner` if the
+/// caller is that heap's owner, anything else (for example [`NO_OWNER`]) if not. The block goes straight back to its page when
 /// the caller is the owner, and onto the owner's remote-free list otherwise.
 ///
 /// # Safety
 ///
 /// `ptr` is a live block (of any allocator) that is not used again.
 #[inline]
-pub unsafe fn free(ptr: *mut u8, token_for: impl FnOnce(&Heap) -> usize) -> bool {
+pub unsafe fn free(ptr: *mut u8, token_for: impl FnOnce(usize) -> usize) -> bool {
     // SAFETY: per this function's contract.
     unsafe { free_with(ptr, |_| {}, token_for) }
+}
+
+/// The fast path of [`free`]: frees `ptr` and returns true only if it is
+/// ours, the caller owns its heap, and the free changes nothing but the
+/// page's free list and the figures (a small block of a page that stays
+/// queued and non-empty). Otherwise it returns false and touches nothing;
+/// the caller then calls [`free`]. It makes no calls (so the caller's fast
+/// path needs no saved registers); `token_for` must not either.
+///
+/// # Safety
+///
+/// As for [`free`].
+#[inline(always)]
+pub unsafe fn free_fast(ptr: *mut u8, token_for: impl FnOnce(usize) -> usize) -> bool {
+    let seg = segment_of(ptr);
+    if !os::is_segment(seg as usize) {
+        return false;
+    }
+    // SAFETY: the segment map says the segment is ours and live, and `ptr`, a
+    // live block of it, keeps it (and its heap) alive; as the owner we may
+    // read and change the page.
+    unsafe {
+        let heap = &*(*seg).heap;
+        let owner = heap.owner();
+        if owner != token_for(owner) {
+            return false;
+        }
+        let page = page_of(seg, ptr);
+        let p = &*page;
+        let class = p.class.get() as usize;
+        let used = p.used.get();
+        if class >= PAGED_CLASSES || !p.queued.get() || used == 1 {
+            return false;
+        }
+        let c = &heap.counters;
+        add_serial(c.frees.get_unchecked(class), 1);
+        c.owner_bytes.store(
+            c.owner_bytes.load(Ordering::Relaxed).wrapping_sub(p.block_size.get() as u64),
+            Ordering::Relaxed,
+        );
+        let b = ptr as *mut Block;
+        (*b).next = p.free.get();
+        p.free.set(b);
+        p.used.set(used - 1);
+    }
+    true
 }
 
 /// [`free`], calling `before(usable_size)` first when the block is ours (one
@@ -973,7 +1041,7 @@ pub unsafe fn free(ptr: *mut u8, token_for: impl FnOnce(&Heap) -> usize) -> bool
 pub unsafe fn free_with(
     ptr: *mut u8,
     before: impl FnOnce(usize),
-    token_for: impl FnOnce(&Heap) -> usize,
+    token_for: impl FnOnce(usize) -> usize,
 ) -> bool {
     let seg = segment_of(ptr);
     if !os::is_segment(seg as usize) {
@@ -985,7 +1053,8 @@ pub unsafe fn free_with(
         let heap = &*(*seg).heap;
         let page = page_of(seg, ptr);
         before((*page).block_size.get());
-        if heap.owner() == token_for(heap) {
+        let owner = heap.owner();
+        if owner == token_for(owner) {
             heap.free_local(page, ptr);
         } else {
             heap.free_foreign(page, ptr);

@@ -66,7 +66,8 @@ pub unsafe fn fork_finish() {
 }
 
 pub use heap::{
-    free, free_with, heap_of, heaps, owns, usable_size, Heap, HeapLabel, Realloc, ENDED_OWNER, NO_OWNER,
+    free, free_fast, free_with, heap_of, heaps, owns, usable_size, Heap, HeapLabel, Realloc, ENDED_OWNER,
+    NO_OWNER,
 };
 pub use pool::HeapPool;
 pub use segment::{HUGE_BLOCK_OFFSET, SLOT_SIZE};

@@ -48,7 +48,9 @@ pub enum SegmentKind {
 }
 
 /// Descriptor of a page (or of a slot inside a page: see `first`).
-#[repr(C)]
+///
+/// 64 bytes (one cache line), so that finding a slot's descriptor is a shift.
+#[repr(C, align(64))]
 pub struct Page {
     /// Free blocks of this page (owner only).
     pub free: Cell<*mut Block>,
@@ -93,6 +95,7 @@ pub struct Segment {
 pub const HUGE_BLOCK_OFFSET: usize = (std::mem::size_of::<Segment>() + 4095) & !4095;
 
 const _: () = assert!(std::mem::size_of::<Segment>() <= SLOT_SIZE, "the header must fit slot 0");
+const _: () = assert!(std::mem::size_of::<Page>() == 64, "a page descriptor is one cache line");
 
 /// The segment containing `p`.
 #[inline(always)]
