@@ -163,6 +163,54 @@ fn realloc_keeps_contents_and_forwards_foreign_pointers() {
 }
 
 #[test]
+fn large_and_huge_blocks_grow_in_place_and_stay_exact() {
+    let h = Heap::new(label(14), 0x140);
+    let realloc = |p: *mut u8, n: usize| -> *mut u8 {
+        // SAFETY: `p` is live; the owner reallocates.
+        let Realloc::Done(q) = (unsafe { h.realloc(p, n, |_| 0x140) }) else { panic!("ours") };
+        assert!(!q.is_null());
+        q
+    };
+    // A large block (a span of 64 KiB slots) with free slots after it grows
+    // over them: same address, contents kept, live bytes follow.
+    // SAFETY: this thread owns `h`.
+    let p = unsafe { h.alloc(100_000) };
+    fill(p, 100_000, 3);
+    let q = realloc(p, 300_000);
+    assert_eq!(q, p, "the following slots were free");
+    assert!(check(q, 100_000, 3));
+    assert_eq!(h.snapshot().live_bytes, 5 * 65_536);
+    // A neighbour blocks it: the block moves, contents kept.
+    // SAFETY: this thread owns `h`.
+    let wall = unsafe { h.alloc(70_000) };
+    fill(q, 300_000, 4);
+    let r = realloc(q, 600_000);
+    assert_ne!(r, q, "the next slots are taken");
+    assert!(check(r, 300_000, 4));
+    // A huge block grows within its mapping's reserve, then moves beyond it.
+    let big = realloc(r, 3 << 20);
+    fill(big, 3 << 20, 5);
+    let same = realloc(big, (3 << 20) + 700_000);
+    assert_eq!(same, big, "within the reserve (half the block)");
+    assert!(check(same, 3 << 20, 5));
+    let snap = h.snapshot();
+    assert_eq!(snap.live_bytes as usize, ((3 << 20) + 700_000usize).div_ceil(4096) * 4096 + 2 * 65_536);
+    assert!(snap.peak_bytes >= snap.live_bytes as u64);
+    let moved = realloc(same, 8 << 20);
+    assert_ne!(moved, same, "beyond the reserve");
+    assert!(check(moved, 3 << 20, 5));
+    // SAFETY: the owner frees its blocks.
+    unsafe {
+        heap::free(moved, |_| 0x140);
+        heap::free(wall, |_| 0x140);
+    }
+    let snap = h.snapshot();
+    assert_eq!((snap.live_bytes, snap.live_blocks()), (0, 0));
+    assert_eq!(snap.reallocations, 5);
+    assert_eq!(snap.mapped_bytes, 4 << 20, "huge mappings are gone; one empty segment is kept as the spare");
+}
+
+#[test]
 fn remote_frees_are_counted_at_once_and_reclaimed_by_the_owner() {
     let h = Heap::new(label(5), 0x50);
     // SAFETY: this thread owns `h`.

@@ -16,6 +16,14 @@ use super::size_class::{
 use super::stats::{ClassSnapshot, HeapSnapshot};
 use crate::shard_lock::ShardLock;
 
+/// Most address space a huge block's mapping reserves beyond the block for
+/// growing in place (half the block, up to this).
+const HUGE_GROWTH_RESERVE: usize = 64 << 20;
+
+/// Freed spans of at least this many slots (128 KiB, glibc's default mmap
+/// threshold) have their memory returned to the OS at once.
+const DISCARD_SPAN: usize = 2;
+
 /// The owner token of an ended heap; no caller may use it.
 pub const ENDED_OWNER: usize = usize::MAX;
 /// The token of a caller that owns no heap: it matches no heap.
@@ -341,6 +349,13 @@ impl Heap {
         if keeps {
             return Realloc::Done(ptr);
         }
+        // SAFETY: `ptr` is a live block of ours (usable_size said so); heaps are never freed.
+        if new_size > old_size && unsafe { heap_of(ptr) }.is_some_and(|h| ptr::eq(h, self)) {
+            // SAFETY: the caller owns this heap, which owns the block.
+            if unsafe { self.grow_in_place(ptr, old_size, new_size) } {
+                return Realloc::Done(ptr);
+            }
+        }
         // SAFETY: the caller is the owner.
         let new = unsafe { self.alloc(new_size) };
         if new.is_null() {
@@ -352,6 +367,62 @@ impl Heap {
             free(ptr, token_for);
         }
         Realloc::Done(new)
+    }
+
+    /// Grows a large or huge block of ours to `new_size` bytes where it
+    /// stands: a large block over free slots that follow it in its segment, a
+    /// huge block within its mapping's reserve. False (nothing changed) if
+    /// it cannot.
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner; `ptr` is a live block of this heap of
+    /// usable size `old_size`, and `new_size > old_size`.
+    unsafe fn grow_in_place(&self, ptr: *mut u8, old_size: usize, new_size: usize) -> bool {
+        let seg = segment_of(ptr);
+        // SAFETY: (whole body) the block is ours and live, so its segment and
+        // page are live, and as the owner we may change them.
+        unsafe {
+            let page = &*page_of(seg, ptr);
+            let new_usable = match page.class.get() as usize {
+                LARGE_CLASS if new_size <= MAX_LARGE_SIZE => {
+                    let (first, span) = (page.first.get() as usize, page.span.get() as usize);
+                    let new_span = new_size.div_ceil(SLOT_SIZE);
+                    if first + new_span > SLOTS {
+                        return false;
+                    }
+                    let more = slot_mask(first + span, new_span - span);
+                    let s = &*seg;
+                    if s.free_slots.get() & more != more {
+                        return false;
+                    }
+                    s.free_slots.set(s.free_slots.get() & !more);
+                    for slot in first + span..first + new_span {
+                        s.pages[slot].first.set(first as u8);
+                    }
+                    page.span.set(new_span as u8);
+                    new_span * SLOT_SIZE
+                }
+                HUGE_CLASS => {
+                    let capacity = (*seg).map_size - HUGE_BLOCK_OFFSET;
+                    match new_size.checked_add(OS_PAGE - 1).map(|n| n & !(OS_PAGE - 1)) {
+                        Some(usable) if usable <= capacity => usable,
+                        _ => return false,
+                    }
+                }
+                _ => return false,
+            };
+            page.block_size.set(new_usable);
+            // Counted as a reallocation (by the caller), not as an allocation.
+            let c = &self.counters;
+            let owner_bytes =
+                c.owner_bytes.load(Ordering::Relaxed).wrapping_add((new_usable - old_size) as u64);
+            c.owner_bytes.store(owner_bytes, Ordering::Relaxed);
+            if owner_bytes as i64 > c.peak_trigger.load(Ordering::Relaxed) as i64 {
+                self.check_peak(owner_bytes);
+            }
+        }
+        true
     }
 
     #[inline(always)]
@@ -445,7 +516,14 @@ impl Heap {
             self.count_alloc(LARGE_CLASS, usable);
             return slot_address(seg, first);
         }
-        let Some(map_size) = size.checked_add(HUGE_BLOCK_OFFSET + OS_PAGE - 1).map(|n| n & !(OS_PAGE - 1))
+        let round = |n: usize| n.checked_add(OS_PAGE - 1).map(|n| n & !(OS_PAGE - 1));
+        // The mapping reserves room to grow in place (address space only: the
+        // OS backs a page when it is first touched), so that a block that keeps
+        // growing by realloc (a list being appended to) is not copied, and its
+        // old and new copies are never resident at once.
+        let reserve = (size / 2).min(HUGE_GROWTH_RESERVE);
+        let (Some(usable), Some(map_size)) =
+            (round(size), size.checked_add(HUGE_BLOCK_OFFSET + reserve).and_then(round))
         else {
             self.count_failure();
             return ptr::null_mut();
@@ -455,7 +533,6 @@ impl Heap {
             return ptr::null_mut();
         };
         let seg = base as *mut Segment;
-        let usable = map_size - HUGE_BLOCK_OFFSET;
         // SAFETY: the mapping is fresh, zeroed, ours and large enough for the header.
         unsafe {
             ptr::addr_of_mut!((*seg).heap).write(self);
@@ -757,6 +834,12 @@ impl Heap {
     unsafe fn release_slots(&self, seg: *mut Segment, first: usize, span: usize) {
         // SAFETY: per the contract.
         unsafe {
+            if span >= DISCARD_SPAN {
+                // Give the memory back now: a span this big is rarely reused
+                // whole, and a growing block (a list being appended to) would
+                // otherwise leave a trail of touched, free spans behind it.
+                os::discard(slot_address(seg, first), span * SLOT_SIZE);
+            }
             let s = &*seg;
             let free = s.free_slots.get() | slot_mask(first, span);
             s.free_slots.set(free);
