@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use std::sync::mpsc;
 use std::thread;
 
-use interheap_engine::heap::{self, size_class, Heap, HeapLabel, HeapPool, Realloc, NO_OWNER};
+use interheap_engine::heap::os::SEGMENT_SIZE;
+use interheap_engine::heap::{self, size_class, Heap, HeapLabel, HeapPool, Realloc, NO_OWNER, SLOT_SIZE};
 use proptest::prelude::*;
 
 fn label(id: i64) -> HeapLabel {
@@ -72,7 +73,8 @@ fn blocks_are_aligned_distinct_usable_and_counted() {
     assert_eq!(snap.peak_bytes, usable_total as u64);
     assert_eq!(snap.allocations(), SIZES.len() as u64);
     assert_eq!(snap.live_blocks(), SIZES.len() as u64);
-    assert_eq!(snap.huge().allocations, 2, "2 MiB + 1 and 5 MiB get segments of their own");
+    let huge = SIZES.iter().filter(|&&n| n > size_class::MAX_LARGE_SIZE).count() as u64;
+    assert_eq!(snap.huge().allocations, huge, "blocks above MAX_LARGE_SIZE get segments of their own");
     for &(p, size, seed, _) in &blocks {
         assert!(check(p, size, seed), "size {size} was overwritten");
         // SAFETY: `p` is live and the owner frees it.
@@ -171,7 +173,7 @@ fn large_and_huge_blocks_grow_in_place_and_stay_exact() {
         assert!(!q.is_null());
         q
     };
-    // A large block (a span of 64 KiB slots) with free slots after it grows
+    // A large block (a span of slots) with free slots after it grows
     // over them: same address, contents kept, live bytes follow.
     // SAFETY: this thread owns `h`.
     let p = unsafe { h.alloc(100_000) };
@@ -179,7 +181,8 @@ fn large_and_huge_blocks_grow_in_place_and_stay_exact() {
     let q = realloc(p, 300_000);
     assert_eq!(q, p, "the following slots were free");
     assert!(check(q, 100_000, 3));
-    assert_eq!(h.snapshot().live_bytes, 5 * 65_536);
+    let span = |n: usize| n.div_ceil(SLOT_SIZE) * SLOT_SIZE;
+    assert_eq!(h.snapshot().live_bytes as usize, span(300_000));
     // A neighbour blocks it: the block moves, contents kept.
     // SAFETY: this thread owns `h`.
     let wall = unsafe { h.alloc(70_000) };
@@ -194,7 +197,7 @@ fn large_and_huge_blocks_grow_in_place_and_stay_exact() {
     assert_eq!(same, big, "within the reserve (half the block)");
     assert!(check(same, 3 << 20, 5));
     let snap = h.snapshot();
-    assert_eq!(snap.live_bytes as usize, ((3 << 20) + 700_000usize).div_ceil(4096) * 4096 + 2 * 65_536);
+    assert_eq!(snap.live_bytes as usize, ((3 << 20) + 700_000usize).div_ceil(4096) * 4096 + span(70_000));
     assert!(snap.peak_bytes >= snap.live_bytes as u64);
     let moved = realloc(same, 8 << 20);
     assert_ne!(moved, same, "beyond the reserve");
@@ -207,7 +210,10 @@ fn large_and_huge_blocks_grow_in_place_and_stay_exact() {
     let snap = h.snapshot();
     assert_eq!((snap.live_bytes, snap.live_blocks()), (0, 0));
     assert_eq!(snap.reallocations, 5);
-    assert_eq!(snap.mapped_bytes, 4 << 20, "huge mappings are gone; one empty segment is kept as the spare");
+    assert_eq!(
+        snap.mapped_bytes as usize, SEGMENT_SIZE,
+        "huge mappings are gone; one empty segment is kept as the spare"
+    );
 }
 
 #[test]

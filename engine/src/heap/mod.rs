@@ -4,14 +4,16 @@
 //! it. Its shape follows mimalloc's ideas (segments, pages, per-page free
 //! lists, remote-free lists), specialised for CPython:
 //!
-//! * **Segments** ([`os`]): memory comes from the OS in 4 MiB-aligned
+//! * **Segments** ([`os`]): memory comes from the OS in 1 MiB-aligned
 //!   segments, recorded in a static segment map, so that any pointer maps in
 //!   O(1) to its segment header, page, block size and owning heap, and so that
 //!   a pointer that is not ours is recognised without touching it.
 //! * **Size classes** ([`size_class`]): 44 classes from 16 bytes to 64 KiB
 //!   (16-byte steps to 128, then four steps per power of two), served from
-//!   64 KiB or 512 KiB pages; larger blocks get a page span (up to 2 MiB) or a
-//!   segment of their own. Every block is 16-byte aligned.
+//!   pages of 16 KiB slots (one slot, or as many as hold eight blocks);
+//!   larger blocks get a span of slots (up to 512 KiB) or a segment of their
+//!   own, with room to grow in place. Freed spans of 128 KiB or more go back
+//!   to the OS at once. Every block is 16-byte aligned.
 //! * **Heaps** ([`Heap`]): a heap has exactly one *owner* at a time, and the
 //!   owner's fast path uses no atomic read-modify-write and no lock: pop a
 //!   block from the current page's free list (or bump into a fresh page).

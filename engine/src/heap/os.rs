@@ -1,23 +1,23 @@
 //! Memory from the operating system, and the map that says which is ours.
 //!
 //! Memory comes from the OS in *segments*: mappings aligned to
-//! [`SEGMENT_SIZE`] (4 MiB), so that any pointer's segment header is found by
-//! masking its low bits. The *segment map* is one bit per 4 MiB of address
+//! [`SEGMENT_SIZE`] (1 MiB), so that any pointer's segment header is found by
+//! masking its low bits. The *segment map* is one bit per 1 MiB of address
 //! space, set while a segment starts there. It lets the allocator answer "is
 //! this pointer ours?" without touching memory it does not own: a pointer
-//! whose 4 MiB unit has no bit set is someone else's (pointers allocated
+//! whose 1 MiB unit has no bit set is someone else's (pointers allocated
 //! before interheap was installed, by another allocator), and is never
 //! dereferenced.
 //!
 //! The map covers the 47-bit user address space of x86-64 and AArch64 Linux
-//! (4 MiB of zero-initialised static memory, which the OS only backs where it
+//! (16 MiB of zero-initialised static memory, which the OS only backs where it
 //! is written). Mappings above it are refused, so the map never lies.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// log2 of the segment size and alignment.
-pub const SEGMENT_SHIFT: usize = 22;
-/// Segment size and alignment: 4 MiB.
+pub const SEGMENT_SHIFT: usize = 20;
+/// Segment size and alignment: 1 MiB (64 slots of 16 KiB, one `u64` slot map).
 pub const SEGMENT_SIZE: usize = 1 << SEGMENT_SHIFT;
 /// Mask of the offset inside a segment.
 pub const SEGMENT_MASK: usize = SEGMENT_SIZE - 1;

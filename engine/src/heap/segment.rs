@@ -1,7 +1,8 @@
 //! The layout of a segment: a header, then pages of blocks.
 //!
 //! A normal segment is [`SEGMENT_SIZE`] bytes cut into [`SLOTS`] slots of
-//! [`SLOT_SIZE`] (64 KiB). Slot 0 holds the [`Segment`] header; a page spans
+//! [`SLOT_SIZE`] (16 KiB, so that a page with a few live blocks keeps little
+//! memory resident). Slot 0 holds the [`Segment`] header; a page spans
 //! one or more of the other slots. Every slot has a [`Page`] descriptor in the
 //! header; all slots of a page name the page's first slot, so a pointer anywhere
 //! in a page finds the page's descriptor in O(1): mask to the segment, shift to
@@ -23,8 +24,8 @@ use super::os::{SEGMENT_MASK, SEGMENT_SIZE};
 use super::Heap;
 
 /// log2 of the slot size.
-pub const SLOT_SHIFT: usize = 16;
-/// Slot size: 64 KiB.
+pub const SLOT_SHIFT: usize = 14;
+/// Slot size: 16 KiB.
 pub const SLOT_SIZE: usize = 1 << SLOT_SHIFT;
 /// Slots per normal segment (slot 0 is the header).
 pub const SLOTS: usize = SEGMENT_SIZE / SLOT_SIZE;
@@ -111,7 +112,7 @@ pub fn segment_of(p: *const u8) -> *mut Segment {
 #[inline(always)]
 pub unsafe fn page_of(seg: *mut Segment, p: *const u8) -> *mut Page {
     let slot = (p as usize - seg as usize) >> SLOT_SHIFT;
-    // SAFETY: `slot < SLOTS` because `p` lies in the segment's first 4 MiB
+    // SAFETY: `slot < SLOTS` because `p` lies in the segment's first SEGMENT_SIZE bytes
     // (huge blocks are looked up by their first byte, in slot 0), and the
     // header is live while the segment is.
     unsafe {

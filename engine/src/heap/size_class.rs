@@ -3,8 +3,8 @@
 //! Requests up to 128 bytes are served in 16-byte steps (8 classes); above
 //! that, each power of two is split into four steps (at most 25% waste), up to
 //! [`MAX_PAGED_SIZE`] (64 KiB). Every class size is a multiple of 16, and
-//! pages start 64 KiB-aligned, so every block is 16-byte aligned as CPython
-//! requires. Larger requests get a page of their own ([`LARGE_CLASS`]) or,
+//! pages start slot-aligned (16 KiB), so every block is 16-byte aligned as
+//! CPython requires. Larger requests get a page of their own ([`LARGE_CLASS`]) or,
 //! above [`MAX_LARGE_SIZE`], a segment of their own ([`HUGE_CLASS`]).
 
 /// Classes served from shared pages (16 B ..= 64 KiB).
@@ -16,14 +16,10 @@ pub const HUGE_CLASS: usize = PAGED_CLASSES + 1;
 /// Number of classes that statistics are kept for.
 pub const STAT_CLASSES: usize = PAGED_CLASSES + 2;
 
-/// Largest block served from a one-slot (64 KiB) page.
-pub const MAX_SMALL_SIZE: usize = 8 * 1024;
 /// Largest block served from a shared page.
 pub const MAX_PAGED_SIZE: usize = 64 * 1024;
 /// Largest block served from a span inside a segment; above it, a segment of its own.
-pub const MAX_LARGE_SIZE: usize = 2 * 1024 * 1024;
-/// Slots (64 KiB each) of a page for classes above [`MAX_SMALL_SIZE`].
-pub const MEDIUM_PAGE_SLOTS: usize = 8;
+pub const MAX_LARGE_SIZE: usize = 512 * 1024;
 
 /// Block sizes of the paged classes.
 const CLASS_SIZES: [u32; PAGED_CLASSES] = {
@@ -90,12 +86,15 @@ const fn compute_class_of(size: usize) -> usize {
     }
 }
 
-/// Slots of 64 KiB that a page of paged class `class` spans.
+/// Slots that a page of paged class `class` spans: one, or as many as
+/// hold eight blocks.
 pub const fn page_slots(class: usize) -> usize {
-    if class_size(class) <= MAX_SMALL_SIZE {
+    let slot = 1 << super::segment::SLOT_SHIFT;
+    let span = (8 * class_size(class)).div_ceil(slot);
+    if span == 0 {
         1
     } else {
-        MEDIUM_PAGE_SLOTS
+        span
     }
 }
 
@@ -137,7 +136,10 @@ mod tests {
     #[test]
     fn pages_hold_at_least_eight_blocks() {
         for c in 0..PAGED_CLASSES {
-            assert!(page_slots(c) * 64 * 1024 / class_size(c) >= 8, "class {c}");
+            assert!(
+                page_slots(c) * (1 << crate::heap::segment::SLOT_SHIFT) / class_size(c) >= 8,
+                "class {c}"
+            );
         }
     }
 }
