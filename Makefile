@@ -33,6 +33,11 @@ bench-allocator: setup
 bench-allocator-instructions: setup
 	$(PYTHON) bench/allocator_instructions.py
 
+# Throughput of 2 isolated interpreters in parallel against 1: interheap-python, then pymalloc.
+bench-scaling: setup
+	.venv/bin/interheap-python bench/interpreter_scaling.py $(BENCH_ARGS)
+	$(PYTHON) bench/interpreter_scaling.py $(BENCH_ARGS)
+
 # CPython's own regression tests under interheap-python (also part of make test).
 regrtest: setup
 	scripts/regrtest.sh
