@@ -1,5 +1,5 @@
 # interheap: the two commands a fresh machine needs are `make demo` and `make test`.
-.PHONY: setup demo test bench bench-instructions bench-allocator bench-allocator-instructions bench-scaling bench-pyalloc bench-adapters regrtest fmt clean
+.PHONY: setup demo test bench bench-instructions bench-allocator bench-allocator-instructions bench-scaling bench-pyalloc bench-adapters fuzz regrtest fmt clean
 
 PYTHON := .venv/bin/python
 
@@ -37,6 +37,13 @@ bench-allocator-instructions: setup
 bench-scaling: setup
 	.venv/bin/interheap-python bench/interpreter_scaling.py $(BENCH_ARGS)
 	$(PYTHON) bench/interpreter_scaling.py $(BENCH_ARGS)
+
+# Fuzz the allocator (engine/fuzz: random malloc/calloc/realloc/free from 3
+# threads, remote frees, an ended heap): cargo fuzz, nightly. FUZZ_SECONDS=60 by default.
+FUZZ_SECONDS ?= 60
+fuzz: setup
+	cd engine && CARGO_TARGET_DIR="$${INTERHEAP_CACHE:-$$HOME/.cache/interheap}/target/fuzz" \
+		cargo +nightly fuzz run heap_ops -- -max_total_time=$(FUZZ_SECONDS)
 
 # CPython's own regression tests under interheap-python (also part of make test).
 regrtest: setup

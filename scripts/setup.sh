@@ -7,7 +7,8 @@
 #     extension (examples/pyo3-extension) built in release mode and installed
 #     (Cargo target dirs are cached per interpreter under the cache dir, so a
 #     fresh clone rebuilds only interheap's crates), plus the interheap-python
-#     launcher in each venv's bin/, and libinterheap (the C library) built for it into <venv>/interheap-c/lib.
+#     launcher in each venv's bin/, and libinterheap (the C library) built for it into <venv>/interheap-c/lib,
+#   - cargo-fuzz, when the nightly toolchain is there (for the allocator's fuzz target).
 # Usage: scripts/setup.sh [TAG ...]   (default: every interpreter of the matrix)
 set -euo pipefail
 
@@ -17,6 +18,14 @@ DEFAULT_TAG=${INTERHEAP_DEFAULT_TAG:-3.13}
 log() { printf 'setup: %s\n' "$*" >&2; }
 
 command -v cargo >/dev/null || { log "cargo not found: install Rust (rustup) first"; exit 1; }
+
+# cargo-fuzz, for the allocator's fuzz target (make fuzz; a short run in make
+# test). It needs the nightly toolchain; without one the fuzz run is skipped.
+if cargo +nightly --version >/dev/null 2>&1 && ! cargo fuzz --version >/dev/null 2>&1; then
+    log "installing cargo-fuzz (once; about a minute)"
+    cargo install --quiet --locked cargo-fuzz >"$CACHE/cargo-fuzz-install.log" 2>&1 \
+        || { tail -20 "$CACHE/cargo-fuzz-install.log" >&2; exit 1; }
+fi
 
 matrix=$("$ROOT/scripts/interpreters.sh")
 wanted=("$@")

@@ -4,6 +4,7 @@
 #   1. Rust: cargo fmt --check, cargo clippy -D warnings, cargo test (engine, glue,
 #      global allocator), the global allocator's refusal of abi3 builds, and the
 #      engine's and the global allocator's tests under AddressSanitizer (nightly)
+#      and a short fuzzing run of the allocator (cargo fuzz, engine/fuzz)
 #   2. Python: ruff
 #   3. pytest on each venv listed in .venvs.list (3.12, 3.13, 3.13t)
 #   4. interheap-python built with AddressSanitizer, running 4 isolated
@@ -52,6 +53,13 @@ if cargo +nightly --version >/dev/null 2>&1; then
         cargo +nightly test --quiet -p interheap-pyalloc --target "$(rustc -vV | sed -n 's/^host: //p')"
 else
     echo "NOT RUN: no nightly toolchain, so no AddressSanitizer run of the engine"
+fi
+step "fuzz the allocator: random malloc/calloc/realloc/free from 3 threads (cargo fuzz, ${FUZZ_SECONDS:-20} s)"
+if cargo +nightly --version >/dev/null 2>&1 && cargo fuzz --version >/dev/null 2>&1; then
+    run env CARGO_TARGET_DIR="$CACHE/target/fuzz" bash -c \
+        "cd engine && cargo +nightly fuzz run heap_ops -- -max_total_time=${FUZZ_SECONDS:-20} 2>&1 | tail -3; exit \${PIPESTATUS[0]}"
+else
+    echo "NOT RUN: no nightly toolchain or cargo-fuzz"
 fi
 step "ruff"
 run "$ROOT/.venv/bin/ruff" check .
