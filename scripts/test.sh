@@ -69,7 +69,7 @@ passed=0; failed=0
 while read -r tag venv; do
     step "pytest on $tag ($venv)"
     log=$(mktemp)
-    "$venv/bin/python" -m pytest -q -p no:cacheprovider tests "$@" 2>&1 | tee "$log"
+    "$venv/bin/python" -m pytest -q -rsx -p no:cacheprovider tests "$@" 2>&1 | tee "$log"
     rc=${PIPESTATUS[0]}
     summary=$(grep -E '^[0-9=].*(passed|failed|error)' "$log" | tail -1)
     p=$(grep -oE '[0-9]+ passed' <<< "$summary" | grep -oE '[0-9]+' || true)
