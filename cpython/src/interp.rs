@@ -50,10 +50,6 @@ struct ThreadStateHead {
     interp: *mut ffi::PyInterpreterState,
 }
 
-/// The current thread state and its interpreter (null, null without one),
-/// as cheaply as this process allows: two loads once [`fast_tstate`] has
-/// found libpython's own thread-local slot for this thread, else the public
-/// API (`PyThreadState_GetUnchecked`, `PyThreadState_GetInterpreter`).
 /// The fast half of [`current_thread_interpreter`]: null when this thread's
 /// slot holds no thread state, or its slot is not found (yet); the caller
 /// then takes its slow path, which calls [`current_thread_interpreter`].
@@ -68,6 +64,10 @@ pub fn current_thread_interpreter_fast() -> *mut ffi::PyInterpreterState {
     unsafe { (*(tstate as *const ThreadStateHead)).interp }
 }
 
+/// The current thread state's interpreter (null without a thread state), as
+/// cheaply as this process allows: two loads once [`fast_tstate`] has found
+/// libpython's own thread-local slot for this thread, else the public API
+/// (`PyThreadState_GetUnchecked`, `PyThreadState_GetInterpreter`).
 #[inline(always)]
 pub fn current_thread_interpreter() -> *mut ffi::PyInterpreterState {
     // SAFETY: the slot is this thread's instance of libpython's
