@@ -12,7 +12,7 @@
 //!   (16-byte steps to 128, then four steps per power of two), served from
 //!   pages of 16 KiB slots (one slot, or as many as hold eight blocks);
 //!   larger blocks get a span of slots (up to 512 KiB) or a segment of their
-//!   own, with room to grow in place. Freed spans of 128 KiB or more go back
+//!   own, with room to grow in place. Freed spans of 32 KiB or more go back
 //!   to the OS at once. Every block is 16-byte aligned.
 //! * **Heaps** ([`Heap`]): a heap has exactly one *owner* at a time, and the
 //!   owner's fast path uses no atomic read-modify-write and no lock: pop a
