@@ -349,7 +349,8 @@ static INTERPRETERS: ShardLock<Interpreters> = ShardLock::new(Interpreters(Vec::
 struct LastInterpreter {
     interp: *mut ffi::PyInterpreterState,
     epoch: u64,
-    /// The interpreter's owner token (see [`interpreter_token`]).
+    /// The interpreter's owner token, kept rather than derived from `id`:
+    /// every free reads it (two instructions per pair).
     token: usize,
     /// Its heaps for mem and object, or null before the first allocation.
     heaps: [*const Heap; 2],
@@ -450,18 +451,21 @@ fn current_interpreter_heap_slow(part: usize) -> Option<&'static Heap> {
     Some(unsafe { &*heaps[part] })
 }
 
+/// The calling thread's interpreter token, if this thread's cache knows its
+/// interpreter. No epoch check is needed here: see [`LastInterpreter`]. A
+/// null `interp` (no thread state) never matches: see [`NO_INTERP`].
+#[inline(always)]
+fn cached_interpreter_token() -> Option<usize> {
+    let interp = current_thread_interpreter_fast();
+    let last = LAST_INTERPRETER.with(Cell::get);
+    (last.interp == interp).then_some(last.token)
+}
+
 /// The calling thread's owner token for interpreter heaps: its current
 /// interpreter's, or [`NO_OWNER`] without a thread state. Creates nothing.
 #[inline(always)]
 fn current_interpreter_token() -> usize {
-    let interp = current_thread_interpreter_fast();
-    let last = LAST_INTERPRETER.with(Cell::get);
-    if last.interp == interp {
-        // No epoch check needed here: see LastInterpreter. A null `interp`
-        // never matches: see NO_INTERP.
-        return last.token;
-    }
-    current_interpreter_token_slow()
+    cached_interpreter_token().unwrap_or_else(current_interpreter_token_slow)
 }
 
 /// [`token_for`] without its slow path: [`NO_OWNER`] when this thread's
@@ -469,14 +473,7 @@ fn current_interpreter_token() -> usize {
 #[inline(always)]
 fn token_for_fast(owner: usize) -> usize {
     if owner & 1 == 1 {
-        let interp = current_thread_interpreter_fast();
-        let last = LAST_INTERPRETER.with(Cell::get);
-        // As in current_interpreter_token; NO_INTERP never matches.
-        if last.interp == interp {
-            last.token
-        } else {
-            NO_OWNER
-        }
+        cached_interpreter_token().unwrap_or(NO_OWNER)
     } else {
         thread_token()
     }

@@ -55,12 +55,16 @@ struct ThreadStateHead {
 /// then takes its slow path, which calls [`current_thread_interpreter`].
 #[inline(always)]
 pub fn current_thread_interpreter_fast() -> *mut ffi::PyInterpreterState {
-    // SAFETY: as in current_thread_interpreter.
+    // SAFETY: the slot is this thread's instance of libpython's
+    // `_Py_tss_tstate` (verified when it was found), live as long as the
+    // thread, or a static null until then.
     let tstate = unsafe { *fast_tstate::slot() };
     if tstate.is_null() {
         return std::ptr::null_mut();
     }
-    // SAFETY: as in current_thread_interpreter; a thread state always has an interpreter.
+    // SAFETY: `tstate` is this thread's current thread state, which cannot be
+    // freed while it is current; the layout was verified. A thread state
+    // always has an interpreter.
     unsafe { (*(tstate as *const ThreadStateHead)).interp }
 }
 
@@ -70,16 +74,11 @@ pub fn current_thread_interpreter_fast() -> *mut ffi::PyInterpreterState {
 /// (`PyThreadState_GetUnchecked`, `PyThreadState_GetInterpreter`).
 #[inline(always)]
 pub fn current_thread_interpreter() -> *mut ffi::PyInterpreterState {
-    // SAFETY: the slot is this thread's instance of libpython's
-    // `_Py_tss_tstate` (verified when it was found), live as long as the
-    // thread, or a static null until then.
-    let tstate = unsafe { *fast_tstate::slot() };
-    if tstate.is_null() {
+    let interp = current_thread_interpreter_fast();
+    if interp.is_null() {
         return fast_tstate::current_interpreter_slow();
     }
-    // SAFETY: `tstate` is this thread's current thread state, which cannot
-    // be freed while it is current; the layout was verified.
-    unsafe { (*(tstate as *const ThreadStateHead)).interp }
+    interp
 }
 
 /// Finds and caches the address of libpython's thread-local `_Py_tss_tstate`

@@ -417,13 +417,7 @@ impl Heap {
             };
             page.block_size.set(new_usable);
             // Counted as a reallocation (by the caller), not as an allocation.
-            let c = &self.counters;
-            let owner_bytes =
-                c.owner_bytes.load(Ordering::Relaxed).wrapping_add((new_usable - old_size) as u64);
-            c.owner_bytes.store(owner_bytes, Ordering::Relaxed);
-            if owner_bytes as i64 > c.peak_trigger.load(Ordering::Relaxed) as i64 {
-                self.check_peak(owner_bytes);
-            }
+            self.add_owner_bytes(new_usable - old_size);
         }
         true
     }
@@ -434,6 +428,14 @@ impl Heap {
         debug_assert!(class < STAT_CLASSES);
         // SAFETY: every caller passes a paged class or LARGE_CLASS / HUGE_CLASS, all < STAT_CLASSES.
         add_serial(unsafe { c.allocations.get_unchecked(class) }, 1);
+        self.add_owner_bytes(bytes);
+    }
+
+    /// The owner's live bytes grow by `bytes`: count them, and check the peak
+    /// once they pass the trigger.
+    #[inline(always)]
+    fn add_owner_bytes(&self, bytes: usize) {
+        let c = &self.counters;
         let owner_bytes = c.owner_bytes.load(Ordering::Relaxed).wrapping_add(bytes as u64);
         c.owner_bytes.store(owner_bytes, Ordering::Relaxed);
         // Signed: owner bytes wrap below zero while remote frees are pending.
@@ -730,17 +732,25 @@ impl Heap {
     unsafe fn free_local(&self, page: *mut Page, block: *mut u8) {
         // SAFETY: per the contract.
         unsafe {
-            let p = &*page;
-            let class = p.class.get() as usize;
-            let c = &self.counters;
-            // `class` is a paged class, LARGE_CLASS or HUGE_CLASS: all < STAT_CLASSES.
-            add_serial(c.frees.get_unchecked(class), 1);
-            c.owner_bytes.store(
-                c.owner_bytes.load(Ordering::Relaxed).wrapping_sub(p.block_size.get() as u64),
-                Ordering::Relaxed,
-            );
+            self.count_owner_free(&*page);
             self.give_back(page, block);
         }
+    }
+
+    /// Counts the owner's free of a block of `p`.
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner; `p` is a live page of ours.
+    #[inline(always)]
+    unsafe fn count_owner_free(&self, p: &Page) {
+        let c = &self.counters;
+        // SAFETY: a page's class is a paged class, LARGE_CLASS or HUGE_CLASS: all < STAT_CLASSES.
+        add_serial(unsafe { c.frees.get_unchecked(p.class.get() as usize) }, 1);
+        c.owner_bytes.store(
+            c.owner_bytes.load(Ordering::Relaxed).wrapping_sub(p.block_size.get() as u64),
+            Ordering::Relaxed,
+        );
     }
 
     /// Returns `block` to `page` (no counting): the structural half of a free.
@@ -1059,8 +1069,9 @@ impl Heap {
 ///
 /// `token_for(owner)`, given the owner token of the heap that owns the block,
 /// must return the caller's own token for that heap: equal to `owner` if the
-/// caller is that heap's owner, anything else (for example [`NO_OWNER`]) if not. The block goes straight back to its page when
-/// the caller is the owner, and onto the owner's remote-free list otherwise.
+/// caller is that heap's owner, anything else (for example [`NO_OWNER`]) if
+/// not. The block goes straight back to its page when the caller is the
+/// owner, and onto the owner's remote-free list otherwise.
 ///
 /// # Safety
 ///
@@ -1103,12 +1114,7 @@ pub unsafe fn free_fast(ptr: *mut u8, token_for: impl FnOnce(usize) -> usize) ->
         if class >= PAGED_CLASSES || !p.queued.get() || used == 1 {
             return false;
         }
-        let c = &heap.counters;
-        add_serial(c.frees.get_unchecked(class), 1);
-        c.owner_bytes.store(
-            c.owner_bytes.load(Ordering::Relaxed).wrapping_sub(p.block_size.get() as u64),
-            Ordering::Relaxed,
-        );
+        heap.count_owner_free(p);
         let b = ptr as *mut Block;
         (*b).next = p.free.get();
         p.free.set(b);
