@@ -61,11 +61,6 @@ fn worker(
     from_prev: Receiver<Block>,
 ) -> Vec<Block> {
     let mut mine: Vec<Block> = Vec::new();
-    let free_checked = |b: Block| {
-        check(&b, b.1);
-        // SAFETY: the block is live and nobody uses it after this.
-        assert!(unsafe { heap::free(b.0, |_| token(t)) });
-    };
     for op in ops.chunks_exact(4) {
         let (kind, a, b, pick) = (op[0] % 6, op[1], op[2], op[3] as usize);
         match kind {
@@ -104,7 +99,7 @@ fn worker(
                 mine[i] = Block(q, n, old.2);
                 fill(&mine[i]);
             }
-            3 if !mine.is_empty() => free_checked(mine.swap_remove(pick % mine.len())),
+            3 if !mine.is_empty() => free_checked(t, mine.swap_remove(pick % mine.len())),
             4 if !mine.is_empty() => {
                 // Hand a block to the next thread, which frees it (a remote free).
                 let block = mine.swap_remove(pick % mine.len());
@@ -113,7 +108,7 @@ fn worker(
             }
             _ => {
                 while let Ok(block) = from_prev.try_recv() {
-                    free_checked(block);
+                    free_checked(t, block);
                 }
             }
         }
@@ -122,7 +117,7 @@ fn worker(
     // frees it after the last thread's heap has ended.
     let handed = mine.split_off(mine.len() / 2);
     for block in mine {
-        free_checked(block);
+        free_checked(t, block);
     }
     for block in handed {
         let _ = to_next.send(block);
@@ -131,7 +126,8 @@ fn worker(
     from_prev.into_iter().collect()
 }
 
-fn free_from_any_thread(t: usize, block: Block) {
+/// Checks `block` and frees it as thread `t` (the owner's free, or a remote one).
+fn free_checked(t: usize, block: Block) {
     check(&block, block.1);
     // SAFETY: the block is live and nobody uses it after this.
     assert!(unsafe { heap::free(block.0, |_| token(t)) });
@@ -160,7 +156,7 @@ fuzz_target!(|data: &[u8]| {
                 barrier.wait();
                 // Remote frees into finished heaps, and (thread 0) frees into the ended one.
                 for block in held {
-                    free_from_any_thread(t, block);
+                    free_checked(t, block);
                 }
                 barrier.wait();
                 // Every heap ends, so a long fuzzing session gives its memory back.
