@@ -39,12 +39,15 @@
 //! * After its thread-local destructor ran, a thread allocates from one
 //!   process-wide *exiting* heap whose owner is whoever holds [`EXITING`].
 //! * [`INTERPRETERS`] is only changed under its lock; heaps are never freed.
-//! * Each thread caches the interpreter it last allocated in by address
-//!   ([`LAST_INTERPRETER`]), trusted only while [`INTERPRETER_EPOCH`] is
-//!   unchanged: every interpreter whose heaps end bumps it before CPython
-//!   frees the state, so an address reused by a later interpreter never
-//!   finds the old, ended heaps. Without the raw domain interheap cannot see
-//!   those frees, and the cache is keyed by interpreter ID only.
+//! * Each thread caches the interpreter it last allocated in, keyed by the
+//!   address of the thread state it allocated under ([`LAST_INTERPRETER`]; a
+//!   thread state belongs to one interpreter for life). The entry is trusted
+//!   only while [`INTERPRETER_EPOCH`] is unchanged: it is bumped before
+//!   CPython can reuse the address of a cached thread state, that is when an
+//!   interpreter's heaps end (its state, which holds its first thread state,
+//!   is freed), when a raw block of a thread state's size is freed, and when
+//!   a raw block that is not ours is freed. Without the raw domain interheap
+//!   cannot see those frees, and the cache is keyed by interpreter ID only.
 //! * The current thread state comes from libpython's own thread-local slot
 //!   when [`crate::interp::fast_tstate`] could find it (two loads), else from
 //!   the C API; `INTERHEAP_FAST_THREAD_STATE=0` forces the C API.
@@ -53,7 +56,7 @@ use std::cell::Cell;
 use std::ffi::c_void;
 use std::fmt;
 use std::ptr;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use interheap_engine::heap::{self, Heap, HeapLabel, HeapPool, HeapSnapshot, Realloc, NO_OWNER};
@@ -63,7 +66,7 @@ use pyo3_ffi as ffi;
 use pyo3_ffi::PyMemAllocatorEx;
 
 use crate::hooks::{get_allocator, set_allocator};
-use crate::interp::{current_thread_interpreter, current_thread_interpreter_fast};
+use crate::interp::{current_thread_interpreter, current_thread_state_fast};
 
 /// Label kind of an interpreter's heap (`id` = interpreter ID, `part` = domain).
 pub const KIND_INTERPRETER: u8 = 1;
@@ -335,22 +338,19 @@ static INTERPRETERS: ShardLock<Interpreters> = ShardLock::new(Interpreters(Vec::
 
 /// A thread's cache of the interpreter it last allocated in.
 ///
-/// For allocation, `interp` is trusted only while `epoch` equals
-/// [`INTERPRETER_EPOCH`]: an interpreter's address can be reused once its
-/// state is freed (fact 6), and every such free bumps the epoch. When
-/// interheap does not serve raw it never sees those frees, so `interp` is
-/// left [`NO_INTERP`] and the cache is keyed by ID only (the slow path).
-///
-/// For frees the epoch is not needed: a stale entry names an interpreter
-/// whose heaps ended (their owner token became `ENDED_OWNER`) before CPython
-/// freed its state, so its token matches no active heap and the free is
-/// merely treated as foreign, which is always correct.
+/// Keyed by the thread state the thread allocated under, which names one
+/// interpreter for its whole life and is read with one load less than the
+/// interpreter. The key is trusted only while `epoch` equals
+/// [`INTERPRETER_EPOCH`]: once CPython frees a thread state its address can
+/// come back as another interpreter's, and every such free bumps the epoch
+/// first (module docs). When interheap does not serve raw it never sees
+/// those frees, so `tstate` is left [`NO_TSTATE`] and the cache is keyed by
+/// ID only (the slow path).
 #[derive(Clone, Copy)]
 struct LastInterpreter {
-    interp: *mut ffi::PyInterpreterState,
+    tstate: *mut ffi::PyThreadState,
     epoch: u64,
-    /// The interpreter's owner token, kept rather than derived from `id`:
-    /// every free reads it (two instructions per pair).
+    /// The interpreter's owner token (for the slow paths' ownership checks).
     token: usize,
     /// Its heaps for mem and object, or null before the first allocation.
     heaps: [*const Heap; 2],
@@ -360,7 +360,7 @@ struct LastInterpreter {
 thread_local! {
     static LAST_INTERPRETER: Cell<LastInterpreter> = const {
         Cell::new(LastInterpreter {
-            interp: NO_INTERP,
+            tstate: NO_TSTATE,
             epoch: NEVER,
             token: NO_OWNER,
             heaps: [ptr::null(); 2],
@@ -369,20 +369,57 @@ thread_local! {
     };
 }
 
-/// What the cache holds for "no interpreter": not null (the fast path's
-/// "no thread state") and never the address of an interpreter (address 1:
-/// the opaque type's alignment), so it matches nothing.
-const NO_INTERP: *mut ffi::PyInterpreterState = ptr::dangling_mut();
+/// What the cache holds for "no key": not null (the fast path's "no thread
+/// state") and never the address of a thread state (address 1: below any
+/// allocation), so it matches nothing.
+const NO_TSTATE: *mut ffi::PyThreadState = ptr::dangling_mut();
 
-/// Bumped whenever an interpreter's heaps end (CPython freed its state, so
-/// the address may come back as another interpreter).
+/// Bumped before the address of a thread state a cache may hold can be
+/// reused: when an interpreter's heaps end, or a raw block that may be a
+/// thread state is freed (see [`TSTATE_BLOCK_SIZE`]).
 static INTERPRETER_EPOCH: AtomicU64 = AtomicU64::new(0);
 /// An epoch [`INTERPRETER_EPOCH`] never reaches.
 const NEVER: u64 = u64::MAX;
 
+/// The usable size of the raw blocks that hold thread states (0 until a
+/// cache is first keyed by one). CPython allocates every thread state
+/// (other than an interpreter's first, which lives inside the interpreter's
+/// state) with `PyMem_RawCalloc` of one fixed size, so a raw free of a block
+/// this size may free a cached key: it bumps [`INTERPRETER_EPOCH`]. Other
+/// raw blocks of that size cost a refill of each thread's cache, no more.
+static TSTATE_BLOCK_SIZE: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether the thread state `tstate` may key a cache: its address cannot be
+/// reused without bumping [`INTERPRETER_EPOCH`]. True for a block of ours of
+/// the thread-state size (recorded on first use), for an address inside one
+/// of our blocks (an interpreter's first thread state: its heaps end first)
+/// and for memory that is not ours (static, or freed through `raw_free`'s
+/// foreign path, which bumps the epoch).
+fn tstate_may_key(tstate: *mut ffi::PyThreadState) -> bool {
+    // SAFETY: `tstate` is the current thread state, live while it is current.
+    let Some(size) = (unsafe { heap::usable_size(tstate as *const u8) }) else { return true };
+    if !heap::owns(tstate as *const u8) {
+        return true;
+    }
+    match TSTATE_BLOCK_SIZE.compare_exchange(0, size, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => true,
+        Err(known) => known == size,
+    }
+}
+
 #[inline(always)]
 fn interpreter_token(id: i64) -> usize {
     ((id as usize) << 1) | 1
+}
+
+/// This thread's cache entry, if it is valid for the current thread state.
+/// A null thread state (none, or its slot not found) never matches: see
+/// [`NO_TSTATE`].
+#[inline(always)]
+fn cached_interpreter() -> Option<LastInterpreter> {
+    let tstate = current_thread_state_fast();
+    let last = LAST_INTERPRETER.with(Cell::get);
+    (last.tstate == tstate && last.epoch == INTERPRETER_EPOCH.load(Ordering::Acquire)).then_some(last)
 }
 
 /// The calling thread's heap for domain part `part` (0 = mem, 1 = object)
@@ -390,19 +427,28 @@ fn interpreter_token(id: i64) -> usize {
 /// allocation fast path. `None` sends the caller to its slow path.
 #[inline(always)]
 fn cached_interpreter_heap(part: usize) -> Option<&'static Heap> {
-    let interp = current_thread_interpreter_fast();
+    let last = cached_interpreter()?;
+    // SAFETY: a keyed entry has both its heaps (leaked, so never null), and
+    // `part` is 0 or 1.
+    Some(unsafe {
+        let heap = *last.heaps.get_unchecked(part);
+        std::hint::assert_unchecked(!heap.is_null());
+        &*heap
+    })
+}
+
+/// Whether the calling thread owns `heap` as the heap of domain part `part`
+/// of its current interpreter, by its cache only (false sends the caller to
+/// its slow path): the free fast path's test. A block of the other part's
+/// heap takes the slow path.
+#[inline(always)]
+fn owns_cached(heap: *const Heap, part: usize) -> bool {
+    let tstate = current_thread_state_fast();
     let last = LAST_INTERPRETER.with(Cell::get);
-    // A null `interp` (no thread state) never matches: see NO_INTERP.
-    if last.interp == interp && last.epoch == INTERPRETER_EPOCH.load(Ordering::Acquire) {
-        // SAFETY: an entry whose interp is not NO_INTERP has both its heaps
-        // (leaked, so never null), and `part` is 0 or 1.
-        return Some(unsafe {
-            let heap = *last.heaps.get_unchecked(part);
-            std::hint::assert_unchecked(!heap.is_null());
-            &*heap
-        });
-    }
-    None
+    // SAFETY: `part` is 0 or 1.
+    heap == unsafe { *last.heaps.get_unchecked(part) }
+        && last.tstate == tstate
+        && last.epoch == INTERPRETER_EPOCH.load(Ordering::Acquire)
 }
 
 /// The calling thread's heap for domain part `part` in its current
@@ -437,10 +483,11 @@ fn current_interpreter_heap_slow(part: usize) -> Option<&'static Heap> {
         let entry = interpreter_heaps_lookup(id, interp);
         [entry.heaps[0] as *const Heap, entry.heaps[1] as *const Heap]
     };
-    let trusted = installed().contains(Domain::Raw);
+    let tstate = current_thread_state_fast();
+    let keyed = !tstate.is_null() && installed().contains(Domain::Raw) && tstate_may_key(tstate);
     LAST_INTERPRETER.with(|c| {
         c.set(LastInterpreter {
-            interp: if trusted { interp } else { NO_INTERP },
+            tstate: if keyed { tstate } else { NO_TSTATE },
             epoch,
             token: interpreter_token(id),
             heaps,
@@ -452,13 +499,10 @@ fn current_interpreter_heap_slow(part: usize) -> Option<&'static Heap> {
 }
 
 /// The calling thread's interpreter token, if this thread's cache knows its
-/// interpreter. No epoch check is needed here: see [`LastInterpreter`]. A
-/// null `interp` (no thread state) never matches: see [`NO_INTERP`].
+/// interpreter.
 #[inline(always)]
 fn cached_interpreter_token() -> Option<usize> {
-    let interp = current_thread_interpreter_fast();
-    let last = LAST_INTERPRETER.with(Cell::get);
-    (last.interp == interp).then_some(last.token)
+    cached_interpreter().map(|last| last.token)
 }
 
 /// The calling thread's owner token for interpreter heaps: its current
@@ -466,17 +510,6 @@ fn cached_interpreter_token() -> Option<usize> {
 #[inline(always)]
 fn current_interpreter_token() -> usize {
     cached_interpreter_token().unwrap_or_else(current_interpreter_token_slow)
-}
-
-/// [`token_for`] without its slow path: [`NO_OWNER`] when this thread's
-/// cache does not know its interpreter (the caller then takes its slow path).
-#[inline(always)]
-fn token_for_fast(owner: usize) -> usize {
-    if owner & 1 == 1 {
-        cached_interpreter_token().unwrap_or(NO_OWNER)
-    } else {
-        thread_token()
-    }
 }
 
 #[cold]
@@ -599,8 +632,9 @@ extern "C" fn interp_realloc<const D: usize>(_ctx: *mut c_void, p: *mut c_void, 
 
 extern "C" fn interp_free<const D: usize>(ctx: *mut c_void, p: *mut c_void) {
     // SAFETY: `p` is null (never ours: the segment map has no segment at 0)
-    // or a live block that the caller gives up.
-    if unsafe { heap::free_fast(p as *mut u8, token_for_fast) } {
+    // or a live block that the caller gives up; owns_cached is true only for
+    // the current interpreter's heap, which its GIL (held) owns.
+    if unsafe { heap::free_fast(p as *mut u8, |heap| owns_cached(heap, part::<D>())) } {
         return;
     }
     interp_free_slow::<D>(ctx, p);
@@ -643,10 +677,15 @@ extern "C" fn raw_free(_ctx: *mut c_void, p: *mut c_void) {
     let end_if_interpreter_state = |size: usize| {
         if size >= MIN_INTERPRETER_STATE {
             end_interpreters_in(p as usize, size);
+        } else if size == TSTATE_BLOCK_SIZE.load(Ordering::Relaxed) {
+            // Maybe a thread state that keys a cache (see LastInterpreter).
+            INTERPRETER_EPOCH.fetch_add(1, Ordering::AcqRel);
         }
     };
     // SAFETY: `p` is a live block that the caller gives up.
     if !unsafe { heap::free_with(p as *mut u8, end_if_interpreter_state, token_for) } {
+        // Not ours: it may be a thread state that keys a cache.
+        INTERPRETER_EPOCH.fetch_add(1, Ordering::AcqRel);
         forward_free(Domain::Raw as usize, p);
     }
 }

@@ -50,15 +50,23 @@ struct ThreadStateHead {
     interp: *mut ffi::PyInterpreterState,
 }
 
+/// This thread's current thread state, read from libpython's own
+/// thread-local slot: null when there is none, or when the slot is not found
+/// (yet; see [`fast_tstate`]). One TLS load and one load, no call.
+#[inline(always)]
+pub fn current_thread_state_fast() -> *mut ffi::PyThreadState {
+    // SAFETY: the slot is this thread's instance of libpython's
+    // `_Py_tss_tstate` (verified when it was found), live as long as the
+    // thread, or a static null until then.
+    unsafe { *fast_tstate::slot() }
+}
+
 /// The fast half of [`current_thread_interpreter`]: null when this thread's
 /// slot holds no thread state, or its slot is not found (yet); the caller
 /// then takes its slow path, which calls [`current_thread_interpreter`].
 #[inline(always)]
 pub fn current_thread_interpreter_fast() -> *mut ffi::PyInterpreterState {
-    // SAFETY: the slot is this thread's instance of libpython's
-    // `_Py_tss_tstate` (verified when it was found), live as long as the
-    // thread, or a static null until then.
-    let tstate = unsafe { *fast_tstate::slot() };
+    let tstate = current_thread_state_fast();
     if tstate.is_null() {
         return std::ptr::null_mut();
     }

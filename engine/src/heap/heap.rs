@@ -2,7 +2,7 @@
 
 use std::cell::UnsafeCell;
 use std::ptr;
-use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use super::os::{self, OS_PAGE, SEGMENT_SIZE};
 use super::segment::{
@@ -78,8 +78,10 @@ pub struct HeapLabel {
 /// totals are written only by the owner (or under the lock when ended), with
 /// plain load-then-store on atomics so that readers on other threads never race;
 /// remote counts use `fetch_add`. Live bytes are the owner's net bytes minus
-/// the bytes freed remotely, so they are exact at every instant a snapshot
-/// reads them in order.
+/// the bytes freed remotely. The owner's net bytes are not kept as one figure
+/// (that would cost the fast paths three instructions each): a paged class's
+/// blocks all have the class size, so they follow from its counts, and only
+/// large and huge blocks keep a byte total.
 pub struct Heap {
     owner: AtomicUsize,
     state: AtomicU8,
@@ -116,16 +118,21 @@ struct Counters {
     allocations: [AtomicU64; STAT_CLASSES],
     frees: [AtomicU64; STAT_CLASSES],
     remote_frees: [AtomicU64; STAT_CLASSES],
-    /// Bytes allocated minus bytes freed by the owner (wraps below zero while
-    /// remote frees are pending, which `remote_bytes` makes up for).
-    owner_bytes: AtomicU64,
+    /// Bytes of large and huge blocks allocated minus those freed by the
+    /// owner (wraps below zero while remote frees are pending, which
+    /// `remote_bytes` makes up for). Paged bytes follow from the class counts.
+    big_owner_bytes: AtomicU64,
     remote_bytes: AtomicU64,
     peak_bytes: AtomicU64,
-    /// `peak_bytes` plus the remote bytes seen when the peak was last
-    /// checked (owner only). Remote bytes only grow, so while `owner_bytes`
-    /// stays at or below this, live bytes cannot exceed the peak and the
+    /// Owner only: `peak_bytes` plus the remote bytes seen when the peak was
+    /// last checked. Remote bytes only grow, so while the owner's net bytes
+    /// stay at or below this, live bytes cannot exceed the peak and the
     /// allocation fast path need not read the shared remote figure.
     peak_trigger: AtomicU64,
+    /// Owner only: `peak_trigger` minus the owner's net bytes, kept so that
+    /// the fast paths check the peak with one subtraction (allocation) or
+    /// addition (free) and a sign test. Below zero, the peak is checked.
+    peak_room: AtomicI64,
     reallocations: AtomicU64,
     failures: AtomicU64,
     mapped_bytes: AtomicU64,
@@ -184,10 +191,11 @@ impl Heap {
                 allocations: [const { AtomicU64::new(0) }; STAT_CLASSES],
                 frees: [const { AtomicU64::new(0) }; STAT_CLASSES],
                 remote_frees: [const { AtomicU64::new(0) }; STAT_CLASSES],
-                owner_bytes: AtomicU64::new(0),
+                big_owner_bytes: AtomicU64::new(0),
                 remote_bytes: AtomicU64::new(0),
                 peak_bytes: AtomicU64::new(0),
                 peak_trigger: AtomicU64::new(0),
+                peak_room: AtomicI64::new(0),
                 reallocations: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
                 mapped_bytes: AtomicU64::new(0),
@@ -293,8 +301,12 @@ impl Heap {
         // SAFETY: both branches hand out an address inside a live page.
         unsafe { std::hint::assert_unchecked(!taken.is_null()) };
         page.used.set(page.used.get() + 1);
-        self.count_alloc(class, page.block_size.get());
-        taken
+        // SAFETY: `class` is a paged class, < STAT_CLASSES.
+        add_serial(unsafe { self.counters.allocations.get_unchecked(class) }, 1);
+        if self.take_room(page.block_size.get()) {
+            return taken;
+        }
+        self.check_peak_then(taken)
     }
 
     /// Allocates `count * size` zeroed bytes; null on overflow or if the OS refuses memory.
@@ -417,37 +429,58 @@ impl Heap {
             };
             page.block_size.set(new_usable);
             // Counted as a reallocation (by the caller), not as an allocation.
-            self.add_owner_bytes(new_usable - old_size);
+            self.add_big_bytes(new_usable - old_size);
         }
         true
     }
 
-    #[inline(always)]
-    fn count_alloc(&self, class: usize, bytes: usize) {
-        let c = &self.counters;
-        debug_assert!(class < STAT_CLASSES);
-        // SAFETY: every caller passes a paged class or LARGE_CLASS / HUGE_CLASS, all < STAT_CLASSES.
-        add_serial(unsafe { c.allocations.get_unchecked(class) }, 1);
-        self.add_owner_bytes(bytes);
+    /// Counts the owner's allocation of a large or huge block of `bytes`.
+    fn count_big_alloc(&self, class: usize, bytes: usize) {
+        debug_assert!(class == LARGE_CLASS || class == HUGE_CLASS);
+        add_serial(&self.counters.allocations[class], 1);
+        self.add_big_bytes(bytes);
     }
 
-    /// The owner's live bytes grow by `bytes`: count them, and check the peak
-    /// once they pass the trigger.
-    #[inline(always)]
-    fn add_owner_bytes(&self, bytes: usize) {
-        let c = &self.counters;
-        let owner_bytes = c.owner_bytes.load(Ordering::Relaxed).wrapping_add(bytes as u64);
-        c.owner_bytes.store(owner_bytes, Ordering::Relaxed);
-        // Signed: owner bytes wrap below zero while remote frees are pending.
-        if owner_bytes as i64 > c.peak_trigger.load(Ordering::Relaxed) as i64 {
-            self.check_peak(owner_bytes);
+    /// The owner's large and huge blocks grow by `bytes`.
+    fn add_big_bytes(&self, bytes: usize) {
+        add_serial(&self.counters.big_owner_bytes, bytes as u64);
+        if !self.take_room(bytes) {
+            self.check_peak();
         }
     }
 
-    /// Owner bytes passed the trigger: live bytes may be a new peak.
+    /// The owner's net bytes grow by `bytes`: false if they may have passed
+    /// the peak trigger (the caller then checks the peak).
+    #[inline(always)]
+    fn take_room(&self, bytes: usize) -> bool {
+        let room = &self.counters.peak_room;
+        let left = room.load(Ordering::Relaxed).wrapping_sub(bytes as i64);
+        room.store(left, Ordering::Relaxed);
+        left >= 0
+    }
+
+    /// The owner's net bytes shrink by `bytes`.
+    #[inline(always)]
+    fn give_room(&self, bytes: usize) {
+        let room = &self.counters.peak_room;
+        room.store(room.load(Ordering::Relaxed).wrapping_add(bytes as i64), Ordering::Relaxed);
+    }
+
+    /// [`check_peak`](Self::check_peak), then hands back `block`: the
+    /// allocation fast path ends in a jump here (a C-ABI function cannot
+    /// unwind, so the call can be a tail call).
     #[cold]
-    fn check_peak(&self, owner_bytes: u64) {
+    extern "C" fn check_peak_then(&self, block: *mut u8) -> *mut u8 {
+        self.check_peak();
+        block
+    }
+
+    /// The owner's net bytes passed the trigger: live bytes may be a new peak.
+    #[cold]
+    fn check_peak(&self) {
         let c = &self.counters;
+        let trigger = c.peak_trigger.load(Ordering::Relaxed);
+        let owner_bytes = trigger.wrapping_sub(c.peak_room.load(Ordering::Relaxed) as u64);
         let remote = c.remote_bytes.load(Ordering::Relaxed);
         // Signed: while remote frees race ahead of the owner's count, live
         // may read below zero, which must never become a peak.
@@ -457,7 +490,9 @@ impl Heap {
             peak = live as u64;
             c.peak_bytes.store(peak, Ordering::Relaxed);
         }
-        c.peak_trigger.store(peak.wrapping_add(remote), Ordering::Relaxed);
+        let trigger = peak.wrapping_add(remote);
+        c.peak_trigger.store(trigger, Ordering::Relaxed);
+        c.peak_room.store(trigger.wrapping_sub(owner_bytes) as i64, Ordering::Relaxed);
     }
 
     fn count_failure(&self) {
@@ -470,8 +505,10 @@ impl Heap {
     /// # Safety
     ///
     /// The caller is the owner.
+    ///
+    /// C ABI (cannot unwind), so that the fast path's call is a tail call.
     #[cold]
-    unsafe fn alloc_paged_slow(&self, class: usize) -> *mut u8 {
+    unsafe extern "C" fn alloc_paged_slow(&self, class: usize) -> *mut u8 {
         // SAFETY: (whole body) the caller is the owner, so `local`, the queued
         // pages and our segments are ours to change.
         unsafe {
@@ -500,8 +537,10 @@ impl Heap {
     /// # Safety
     ///
     /// The caller is the owner.
+    ///
+    /// C ABI (cannot unwind), so that the fast path's call is a tail call.
     #[cold]
-    unsafe fn alloc_large(&self, size: usize) -> *mut u8 {
+    unsafe extern "C" fn alloc_large(&self, size: usize) -> *mut u8 {
         if size <= MAX_LARGE_SIZE {
             let span = size.div_ceil(SLOT_SIZE);
             // SAFETY: the caller is the owner.
@@ -518,7 +557,7 @@ impl Heap {
                 page.used.set(1);
                 page.free.set(ptr::null_mut());
             }
-            self.count_alloc(LARGE_CLASS, usable);
+            self.count_big_alloc(LARGE_CLASS, usable);
             return slot_address(seg, first);
         }
         let round = |n: usize| n.checked_add(OS_PAGE - 1).map(|n| n & !(OS_PAGE - 1));
@@ -551,7 +590,7 @@ impl Heap {
         }
         os::publish_segment(base);
         add_serial(&self.counters.mapped_bytes, map_size as u64);
-        self.count_alloc(HUGE_CLASS, usable);
+        self.count_big_alloc(HUGE_CLASS, usable);
         // SAFETY: the block starts inside the mapping.
         unsafe { base.add(HUGE_BLOCK_OFFSET) }
     }
@@ -744,13 +783,14 @@ impl Heap {
     /// The caller is the owner; `p` is a live page of ours.
     #[inline(always)]
     unsafe fn count_owner_free(&self, p: &Page) {
-        let c = &self.counters;
+        let class = p.class.get() as usize;
+        let size = p.block_size.get();
         // SAFETY: a page's class is a paged class, LARGE_CLASS or HUGE_CLASS: all < STAT_CLASSES.
-        add_serial(unsafe { c.frees.get_unchecked(p.class.get() as usize) }, 1);
-        c.owner_bytes.store(
-            c.owner_bytes.load(Ordering::Relaxed).wrapping_sub(p.block_size.get() as u64),
-            Ordering::Relaxed,
-        );
+        add_serial(unsafe { self.counters.frees.get_unchecked(class) }, 1);
+        if class >= PAGED_CLASSES {
+            add_serial(&self.counters.big_owner_bytes, (size as u64).wrapping_neg());
+        }
+        self.give_room(size);
     }
 
     /// Returns `block` to `page` (no counting): the structural half of a free.
@@ -785,8 +825,10 @@ impl Heap {
     /// # Safety
     ///
     /// As for `give_back`, right after it returned a block to `page`.
+    ///
+    /// C ABI (cannot unwind), so that the free fast path's call is a tail call.
     #[cold]
-    unsafe fn after_give_back(&self, page: *mut Page, used: u32) {
+    unsafe extern "C" fn after_give_back(&self, page: *mut Page, used: u32) {
         // SAFETY: per the contract.
         unsafe {
             let p = &*page;
@@ -1041,7 +1083,7 @@ impl Heap {
         // Remote bytes first: read after the owner's figure, a remote free
         // that lands in between could make live bytes briefly negative.
         let remote_bytes = load(&c.remote_bytes);
-        let owner_bytes = load(&c.owner_bytes);
+        let big_owner_bytes = load(&c.big_owner_bytes);
         let classes: Vec<ClassSnapshot> = (0..STAT_CLASSES)
             .map(|class| ClassSnapshot {
                 block_size: if class < PAGED_CLASSES { class_size(class) as u64 } else { 0 },
@@ -1050,6 +1092,11 @@ impl Heap {
                 remote_frees: load(&c.remote_frees[class]),
             })
             .collect();
+        let paged_owner_bytes = classes
+            .iter()
+            .map(|k| k.allocations.wrapping_sub(k.frees).wrapping_mul(k.block_size))
+            .fold(0u64, u64::wrapping_add);
+        let owner_bytes = paged_owner_bytes.wrapping_add(big_owner_bytes);
         HeapSnapshot {
             label: self.label,
             ended: self.is_ended(),
@@ -1083,17 +1130,18 @@ pub unsafe fn free(ptr: *mut u8, token_for: impl FnOnce(usize) -> usize) -> bool
 }
 
 /// The fast path of [`free`]: frees `ptr` and returns true only if it is
-/// ours, the caller owns its heap, and the free changes nothing but the
-/// page's free list and the figures (a small block of a page that stays
-/// queued and non-empty). Otherwise it returns false and touches nothing;
-/// the caller then calls [`free`]. It makes no calls (so the caller's fast
-/// path needs no saved registers); `token_for` must not either.
+/// ours, `owns(heap)` says the caller owns the heap that holds it, and the
+/// block is a small block of a queued page (only paged pages are ever
+/// queued). Otherwise it returns false and touches nothing; the caller then
+/// calls [`free`]. Its only call, when the page became empty, is a tail
+/// call, so the caller's fast path needs no saved registers; `owns` must make
+/// no calls.
 ///
 /// # Safety
 ///
-/// As for [`free`].
+/// As for [`free`]; `owns(heap)` returns true only if the caller owns `heap`.
 #[inline(always)]
-pub unsafe fn free_fast(ptr: *mut u8, token_for: impl FnOnce(usize) -> usize) -> bool {
+pub unsafe fn free_fast(ptr: *mut u8, owns: impl FnOnce(*const Heap) -> bool) -> bool {
     let seg = segment_of(ptr);
     if !os::is_segment(seg as usize) {
         return false;
@@ -1102,23 +1150,27 @@ pub unsafe fn free_fast(ptr: *mut u8, token_for: impl FnOnce(usize) -> usize) ->
     // live block of it, keeps it (and its heap) alive; as the owner we may
     // read and change the page.
     unsafe {
-        let heap = &*(*seg).heap;
-        let owner = heap.owner();
-        if owner != token_for(owner) {
+        let heap = (*seg).heap;
+        if !owns(heap) {
             return false;
         }
+        let heap = &*heap;
         let page = page_of(seg, ptr);
         let p = &*page;
-        let class = p.class.get() as usize;
-        let used = p.used.get();
-        if class >= PAGED_CLASSES || !p.queued.get() || used == 1 {
+        if !p.queued.get() {
             return false;
         }
-        heap.count_owner_free(p);
+        // SAFETY: a queued page is paged, so its class is < PAGED_CLASSES.
+        add_serial(heap.counters.frees.get_unchecked(p.class.get() as usize), 1);
+        heap.give_room(p.block_size.get());
         let b = ptr as *mut Block;
         (*b).next = p.free.get();
         p.free.set(b);
-        p.used.set(used - 1);
+        let used = p.used.get() - 1;
+        p.used.set(used);
+        if used == 0 {
+            heap.after_give_back(page, 0);
+        }
     }
     true
 }
