@@ -2,7 +2,7 @@
 
 use std::cell::UnsafeCell;
 use std::ptr;
-use std::sync::atomic::{AtomicI64, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use super::os::{self, OS_PAGE, SEGMENT_SIZE};
 use super::segment::{
@@ -10,8 +10,8 @@ use super::segment::{
     ALL_SLOTS_FREE, HUGE_BLOCK_OFFSET, SLOTS, SLOT_SHIFT, SLOT_SIZE,
 };
 use super::size_class::{
-    class_of, class_size, page_slots, HUGE_CLASS, LARGE_CLASS, MAX_LARGE_SIZE, MAX_PAGED_SIZE, PAGED_CLASSES,
-    STAT_CLASSES,
+    class_of, class_size, direct_index, page_slots, DIRECT_RANGE, DIRECT_SLOTS, HUGE_CLASS, LARGE_CLASS,
+    MAX_DIRECT_SIZE, MAX_LARGE_SIZE, MAX_PAGED_SIZE, PAGED_CLASSES, STAT_CLASSES,
 };
 use super::stats::{ClassSnapshot, HeapSnapshot};
 use crate::shard_lock::ShardLock;
@@ -26,6 +26,18 @@ const HUGE_GROWTH_RESERVE: usize = 64 << 20;
 /// pyperformance benchmarks: 1 slot saves another 0.5% of peak RSS, 8 slots
 /// cost 0.3%.)
 const DISCARD_SPAN: usize = 2;
+
+/// Most bytes of never-used blocks a page's free list is extended by at once
+/// (one OS page: blocks are linked, hence touched, only shortly before use).
+const EXTEND_BYTES: usize = 4096;
+
+/// What an empty direct-table entry points to: a page with no free block,
+/// so the allocation fast path needs no null test (it falls into the slow
+/// path). Never written: only a page with a free block is ever changed.
+struct EmptyPage(Page);
+// SAFETY: never written (see above), so sharing it between threads is sound.
+unsafe impl Sync for EmptyPage {}
+static EMPTY_PAGE: EmptyPage = EmptyPage(Page::EMPTY);
 
 /// The owner token of an ended heap; no caller may use it.
 pub const ENDED_OWNER: usize = usize::MAX;
@@ -107,6 +119,20 @@ unsafe impl Send for Heap {}
 struct Local {
     /// Per class, the queue of pages that have free blocks; the head is the current page.
     bins: [*mut Page; PAGED_CLASSES],
+    /// For requests up to `MAX_DIRECT_SIZE`, by [`direct_index`]: the
+    /// current page of the class serving that size (its `bins` head), or
+    /// `EMPTY_PAGE`. Saves the fast path the class lookup. Changed only
+    /// through `set_bin`, with `bins`.
+    direct: [*const Page; DIRECT_SLOTS],
+    /// `peak_trigger` minus the owner's net bytes, so that the fast paths
+    /// check the peak with one subtraction (allocation) or addition (free)
+    /// and a sign test. Below zero, the peak is checked.
+    peak_room: i64,
+    /// `peak_bytes` plus the remote bytes seen when the peak was last
+    /// checked. Remote bytes only grow, so while the owner's net bytes stay
+    /// at or below this, live bytes cannot exceed the peak and the fast path
+    /// need not read the shared remote figure.
+    peak_trigger: u64,
     /// Normal segments of this heap.
     segments: *mut Segment,
     /// One empty normal segment kept for reuse, so a heap that oscillates
@@ -124,15 +150,6 @@ struct Counters {
     big_owner_bytes: AtomicU64,
     remote_bytes: AtomicU64,
     peak_bytes: AtomicU64,
-    /// Owner only: `peak_bytes` plus the remote bytes seen when the peak was
-    /// last checked. Remote bytes only grow, so while the owner's net bytes
-    /// stay at or below this, live bytes cannot exceed the peak and the
-    /// allocation fast path need not read the shared remote figure.
-    peak_trigger: AtomicU64,
-    /// Owner only: `peak_trigger` minus the owner's net bytes, kept so that
-    /// the fast paths check the peak with one subtraction (allocation) or
-    /// addition (free) and a sign test. Below zero, the peak is checked.
-    peak_room: AtomicI64,
     reallocations: AtomicU64,
     failures: AtomicU64,
     mapped_bytes: AtomicU64,
@@ -184,6 +201,9 @@ impl Heap {
             label,
             local: UnsafeCell::new(Local {
                 bins: [ptr::null_mut(); PAGED_CLASSES],
+                direct: [&EMPTY_PAGE.0; DIRECT_SLOTS],
+                peak_room: 0,
+                peak_trigger: 0,
                 segments: ptr::null_mut(),
                 spare: ptr::null_mut(),
             }),
@@ -194,8 +214,6 @@ impl Heap {
                 big_owner_bytes: AtomicU64::new(0),
                 remote_bytes: AtomicU64::new(0),
                 peak_bytes: AtomicU64::new(0),
-                peak_trigger: AtomicU64::new(0),
-                peak_room: AtomicI64::new(0),
                 reallocations: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
                 mapped_bytes: AtomicU64::new(0),
@@ -255,15 +273,41 @@ impl Heap {
     /// # Safety
     ///
     /// The caller is the heap's owner (see the type docs).
-    #[inline]
+    #[inline(always)]
     pub unsafe fn alloc(&self, size: usize) -> *mut u8 {
+        if size <= MAX_DIRECT_SIZE {
+            // SAFETY: the caller is the owner; the index is < DIRECT_SLOTS,
+            // and an entry is a live page of ours or EMPTY_PAGE.
+            let page = unsafe { &**self.local().direct.get_unchecked(direct_index(size)) };
+            // SAFETY: as above; a page with a free block is a live paged page of ours.
+            let block = unsafe { self.take_free_block(page, page.class.get() as usize) };
+            if !block.is_null() {
+                return block;
+            }
+            // SAFETY: the caller is the owner.
+            unsafe { self.alloc_paged_slow(class_of(size)) }
+        } else {
+            // SAFETY: the caller is the owner.
+            unsafe { self.alloc_beyond_direct(size) }
+        }
+    }
+
+    /// [`alloc`](Self::alloc) above `MAX_DIRECT_SIZE`: kept out of line so
+    /// that the direct path has its own (shortest) code; C ABI (cannot
+    /// unwind), so that the call to it is a tail call.
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner.
+    #[inline(never)]
+    unsafe extern "C" fn alloc_beyond_direct(&self, size: usize) -> *mut u8 {
         if size <= MAX_PAGED_SIZE {
             let class = class_of(size);
             // SAFETY: the caller is the owner, and `class < PAGED_CLASSES` for sizes up to MAX_PAGED_SIZE.
             let page = unsafe { *self.local().bins.get_unchecked(class) };
             if !page.is_null() {
                 // SAFETY: a queued page is live and belongs to this heap, which we own.
-                let block = unsafe { self.take_block(&*page, class) };
+                let block = unsafe { self.take_free_block(&*page, class) };
                 if !block.is_null() {
                     return block;
                 }
@@ -276,37 +320,53 @@ impl Heap {
         }
     }
 
-    /// A block of `page` (of paged class `class`): a free one, else a
-    /// never-used one; null if the page is full. Counts the allocation.
+    /// A block from `page`'s free list (of paged class `class`), counted;
+    /// null if the list is empty (the slow path then extends it from the
+    /// page's never-used blocks, or moves on).
     ///
     /// # Safety
     ///
-    /// The caller is the owner, and `page` is a live page of this heap for `class`.
+    /// The caller is the owner, and `page` is `EMPTY_PAGE` or a live page of
+    /// this heap for `class`.
     #[inline(always)]
-    unsafe fn take_block(&self, page: &Page, class: usize) -> *mut u8 {
+    unsafe fn take_free_block(&self, page: &Page, class: usize) -> *mut u8 {
         let block = page.free.get();
-        let taken = if !block.is_null() {
-            // SAFETY: free blocks of a live page are ours to read; the first word links the list.
-            page.free.set(unsafe { (*block).next });
-            block as *mut u8
-        } else {
-            let bump = page.bump.get();
-            if bump >= page.end.get() {
-                return ptr::null_mut();
-            }
-            // SAFETY: `bump + size` stays within the page (end is a whole number of blocks).
-            page.bump.set(unsafe { bump.add(page.block_size.get()) });
-            bump
-        };
-        // SAFETY: both branches hand out an address inside a live page.
-        unsafe { std::hint::assert_unchecked(!taken.is_null()) };
+        if block.is_null() {
+            return ptr::null_mut();
+        }
+        // SAFETY: free blocks of a live page are ours to read; the first word links the list.
+        page.free.set(unsafe { (*block).next });
         page.used.set(page.used.get() + 1);
         // SAFETY: `class` is a paged class, < STAT_CLASSES.
         add_serial(unsafe { self.counters.allocations.get_unchecked(class) }, 1);
-        if self.take_room(page.block_size.get()) {
-            return taken;
+        // SAFETY: the caller is the owner.
+        if unsafe { self.take_room(page.block_size.get()) } {
+            return block as *mut u8;
         }
-        self.check_peak_then(taken)
+        self.check_peak_then(block as *mut u8)
+    }
+
+    /// Links up to `EXTEND_BYTES` of `page`'s never-used blocks into its
+    /// (empty) free list; false if it has none left.
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner; `page` is a live paged page of ours whose free list is empty.
+    unsafe fn extend_free_list(&self, page: &Page) -> bool {
+        let (bump, end, size) = (page.bump.get() as usize, page.end.get() as usize, page.block_size.get());
+        if bump >= end {
+            return false;
+        }
+        let count = (EXTEND_BYTES / size).clamp(1, (end - bump) / size);
+        for i in 0..count {
+            let block = (bump + i * size) as *mut Block;
+            let next = if i + 1 < count { (bump + (i + 1) * size) as *mut Block } else { ptr::null_mut() };
+            // SAFETY: the block lies in the page's never-used range, which is ours.
+            unsafe { (*block).next = next };
+        }
+        page.free.set(bump as *mut Block);
+        page.bump.set((bump + count * size) as *mut u8);
+        true
     }
 
     /// Allocates `count * size` zeroed bytes; null on overflow or if the OS refuses memory.
@@ -413,7 +473,7 @@ impl Heap {
                     }
                     s.free_slots.set(s.free_slots.get() & !more);
                     for slot in first + span..first + new_span {
-                        s.pages[slot].first.set(first as u8);
+                        s.pages[slot].set_first(first);
                     }
                     page.span.set(new_span as u8);
                     new_span * SLOT_SIZE
@@ -444,26 +504,36 @@ impl Heap {
     /// The owner's large and huge blocks grow by `bytes`.
     fn add_big_bytes(&self, bytes: usize) {
         add_serial(&self.counters.big_owner_bytes, bytes as u64);
-        if !self.take_room(bytes) {
+        // SAFETY: only the owner allocates.
+        if !unsafe { self.take_room(bytes) } {
             self.check_peak();
         }
     }
 
     /// The owner's net bytes grow by `bytes`: false if they may have passed
     /// the peak trigger (the caller then checks the peak).
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner.
     #[inline(always)]
-    fn take_room(&self, bytes: usize) -> bool {
-        let room = &self.counters.peak_room;
-        let left = room.load(Ordering::Relaxed).wrapping_sub(bytes as i64);
-        room.store(left, Ordering::Relaxed);
-        left >= 0
+    unsafe fn take_room(&self, bytes: usize) -> bool {
+        // SAFETY: the caller is the owner.
+        let local = unsafe { self.local() };
+        local.peak_room = local.peak_room.wrapping_sub(bytes as i64);
+        local.peak_room >= 0
     }
 
     /// The owner's net bytes shrink by `bytes`.
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner.
     #[inline(always)]
-    fn give_room(&self, bytes: usize) {
-        let room = &self.counters.peak_room;
-        room.store(room.load(Ordering::Relaxed).wrapping_add(bytes as i64), Ordering::Relaxed);
+    unsafe fn give_room(&self, bytes: usize) {
+        // SAFETY: the caller is the owner.
+        let local = unsafe { self.local() };
+        local.peak_room = local.peak_room.wrapping_add(bytes as i64);
     }
 
     /// [`check_peak`](Self::check_peak), then hands back `block`: the
@@ -479,8 +549,9 @@ impl Heap {
     #[cold]
     fn check_peak(&self) {
         let c = &self.counters;
-        let trigger = c.peak_trigger.load(Ordering::Relaxed);
-        let owner_bytes = trigger.wrapping_sub(c.peak_room.load(Ordering::Relaxed) as u64);
+        // SAFETY: only the owner allocates, hence checks the peak.
+        let local = unsafe { self.local() };
+        let owner_bytes = local.peak_trigger.wrapping_sub(local.peak_room as u64);
         let remote = c.remote_bytes.load(Ordering::Relaxed);
         // Signed: while remote frees race ahead of the owner's count, live
         // may read below zero, which must never become a peak.
@@ -490,9 +561,8 @@ impl Heap {
             peak = live as u64;
             c.peak_bytes.store(peak, Ordering::Relaxed);
         }
-        let trigger = peak.wrapping_add(remote);
-        c.peak_trigger.store(trigger, Ordering::Relaxed);
-        c.peak_room.store(trigger.wrapping_sub(owner_bytes) as i64, Ordering::Relaxed);
+        local.peak_trigger = peak.wrapping_add(remote);
+        local.peak_room = local.peak_trigger.wrapping_sub(owner_bytes) as i64;
     }
 
     fn count_failure(&self) {
@@ -522,9 +592,12 @@ impl Heap {
                     }
                     continue;
                 }
-                let block = self.take_block(&*page, class);
+                let block = self.take_free_block(&*page, class);
                 if !block.is_null() {
                     return block;
+                }
+                if self.extend_free_list(&*page) {
+                    continue;
                 }
                 // Full: it leaves the queue until a block comes back.
                 self.unqueue(page);
@@ -587,6 +660,7 @@ impl Heap {
             page.class.set(HUGE_CLASS as u8);
             page.used.set(1);
             page.span.set(1);
+            page.set_first(0);
         }
         os::publish_segment(base);
         add_serial(&self.counters.mapped_bytes, map_size as u64);
@@ -656,7 +730,7 @@ impl Heap {
             let s = &*seg;
             s.free_slots.set(s.free_slots.get() & !slot_mask(first, span));
             for slot in first..first + span {
-                s.pages[slot].first.set(first as u8);
+                s.pages[slot].set_first(first);
             }
             s.pages[first].span.set(span as u8);
             s.pages[first].queued.set(false);
@@ -704,14 +778,32 @@ impl Heap {
         // SAFETY: per the contract.
         unsafe {
             let p = &*page;
-            let bin = &mut self.local().bins[p.class.get() as usize];
+            let class = p.class.get() as usize;
+            let head = self.local().bins[class];
             p.prev.set(ptr::null_mut());
-            p.next.set(*bin);
-            if !bin.is_null() {
-                (**bin).prev.set(page);
+            p.next.set(head);
+            if !head.is_null() {
+                (*head).prev.set(page);
             }
-            *bin = page;
+            self.set_bin(class, page);
             p.queued.set(true);
+        }
+    }
+
+    /// Makes `page` (or none) the current page of `class`, in `bins` and in
+    /// the direct table.
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner; `page` is null or a live page of ours for `class`.
+    unsafe fn set_bin(&self, class: usize, page: *mut Page) {
+        // SAFETY: the caller is the owner.
+        let local = unsafe { self.local() };
+        local.bins[class] = page;
+        let entry: *const Page = if page.is_null() { &EMPTY_PAGE.0 } else { page };
+        let (first, end) = DIRECT_RANGE[class];
+        for slot in &mut local.direct[first as usize..end as usize] {
+            *slot = entry;
         }
     }
 
@@ -749,7 +841,7 @@ impl Heap {
             let p = &*page;
             let (prev, next) = (p.prev.get(), p.next.get());
             if prev.is_null() {
-                self.local().bins[p.class.get() as usize] = next;
+                self.set_bin(p.class.get() as usize, next);
             } else {
                 (*prev).next.set(next);
             }
@@ -790,7 +882,8 @@ impl Heap {
         if class >= PAGED_CLASSES {
             add_serial(&self.counters.big_owner_bytes, (size as u64).wrapping_neg());
         }
-        self.give_room(size);
+        // SAFETY: the caller is the owner.
+        unsafe { self.give_room(size) };
     }
 
     /// Returns `block` to `page` (no counting): the structural half of a free.

@@ -74,6 +74,35 @@ pub struct Page {
     /// Neighbours in the heap's queue for this class.
     pub next: Cell<*mut Page>,
     pub prev: Cell<*mut Page>,
+    /// Byte offset from the segment's base to the descriptor of the page's
+    /// first slot: `first` premultiplied, so that [`page_of`] is one load and
+    /// one add (the free fast path).
+    head: Cell<u16>,
+}
+
+impl Page {
+    /// A page with no blocks (not in any segment).
+    pub const EMPTY: Page = Page {
+        free: Cell::new(ptr::null_mut()),
+        bump: Cell::new(ptr::null_mut()),
+        end: Cell::new(ptr::null_mut()),
+        block_size: Cell::new(0),
+        used: Cell::new(0),
+        class: Cell::new(0),
+        span: Cell::new(0),
+        first: Cell::new(0),
+        queued: Cell::new(false),
+        next: Cell::new(ptr::null_mut()),
+        prev: Cell::new(ptr::null_mut()),
+        head: Cell::new(0),
+    };
+
+    /// Records that this slot belongs to the page starting at slot `first`.
+    #[inline]
+    pub fn set_first(&self, first: usize) {
+        self.first.set(first as u8);
+        self.head.set((std::mem::offset_of!(Segment, pages) + first * std::mem::size_of::<Page>()) as u16);
+    }
 }
 
 /// Header at the start of every segment.
@@ -97,6 +126,7 @@ pub const HUGE_BLOCK_OFFSET: usize = (std::mem::size_of::<Segment>() + 4095) & !
 
 const _: () = assert!(std::mem::size_of::<Segment>() <= SLOT_SIZE, "the header must fit slot 0");
 const _: () = assert!(std::mem::size_of::<Page>() == 64, "a page descriptor is one cache line");
+const _: () = assert!(std::mem::size_of::<Segment>() <= u16::MAX as usize, "page heads fit a u16");
 
 /// The segment containing `p`.
 #[inline(always)]
@@ -117,8 +147,8 @@ pub unsafe fn page_of(seg: *mut Segment, p: *const u8) -> *mut Page {
     // header is live while the segment is.
     unsafe {
         let pages = ptr::addr_of_mut!((*seg).pages) as *mut Page;
-        let first = (*pages.add(slot)).first.get() as usize;
-        pages.add(first)
+        let head = (*pages.add(slot)).head.get() as usize;
+        (seg as *mut u8).add(head) as *mut Page
     }
 }
 

@@ -86,6 +86,35 @@ const fn compute_class_of(size: usize) -> usize {
     }
 }
 
+/// Largest request the allocation fast path maps straight to a page
+/// (through a heap's direct table, indexed by [`direct_index`]).
+pub const MAX_DIRECT_SIZE: usize = 1024;
+/// Entries of a heap's direct table (sizes 0 ..= [`MAX_DIRECT_SIZE`]).
+pub const DIRECT_SLOTS: usize = MAX_DIRECT_SIZE / 16 + 1;
+
+/// The direct-table entry serving `size` (`size <= MAX_DIRECT_SIZE`): every
+/// size in one 16-byte step has the same class, as class sizes are multiples of 16.
+#[inline(always)]
+pub const fn direct_index(size: usize) -> usize {
+    (size + 15) >> 4
+}
+
+/// Per paged class, the direct-table entries it serves, as `first..end`
+/// (empty for classes above [`MAX_DIRECT_SIZE`]).
+pub const DIRECT_RANGE: [(u8, u8); PAGED_CLASSES] = {
+    let mut table = [(0u8, 0u8); PAGED_CLASSES];
+    let mut i = 0;
+    while i < DIRECT_SLOTS {
+        let c = SMALL_CLASS_OF[i] as usize;
+        if table[c].1 == 0 {
+            table[c].0 = i as u8;
+        }
+        table[c].1 = i as u8 + 1;
+        i += 1;
+    }
+    table
+};
+
 /// Slots that a page of paged class `class` spans: one, or as many as
 /// hold eight blocks.
 pub const fn page_slots(class: usize) -> usize {
@@ -123,6 +152,16 @@ mod tests {
                 assert!(class_size(c - 1) < size, "size {size} fits a smaller class");
             }
         }
+    }
+
+    #[test]
+    fn direct_entries_serve_their_class() {
+        for size in 0..=MAX_DIRECT_SIZE {
+            let (first, end) = DIRECT_RANGE[class_of(size)];
+            assert!((first as usize..end as usize).contains(&direct_index(size)), "size {size}");
+        }
+        let covered: usize = DIRECT_RANGE.iter().map(|(f, e)| (e - f) as usize).sum();
+        assert_eq!(covered, DIRECT_SLOTS, "each entry belongs to exactly one class");
     }
 
     #[test]
