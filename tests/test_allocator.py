@@ -185,8 +185,9 @@ def test_interpreters_reborn_at_the_same_address_get_fresh_heaps(fast):
     # one. Each interpreter here runs on the same thread right after its
     # predecessor died and must get its own heaps, never the ended ones.
     # (From Python, main allocates between the two and refreshes the cache;
-    # tests/c/reborn_interpreters.c goes straight from one to the next, which
-    # is the case that needs the epoch: test_c_api.py.)
+    # tests/c/reborn_interpreters.c and alternating_thread_states.c go
+    # straight from one to the next, the cases where the cache's key must be
+    # cleared: test_c_api.py.)
     out = scenario(
         """
         import interheap

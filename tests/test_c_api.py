@@ -124,6 +124,34 @@ def test_embedding_program_installs_the_interheap_allocator(build_dir):
 
 
 @pytest.mark.skipif(FREE_THREADED, reason="free-threaded builds keep CPython's mimalloc for mem and object")
+def test_a_thread_state_reborn_at_a_freed_address_serves_its_own_interpreter(build_dir):
+    import json
+
+    exe = build_program(
+        ROOT / "tests" / "c" / "alternating_thread_states.c", build_dir / "alternating_thread_states"
+    )
+    out = run_program(exe)
+    lines = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+    states = lines["STATES"].split()
+    # The scenario the cache must survive really happens: the other
+    # interpreter's thread state takes the address just freed.
+    assert any(a == b for a, b in zip(states, states[1:])), f"no thread state address reused: {states}"
+    ids = [int(i) for i in lines["IDS"].split()]
+    report = json.loads(lines["REPORT"])
+
+    def live_blocks(interp_id: int, size: int) -> int:
+        heaps = [h for h in report["heaps"] if h["kind"] == "interpreter" and h["id"] == interp_id]
+        return sum(a - f - r for h in heaps for _, bs, a, f, r in h["classes"] if size <= bs < 1.25 * size + 9)
+
+    turns_each = 8 * 500
+    for mine, other, size, other_size in ((ids[0], ids[1], 3001, 5001), (ids[1], ids[0], 5001, 3001)):
+        assert live_blocks(mine, size) >= turns_each, f"interpreter {mine} lost its ~{size} B blocks"
+        assert live_blocks(mine, other_size) < 100, (
+            f"interpreter {mine} holds interpreter {other}'s ~{other_size} B blocks"
+        )
+
+
+@pytest.mark.skipif(FREE_THREADED, reason="free-threaded builds keep CPython's mimalloc for mem and object")
 def test_an_interpreter_reborn_at_a_freed_address_gets_fresh_heaps(build_dir):
     import json
 

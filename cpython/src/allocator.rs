@@ -40,14 +40,15 @@
 //!   process-wide *exiting* heap whose owner is whoever holds [`EXITING`].
 //! * [`INTERPRETERS`] is only changed under its lock; heaps are never freed.
 //! * Each thread caches the interpreter it last allocated in, keyed by the
-//!   address of the thread state it allocated under ([`LAST_INTERPRETER`]; a
-//!   thread state belongs to one interpreter for life). The entry is trusted
-//!   only while [`INTERPRETER_EPOCH`] is unchanged: it is bumped before
-//!   CPython can reuse the address of a cached thread state, that is when an
-//!   interpreter's heaps end (its state, which holds its first thread state,
-//!   is freed), when a raw block of a thread state's size is freed, and when
-//!   a raw block that is not ours is freed. Without the raw domain interheap
-//!   cannot see those frees, and the cache is keyed by interpreter ID only.
+//!   address of the thread state it allocated under ([`CACHE`]; a thread
+//!   state belongs to one interpreter for life). Before CPython can reuse
+//!   the address of a key, the key is cleared in every thread's cache
+//!   ([`forget_keys_in`], over the [`CACHES`] list): when an interpreter's
+//!   state (which holds its first thread state) is freed, when a raw block
+//!   of a thread state's size is freed, and when a raw block that is not
+//!   ours is freed. So the fast paths trust a key that equals the current
+//!   thread state, with no other check. Without the raw domain interheap
+//!   cannot see those frees, and the cache is used by interpreter ID only.
 //! * The current thread state comes from libpython's own thread-local slot
 //!   when [`crate::interp::fast_tstate`] could find it (two loads), else from
 //!   the C API; `INTERHEAP_FAST_THREAD_STATE=0` forces the C API.
@@ -56,7 +57,7 @@ use std::cell::Cell;
 use std::ffi::c_void;
 use std::fmt;
 use std::ptr;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU8, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use interheap_engine::heap::{self, Heap, HeapLabel, HeapPool, HeapSnapshot, Realloc, NO_OWNER};
@@ -186,7 +187,7 @@ pub fn install_before_init(domains: Domains) -> Result<(), InstallError> {
     }
     INSTALLED.store(domains.0, Ordering::Release);
     // SAFETY: registering plain extern "C" handlers; they only take and release our own locks.
-    unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_finish), Some(fork_finish)) };
+    unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_finish), Some(fork_child)) };
     Ok(())
 }
 
@@ -198,7 +199,21 @@ extern "C" fn fork_prepare() {
     THREAD_POOL.lock_for_fork();
     std::mem::forget(EXITING.lock());
     std::mem::forget(INTERPRETERS.lock());
+    std::mem::forget(CACHES.lock());
     heap::fork_prepare();
+}
+
+/// In the child only this thread exists: the other threads' caches (and
+/// their thread-locals) are gone, so they leave the list.
+extern "C" fn fork_child() {
+    // SAFETY: fork_prepare took CACHES on this thread just before the fork
+    // and forgot its guard; we hold it until fork_finish releases it.
+    let all = unsafe { CACHES.get_unlocked() };
+    let _ = CACHE.try_with(|me| {
+        let me = me as *const InterpreterCache as usize;
+        all.retain(|&c| c == me);
+    });
+    fork_finish();
 }
 
 extern "C" fn fork_finish() {
@@ -207,6 +222,7 @@ extern "C" fn fork_finish() {
     // lock, both held, so the set of heaps did not change.
     unsafe {
         heap::fork_finish();
+        CACHES.force_unlock();
         INTERPRETERS.force_unlock();
         EXITING.force_unlock();
         THREAD_POOL.unlock_after_fork();
@@ -339,62 +355,105 @@ static INTERPRETERS: ShardLock<Interpreters> = ShardLock::new(Interpreters(Vec::
 /// A thread's cache of the interpreter it last allocated in.
 ///
 /// Keyed by the thread state the thread allocated under, which names one
-/// interpreter for its whole life and is read with one load less than the
-/// interpreter. The key is trusted only while `epoch` equals
-/// [`INTERPRETER_EPOCH`]: once CPython frees a thread state its address can
-/// come back as another interpreter's, and every such free bumps the epoch
-/// first (module docs). When interheap does not serve raw it never sees
-/// those frees, so `tstate` is left [`NO_TSTATE`] and the cache is keyed by
-/// ID only (the slow path).
-#[derive(Clone, Copy)]
-struct LastInterpreter {
-    tstate: *mut ffi::PyThreadState,
-    epoch: u64,
-    /// The interpreter's owner token (for the slow paths' ownership checks).
-    token: usize,
-    /// Its heaps for mem and object, or null before the first allocation.
-    heaps: [*const Heap; 2],
-    id: i64,
+/// interpreter for its whole life and is one load away (the interpreter is
+/// two). A key must never outlive its thread state, since the address can
+/// come back as another interpreter's: whoever frees a raw block that may
+/// hold a keyed thread state first clears every cache keyed inside it
+/// ([`forget_keys_in`]), so the fast paths compare one word and nothing else.
+/// A thread state cannot be freed while it is current, so a cache is never
+/// cleared in the middle of its own thread's fast path; the clearing thread's
+/// compare-exchange happens before the address is reused (the free and the
+/// reuse synchronise through the allocator), hence before the owner thread
+/// can see the address again.
+///
+/// When interheap does not serve raw it never sees those frees, so the key
+/// stays [`NO_TSTATE`] and the cache is used by interpreter ID only (the slow path).
+struct InterpreterCache {
+    /// The thread state this entry was filled under, or [`NO_TSTATE`].
+    /// Written by the thread; cleared by any thread under [`CACHES`]' lock.
+    tstate: AtomicPtr<ffi::PyThreadState>,
+    /// The rest is only touched by the thread itself: the interpreter's
+    /// heaps for mem and object (null before the first fill), its owner token, its ID.
+    heaps: Cell<[*const Heap; 2]>,
+    token: Cell<usize>,
+    id: Cell<i64>,
+    /// Registration in [`CACHES`]: `UNLISTED`, `LISTED`, or `DELISTED` (the
+    /// thread is exiting: its cache is never keyed again).
+    listing: Cell<u8>,
 }
+
+const UNLISTED: u8 = 0;
+const LISTED: u8 = 1;
+const DELISTED: u8 = 2;
 
 thread_local! {
-    static LAST_INTERPRETER: Cell<LastInterpreter> = const {
-        Cell::new(LastInterpreter {
-            tstate: NO_TSTATE,
-            epoch: NEVER,
-            token: NO_OWNER,
-            heaps: [ptr::null(); 2],
-            id: -1,
-        })
+    static CACHE: InterpreterCache = const {
+        InterpreterCache {
+            tstate: AtomicPtr::new(NO_TSTATE),
+            heaps: Cell::new([ptr::null(); 2]),
+            token: Cell::new(NO_OWNER),
+            id: Cell::new(-1),
+            listing: Cell::new(UNLISTED),
+        }
     };
+    /// Registered when the cache is listed; its destructor delists it.
+    static DELIST_AT_EXIT: DelistAtExit = const { DelistAtExit };
 }
 
-/// What the cache holds for "no key": not null (the fast path's "no thread
+/// Every keyed thread's cache (the addresses of their [`CACHE`]s), so that
+/// freeing a thread state can clear the keys that name it. A thread delists
+/// itself before its thread-locals go away.
+static CACHES: ShardLock<Vec<usize>> = ShardLock::new(Vec::new());
+
+struct DelistAtExit;
+
+impl Drop for DelistAtExit {
+    fn drop(&mut self) {
+        let _ = CACHE.try_with(|cache| {
+            let mut all = CACHES.lock();
+            let me = cache as *const InterpreterCache as usize;
+            all.retain(|&c| c != me);
+            cache.listing.set(DELISTED);
+            cache.tstate.store(NO_TSTATE, Ordering::Relaxed);
+        });
+    }
+}
+
+/// What a cache holds for "no key": not null (the fast path's "no thread
 /// state") and never the address of a thread state (address 1: below any
 /// allocation), so it matches nothing.
 const NO_TSTATE: *mut ffi::PyThreadState = ptr::dangling_mut();
 
-/// Bumped before the address of a thread state a cache may hold can be
-/// reused: when an interpreter's heaps end, or a raw block that may be a
-/// thread state is freed (see [`TSTATE_BLOCK_SIZE`]).
-static INTERPRETER_EPOCH: AtomicU64 = AtomicU64::new(0);
-/// An epoch [`INTERPRETER_EPOCH`] never reaches.
-const NEVER: u64 = u64::MAX;
+/// Clears every cache keyed by a thread state in `[start, end)`: the raw
+/// block there is about to be freed.
+#[cold]
+fn forget_keys_in(start: usize, end: usize) {
+    let all = CACHES.lock();
+    for &cache in all.iter() {
+        // SAFETY: a listed cache is a live thread-local: its thread delists it
+        // (under this lock) before its thread-locals go away.
+        let key = unsafe { &(*(cache as *const InterpreterCache)).tstate };
+        let current = key.load(Ordering::Relaxed);
+        if (start..end).contains(&(current as usize)) {
+            // Fails only if the thread re-keyed meanwhile, to a live thread state.
+            let _ = key.compare_exchange(current, NO_TSTATE, Ordering::AcqRel, Ordering::Relaxed);
+        }
+    }
+}
 
 /// The usable size of the raw blocks that hold thread states (0 until a
 /// cache is first keyed by one). CPython allocates every thread state
 /// (other than an interpreter's first, which lives inside the interpreter's
-/// state) with `PyMem_RawCalloc` of one fixed size, so a raw free of a block
-/// this size may free a cached key: it bumps [`INTERPRETER_EPOCH`]. Other
-/// raw blocks of that size cost a refill of each thread's cache, no more.
+/// state) with `PyMem_RawCalloc` of one fixed size, so only raw frees of
+/// blocks this size (and of interpreter states) look for keys to clear.
 static TSTATE_BLOCK_SIZE: AtomicUsize = AtomicUsize::new(0);
 
 /// Whether the thread state `tstate` may key a cache: its address cannot be
-/// reused without bumping [`INTERPRETER_EPOCH`]. True for a block of ours of
-/// the thread-state size (recorded on first use), for an address inside one
-/// of our blocks (an interpreter's first thread state: its heaps end first)
-/// and for memory that is not ours (static, or freed through `raw_free`'s
-/// foreign path, which bumps the epoch).
+/// reused before the key is cleared. True for a block of ours of the
+/// thread-state size (recorded on first use), for an address inside one of
+/// our blocks (an interpreter's first thread state, inside the interpreter
+/// state, whose free clears keys in it) and for memory that is not ours
+/// (static, or freed through `raw_free`'s foreign path, which clears keys).
 fn tstate_may_key(tstate: *mut ffi::PyThreadState) -> bool {
     // SAFETY: `tstate` is the current thread state, live while it is current.
     let Some(size) = (unsafe { heap::usable_size(tstate as *const u8) }) else { return true };
@@ -407,19 +466,35 @@ fn tstate_may_key(tstate: *mut ffi::PyThreadState) -> bool {
     }
 }
 
+/// Lists this thread's cache in [`CACHES`] (once); false if it may not be
+/// keyed (its thread is exiting).
+fn list_cache(cache: &InterpreterCache) -> bool {
+    match cache.listing.get() {
+        LISTED => true,
+        DELISTED => false,
+        _ => {
+            // Without the destructor the entry would dangle after the thread exits.
+            if DELIST_AT_EXIT.try_with(|_| ()).is_err() {
+                cache.listing.set(DELISTED);
+                return false;
+            }
+            CACHES.lock().push(cache as *const InterpreterCache as usize);
+            cache.listing.set(LISTED);
+            true
+        }
+    }
+}
+
 #[inline(always)]
 fn interpreter_token(id: i64) -> usize {
     ((id as usize) << 1) | 1
 }
 
-/// This thread's cache entry, if it is valid for the current thread state.
-/// A null thread state (none, or its slot not found) never matches: see
-/// [`NO_TSTATE`].
+/// Whether this thread's cache is keyed by its current thread state. A null
+/// thread state (none, or its slot not found) never matches: see [`NO_TSTATE`].
 #[inline(always)]
-fn cached_interpreter() -> Option<LastInterpreter> {
-    let tstate = current_thread_state_fast();
-    let last = LAST_INTERPRETER.with(Cell::get);
-    (last.tstate == tstate && last.epoch == INTERPRETER_EPOCH.load(Ordering::Acquire)).then_some(last)
+fn cache_is_current(cache: &InterpreterCache) -> bool {
+    cache.tstate.load(Ordering::Relaxed) == current_thread_state_fast()
 }
 
 /// The calling thread's heap for domain part `part` (0 = mem, 1 = object)
@@ -427,13 +502,17 @@ fn cached_interpreter() -> Option<LastInterpreter> {
 /// allocation fast path. `None` sends the caller to its slow path.
 #[inline(always)]
 fn cached_interpreter_heap(part: usize) -> Option<&'static Heap> {
-    let last = cached_interpreter()?;
-    // SAFETY: a keyed entry has both its heaps (leaked, so never null), and
-    // `part` is 0 or 1.
-    Some(unsafe {
-        let heap = *last.heaps.get_unchecked(part);
-        std::hint::assert_unchecked(!heap.is_null());
-        &*heap
+    CACHE.with(|cache| {
+        if !cache_is_current(cache) {
+            return None;
+        }
+        // SAFETY: a keyed entry has both its heaps (leaked, so never null),
+        // and `part` is 0 or 1.
+        Some(unsafe {
+            let heap = *cache.heaps.get().get_unchecked(part);
+            std::hint::assert_unchecked(!heap.is_null());
+            &*heap
+        })
     })
 }
 
@@ -443,12 +522,10 @@ fn cached_interpreter_heap(part: usize) -> Option<&'static Heap> {
 /// heap takes the slow path.
 #[inline(always)]
 fn owns_cached(heap: *const Heap, part: usize) -> bool {
-    let tstate = current_thread_state_fast();
-    let last = LAST_INTERPRETER.with(Cell::get);
-    // SAFETY: `part` is 0 or 1.
-    heap == unsafe { *last.heaps.get_unchecked(part) }
-        && last.tstate == tstate
-        && last.epoch == INTERPRETER_EPOCH.load(Ordering::Acquire)
+    CACHE.with(|cache| {
+        // SAFETY: `part` is 0 or 1.
+        heap == unsafe { *cache.heaps.get().get_unchecked(part) } && cache_is_current(cache)
+    })
 }
 
 /// The calling thread's heap for domain part `part` in its current
@@ -474,26 +551,37 @@ fn current_interpreter_heap_slow(part: usize) -> Option<&'static Heap> {
     if id < 0 {
         return None;
     }
-    // Read before the lookup: an interpreter ending meanwhile only makes the cache stale sooner.
-    let epoch = INTERPRETER_EPOCH.load(Ordering::Acquire);
-    let last = LAST_INTERPRETER.with(Cell::get);
-    let heaps = if last.id == id && !last.heaps[0].is_null() {
-        last.heaps
-    } else {
-        let entry = interpreter_heaps_lookup(id, interp);
-        [entry.heaps[0] as *const Heap, entry.heaps[1] as *const Heap]
-    };
-    let tstate = current_thread_state_fast();
-    let keyed = !tstate.is_null() && installed().contains(Domain::Raw) && tstate_may_key(tstate);
-    LAST_INTERPRETER.with(|c| {
-        c.set(LastInterpreter {
-            tstate: if keyed { tstate } else { NO_TSTATE },
-            epoch,
-            token: interpreter_token(id),
-            heaps,
-            id,
-        })
+    let filled = CACHE.try_with(|cache| {
+        let heaps = if cache.id.get() == id && !cache.heaps.get()[0].is_null() {
+            cache.heaps.get()
+        } else {
+            let entry = interpreter_heaps_lookup(id, interp);
+            [entry.heaps[0] as *const Heap, entry.heaps[1] as *const Heap]
+        };
+        // Unkeyed while the entry changes; keyed last, only by a thread state
+        // that is current (so no one can free it meanwhile).
+        cache.tstate.store(NO_TSTATE, Ordering::Relaxed);
+        cache.heaps.set(heaps);
+        cache.token.set(interpreter_token(id));
+        cache.id.set(id);
+        let tstate = current_thread_state_fast();
+        if !tstate.is_null()
+            && installed().contains(Domain::Raw)
+            && tstate_may_key(tstate)
+            && list_cache(cache)
+        {
+            cache.tstate.store(tstate, Ordering::Relaxed);
+        }
+        heaps
     });
+    let heaps = match filled {
+        Ok(heaps) => heaps,
+        // Thread-locals are gone (thread exit): look up without caching.
+        Err(_) => {
+            let entry = interpreter_heaps_lookup(id, interp);
+            [entry.heaps[0] as *const Heap, entry.heaps[1] as *const Heap]
+        }
+    };
     // SAFETY: both entries point to leaked heaps.
     Some(unsafe { &*heaps[part] })
 }
@@ -502,7 +590,7 @@ fn current_interpreter_heap_slow(part: usize) -> Option<&'static Heap> {
 /// interpreter.
 #[inline(always)]
 fn cached_interpreter_token() -> Option<usize> {
-    cached_interpreter().map(|last| last.token)
+    CACHE.try_with(|cache| cache_is_current(cache).then(|| cache.token.get())).ok().flatten()
 }
 
 /// The calling thread's owner token for interpreter heaps: its current
@@ -566,12 +654,13 @@ fn end_interpreters_in(block: usize, size: usize) {
     for entry in all.0.iter() {
         if !entry.ended.get() && entry.id != 0 && (block..block + size).contains(&entry.state) {
             entry.ended.set(true);
-            INTERPRETER_EPOCH.fetch_add(1, Ordering::AcqRel);
             for heap in entry.heaps {
                 // SAFETY: the interpreter's threads are gone (CPython deletes
                 // them before the interpreter state), so no owner can run.
                 unsafe { heap.end() };
             }
+            // The state holds the interpreter's first thread state.
+            forget_keys_in(block, block + size);
         }
     }
 }
@@ -678,14 +767,14 @@ extern "C" fn raw_free(_ctx: *mut c_void, p: *mut c_void) {
         if size >= MIN_INTERPRETER_STATE {
             end_interpreters_in(p as usize, size);
         } else if size == TSTATE_BLOCK_SIZE.load(Ordering::Relaxed) {
-            // Maybe a thread state that keys a cache (see LastInterpreter).
-            INTERPRETER_EPOCH.fetch_add(1, Ordering::AcqRel);
+            // Maybe a thread state that keys a cache (see InterpreterCache).
+            forget_keys_in(p as usize, p as usize + size);
         }
     };
     // SAFETY: `p` is a live block that the caller gives up.
     if !unsafe { heap::free_with(p as *mut u8, end_if_interpreter_state, token_for) } {
-        // Not ours: it may be a thread state that keys a cache.
-        INTERPRETER_EPOCH.fetch_add(1, Ordering::AcqRel);
+        // Not ours, of unknown size: it may hold a thread state that keys a cache.
+        forget_keys_in(0, usize::MAX);
         forward_free(Domain::Raw as usize, p);
     }
 }

@@ -68,6 +68,17 @@ impl<T> ShardLock<T> {
         }
     }
 
+    /// The value of a lock whose guard was forgotten (see `force_unlock`).
+    ///
+    /// # Safety
+    ///
+    /// The caller holds the lock (its guard forgotten) and no other reference to the value exists.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn get_unlocked(&self) -> &mut T {
+        // SAFETY: exclusive access per the contract.
+        unsafe { &mut *self.value.get() }
+    }
+
     /// Releases a lock whose guard was forgotten (see `BlockTable::lock_all`).
     ///
     /// # Safety

@@ -37,7 +37,7 @@ const EXTEND_BYTES: usize = 4096;
 struct EmptyPage(Page);
 // SAFETY: never written (see above), so sharing it between threads is sound.
 unsafe impl Sync for EmptyPage {}
-static EMPTY_PAGE: EmptyPage = EmptyPage(Page::EMPTY);
+static EMPTY_PAGE: EmptyPage = EmptyPage(Page::empty());
 
 /// The owner token of an ended heap; no caller may use it.
 pub const ENDED_OWNER: usize = usize::MAX;

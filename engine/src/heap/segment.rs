@@ -82,20 +82,22 @@ pub struct Page {
 
 impl Page {
     /// A page with no blocks (not in any segment).
-    pub const EMPTY: Page = Page {
-        free: Cell::new(ptr::null_mut()),
-        bump: Cell::new(ptr::null_mut()),
-        end: Cell::new(ptr::null_mut()),
-        block_size: Cell::new(0),
-        used: Cell::new(0),
-        class: Cell::new(0),
-        span: Cell::new(0),
-        first: Cell::new(0),
-        queued: Cell::new(false),
-        next: Cell::new(ptr::null_mut()),
-        prev: Cell::new(ptr::null_mut()),
-        head: Cell::new(0),
-    };
+    pub const fn empty() -> Page {
+        Page {
+            free: Cell::new(ptr::null_mut()),
+            bump: Cell::new(ptr::null_mut()),
+            end: Cell::new(ptr::null_mut()),
+            block_size: Cell::new(0),
+            used: Cell::new(0),
+            class: Cell::new(0),
+            span: Cell::new(0),
+            first: Cell::new(0),
+            queued: Cell::new(false),
+            next: Cell::new(ptr::null_mut()),
+            prev: Cell::new(ptr::null_mut()),
+            head: Cell::new(0),
+        }
+    }
 
     /// Records that this slot belongs to the page starting at slot `first`.
     #[inline]
