@@ -4,6 +4,7 @@ stress, and every refusal, each compiled with gcc against this interpreter
 
 from __future__ import annotations
 
+import itertools
 import re
 import subprocess
 import sys
@@ -135,13 +136,15 @@ def test_a_thread_state_reborn_at_a_freed_address_serves_its_own_interpreter(bui
     states = lines["STATES"].split()
     # The scenario the cache must survive really happens: the other
     # interpreter's thread state takes the address just freed.
-    assert any(a == b for a, b in zip(states, states[1:])), f"no thread state address reused: {states}"
+    assert any(a == b for a, b in itertools.pairwise(states)), f"no thread state address reused: {states}"
     ids = [int(i) for i in lines["IDS"].split()]
     report = json.loads(lines["REPORT"])
 
     def live_blocks(interp_id: int, size: int) -> int:
         heaps = [h for h in report["heaps"] if h["kind"] == "interpreter" and h["id"] == interp_id]
-        return sum(a - f - r for h in heaps for _, bs, a, f, r in h["classes"] if size <= bs < 1.25 * size + 9)
+        return sum(
+            a - f - r for h in heaps for _, bs, a, f, r in h["classes"] if size <= bs < 1.25 * size + 9
+        )
 
     turns_each = 8 * 500
     for mine, other, size, other_size in ((ids[0], ids[1], 3001, 5001), (ids[1], ids[0], 5001, 3001)):

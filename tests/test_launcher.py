@@ -110,6 +110,30 @@ def test_report_at_exit_to_stderr_and_json(tmp_path):
     assert stats.shared.allocations > 0
 
 
+def test_start_up_code_of_the_launcher_is_given_back():
+    # frontends/launcher/src/text.rs: once Python runs, the launcher's
+    # read-only pages (mostly Rust's std) and libgcc_s's (Rust's unwinder,
+    # which python does not load) are unmapped; only what runs comes back.
+    code = """
+import re
+sizes, rss, cur = {}, {}, None
+for line in open("/proc/self/smaps"):
+    if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+        cur = line.split()
+    elif line.startswith("Rss:") and len(cur) > 5 and "libgcc_s" in cur[5] and "w" not in cur[1]:
+        lo, hi = (int(x, 16) for x in cur[0].split("-"))
+        sizes[cur[0]] = (hi - lo) // 1024
+        rss[cur[0]] = int(line.split()[1])
+print(sum(sizes.values()), sum(rss.values()))
+"""
+    mapped, resident = map(int, launch("-c", code).stdout.split())
+    assert mapped > 0, "the launcher loads libgcc_s (Rust's unwinder)"
+    assert resident <= mapped // 2, f"libgcc_s: {resident} of {mapped} KiB of read-only pages still resident"
+    # Still a working process that can fault pages back in: a traceback uses the runtime fully.
+    proc = launch("-c", "import json, decimal; print(json.dumps({'d': str(decimal.Decimal(1) / 7)})); 1/0")
+    assert proc.returncode == 1 and "ZeroDivisionError" in proc.stderr and '"d": "0.1428' in proc.stdout
+
+
 def test_invalid_options_are_refused_clearly():
     proc = launch("-c", "pass", env={"INTERHEAP_ALLOCATOR": "raw,heap"})
     assert proc.returncode == 2

@@ -27,10 +27,6 @@ const HUGE_GROWTH_RESERVE: usize = 64 << 20;
 /// cost 0.3%.)
 const DISCARD_SPAN: usize = 2;
 
-/// Most bytes of never-used blocks a page's free list is extended by at once
-/// (one OS page: blocks are linked, hence touched, only shortly before use).
-const EXTEND_BYTES: usize = 4096;
-
 /// What an empty direct-table entry points to: a page with no free block,
 /// so the allocation fast path needs no null test (it falls into the slow
 /// path). Never written: only a page with a free block is ever changed.
@@ -346,8 +342,11 @@ impl Heap {
         self.check_peak_then(block as *mut u8)
     }
 
-    /// Links up to `EXTEND_BYTES` of `page`'s never-used blocks into its
-    /// (empty) free list; false if it has none left.
+    /// Links the never-used blocks of `page` that start in the same OS page
+    /// as the next one into its (empty) free list; false if it has none
+    /// left. Linking writes only to the blocks' first words, so it touches
+    /// no memory that handing the blocks out one by one would not: resident
+    /// memory grows as it would without the list.
     ///
     /// # Safety
     ///
@@ -357,7 +356,8 @@ impl Heap {
         if bump >= end {
             return false;
         }
-        let count = (EXTEND_BYTES / size).clamp(1, (end - bump) / size);
+        let os_page_end = (bump & !(OS_PAGE - 1)) + OS_PAGE;
+        let count = (os_page_end - bump).div_ceil(size).min((end - bump) / size);
         for i in 0..count {
             let block = (bump + i * size) as *mut Block;
             let next = if i + 1 < count { (bump + (i + 1) * size) as *mut Block } else { ptr::null_mut() };
@@ -1005,6 +1005,9 @@ impl Heap {
                 (*next).prev.set(prev);
             }
             if local.spare.is_null() && !self.is_ended() {
+                // Kept for reuse, but holding no memory: its single-slot
+                // pages were not discarded when they were retired.
+                os::discard(slot_address(seg, 1), SEGMENT_SIZE - SLOT_SIZE);
                 local.spare = seg;
             } else {
                 add_serial(&self.counters.mapped_bytes, (SEGMENT_SIZE as u64).wrapping_neg());

@@ -22,6 +22,7 @@
 //!   CPython's debug hooks, on top of the interheap allocator.
 
 mod report;
+mod text;
 
 use std::ffi::{c_char, c_int, CString};
 use std::os::unix::ffi::OsStrExt;
@@ -78,6 +79,7 @@ fn main() {
         }
     }
     report::register_at_exit();
+    text::release_start_up_pages();
     // SAFETY: as above; Py_BytesMain runs Python and finalizes it.
     let code = unsafe { ffi::Py_BytesMain(argc, argv.as_mut_ptr()) };
     std::process::exit(code);
