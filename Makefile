@@ -1,5 +1,5 @@
 # interheap: the two commands a fresh machine needs are `make demo` and `make test`.
-.PHONY: setup demo test bench bench-instructions bench-allocator bench-allocator-instructions bench-scaling bench-pyalloc bench-adapters fuzz regrtest fmt clean
+.PHONY: setup demo test bench bench-instructions bench-allocator bench-allocator-instructions bench-allocator-callgrind bench-scaling bench-pyalloc bench-adapters fuzz regrtest fmt clean
 
 PYTHON := .venv/bin/python
 
@@ -32,6 +32,11 @@ bench-allocator: setup
 # Instructions per PyObject_Malloc(32) + PyObject_Free pair: pymalloc, mimalloc, interheap (callgrind).
 bench-allocator-instructions: setup
 	$(PYTHON) bench/allocator_instructions.py
+
+# pyperformance by instruction count (callgrind, repeatable): pymalloc vs mimalloc vs interheap.
+bench-allocator-callgrind: setup
+	$(PYTHON) -m pip install -q --disable-pip-version-check pyperformance
+	$(PYTHON) bench/pyperformance_instructions.py $(BENCH_ARGS)
 
 # Throughput of 2 isolated interpreters in parallel against 1: interheap-python, then pymalloc.
 bench-scaling: setup

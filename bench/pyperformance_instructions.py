@@ -1,0 +1,111 @@
+"""pyperformance by instruction count: the allocators compared without timing noise.
+
+Timed ratios on a shared 2-core machine move by several percent from run to
+run; instruction counts from ``valgrind --tool=callgrind`` repeat exactly. For
+each benchmark and configuration, the pyperformance worker runs twice under
+callgrind, with ``L`` and ``2 L`` loops (one value, no warmup); the difference
+of the two totals over ``L`` is the instructions of one loop of the benchmark
+alone (start-up, imports and pyperf's own work cancel). Configurations as in
+``bench/pyperformance_hooks.py``: ``none`` (pymalloc), ``mimalloc``
+(``PYTHONMALLOC=mimalloc``, 3.13+) and ``interheap`` (the launcher).
+
+Instructions are not time (cache misses and branch mispredictions are not
+counted), but every instruction an allocator saves is one the benchmark does
+not run; the timed benchmark (``make bench-allocator``) is the other half.
+
+    python bench/pyperformance_instructions.py [--benchmarks a,b] [--jobs 2] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from callgrind import instructions_of
+from pyperformance_hooks import child_env, command, find_benchmarks_dir, resolve
+
+# Benchmarks whose loop takes at most about 0.3 s (callgrind runs ~50x slower).
+DEFAULT_BENCHMARKS = [
+    "richards",
+    "nbody",
+    "float",
+    "chaos",
+    "deltablue",
+    "go",
+    "hexiom",
+    "nqueens",
+    "json_dumps",
+    "json_loads",
+    "pickle_pure_python",
+    "generators",
+]
+# Loops per benchmark for the short run (the long one runs twice as many):
+# enough that one loop's work dwarfs the noise of pyperf's bookkeeping.
+LOOPS = {"deltablue": 8, "hexiom": 4, "json_dumps": 2, "json_loads": 40, "pickle_pure_python": 4}
+
+
+def per_loop(python: str, config: str, name: str, bench_dir: Path, workdir: str) -> float:
+    script, extra = resolve(name, bench_dir)
+    loops = LOOPS.get(name, 1)
+    totals = []
+    for n in (loops, 2 * loops):
+        out = Path(workdir, f"{name}.{config}.{n}.json")
+        argv = command(python, config, script, extra, n, 1, 0, out)
+        if argv[0] == "env":  # the mimalloc config: set the variable ourselves
+            argv = argv[2:]
+        env = child_env()
+        if config == "mimalloc":
+            env["PYTHONMALLOC"] = "mimalloc"
+        env["PYTHONHASHSEED"] = "0"
+        count, _ = instructions_of(argv, str(out) + ".cg", env=env)
+        totals.append(count)
+    return (totals[1] - totals[0]) / loops
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--benchmarks", default=",".join(DEFAULT_BENCHMARKS))
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args()
+    python = sys.executable
+    configs = ["none", *(["mimalloc"] if sys.version_info >= (3, 13) else []), "interheap"]
+    names = [b for b in args.benchmarks.split(",") if b]
+    bench_dir = find_benchmarks_dir()
+    with tempfile.TemporaryDirectory() as workdir, ThreadPoolExecutor(args.jobs) as pool:
+        jobs = {
+            (n, c): pool.submit(per_loop, python, c, n, bench_dir, workdir) for n in names for c in configs
+        }
+        figures = {key: job.result() for key, job in jobs.items()}
+    print(f"instructions per benchmark loop (callgrind), Python {sys.version.split()[0]}")
+    header = f"{'benchmark':<20}{'none (M)':>12}" + "".join(f"{c + ' ratio':>18}" for c in configs[1:])
+    print(header)
+    print("-" * len(header))
+    ratios: dict[str, list[float]] = {c: [] for c in configs[1:]}
+    for n in names:
+        base = figures[(n, "none")]
+        row = f"{n:<20}{base / 1e6:>12.1f}"
+        for c in configs[1:]:
+            ratio = figures[(n, c)] / base
+            ratios[c].append(ratio)
+            row += f"{ratio:>18.3f}"
+        print(row)
+    geo = {c: math.exp(sum(map(math.log, rs)) / len(rs)) for c, rs in ratios.items()}
+    print("geomean " + "   ".join(f"{c}/none = {g:.3f}" for c, g in geo.items()))
+    if args.json:
+        doc = {
+            "python": sys.version,
+            "per_loop": {f"{n}/{c}": v for (n, c), v in figures.items()},
+            "geomean": geo,
+        }
+        Path(args.json).write_text(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    main()
