@@ -209,7 +209,7 @@ extern "C" fn fork_child() {
     // SAFETY: fork_prepare took CACHES on this thread just before the fork
     // and forgot its guard; we hold it until fork_finish releases it.
     let all = unsafe { CACHES.get_unlocked() };
-    let _ = CACHE.try_with(|me| {
+    CACHE.with(|me| {
         let me = me as *const InterpreterCache as usize;
         all.retain(|&c| c == me);
     });
@@ -382,11 +382,16 @@ struct InterpreterCache {
     listing: Cell<u8>,
 }
 
+// CACHE relies on this: a thread-local without a destructor is never torn down.
+const _: () = assert!(!std::mem::needs_drop::<InterpreterCache>());
+
 const UNLISTED: u8 = 0;
 const LISTED: u8 = 1;
 const DELISTED: u8 = 2;
 
 thread_local! {
+    /// No destructor (nothing in it needs dropping), so it stays usable to
+    /// the thread's very end, during other thread-locals' destructors too.
     static CACHE: InterpreterCache = const {
         InterpreterCache {
             tstate: AtomicPtr::new(NO_TSTATE),
@@ -409,7 +414,7 @@ struct DelistAtExit;
 
 impl Drop for DelistAtExit {
     fn drop(&mut self) {
-        let _ = CACHE.try_with(|cache| {
+        CACHE.with(|cache| {
             let mut all = CACHES.lock();
             let me = cache as *const InterpreterCache as usize;
             all.retain(|&c| c != me);
@@ -551,7 +556,7 @@ fn current_interpreter_heap_slow(part: usize) -> Option<&'static Heap> {
     if id < 0 {
         return None;
     }
-    let filled = CACHE.try_with(|cache| {
+    let heaps = CACHE.with(|cache| {
         let heaps = if cache.id.get() == id && !cache.heaps.get()[0].is_null() {
             cache.heaps.get()
         } else {
@@ -574,14 +579,6 @@ fn current_interpreter_heap_slow(part: usize) -> Option<&'static Heap> {
         }
         heaps
     });
-    let heaps = match filled {
-        Ok(heaps) => heaps,
-        // Thread-locals are gone (thread exit): look up without caching.
-        Err(_) => {
-            let entry = interpreter_heaps_lookup(id, interp);
-            [entry.heaps[0] as *const Heap, entry.heaps[1] as *const Heap]
-        }
-    };
     // SAFETY: both entries point to leaked heaps.
     Some(unsafe { &*heaps[part] })
 }
@@ -590,7 +587,7 @@ fn current_interpreter_heap_slow(part: usize) -> Option<&'static Heap> {
 /// interpreter.
 #[inline(always)]
 fn cached_interpreter_token() -> Option<usize> {
-    CACHE.try_with(|cache| cache_is_current(cache).then(|| cache.token.get())).ok().flatten()
+    CACHE.with(|cache| cache_is_current(cache).then(|| cache.token.get()))
 }
 
 /// The calling thread's owner token for interpreter heaps: its current

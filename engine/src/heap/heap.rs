@@ -900,11 +900,7 @@ impl Heap {
             if p.class.get() as usize >= PAGED_CLASSES {
                 return self.retire_single(page, block);
             }
-            let b = block as *mut Block;
-            (*b).next = p.free.get();
-            p.free.set(b);
-            let used = p.used.get() - 1;
-            p.used.set(used);
+            let used = push_free(p, block);
             // One branch on the fast path: the page was full (not queued) or is now empty.
             if !p.queued.get() | (used == 0) {
                 self.after_give_back(page, used);
@@ -1256,19 +1252,33 @@ pub unsafe fn free_fast(ptr: *mut u8, owns: impl FnOnce(*const Heap) -> bool) ->
         if !p.queued.get() {
             return false;
         }
-        // SAFETY: a queued page is paged, so its class is < PAGED_CLASSES.
-        add_serial(heap.counters.frees.get_unchecked(p.class.get() as usize), 1);
-        heap.give_room(p.block_size.get());
-        let b = ptr as *mut Block;
-        (*b).next = p.free.get();
-        p.free.set(b);
-        let used = p.used.get() - 1;
-        p.used.set(used);
-        if used == 0 {
+        // SAFETY (of the hint): only paged pages are ever queued; telling the
+        // compiler spares count_owner_free its large-block branch here.
+        std::hint::assert_unchecked((p.class.get() as usize) < PAGED_CLASSES);
+        heap.count_owner_free(p);
+        if push_free(p, ptr) == 0 {
             heap.after_give_back(page, 0);
         }
     }
     true
+}
+
+/// Pushes `block` onto the free list of its paged page `p` and returns the
+/// page's blocks still in use (the structural core of every small free).
+///
+/// # Safety
+///
+/// The caller owns the page's heap (or holds its lock while ended); `block`
+/// is a live block of `p`.
+#[inline(always)]
+unsafe fn push_free(p: &Page, block: *mut u8) -> u32 {
+    let b = block as *mut Block;
+    // SAFETY: per the contract, the block is ours to write (its first word links the list).
+    unsafe { (*b).next = p.free.get() };
+    p.free.set(b);
+    let used = p.used.get() - 1;
+    p.used.set(used);
+    used
 }
 
 /// [`free`], calling `before(usable_size)` first when the block is ours (one
