@@ -7,23 +7,10 @@ from __future__ import annotations
 import itertools
 import re
 import subprocess
-import sys
 
 import pytest
 from c_build import ROOT, build_program
 from conftest import FREE_THREADED, child_env
-
-# Known bug, found at merge time and not fixed yet: on CPython 3.12 the
-# pre-initialization free-list and dispatcher programs crash intermittently
-# (glibc "free(): invalid pointer" / "munmap_chunk(): invalid pointer", or
-# SIGSEGV in dispatcher_stress; about 1 run in 8 of this module),
-# never seen on 3.13 or 3.13t in 40+ runs each. Marked as an expected,
-# non-strict failure so it shows in every report instead of failing CI at random.
-KNOWN_312_CRASH = pytest.mark.xfail(
-    sys.version_info < (3, 13),
-    reason="intermittent crash of the pre-init free-list programs on 3.12 (issue 4 follow-up)",
-    strict=False,
-)
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +33,6 @@ def section(out: str, title: str) -> str:
     return out.split(title, 1)[1].split("\n\n", 1)[0]
 
 
-@KNOWN_312_CRASH
 @pytest.mark.parametrize("static", [False, True], ids=["shared", "static"])
 def test_example_embeds_python_with_a_legacy_allocator(build_dir, static):
     exe = build_program(
@@ -67,7 +53,6 @@ def test_example_embeds_python_with_a_legacy_allocator(build_dir, static):
     assert "overlapping_calls=0" in out and "consistent=NO" not in out
 
 
-@KNOWN_312_CRASH
 def test_dispatcher_under_parallel_interpreters(build_dir):
     exe = build_program(ROOT / "tests" / "c" / "dispatcher_stress.c", build_dir / "dispatcher_stress")
     out = run_program(exe, "all")
@@ -75,7 +60,6 @@ def test_dispatcher_under_parallel_interpreters(build_dir):
     assert "FAILED" not in out
 
 
-@KNOWN_312_CRASH
 def test_dispatcher_releases_instances_of_ended_interpreters(build_dir):
     # Raw only, and no pymalloc (which leaks three raw blocks per
     # interpreter): every ended interpreter's instance must be released.
@@ -86,7 +70,6 @@ def test_dispatcher_releases_instances_of_ended_interpreters(build_dir):
     assert out.count("(released)") == 4
 
 
-@KNOWN_312_CRASH
 def test_dispatcher_keeps_instances_that_still_hold_blocks(build_dir):
     # With pymalloc, each ended interpreter leaves blocks behind: the
     # dispatcher reports them and keeps the instance.
@@ -96,6 +79,21 @@ def test_dispatcher_keeps_instances_that_still_hold_blocks(build_dir):
     out = run_program(exe, "raw")
     assert "released: 0" in out
     assert re.search(r"interpreter [1-4] holds [1-9]\d* raw", out)
+
+
+def test_the_raw_allocator_is_never_swapped_out_while_subinterpreters_start(build_dir):
+    # CPython 3.12 swaps the raw domain back to malloc in every interpreter's
+    # start-up (gh-111924); with other interpreters running, that crashed the
+    # pre-init programs above about 1 run in 150. The program counts the
+    # swaps (it interposes _PyMem_SetDefaultAllocator); interheap's guard must
+    # leave none in subinterpreters. Python's own start-up keeps its swaps,
+    # which shows that the counting sees them.
+    exe = build_program(ROOT / "tests" / "c" / "raw_allocator_swaps.c", build_dir / "raw_allocator_swaps")
+    out = run_program(exe)
+    counts = re.search(r"SWAPS start-up (\d+) subinterpreters (\d+)", out)
+    assert counts, out
+    assert int(counts[1]) > 0, "the program did not see Python's start-up swaps: the count proves nothing"
+    assert int(counts[2]) == 0, f"the raw allocator was swapped out {counts[2]} times while subinterpreters started"
 
 
 def test_c_api_refusals(build_dir):

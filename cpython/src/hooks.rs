@@ -239,6 +239,11 @@ pub(crate) fn get_allocator(domain: Domain) -> PyMemAllocatorEx {
 }
 
 pub(crate) fn set_allocator(domain: Domain, mut allocator: PyMemAllocatorEx) {
+    if domain == Domain::Raw {
+        // 3.12 would otherwise swap our raw allocator out while other
+        // interpreters run (see raw_swap_guard).
+        crate::raw_swap_guard::close();
+    }
     // SAFETY: `allocator` is a complete, valid allocator struct; CPython
     // copies it. The caller holds CONTROL and, per the module docs, no other
     // thread allocates during install/uninstall.

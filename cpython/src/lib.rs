@@ -20,6 +20,9 @@
 //!   before initialization: one heap per interpreter for mem and object, a
 //!   shared per-thread heap for raw (options 1 and 4 of the design discussion).
 //!
+//! * [`raw_swap_guard`]: keeps CPython 3.12 from swapping the raw domain back
+//!   to `malloc` while other interpreters run (gh-111924).
+//!
 //! Nothing here calls Python, raises, or unwinds from a hook (fact 8).
 
 pub mod adapters;
@@ -29,3 +32,4 @@ pub mod c_api;
 pub mod hook_thread;
 pub mod hooks;
 pub mod interp;
+pub mod raw_swap_guard;

@@ -9,24 +9,28 @@
 
 #include "interheap_allocator.h"
 
-/* Pre-initializes, installs the interheap allocator for every domain and
- * initializes; exits with 3 (printing why) if the install is refused. */
-static void start_with_interheap(void) {
+/* Pre-initializes, installs the interheap allocator for `domains`
+ * (INTERHEAP_DOMAIN_*) and initializes; exits with 3 (printing why) if the
+ * install is refused. */
+static inline void start_with_interheap_for(unsigned domains) {
     char err[512];
     PyPreConfig pre;
     PyPreConfig_InitPythonConfig(&pre);
     PyStatus status = Py_PreInitialize(&pre);
     if (PyStatus_Exception(status)) Py_ExitStatusException(status);
-    if (interheap_allocator_install(INTERHEAP_DOMAIN_ALL, err, sizeof err) != 0) {
+    if (interheap_allocator_install(domains, err, sizeof err) != 0) {
         printf("install refused: %s\n", err);
         exit(3);
     }
     Py_Initialize();
 }
 
+/* The same for every domain. */
+static inline void start_with_interheap(void) { start_with_interheap_for(INTERHEAP_DOMAIN_ALL); }
+
 /* A new isolated interpreter (own GIL, own obmalloc state); its first thread
  * state is current on return, or NULL (printed) on failure. */
-static PyThreadState *new_isolated_interpreter(void) {
+static inline PyThreadState *new_isolated_interpreter(void) {
     PyInterpreterConfig config = {
         .use_main_obmalloc = 0,
         .allow_fork = 0,
@@ -46,7 +50,7 @@ static PyThreadState *new_isolated_interpreter(void) {
 }
 
 /* Prints "<tag> <the allocator's JSON report>" on one line. */
-static void print_report(const char *tag) {
+static inline void print_report(const char *tag) {
     char *report = interheap_allocator_report_json();
     printf("%s %s\n", tag, report ? report : "null");
     interheap_allocator_free_string(report);

@@ -1,0 +1,300 @@
+//! Closing CPython 3.12's raw-allocator swap during subinterpreter start-up.
+//!
+//! Every interpreter that 3.12 starts runs `init_sys_streams`, which ends
+//! with `_Py_ClearStandardStreamEncoding()`. That function sets the
+//! process-wide raw domain back to `malloc` (`_PyMem_SetDefaultAllocator`),
+//! frees two strings that only `Py_SetStandardStreamEncoding` ever sets, and
+//! puts the previous raw allocator back. Under one GIL nobody could see the
+//! gap. With own-GIL subinterpreters running in parallel, another
+//! interpreter's `PyMem_RawFree` can land in that window and hand one of
+//! *our* blocks to glibc's `free` ("munmap_chunk(): invalid pointer"), or
+//! take a glibc block we later receive. This is CPython gh-111924, fixed in
+//! 3.14 by never swapping; 3.13 no longer has the function.
+//!
+//! Once a replacement raw allocator is installed on 3.12, this module points
+//! libpython's own call slot for `_Py_ClearStandardStreamEncoding` (its PLT
+//! GOT entry, found through the ELF dynamic section) at [`clear_streams`],
+//! which calls the original only where no other interpreter can be running:
+//! in the main interpreter (its start-up, before any subinterpreter exists)
+//! or with no thread state (`Py_Main`'s clean-up after finalization). In a
+//! subinterpreter the strings were already cleared by the main interpreter's
+//! start-up, so skipping the call there loses nothing but the swap.
+//!
+//! Patching the slot rather than defining the symbol in the launcher makes
+//! it independent of link order, so it covers programs that link
+//! libinterheap too. A libpython linked statically has no slot; the guard
+//! then reports [`SwapGuard::Unavailable`].
+
+/// What [`close`] achieved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SwapGuard {
+    /// This CPython never swaps the raw allocator while interpreters run.
+    NotNeeded,
+    /// libpython's calls to `_Py_ClearStandardStreamEncoding` now go through
+    /// the guard.
+    Installed,
+    /// The slot could not be found or written (the reason).
+    Unavailable(&'static str),
+}
+
+/// Installs the guard once (idempotent, thread-safe); returns its state.
+pub fn close() -> SwapGuard {
+    imp::close()
+}
+
+/// The guard's state, without installing it.
+pub fn state() -> Option<SwapGuard> {
+    imp::state()
+}
+
+#[cfg(Py_3_13)]
+mod imp {
+    use super::SwapGuard;
+
+    pub fn close() -> SwapGuard {
+        SwapGuard::NotNeeded
+    }
+
+    pub fn state() -> Option<SwapGuard> {
+        Some(SwapGuard::NotNeeded)
+    }
+}
+
+#[cfg(all(not(Py_3_13), not(all(target_os = "linux", target_pointer_width = "64"))))]
+mod imp {
+    use super::SwapGuard;
+
+    pub fn close() -> SwapGuard {
+        SwapGuard::Unavailable("only implemented for 64-bit Linux (ELF)")
+    }
+
+    pub fn state() -> Option<SwapGuard> {
+        Some(close())
+    }
+}
+
+#[cfg(all(not(Py_3_13), target_os = "linux", target_pointer_width = "64"))]
+mod imp {
+    use super::SwapGuard;
+    use std::ffi::{c_void, CStr};
+    use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+    use std::sync::OnceLock;
+
+    const SYMBOL: &CStr = c"_Py_ClearStandardStreamEncoding";
+
+    static STATE: OnceLock<SwapGuard> = OnceLock::new();
+    /// libpython's own `_Py_ClearStandardStreamEncoding`, set before the slot
+    /// is pointed at [`clear_streams`] (so the guard never sees it null).
+    static ORIGINAL: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+
+    pub fn close() -> SwapGuard {
+        *STATE.get_or_init(patch)
+    }
+
+    pub fn state() -> Option<SwapGuard> {
+        STATE.get().copied()
+    }
+
+    /// Stands in for `_Py_ClearStandardStreamEncoding` (see the module docs).
+    extern "C" fn clear_streams() {
+        // SAFETY: reading the calling thread's state pointer never blocks and
+        // is valid with or without an attached thread state.
+        let tstate = unsafe { pyo3_ffi::compat::PyThreadState_GetUnchecked() };
+        let alone = tstate.is_null()
+            // SAFETY: `tstate` is the caller's live, current thread state.
+            || unsafe { pyo3_ffi::PyThreadState_GetInterpreter(tstate) == pyo3_ffi::PyInterpreterState_Main() };
+        let original = ORIGINAL.load(Ordering::Acquire);
+        if alone && !original.is_null() {
+            // SAFETY: ORIGINAL is the address of libpython's
+            // `void _Py_ClearStandardStreamEncoding(void)`.
+            let original: extern "C" fn() = unsafe { std::mem::transmute(original) };
+            original();
+        }
+    }
+
+    #[repr(C)]
+    struct Dyn {
+        tag: i64,
+        val: u64,
+    }
+
+    #[repr(C)]
+    struct Rela {
+        offset: u64,
+        info: u64,
+        addend: i64,
+    }
+
+    #[repr(C)]
+    struct Sym {
+        name: u32,
+        info: u8,
+        other: u8,
+        shndx: u16,
+        value: u64,
+        size: u64,
+    }
+
+    const DT_NULL: i64 = 0;
+    const DT_PLTRELSZ: i64 = 2;
+    const DT_STRTAB: i64 = 5;
+    const DT_SYMTAB: i64 = 6;
+    const DT_RELA: i64 = 7;
+    const DT_RELASZ: i64 = 8;
+    const DT_JMPREL: i64 = 23;
+
+    /// What `dl_iterate_phdr`'s callback found for the object holding `target`.
+    struct Search {
+        target: usize,
+        bias: usize,
+        dynamic: usize,
+        relro: (usize, usize),
+    }
+
+    fn patch() -> SwapGuard {
+        // SAFETY: dlsym with a NUL-terminated name only looks the symbol up.
+        let original = unsafe { libc::dlsym(libc::RTLD_DEFAULT, SYMBOL.as_ptr()) };
+        if original.is_null() {
+            return SwapGuard::Unavailable("libpython does not export _Py_ClearStandardStreamEncoding");
+        }
+        let mut search = Search { target: original as usize, bias: 0, dynamic: 0, relro: (0, 0) };
+        // SAFETY: the callback only reads the records glibc hands it.
+        unsafe { libc::dl_iterate_phdr(Some(find_object), (&raw mut search).cast()) };
+        if search.dynamic == 0 {
+            return SwapGuard::Unavailable("no dynamic section for the object defining the symbol");
+        }
+        // SAFETY: `dynamic` is the loaded object's PT_DYNAMIC, which glibc
+        // keeps mapped for the object's life and which ends with DT_NULL.
+        let slots = unsafe { find_slots(&search) };
+        if slots.is_empty() {
+            return SwapGuard::Unavailable(
+                "libpython calls _Py_ClearStandardStreamEncoding directly (no slot)",
+            );
+        }
+        ORIGINAL.store(original, Ordering::Release);
+        let guard = clear_streams as extern "C" fn() as usize;
+        for slot in slots {
+            // SAFETY: `slot` is a GOT entry of a loaded object, 8-byte aligned.
+            let written = unsafe { write_slot(slot, search.relro, guard) };
+            if let Err(why) = written {
+                return SwapGuard::Unavailable(why);
+            }
+        }
+        SwapGuard::Installed
+    }
+
+    unsafe extern "C" fn find_object(info: *mut libc::dl_phdr_info, _size: usize, data: *mut c_void) -> i32 {
+        // SAFETY: glibc passes a valid record, and `data` is our `Search`.
+        let (info, search) = unsafe { (&*info, &mut *data.cast::<Search>()) };
+        // SAFETY: `dlpi_phdr` has `dlpi_phnum` entries.
+        let headers = unsafe { std::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) };
+        let bias = info.dlpi_addr as usize;
+        let range =
+            |ph: &libc::Elf64_Phdr| (bias + ph.p_vaddr as usize, bias + (ph.p_vaddr + ph.p_memsz) as usize);
+        let holds = headers.iter().filter(|ph| ph.p_type == libc::PT_LOAD).any(|ph| {
+            let (start, end) = range(ph);
+            (start..end).contains(&search.target)
+        });
+        if !holds {
+            return 0;
+        }
+        search.bias = bias;
+        for ph in headers {
+            match ph.p_type {
+                libc::PT_DYNAMIC => search.dynamic = range(ph).0,
+                libc::PT_GNU_RELRO => search.relro = range(ph),
+                _ => {}
+            }
+        }
+        1
+    }
+
+    /// The GOT entries through which the object calls [`SYMBOL`]: its PLT
+    /// slots (`DT_JMPREL`) and, for `-fno-plt` builds, `DT_RELA` entries.
+    ///
+    /// # Safety
+    /// `search.dynamic` is a loaded object's dynamic section.
+    unsafe fn find_slots(search: &Search) -> Vec<usize> {
+        // glibc relocates most d_ptr values in place (x86-64, AArch64), other
+        // loaders do not: an address below the load bias is still relative.
+        let absolute = |value: u64| {
+            let value = value as usize;
+            if value < search.bias {
+                value + search.bias
+            } else {
+                value
+            }
+        };
+        let (mut strtab, mut symtab) = (0, 0);
+        let mut tables = [(0usize, 0usize); 2]; // (JMPREL, PLTRELSZ), (RELA, RELASZ)
+        let mut entry = search.dynamic as *const Dyn;
+        loop {
+            // SAFETY: the section ends with DT_NULL, which stops the loop.
+            let d = unsafe { &*entry };
+            match d.tag {
+                DT_NULL => break,
+                DT_STRTAB => strtab = absolute(d.val),
+                DT_SYMTAB => symtab = absolute(d.val),
+                DT_JMPREL => tables[0].0 = absolute(d.val),
+                DT_PLTRELSZ => tables[0].1 = d.val as usize,
+                DT_RELA => tables[1].0 = absolute(d.val),
+                DT_RELASZ => tables[1].1 = d.val as usize,
+                _ => {}
+            }
+            // SAFETY: still inside the section (DT_NULL not reached yet).
+            entry = unsafe { entry.add(1) };
+        }
+        if strtab == 0 || symtab == 0 {
+            return Vec::new();
+        }
+        let mut slots = Vec::new();
+        for (start, bytes) in tables.into_iter().filter(|&(start, _)| start != 0) {
+            // SAFETY: the table lies in a loaded segment, `bytes` long.
+            let relocations = unsafe {
+                std::slice::from_raw_parts(start as *const Rela, bytes / std::mem::size_of::<Rela>())
+            };
+            for r in relocations {
+                let index = (r.info >> 32) as usize;
+                if index == 0 {
+                    continue;
+                }
+                // SAFETY: a relocation's symbol index is within the symbol
+                // table, and its name offset within the string table.
+                let name = unsafe {
+                    let sym = &*(symtab as *const Sym).add(index);
+                    CStr::from_ptr((strtab + sym.name as usize) as *const libc::c_char)
+                };
+                if name == SYMBOL {
+                    slots.push(search.bias + r.offset as usize);
+                }
+            }
+        }
+        slots
+    }
+
+    /// Stores `value` in the GOT slot, lifting RELRO's read-only protection
+    /// around the write when the slot lies in it (`-z now` builds).
+    ///
+    /// # Safety
+    /// `slot` is an aligned GOT entry of a loaded object.
+    unsafe fn write_slot(slot: usize, relro: (usize, usize), value: usize) -> Result<(), &'static str> {
+        let page = 4096usize;
+        let start = slot & !(page - 1);
+        let protected = (relro.0..relro.1).contains(&slot);
+        let protect = |flags| {
+            // SAFETY: `start` is a mapped page of the object (it holds `slot`).
+            unsafe { libc::mprotect(start as *mut c_void, page, flags) == 0 }
+        };
+        if protected && !protect(libc::PROT_READ | libc::PROT_WRITE) {
+            return Err("mprotect refused to make the GOT page writable");
+        }
+        // SAFETY: the slot is a word other threads may load concurrently (a
+        // call through the PLT); an atomic store keeps every load whole.
+        unsafe { AtomicUsize::from_ptr(slot as *mut usize) }.store(value, Ordering::Release);
+        // Restores RELRO's protection.
+        if protected && !protect(libc::PROT_READ) {
+            return Err("mprotect refused to restore the GOT page's protection");
+        }
+        Ok(())
+    }
+}
