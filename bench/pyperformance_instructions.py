@@ -9,11 +9,16 @@ alone (start-up, imports and pyperf's own work cancel). Configurations as in
 ``bench/pyperformance_hooks.py``: ``none`` (pymalloc), ``mimalloc``
 (``PYTHONMALLOC=mimalloc``, 3.13+) and ``interheap`` (the launcher).
 
-Instructions are not time (cache misses and branch mispredictions are not
-counted), but every instruction an allocator saves is one the benchmark does
-not run; the timed benchmark (``make bench-allocator``) is the other half.
+Instructions are not time: cache misses and branch mispredictions are not
+counted, and an allocator that saves instructions but spreads memory can
+lose them again in misses. ``--cache-sim`` also runs callgrind's cache model
+(the host's L1 and last-level geometry) and prints, per benchmark, the ratio
+of estimated cycles (instructions + 10 per L1 miss + 100 per last-level
+miss, KCachegrind's estimate) and of L1 data misses: repeatable stand-ins
+for time on a machine where timing is noise. The timed benchmark
+(``make bench-allocator``) is the other half.
 
-    python bench/pyperformance_instructions.py [--benchmarks a,b] [--jobs 2] [--json OUT]
+    python bench/pyperformance_instructions.py [--benchmarks a,b] [--jobs 2] [--cache-sim] [--json OUT]
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from callgrind import instructions_of
+from callgrind import estimated_cycles, events_of
 from pyperformance_hooks import child_env, command, find_benchmarks_dir, resolve
 
 # Benchmarks whose loop takes at most about 0.3 s (callgrind runs ~50x slower).
@@ -50,7 +55,11 @@ DEFAULT_BENCHMARKS = [
 LOOPS = {"deltablue": 8, "hexiom": 4, "json_dumps": 2, "json_loads": 40, "pickle_pure_python": 4}
 
 
-def per_loop(python: str, config: str, name: str, bench_dir: Path, workdir: str) -> float:
+def per_loop(
+    python: str, config: str, name: str, bench_dir: Path, workdir: str, cache_sim: bool
+) -> dict[str, float]:
+    """Per loop of the benchmark: instructions (``Ir``) and, with the cache
+    model, estimated cycles (``cycles``) and L1 data misses (``D1m``)."""
     script, extra = resolve(name, bench_dir)
     loops = LOOPS.get(name, 1)
     totals = []
@@ -63,15 +72,43 @@ def per_loop(python: str, config: str, name: str, bench_dir: Path, workdir: str)
         if config == "mimalloc":
             env["PYTHONMALLOC"] = "mimalloc"
         env["PYTHONHASHSEED"] = "0"
-        count, _ = instructions_of(argv, str(out) + ".cg", env=env)
-        totals.append(count)
-    return (totals[1] - totals[0]) / loops
+        events, _ = events_of(argv, str(out) + ".cg", env=env, cache_sim=cache_sim)
+        metrics = {"Ir": events["Ir"]}
+        if cache_sim:
+            metrics["cycles"] = estimated_cycles(events)
+            metrics["D1m"] = events["D1mr"] + events["D1mw"]
+        totals.append(metrics)
+    return {k: (totals[1][k] - totals[0][k]) / loops for k in totals[0]}
+
+
+def print_table(
+    title: str, metric: str, names: list[str], configs: list[str], figures: dict
+) -> dict[str, float]:
+    """One table of ratios against ``none``; returns the geometric means."""
+    print(title)
+    header = f"{'benchmark':<20}{'none (M)':>12}" + "".join(f"{c + ' ratio':>18}" for c in configs[1:])
+    print(header)
+    print("-" * len(header))
+    ratios: dict[str, list[float]] = {c: [] for c in configs[1:]}
+    for n in names:
+        base = figures[(n, "none")][metric]
+        row = f"{n:<20}{base / 1e6:>12.1f}"
+        for c in configs[1:]:
+            ratio = figures[(n, c)][metric] / base
+            ratios[c].append(ratio)
+            row += f"{ratio:>18.3f}"
+        print(row)
+    geo = {c: math.exp(sum(map(math.log, rs)) / len(rs)) for c, rs in ratios.items()}
+    print("geomean " + "   ".join(f"{c}/none = {g:.3f}" for c, g in geo.items()))
+    print()
+    return geo
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--benchmarks", default=",".join(DEFAULT_BENCHMARKS))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--cache-sim", action="store_true", help="also estimated cycles and L1 misses")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     python = sys.executable
@@ -80,29 +117,31 @@ def main() -> None:
     bench_dir = find_benchmarks_dir()
     with tempfile.TemporaryDirectory() as workdir, ThreadPoolExecutor(args.jobs) as pool:
         jobs = {
-            (n, c): pool.submit(per_loop, python, c, n, bench_dir, workdir) for n in names for c in configs
+            (n, c): pool.submit(per_loop, python, c, n, bench_dir, workdir, args.cache_sim)
+            for n in names
+            for c in configs
         }
         figures = {key: job.result() for key, job in jobs.items()}
-    print(f"instructions per benchmark loop (callgrind), Python {sys.version.split()[0]}")
-    header = f"{'benchmark':<20}{'none (M)':>12}" + "".join(f"{c + ' ratio':>18}" for c in configs[1:])
-    print(header)
-    print("-" * len(header))
-    ratios: dict[str, list[float]] = {c: [] for c in configs[1:]}
-    for n in names:
-        base = figures[(n, "none")]
-        row = f"{n:<20}{base / 1e6:>12.1f}"
-        for c in configs[1:]:
-            ratio = figures[(n, c)] / base
-            ratios[c].append(ratio)
-            row += f"{ratio:>18.3f}"
-        print(row)
-    geo = {c: math.exp(sum(map(math.log, rs)) / len(rs)) for c, rs in ratios.items()}
-    print("geomean " + "   ".join(f"{c}/none = {g:.3f}" for c, g in geo.items()))
+    version = sys.version.split()[0]
+    geomeans = {
+        "Ir": print_table(
+            f"instructions per benchmark loop (callgrind), Python {version}", "Ir", names, configs, figures
+        )
+    }
+    if args.cache_sim:
+        geomeans["cycles"] = print_table(
+            "estimated cycles per loop (Ir + 10 x L1 misses + 100 x last-level misses)",
+            "cycles",
+            names,
+            configs,
+            figures,
+        )
+        geomeans["D1m"] = print_table("L1 data-cache misses per loop", "D1m", names, configs, figures)
     if args.json:
         doc = {
             "python": sys.version,
             "per_loop": {f"{n}/{c}": v for (n, c), v in figures.items()},
-            "geomean": geo,
+            "geomean": geomeans,
         }
         Path(args.json).write_text(json.dumps(doc, indent=1))
 
