@@ -14,8 +14,10 @@ counted, and an allocator that saves instructions but spreads memory can
 lose them again in misses. ``--cache-sim`` also runs callgrind's cache model
 (the host's L1 and last-level geometry) and prints, per benchmark, the ratio
 of estimated cycles (instructions + 10 per L1 miss + 100 per last-level
-miss, KCachegrind's estimate) and of L1 data misses: repeatable stand-ins
-for time on a machine where timing is noise. The timed benchmark
+miss, KCachegrind's estimate) and of L1 data misses: stand-ins for time
+on a machine where timing is noise. Misses depend on addresses (mapping
+places, temporary file names), so they move by about 1% from run to run,
+where instruction counts repeat exactly. The timed benchmark
 (``make bench-allocator``) is the other half.
 
     python bench/pyperformance_instructions.py [--benchmarks a,b] [--jobs 2] [--cache-sim] [--json OUT]
