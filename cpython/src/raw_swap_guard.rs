@@ -42,21 +42,12 @@ pub fn close() -> SwapGuard {
     imp::close()
 }
 
-/// The guard's state, without installing it.
-pub fn state() -> Option<SwapGuard> {
-    imp::state()
-}
-
 #[cfg(Py_3_13)]
 mod imp {
     use super::SwapGuard;
 
     pub fn close() -> SwapGuard {
         SwapGuard::NotNeeded
-    }
-
-    pub fn state() -> Option<SwapGuard> {
-        Some(SwapGuard::NotNeeded)
     }
 }
 
@@ -66,10 +57,6 @@ mod imp {
 
     pub fn close() -> SwapGuard {
         SwapGuard::Unavailable("only implemented for 64-bit Linux (ELF)")
-    }
-
-    pub fn state() -> Option<SwapGuard> {
-        Some(close())
     }
 }
 
@@ -89,10 +76,6 @@ mod imp {
 
     pub fn close() -> SwapGuard {
         *STATE.get_or_init(patch)
-    }
-
-    pub fn state() -> Option<SwapGuard> {
-        STATE.get().copied()
     }
 
     /// Stands in for `_Py_ClearStandardStreamEncoding` (see the module docs).
@@ -278,7 +261,8 @@ mod imp {
     /// # Safety
     /// `slot` is an aligned GOT entry of a loaded object.
     unsafe fn write_slot(slot: usize, relro: (usize, usize), value: usize) -> Result<(), &'static str> {
-        let page = 4096usize;
+        // SAFETY: sysconf only reads a system constant.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
         let start = slot & !(page - 1);
         let protected = (relro.0..relro.1).contains(&slot);
         let protect = |flags| {
