@@ -48,3 +48,67 @@ def instructions_of(command: list[str], out_file: str, env: dict[str, str] | Non
     """Runs ``command`` under callgrind; returns (instructions, its stdout)."""
     events, stdout = events_of(command, out_file, env)
     return events["Ir"], stdout
+
+
+# Functions that belong to an allocator, by the name callgrind records: CPython's
+# entry points (the same in every configuration), pymalloc, CPython's mimalloc,
+# glibc's malloc (pymalloc's large blocks and the raw domain) and interheap.
+ALLOCATOR_FUNCTION = re.compile(
+    r"^(?:"
+    r"PyObject_(?:Malloc|Calloc|Realloc|Free)|PyMem_(?:Raw)?(?:Malloc|Calloc|Realloc|Free)"
+    r"|_PyObject_(?:Malloc|Calloc|Realloc|Free)|_PyMem_Raw(?:Malloc|Calloc|Realloc|Free)"
+    r"|pymalloc_\w+|allocate_from_new_pool|new_arena|insert_to_(?:used|free)pool"
+    r"|_PyObject_Arena\w+|address_in_range"
+    r"|_Py(?:Object|Mem)_Mi\w+|_?mi_\w+"
+    r"|malloc|free|calloc|realloc|cfree|__libc_(?:malloc|free|calloc|realloc)|_int_\w+"
+    r"|malloc_\w+|unlink_chunk\S*|tcache_\w+|sysmalloc|systrim|munmap_chunk|mremap_chunk"
+    r"|interheap_engine::.*|interheap_cpython::allocator::.*"
+    r")(?:'\d+)?$"
+)
+
+
+def allocator_instructions(out_file: str) -> int:
+    """Instructions spent under allocator functions in a callgrind output file.
+
+    A function counts when ``ALLOCATOR_FUNCTION`` matches its name: its own
+    instructions, plus the whole cost of what it calls outside the allocator
+    (thread-state lookups through ``__tls_get_addr``, ``mmap``, ``memset`` for
+    calloc). Calls from one allocator function to another are not added twice.
+    Reads the first event column (``Ir``)."""
+    names: dict[str, str] = {}  # "(id)" -> name: callgrind compresses repeated names
+
+    def name_of(spec: str) -> str:
+        spec = spec.strip()
+        if spec.startswith("("):
+            ident, _, name = spec.partition(")")
+            ident += ")"
+            if name.strip():
+                names[ident] = name.strip()
+            return names.get(ident, "")
+        return spec
+
+    total = 0
+    positions = 1  # position columns before the costs ("positions: instr line" has two)
+    current_is_allocator = False
+    callee_is_allocator = False
+    after_calls = False  # the next cost line is a call's inclusive cost
+    with open(out_file, encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            if line.startswith("positions:"):
+                positions = len(line.split()) - 1
+            elif line.startswith("fn="):
+                current_is_allocator = bool(ALLOCATOR_FUNCTION.match(name_of(line[3:])))
+            elif line.startswith("cfn="):
+                callee_is_allocator = bool(ALLOCATOR_FUNCTION.match(name_of(line[4:])))
+            elif line.startswith("calls="):
+                after_calls = True
+            elif line[:1].isdigit() or line[:1] in "+-*":
+                fields = line.split()
+                cost = int(fields[positions]) if len(fields) > positions else 0
+                if after_calls:
+                    after_calls = False
+                    if current_is_allocator and not callee_is_allocator:
+                        total += cost
+                elif current_is_allocator:
+                    total += cost
+    return total

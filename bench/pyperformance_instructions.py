@@ -20,7 +20,15 @@ places, temporary file names), so they move by about 1% from run to run,
 where instruction counts repeat exactly. The timed benchmark
 (``make bench-allocator``) is the other half.
 
-    python bench/pyperformance_instructions.py [--benchmarks a,b] [--jobs 2] [--cache-sim] [--json OUT]
+``--allocator-share`` also counts the instructions spent under allocator
+functions (``callgrind.ALLOCATOR_FUNCTION``: CPython's entry points, pymalloc,
+mimalloc, glibc malloc, interheap; with what they call, such as thread-state
+lookups) and prints each configuration's share of the loop. ``1 - share``
+of pymalloc is the instruction ratio that an allocator costing nothing at
+all would reach: no allocator can beat it by saving instructions.
+
+    python bench/pyperformance_instructions.py [--benchmarks a,b] [--jobs 2] [--cache-sim]
+        [--allocator-share] [--json OUT]
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from callgrind import estimated_cycles, events_of
+from callgrind import allocator_instructions, estimated_cycles, events_of
 from pyperformance_hooks import child_env, command, find_benchmarks_dir, resolve
 
 # Benchmarks whose loop takes at most about 0.3 s (callgrind runs ~50x slower).
@@ -58,10 +66,11 @@ LOOPS = {"deltablue": 8, "hexiom": 4, "json_dumps": 2, "json_loads": 40, "pickle
 
 
 def per_loop(
-    python: str, config: str, name: str, bench_dir: Path, workdir: str, cache_sim: bool
+    python: str, config: str, name: str, bench_dir: Path, workdir: str, cache_sim: bool, share: bool
 ) -> dict[str, float]:
-    """Per loop of the benchmark: instructions (``Ir``) and, with the cache
-    model, estimated cycles (``cycles``) and L1 data misses (``D1m``)."""
+    """Per loop of the benchmark: instructions (``Ir``); with the cache model,
+    estimated cycles (``cycles``) and L1 data misses (``D1m``); with ``share``,
+    the instructions under allocator functions (``alloc``)."""
     script, extra = resolve(name, bench_dir)
     loops = LOOPS.get(name, 1)
     totals = []
@@ -74,8 +83,12 @@ def per_loop(
         if config == "mimalloc":
             env["PYTHONMALLOC"] = "mimalloc"
         env["PYTHONHASHSEED"] = "0"
-        events, _ = events_of(argv, str(out) + ".cg", env=env, cache_sim=cache_sim)
+        profile = str(out) + ".cg"
+        events, _ = events_of(argv, profile, env=env, cache_sim=cache_sim)
         metrics = {"Ir": events["Ir"]}
+        if share:
+            metrics["alloc"] = allocator_instructions(profile)
+        os.unlink(profile)  # tens of MB each
         if cache_sim:
             metrics["cycles"] = estimated_cycles(events)
             metrics["D1m"] = events["D1mr"] + events["D1mw"]
@@ -106,11 +119,36 @@ def print_table(
     return geo
 
 
+def print_shares(names: list[str], configs: list[str], figures: dict) -> dict[str, float]:
+    """The allocator's share of each loop's instructions, per configuration,
+    and the floor: the instruction ratio of an allocator that cost nothing
+    (pymalloc's loop without its allocator). Returns the floor's geomean."""
+    print("share of each loop's instructions spent under allocator functions")
+    header = f"{'benchmark':<20}" + "".join(f"{c + ' share':>18}" for c in configs) + f"{'floor ratio':>14}"
+    print(header)
+    print("-" * len(header))
+    floors = []
+    for n in names:
+        row = f"{n:<20}"
+        for c in configs:
+            row += f"{100 * figures[(n, c)]['alloc'] / figures[(n, c)]['Ir']:>17.2f}%"
+        base = figures[(n, "none")]
+        floors.append(1 - base["alloc"] / base["Ir"])
+        print(row + f"{floors[-1]:>14.3f}")
+    floor = math.exp(sum(map(math.log, floors)) / len(floors))
+    print(f"geomean floor = {floor:.3f}: no allocator can go below this by saving instructions")
+    print()
+    return {"zero-cost allocator": floor}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--benchmarks", default=",".join(DEFAULT_BENCHMARKS))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--cache-sim", action="store_true", help="also estimated cycles and L1 misses")
+    parser.add_argument(
+        "--allocator-share", action="store_true", help="also the instructions spent under allocator functions"
+    )
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     python = sys.executable
@@ -119,7 +157,9 @@ def main() -> None:
     bench_dir = find_benchmarks_dir()
     with tempfile.TemporaryDirectory() as workdir, ThreadPoolExecutor(args.jobs) as pool:
         jobs = {
-            (n, c): pool.submit(per_loop, python, c, n, bench_dir, workdir, args.cache_sim)
+            (n, c): pool.submit(
+                per_loop, python, c, n, bench_dir, workdir, args.cache_sim, args.allocator_share
+            )
             for n in names
             for c in configs
         }
@@ -139,6 +179,8 @@ def main() -> None:
             figures,
         )
         geomeans["D1m"] = print_table("L1 data-cache misses per loop", "D1m", names, configs, figures)
+    if args.allocator_share:
+        geomeans["floor"] = print_shares(names, configs, figures)
     if args.json:
         doc = {
             "python": sys.version,

@@ -177,3 +177,42 @@ def test_pythonmalloc_choices_are_honoured():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split(")")[0] + ")" == str(tuple(EXPECTED_DOMAINS))
     assert proc.stdout.strip().endswith("cd" * 16)
+
+
+# CPython 3.12 swaps the raw domain back to malloc in every interpreter's
+# start-up (gh-111924); 3.13 never does.
+SWAPS_RAW_AT_START = sys.version_info < (3, 13)
+
+
+def test_the_raw_swap_guard_is_reported_by_the_launcher_and_the_package():
+    code = (
+        "import json, interheap; "
+        "print(json.dumps([interheap.raw_swap_guard(), interheap.allocator_stats().raw_swap_guard]))"
+    )
+    expected = "installed" if SWAPS_RAW_AT_START else "not needed"
+    assert json.loads(launch("-c", code).stdout) == [expected, expected]
+
+    report = launch("-c", "pass", env={"INTERHEAP_REPORT": "1"}).stderr
+    line = "raw-swap guard (CPython 3.12, gh-111924): installed"
+    if SWAPS_RAW_AT_START:
+        assert line in report
+    else:
+        assert "raw-swap guard" not in report, "no line where nothing needs guarding"
+
+
+def test_the_raw_swap_guard_follows_the_hooks_under_plain_python():
+    code = (
+        "import json, interheap\n"
+        "before = interheap.raw_swap_guard()\n"
+        "interheap.install()\n"
+        "during = interheap.raw_swap_guard()\n"
+        "interheap.uninstall()\n"
+        "print(json.dumps([before, during, interheap.raw_swap_guard()]))\n"
+    )
+    states = json.loads(run_python(["-c", code]).stdout)
+    if SWAPS_RAW_AT_START:
+        # Nothing to guard until the hooks replace the raw domain; the guard
+        # then stays (it only ever skips a swap that has nothing left to do).
+        assert states == [None, "installed", "installed"]
+    else:
+        assert states == ["not needed"] * 3

@@ -810,8 +810,11 @@ pub fn heap_snapshots() -> Vec<HeapSnapshot> {
 
 /// The figures as JSON (see `report_json` in the docs of the Python package).
 pub fn report_json() -> String {
+    let guard = crate::raw_swap_guard::state().map_or("null".to_owned(), |g| {
+        format!("\"{}\"", g.to_string().replace('\\', "\\\\").replace('"', "\\\""))
+    });
     let mut out = format!(
-        "{{\"version\":1,\"fast_thread_state\":{},\"installed\":[",
+        "{{\"version\":1,\"fast_thread_state\":{},\"raw_swap_guard\":{guard},\"installed\":[",
         crate::interp::fast_tstate::enabled()
     );
     let names = installed().names();

@@ -21,7 +21,9 @@
 //!   shared per-thread heap for raw (options 1 and 4 of the design discussion).
 //!
 //! * [`raw_swap_guard`]: keeps CPython 3.12 from swapping the raw domain back
-//!   to `malloc` while other interpreters run (gh-111924).
+//!   to `malloc` while other interpreters run (gh-111924);
+//! * `loaded_object` (Linux): the program headers of the process's loaded
+//!   objects, for the guard and the launcher.
 //!
 //! Nothing here calls Python, raises, or unwinds from a hook (fact 8).
 
@@ -32,4 +34,6 @@ pub mod c_api;
 pub mod hook_thread;
 pub mod hooks;
 pub mod interp;
+#[cfg(all(target_os = "linux", target_pointer_width = "64"))]
+pub mod loaded_object;
 pub mod raw_swap_guard;

@@ -37,9 +37,29 @@ pub enum SwapGuard {
     Unavailable(&'static str),
 }
 
+impl std::fmt::Display for SwapGuard {
+    /// The words the report and the Python API use: `installed`,
+    /// `not needed`, `unavailable: <why>`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SwapGuard::NotNeeded => f.write_str("not needed"),
+            SwapGuard::Installed => f.write_str("installed"),
+            SwapGuard::Unavailable(why) => write!(f, "unavailable: {why}"),
+        }
+    }
+}
+
 /// Installs the guard once (idempotent, thread-safe); returns its state.
 pub fn close() -> SwapGuard {
     imp::close()
+}
+
+/// The guard's state in this copy of the glue: `None` on 3.12 until
+/// something replaced the raw domain (nothing to guard yet). A process may
+/// hold two copies (the launcher's and the extension module's); either one
+/// closing the gap closes it for the process.
+pub fn state() -> Option<SwapGuard> {
+    imp::state()
 }
 
 #[cfg(Py_3_13)]
@@ -48,6 +68,10 @@ mod imp {
 
     pub fn close() -> SwapGuard {
         SwapGuard::NotNeeded
+    }
+
+    pub fn state() -> Option<SwapGuard> {
+        Some(SwapGuard::NotNeeded)
     }
 }
 
@@ -58,12 +82,18 @@ mod imp {
     pub fn close() -> SwapGuard {
         SwapGuard::Unavailable("only implemented for 64-bit Linux (ELF)")
     }
+
+    pub fn state() -> Option<SwapGuard> {
+        Some(close())
+    }
 }
 
 #[cfg(all(not(Py_3_13), target_os = "linux", target_pointer_width = "64"))]
 mod imp {
     use super::SwapGuard;
+    use crate::loaded_object::{find_loaded_object, page_size};
     use std::ffi::{c_void, CStr};
+    use std::ops::Range;
     use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
     use std::sync::OnceLock;
 
@@ -76,6 +106,10 @@ mod imp {
 
     pub fn close() -> SwapGuard {
         *STATE.get_or_init(patch)
+    }
+
+    pub fn state() -> Option<SwapGuard> {
+        STATE.get().copied()
     }
 
     /// Stands in for `_Py_ClearStandardStreamEncoding` (see the module docs).
@@ -126,12 +160,11 @@ mod imp {
     const DT_RELASZ: i64 = 8;
     const DT_JMPREL: i64 = 23;
 
-    /// What `dl_iterate_phdr`'s callback found for the object holding `target`.
+    /// The loaded object that defines [`SYMBOL`].
     struct Search {
-        target: usize,
         bias: usize,
         dynamic: usize,
-        relro: (usize, usize),
+        relro: Range<usize>,
     }
 
     fn patch() -> SwapGuard {
@@ -140,12 +173,16 @@ mod imp {
         if original.is_null() {
             return SwapGuard::Unavailable("libpython does not export _Py_ClearStandardStreamEncoding");
         }
-        let mut search = Search { target: original as usize, bias: 0, dynamic: 0, relro: (0, 0) };
-        // SAFETY: the callback only reads the records glibc hands it.
-        unsafe { libc::dl_iterate_phdr(Some(find_object), (&raw mut search).cast()) };
-        if search.dynamic == 0 {
+        let found = find_loaded_object(|object| {
+            object.contains(original as usize).then(|| Search {
+                bias: object.bias,
+                dynamic: object.segments(libc::PT_DYNAMIC).next().map_or(0, |(_, range)| range.start),
+                relro: object.relro().unwrap_or_default(),
+            })
+        });
+        let Some(search) = found.filter(|s| s.dynamic != 0) else {
             return SwapGuard::Unavailable("no dynamic section for the object defining the symbol");
-        }
+        };
         // SAFETY: `dynamic` is the loaded object's PT_DYNAMIC, which glibc
         // keeps mapped for the object's life and which ends with DT_NULL.
         let slots = unsafe { find_slots(&search) };
@@ -158,38 +195,12 @@ mod imp {
         let guard = clear_streams as extern "C" fn() as usize;
         for slot in slots {
             // SAFETY: `slot` is a GOT entry of a loaded object, 8-byte aligned.
-            let written = unsafe { write_slot(slot, search.relro, guard) };
+            let written = unsafe { write_slot(slot, &search.relro, guard) };
             if let Err(why) = written {
                 return SwapGuard::Unavailable(why);
             }
         }
         SwapGuard::Installed
-    }
-
-    unsafe extern "C" fn find_object(info: *mut libc::dl_phdr_info, _size: usize, data: *mut c_void) -> i32 {
-        // SAFETY: glibc passes a valid record, and `data` is our `Search`.
-        let (info, search) = unsafe { (&*info, &mut *data.cast::<Search>()) };
-        // SAFETY: `dlpi_phdr` has `dlpi_phnum` entries.
-        let headers = unsafe { std::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) };
-        let bias = info.dlpi_addr as usize;
-        let range =
-            |ph: &libc::Elf64_Phdr| (bias + ph.p_vaddr as usize, bias + (ph.p_vaddr + ph.p_memsz) as usize);
-        let holds = headers.iter().filter(|ph| ph.p_type == libc::PT_LOAD).any(|ph| {
-            let (start, end) = range(ph);
-            (start..end).contains(&search.target)
-        });
-        if !holds {
-            return 0;
-        }
-        search.bias = bias;
-        for ph in headers {
-            match ph.p_type {
-                libc::PT_DYNAMIC => search.dynamic = range(ph).0,
-                libc::PT_GNU_RELRO => search.relro = range(ph),
-                _ => {}
-            }
-        }
-        1
     }
 
     /// The GOT entries through which the object calls [`SYMBOL`]: its PLT
@@ -260,11 +271,10 @@ mod imp {
     ///
     /// # Safety
     /// `slot` is an aligned GOT entry of a loaded object.
-    unsafe fn write_slot(slot: usize, relro: (usize, usize), value: usize) -> Result<(), &'static str> {
-        // SAFETY: sysconf only reads a system constant.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    unsafe fn write_slot(slot: usize, relro: &Range<usize>, value: usize) -> Result<(), &'static str> {
+        let page = page_size();
         let start = slot & !(page - 1);
-        let protected = (relro.0..relro.1).contains(&slot);
+        let protected = relro.contains(&slot);
         let protect = |flags| {
             // SAFETY: `start` is a mapped page of the object (it holds `slot`).
             unsafe { libc::mprotect(start as *mut c_void, page, flags) == 0 }

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 
 use interheap_cpython::allocator::{self, KIND_INTERPRETER};
+use interheap_cpython::raw_swap_guard::SwapGuard;
 use interheap_engine::heap::HeapSnapshot;
 use interheap_engine::Domain;
 
@@ -70,6 +71,10 @@ pub fn table() -> String {
         return out;
     }
     out.push_str(&format!("interheap allocator report (serving: {})\n", installed.names().join(", ")));
+    match interheap_cpython::raw_swap_guard::state() {
+        None | Some(SwapGuard::NotNeeded) => {}
+        Some(guard) => out.push_str(&format!("raw-swap guard (CPython 3.12, gh-111924): {guard}\n")),
+    }
     out.push_str(&line([
         "interpreter",
         "state",

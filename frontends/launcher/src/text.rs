@@ -16,51 +16,36 @@
 //! writable segment, and never the RELRO range (pages the loader wrote
 //! relocations into, which `MADV_DONTNEED` would reset).
 
+#[cfg(target_os = "linux")]
+use interheap_cpython::loaded_object::{find_loaded_object, page_size, LoadedObject};
+
 /// Drops the resident mappings of the launcher's and `libgcc_s`'s read-only segments.
 #[cfg(target_os = "linux")]
 pub fn release_start_up_pages() {
-    // SAFETY: the callback only reads what glibc hands it and calls madvise
-    // on ranges it computed from the main program's own program headers.
-    unsafe { libc::dl_iterate_phdr(Some(release_read_only_segments), std::ptr::null_mut()) };
+    let page = page_size();
+    find_loaded_object(|object| {
+        let ours = object.path.is_empty() || object.file_name().starts_with(b"libgcc_s.");
+        if ours {
+            release_read_only_segments(object, page);
+        }
+        None::<()>
+    });
 }
 
 #[cfg(not(target_os = "linux"))]
 pub fn release_start_up_pages() {}
 
 #[cfg(target_os = "linux")]
-unsafe extern "C" fn release_read_only_segments(
-    info: *mut libc::dl_phdr_info,
-    _size: usize,
-    _data: *mut libc::c_void,
-) -> i32 {
-    // SAFETY: glibc passes a valid record; the first one is the main program
-    // (empty name); `dlpi_name` is a NUL-terminated string.
-    let info = unsafe { &*info };
-    let name = if info.dlpi_name.is_null() {
-        &[][..]
-    } else {
-        // SAFETY: as above.
-        unsafe { std::ffi::CStr::from_ptr(info.dlpi_name) }.to_bytes()
-    };
-    let ours =
-        name.is_empty() || name.rsplit(|&b| b == b'/').next().is_some_and(|f| f.starts_with(b"libgcc_s."));
-    if !ours {
-        return 0;
-    }
-    // SAFETY: `dlpi_phdr` has `dlpi_phnum` entries.
-    let headers = unsafe { std::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) };
-    let page = 4096usize;
-    let base = info.dlpi_addr as usize;
-    let range =
-        |ph: &libc::Elf64_Phdr| (base + ph.p_vaddr as usize, base + (ph.p_vaddr + ph.p_memsz) as usize);
-    let relro: Vec<(usize, usize)> =
-        headers.iter().filter(|ph| ph.p_type == libc::PT_GNU_RELRO).map(range).collect();
-    for ph in headers.iter().filter(|ph| ph.p_type == libc::PT_LOAD && ph.p_flags & libc::PF_W == 0) {
-        let (start, end) = range(ph);
+fn release_read_only_segments(object: &LoadedObject<'_>, page: usize) {
+    let relro = object.relro().unwrap_or_default();
+    for (header, range) in object.segments(libc::PT_LOAD) {
+        if header.p_flags & libc::PF_W != 0 {
+            continue;
+        }
         // Whole pages inside the segment only (a shared edge page may belong
         // to a neighbour), and none of them in RELRO.
-        let (start, end) = ((start + page - 1) & !(page - 1), end & !(page - 1));
-        if start >= end || relro.iter().any(|&(r0, r1)| r0 < end && start < r1) {
+        let (start, end) = ((range.start + page - 1) & !(page - 1), range.end & !(page - 1));
+        if start >= end || (relro.start < end && start < relro.end) {
             continue;
         }
         // SAFETY: [start, end) lies in a read-only, file-backed mapping
@@ -68,5 +53,4 @@ unsafe extern "C" fn release_read_only_segments(
         // which a later touch maps back unchanged.
         unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
     }
-    0
 }

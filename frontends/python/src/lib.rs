@@ -259,6 +259,14 @@ fn allocator_report_json() -> Option<String> {
     Some(text)
 }
 
+/// The state of the guard against CPython 3.12's raw-allocator swap
+/// (gh-111924) as this module's copy of the glue knows it: set once the
+/// hooks replaced the raw domain; `None` before that on 3.12.
+#[pyfunction]
+fn raw_swap_guard() -> Option<String> {
+    interheap_cpython::raw_swap_guard::state().map(|g| g.to_string())
+}
+
 #[pymodule(gil_used = false)]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(install, m)?)?;
@@ -269,6 +277,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(current_interpreter_id, m)?)?;
     m.add_function(wrap_pyfunction!(allocator_domains, m)?)?;
     m.add_function(wrap_pyfunction!(allocator_report_json, m)?)?;
+    m.add_function(wrap_pyfunction!(raw_swap_guard, m)?)?;
     m.add_function(wrap_pyfunction!(adapter_install, m)?)?;
     m.add_function(wrap_pyfunction!(adapter_uninstall, m)?)?;
     m.add_function(wrap_pyfunction!(adapter_list, m)?)?;

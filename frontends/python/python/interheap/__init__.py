@@ -30,6 +30,7 @@ from ._allocator import (
     allocator_installed,
     allocator_stats,
     parse_report,
+    raw_swap_guard,
 )
 from ._report import human_bytes
 from ._stats import DOMAINS, DomainStats, InterpreterStats, Snapshot, build_snapshot
@@ -55,6 +56,7 @@ __all__ = [
     "is_installed",
     "on_top",
     "parse_report",
+    "raw_swap_guard",
     "stats",
     "uninstall",
 ]

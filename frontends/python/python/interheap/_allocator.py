@@ -114,6 +114,9 @@ class AllocatorStats:
     #: Whether the allocator reads the current thread state from libpython's
     #: own thread-local slot (the fast path) rather than through the C API.
     fast_thread_state: bool = False
+    #: The guard against CPython 3.12's raw-allocator swap (see
+    #: :func:`raw_swap_guard`) in the allocator's copy of the glue.
+    raw_swap_guard: str | None = None
 
     def interpreter(self, interp_id: int) -> InterpreterHeaps:
         for interp in self.interpreters:
@@ -149,6 +152,7 @@ def parse_report(document: dict[str, Any]) -> AllocatorStats:
         shared=shared,
         raw_json=document,
         fast_thread_state=bool(document.get("fast_thread_state", False)),
+        raw_swap_guard=document.get("raw_swap_guard"),
     )
 
 
@@ -166,3 +170,27 @@ def allocator_stats() -> AllocatorStats:
             "interheap_allocator_install)"
         )
     return parse_report(json.loads(text))
+
+
+def raw_swap_guard() -> str | None:
+    """The guard against CPython 3.12's raw-allocator swap, in this process.
+
+    CPython 3.12 sets the raw domain back to ``malloc`` for a moment in every
+    interpreter's start-up (gh-111924). With own-GIL subinterpreters running
+    in parallel, another interpreter's raw call can land in that window, so
+    whenever interheap replaces the raw domain (the launcher, the embedding
+    library, the hooks, a raw adapter) it closes the window. Returns:
+
+    * ``"installed"``: the window is closed (3.12);
+    * ``"not needed"``: this CPython never swaps (3.13 and later);
+    * ``"unavailable: <why>"``: 3.12, but the guard could not be put in place
+      (a statically linked libpython, say): parallel subinterpreters that use
+      the raw domain are at risk;
+    * ``None``: 3.12, and nothing of interheap replaced the raw domain yet.
+    """
+    text = _native.allocator_report_json()
+    if text is not None:
+        state = json.loads(text).get("raw_swap_guard")
+        if state is not None:
+            return state
+    return _native.raw_swap_guard()
