@@ -2,7 +2,9 @@
 # Runs every check and test of interheap on every interpreter of the matrix.
 # Expects scripts/setup.sh to have run (make test does both).
 #   1. Rust: cargo fmt --check, cargo clippy -D warnings, cargo test (engine, glue,
-#      global allocator), the global allocator's refusal of abi3 builds, and the
+#      global allocator), the glue's clippy and tests again against 3.12 (code
+#      that only 3.12 compiles: the raw-swap guard), the global allocator's
+#      refusal of abi3 builds, and the
 #      engine's and the global allocator's tests under AddressSanitizer (nightly)
 #      and a short fuzzing run of the allocator (cargo fuzz, engine/fuzz)
 #   2. Python: ruff
@@ -34,6 +36,18 @@ run cargo clippy --quiet --workspace --all-targets -- -D warnings
 step "cargo test (engine, CPython glue, global allocator)"
 run env LD_LIBRARY_PATH="$LIBDIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
     cargo test --quiet -p interheap-engine -p interheap-cpython -p interheap-pyalloc
+PY312=$(awk '$1 == "3.12" { print $2 "/bin/python" }' .venvs.list)
+if [ -n "$PY312" ]; then
+    step "cargo clippy and test of the CPython glue against 3.12 (the raw-swap guard)"
+    LIBDIR312=$("$PY312" -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))')
+    run env PYO3_PYTHON="$PY312" CARGO_TARGET_DIR="$CACHE/target/checks312" \
+        cargo clippy --quiet --workspace --all-targets -- -D warnings
+    run env PYO3_PYTHON="$PY312" CARGO_TARGET_DIR="$CACHE/target/checks312" \
+        LD_LIBRARY_PATH="$LIBDIR312${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+        cargo test --quiet -p interheap-cpython
+else
+    step "NOT RUN: the glue's 3.12 checks (3.12 is not in .venvs.list)"
+fi
 step "global allocator refuses the stable ABI (abi3) with a clear error"
 abi3=$(CARGO_TARGET_DIR="$CACHE/target/abi3-check" \
     cargo check --quiet -p interheap-pyalloc --features pyo3-ffi/abi3-py312 2>&1)

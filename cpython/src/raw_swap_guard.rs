@@ -167,11 +167,13 @@ mod imp {
         relro: Range<usize>,
     }
 
-    fn patch() -> SwapGuard {
+    /// libpython's own `_Py_ClearStandardStreamEncoding`, and the object
+    /// that defines it (libpython).
+    fn find_libpython() -> Result<(*mut c_void, Search), &'static str> {
         // SAFETY: dlsym with a NUL-terminated name only looks the symbol up.
         let original = unsafe { libc::dlsym(libc::RTLD_DEFAULT, SYMBOL.as_ptr()) };
         if original.is_null() {
-            return SwapGuard::Unavailable("libpython does not export _Py_ClearStandardStreamEncoding");
+            return Err("libpython does not export _Py_ClearStandardStreamEncoding");
         }
         let found = find_loaded_object(|object| {
             object.contains(original as usize).then(|| Search {
@@ -180,8 +182,16 @@ mod imp {
                 relro: object.relro().unwrap_or_default(),
             })
         });
-        let Some(search) = found.filter(|s| s.dynamic != 0) else {
-            return SwapGuard::Unavailable("no dynamic section for the object defining the symbol");
+        match found {
+            Some(search) if search.dynamic != 0 => Ok((original, search)),
+            _ => Err("no dynamic section for the object defining the symbol"),
+        }
+    }
+
+    fn patch() -> SwapGuard {
+        let (original, search) = match find_libpython() {
+            Ok(found) => found,
+            Err(why) => return SwapGuard::Unavailable(why),
         };
         // SAFETY: `dynamic` is the loaded object's PT_DYNAMIC, which glibc
         // keeps mapped for the object's life and which ends with DT_NULL.
@@ -290,5 +300,85 @@ mod imp {
             return Err("mprotect refused to restore the GOT page's protection");
         }
         Ok(())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// The permissions `/proc/self/maps` shows for the mapping holding `address`.
+        fn permissions_at(address: usize) -> String {
+            let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+            for line in maps.lines() {
+                let (range, rest) = line.split_once(' ').unwrap();
+                let (start, end) = range.split_once('-').unwrap();
+                let (start, end) =
+                    (usize::from_str_radix(start, 16).unwrap(), usize::from_str_radix(end, 16).unwrap());
+                if (start..end).contains(&address) {
+                    return rest[..4].to_owned();
+                }
+            }
+            panic!("no mapping holds {address:#x}");
+        }
+
+        /// A slot in a read-only page, as in a `-z now` libpython (the path
+        /// pyenv's lazily bound builds never take).
+        #[test]
+        fn a_slot_under_relro_is_written_and_the_page_made_read_only_again() {
+            let page = page_size();
+            // SAFETY: a fresh anonymous mapping, unmapped at the end.
+            let base = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    page,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(base, libc::MAP_FAILED);
+            let slot = base as usize + 64;
+            // SAFETY: `slot` is inside the writable mapping; then it is made read-only.
+            unsafe {
+                *(slot as *mut usize) = 0x1234;
+                assert_eq!(libc::mprotect(base, page, libc::PROT_READ), 0);
+            }
+            assert_eq!(permissions_at(slot), "r--p");
+            let relro = base as usize..base as usize + page;
+            // SAFETY: `slot` is an aligned word of a mapping we own.
+            assert_eq!(unsafe { write_slot(slot, &relro, 0xabcd) }, Ok(()));
+            // SAFETY: the page is still mapped (readable).
+            assert_eq!(unsafe { *(slot as *const usize) }, 0xabcd);
+            assert_eq!(permissions_at(slot), "r--p", "RELRO's protection is back");
+            // SAFETY: unmapping what we mapped.
+            unsafe { libc::munmap(base, page) };
+        }
+
+        #[test]
+        fn a_slot_outside_relro_is_written_without_changing_protection() {
+            let mut word = 0usize;
+            let slot = &raw mut word as usize;
+            let before = permissions_at(slot);
+            // SAFETY: `slot` is our own aligned, writable word.
+            assert_eq!(unsafe { write_slot(slot, &(0..0), 42) }, Ok(()));
+            assert_eq!(word, 42);
+            assert_eq!(permissions_at(slot), before);
+        }
+
+        #[test]
+        fn the_guard_is_in_place_in_libpython_after_closing() {
+            assert_eq!(close(), SwapGuard::Installed);
+            assert_eq!(state(), Some(SwapGuard::Installed));
+            let (_, search) = find_libpython().expect("libpython is loaded");
+            // SAFETY: `dynamic` is libpython's dynamic section.
+            let slots = unsafe { find_slots(&search) };
+            assert!(!slots.is_empty());
+            for slot in slots {
+                // SAFETY: a GOT entry of libpython, readable.
+                let target = unsafe { *(slot as *const usize) };
+                assert_eq!(target, clear_streams as extern "C" fn() as usize);
+            }
+        }
     }
 }
