@@ -212,8 +212,69 @@ fn large_and_huge_blocks_grow_in_place_and_stay_exact() {
     assert_eq!(snap.reallocations, 5);
     assert_eq!(
         snap.mapped_bytes as usize, SEGMENT_SIZE,
-        "huge mappings are gone; one empty segment is kept as the spare"
+        "huge mappings are gone; the empty normal segment is retained for reuse"
     );
+}
+
+/// Allocates `segments` segments' worth of 64-byte blocks in `h`.
+fn fill_segments(h: &Heap, segments: usize) -> Vec<*mut u8> {
+    let per_segment = (SEGMENT_SIZE - SLOT_SIZE) / 64;
+    // SAFETY: the calling thread owns `h`.
+    (0..segments * per_segment).map(|_| unsafe { h.alloc(64) }).collect()
+}
+
+fn free_all(blocks: Vec<*mut u8>, owner: usize) {
+    for p in blocks {
+        // SAFETY: the owner frees its live blocks.
+        unsafe { heap::free(p, |_| owner) };
+    }
+}
+
+#[test]
+fn free_segments_are_retained_for_reuse_then_given_back_after_a_while() {
+    let h = Heap::new(label(61), 0x61);
+    // Long enough that no segment expires while the test frees (timing-proof).
+    // SAFETY: this thread owns `h`.
+    unsafe { h.set_free_segment_retention(std::time::Duration::from_secs(600)) };
+    let blocks = fill_segments(h, 8);
+    let full = h.snapshot().mapped_bytes;
+    assert!(full >= 8 * SEGMENT_SIZE as u64, "{full}");
+    free_all(blocks, 0x61);
+    assert_eq!(h.snapshot().mapped_bytes, full, "entirely free segments stay mapped for reuse");
+    // Building the same structure again maps nothing new.
+    let blocks = fill_segments(h, 8);
+    assert_eq!(h.snapshot().mapped_bytes, full, "the retained segments were reused");
+    free_all(blocks, 0x61);
+    // Once they have been free for longer than the retention time, the next
+    // allocation slow path (here: the first block of another size class)
+    // gives them back. What stays is the segment holding the 64-byte class's
+    // current (empty) page and the one the new page went into.
+    thread::sleep(std::time::Duration::from_millis(20));
+    // SAFETY: this thread owns `h`.
+    unsafe { h.set_free_segment_retention(std::time::Duration::from_millis(10)) };
+    // SAFETY: this thread owns `h`.
+    let one = unsafe { h.alloc(128) };
+    let left = h.snapshot().mapped_bytes;
+    assert!(left <= 2 * SEGMENT_SIZE as u64, "{left} bytes still mapped");
+    free_all(vec![one], 0x61);
+    // SAFETY: nobody uses the heap any more.
+    unsafe { h.end() };
+    assert_eq!(h.snapshot().mapped_bytes, 0, "an ended heap retains nothing");
+}
+
+#[test]
+fn at_most_32_free_segments_are_retained() {
+    let h = Heap::new(label(71), 0x7a);
+    // SAFETY: this thread owns `h`.
+    unsafe { h.set_free_segment_retention(std::time::Duration::from_secs(600)) };
+    let blocks = fill_segments(h, 40);
+    assert!(h.snapshot().mapped_bytes >= 40 * SEGMENT_SIZE as u64);
+    free_all(blocks, 0x7a);
+    // 32 retained, and the one holding the class's current (empty) page.
+    assert_eq!(h.snapshot().mapped_bytes, 33 * SEGMENT_SIZE as u64);
+    // SAFETY: nobody uses the heap any more.
+    unsafe { h.end() };
+    assert_eq!(h.snapshot().mapped_bytes, 0);
 }
 
 #[test]

@@ -100,6 +100,16 @@ pub fn map_aligned(size: usize) -> Option<*mut u8> {
     Some(base as *mut u8)
 }
 
+/// A monotonic clock in nanoseconds (for how long free segments are kept).
+/// Read on segment-level slow paths only: `clock_gettime` through the vDSO,
+/// no system call and no allocation.
+pub fn now_nanos() -> u64 {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `t` is a valid timespec to write to.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    (t.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(t.tv_nsec as u64)
+}
+
 /// Publishes a segment at `base` in the segment map (after its header is written).
 pub fn publish_segment(base: *mut u8) {
     set_segment_mark(base as usize, true);

@@ -117,9 +117,12 @@ pub struct Segment {
     pub map_size: usize,
     /// Bit i set when slot i is free (normal segments; bit 0 is the header, never free).
     pub free_slots: Cell<u64>,
-    /// Neighbours in the owning heap's list of normal segments.
+    /// Neighbours in the owning heap's list of normal segments (or, while
+    /// entirely free and retained, its list of those: `next` only).
     pub next: Cell<*mut Segment>,
     pub prev: Cell<*mut Segment>,
+    /// When the segment became entirely free (`os::now_nanos`), while retained.
+    pub freed_at: Cell<u64>,
     pub pages: [Page; SLOTS],
 }
 
