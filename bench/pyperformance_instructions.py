@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -43,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from callgrind import allocator_instructions, estimated_cycles, events_of
-from pyperformance_hooks import child_env, command, find_benchmarks_dir, resolve
+from pyperformance_hooks import child_env, command, find_benchmarks_dir, geomean, resolve
 
 # Benchmarks whose loop takes at most about 0.3 s (callgrind runs ~50x slower).
 DEFAULT_BENCHMARKS = [
@@ -113,7 +112,7 @@ def print_table(
             ratios[c].append(ratio)
             row += f"{ratio:>18.3f}"
         print(row)
-    geo = {c: math.exp(sum(map(math.log, rs)) / len(rs)) for c, rs in ratios.items()}
+    geo = {c: geomean(rs) for c, rs in ratios.items()}
     print("geomean " + "   ".join(f"{c}/none = {g:.3f}" for c, g in geo.items()))
     print()
     return geo
@@ -135,7 +134,7 @@ def print_shares(names: list[str], configs: list[str], figures: dict) -> dict[st
         base = figures[(n, "none")]
         floors.append(1 - base["alloc"] / base["Ir"])
         print(row + f"{floors[-1]:>14.3f}")
-    floor = math.exp(sum(map(math.log, floors)) / len(floors))
+    floor = geomean(floors)
     print(f"geomean floor = {floor:.3f}: no allocator can go below this by saving instructions")
     print()
     return {"zero-cost allocator": floor}
