@@ -7,11 +7,13 @@ setup:
 	scripts/setup.sh
 
 # The main job: four isolated subinterpreters in parallel threads, under the hooks.
-demo: setup
+# Prepares only what it runs on: the default interpreter (3.14), .venv, interheap.
+demo:
+	scripts/setup.sh --demo
 	@mkdir -p out
 	$(PYTHON) -m interheap run --json out/demo.json examples/parallel_interpreters.py
 
-# Every check and test, on every interpreter of the matrix (3.12, 3.13, 3.13t).
+# Every check and test, on every interpreter of the matrix (3.12, 3.13, 3.14, 3.14t).
 test: setup
 	scripts/test.sh
 

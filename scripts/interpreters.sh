@@ -4,13 +4,17 @@
 # Output (stdout), one line per interpreter, in this order:
 #     3.12  /abs/path/to/python3.12
 #     3.13  /abs/path/to/python3.13
-#     3.13t /abs/path/to/python3.13t
+#     3.14  /abs/path/to/python3.14
+#     3.14t /abs/path/to/python3.14t
 # All logging goes to stderr. See --help.
 set -euo pipefail
 
 PROG=${0##*/}
-DEFAULT_TAGS=(3.12 3.13 3.13t)
-# Debian source versions of python3.13 to try, in order (DESIGN.md: these two download).
+DEFAULT_TAGS=(3.12 3.13 3.14 3.14t)
+# CPython 3.14 release source shipped beside the project (../shared/cpython) and its checksum file.
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+SOURCE_DIR=${INTERHEAP_CPYTHON_SOURCE_DIR:-$ROOT/../shared/cpython}
+# Debian source versions of python3.13 to try, in order (only when no 3.13 is installed).
 # An entry that does not start with a digit names a suite: "python3.13/<suite>", whatever version it has.
 read -r -a DEB_VERSIONS <<<"${INTERHEAP_CPYTHON_DEB_VERSIONS:-3.13.15-1 3.13.5-1 trixie}"
 # deb-src suites to index. trixie (stable) keeps 3.13.5-x; 3.13.15-1 is only in forky/sid.
@@ -19,7 +23,8 @@ CACHE_ROOT=${INTERHEAP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/interheap}
 CPY_CACHE=$CACHE_ROOT/cpython
 APT_DIR=$CPY_CACHE/apt # private deb-src list + indexes: /etc/apt is left untouched
 BUILD_DEPS=(build-essential pkg-config xz-utils libssl-dev zlib1g-dev libffi-dev libbz2-dev
-    liblzma-dev libsqlite3-dev libreadline-dev libncurses-dev uuid-dev libgdbm-dev)
+    liblzma-dev libsqlite3-dev libreadline-dev libncurses-dev uuid-dev libgdbm-dev
+    libzstd-dev libgdbm-compat-dev)
 
 usage() {
     cat <<EOF
@@ -33,16 +38,24 @@ interpreter cannot be had (nothing is printed on stdout then).
   --tag TAG   only ensure/print the interpreter TAG, and print just its path
   -h, --help  show this help
 
-Where interpreters come from:
+Where interpreters come from (a machine that has its own builds nothing):
   3.12   pyenv (\$(pyenv root)/versions/3.12.*, highest patch first), else
          python3.12 on PATH. Must be a default (GIL) shared-library build.
   3.13   likewise for 3.13.*; if none is found, it is built from Debian's
          python3.13 source package (--enable-shared) and cached.
-  3.13t  free-threaded build (--disable-gil --enable-shared) from Debian's
-         python3.13 source package (deb-src ${DEB_SUITES[*]}), cached under
-         \$INTERHEAP_CACHE/cpython/<version>-ft/ and reused afterwards.
+  3.14   likewise for 3.14.*; if none is found, it is built from the release
+         tarball in \$INTERHEAP_CPYTHON_SOURCE_DIR (default ../shared/cpython,
+         now $SOURCE_DIR), after checking it against SHA256SUMS there,
+         as a shared library with an rpath, cached under
+         \$INTERHEAP_CACHE/cpython/<version>/.
+  3.14t  free-threaded 3.14: pyenv (3.14.*t) or python3.14t on PATH, else
+         built like 3.14 with --disable-gil, cached under
+         \$INTERHEAP_CACHE/cpython/<version>-ft/.
+  3.13t  no longer supported (experimental in 3.13; PyO3 0.29+ refuses it).
 
 Environment:
+  INTERHEAP_CPYTHON_SOURCE_DIR
+                      folder holding Python-3.14.*.tar.xz and SHA256SUMS.
   INTERHEAP_PYTHONS   space-separated "tag=/path/to/python" entries; when set,
                       exactly these are used (validated, printed in order) and
                       nothing is searched for or built.
@@ -58,7 +71,7 @@ Environment:
                       starting with a digit is a suite, meaning whatever version
                       that suite has (default: ${DEB_VERSIONS[*]}).
 
-The Debian source is fetched with apt-get using a private deb-src list and
+The Debian source (3.13 only) is fetched with apt-get using a private deb-src list and
 index under \$INTERHEAP_CACHE/cpython/apt/ (mirror taken from /etc/apt), so the
 system's apt configuration is not changed. Missing build dependencies are
 installed with apt-get (root or sudo needed only then).
@@ -92,10 +105,11 @@ print(sys.executable, "%d.%d" % sys.version_info[:2], flag("Py_GIL_DISABLED"), f
     printf '%s\n' "$out"
 }
 
-# check_gil_build PY MAJOR.MINOR -> prints absolute executable if PY is a usable
-# default (GIL) shared-library build of that version; otherwise logs why and fails.
-check_gil_build() {
-    local py=$1 want=$2 info exe ver gil shared
+# check_build PY MAJOR.MINOR KIND -> prints the absolute executable if PY is a usable
+# shared-library build of that version, KIND "gil" (default build) or "ft" (free-threaded);
+# otherwise logs why and fails.
+check_build() {
+    local py=$1 want=$2 kind=$3 info exe ver gil shared
     info=$(probe "$py") || {
         log "skipping $py: does not run"
         return 1
@@ -105,8 +119,12 @@ check_gil_build() {
         log "skipping $py: it is Python $ver, not $want"
         return 1
     fi
-    if [[ $gil != 0 ]]; then
+    if [[ $kind == gil && $gil != 0 ]]; then
         log "skipping $py: free-threaded build (Py_GIL_DISABLED=$gil), need a default GIL build"
+        return 1
+    fi
+    if [[ $kind == ft && $gil != 1 ]]; then
+        log "skipping $py: default GIL build, need a free-threaded one"
         return 1
     fi
     if [[ $shared != 1 ]]; then
@@ -125,31 +143,34 @@ pyenv_roots() {
     done
 }
 
-# find_gil_python MAJOR.MINOR -> prints executable path, or fails.
-find_gil_python() {
-    local want=$1 root d exe
+# find_python MAJOR.MINOR KIND -> prints the executable of an installed interpreter
+# (pyenv first, highest patch first, then PATH), or fails. KIND is "gil" or "ft".
+find_python() {
+    local want=$1 kind=$2 root d exe t= re
+    [[ $kind == ft ]] && t=t
+    re="^${want//./\\.}\.[0-9]+$t\$"
     local -a dirs=()
     while IFS= read -r root; do
         for d in "$root"/versions/"$want".*; do
-            [[ -d $d && ${d##*/} =~ ^${want//./\\.}\.[0-9]+$ ]] && dirs+=("$d")
+            [[ -d $d && ${d##*/} =~ $re ]] && dirs+=("$d")
         done
     done < <(pyenv_roots)
     if ((${#dirs[@]})); then
         while IFS= read -r d; do
-            [[ -x $d/bin/python$want ]] || continue
-            if exe=$(check_gil_build "$d/bin/python$want" "$want"); then
+            [[ -x $d/bin/python$want$t ]] || continue
+            if exe=$(check_build "$d/bin/python$want$t" "$want" "$kind"); then
                 printf '%s\n' "$exe"
                 return 0
             fi
         done < <(printf '%s\n' "${dirs[@]}" | sort -rV)
     fi
-    # Anything named pythonX.Y on PATH (pyenv shims that fail to run are skipped).
+    # Anything named pythonX.Y[t] on PATH (pyenv shims that fail to run are skipped).
     while IFS= read -r d; do
-        if exe=$(check_gil_build "$d" "$want"); then
+        if exe=$(check_build "$d" "$want" "$kind"); then
             printf '%s\n' "$exe"
             return 0
         fi
-    done < <(type -ap "python$want" || true)
+    done < <(type -ap "python$want$t" || true)
     return 1
 }
 
@@ -258,31 +279,26 @@ install_build_deps() {
     fi
 }
 
-# find_cached KIND -> prints the executable of the newest complete cached build, or fails.
-# KIND is "ft" (free-threaded, bin/python3.13t) or "gil" (bin/python3.13).
+# find_cached MAJOR.MINOR KIND -> prints the executable of the newest complete cached build, or fails.
+# KIND is "ft" (free-threaded, bin/pythonX.Yt) or "gil" (bin/pythonX.Y).
 find_cached() {
-    local kind=$1 d py info exe ver gil shared
+    local want=$1 kind=$2 d py info exe ver gil shared suffix=
+    [[ $kind == ft ]] && suffix=-ft
     local -a dirs=()
-    for d in "$CPY_CACHE"/3.13.*; do
-        [[ -d $d ]] || continue
-        if [[ $kind == ft ]]; then
-            [[ ${d##*/} =~ ^3\.13\.[0-9]+-ft$ ]] || continue
-        else
-            [[ ${d##*/} =~ ^3\.13\.[0-9]+$ ]] || continue
-        fi
-        dirs+=("$d")
+    for d in "$CPY_CACHE"/"$want".*; do
+        [[ -d $d && ${d##*/} =~ ^${want//./\\.}\.[0-9]+$suffix$ ]] && dirs+=("$d")
     done
     ((${#dirs[@]})) || return 1
     while IFS= read -r d; do
         [[ -f $d/.interheap-complete ]] || continue
-        if [[ $kind == ft ]]; then py=$d/bin/python3.13t; else py=$d/bin/python3.13; fi
+        if [[ $kind == ft ]]; then py=$d/bin/python${want}t; else py=$d/bin/python$want; fi
         [[ -x $py ]] || continue
         info=$(probe "$py") || {
             log "cached $py does not run; ignoring it"
             continue
         }
         read -r exe ver gil shared <<<"$info"
-        if [[ $ver == 3.13 && $shared == 1 ]] && { [[ $kind == ft && $gil == 1 ]] || [[ $kind == gil && $gil == 0 ]]; }; then
+        if [[ $ver == "$want" && $shared == 1 ]] && { [[ $kind == ft && $gil == 1 ]] || [[ $kind == gil && $gil == 0 ]]; }; then
             printf '%s\n' "$py"
             return 0
         fi
@@ -301,65 +317,93 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# build_cpython KIND -> builds (or reuses) the cached CPython 3.13 and prints its executable.
+# fetch_source MAJOR.MINOR LOG -> downloads or verifies the upstream source tarball into
+# $WORK_DIR and prints "UPSTREAM_VERSION TARBALL DESCRIPTION".
+fetch_source() {
+    local want=$1 logf=$2
+    case $want in
+    3.14)
+        # The release tarball beside the project (../shared/cpython), checked against its SHA256SUMS.
+        local tarball sums
+        tarball=$(find "$SOURCE_DIR" -maxdepth 1 -name "Python-$want.*.tar.xz" -print 2>/dev/null | sort -V | tail -n 1)
+        [[ -n $tarball ]] || die "no Python-$want.*.tar.xz in $SOURCE_DIR (set INTERHEAP_CPYTHON_SOURCE_DIR, or install CPython $want and put it in pyenv or on PATH)"
+        sums=$SOURCE_DIR/SHA256SUMS
+        [[ -f $sums ]] || die "no SHA256SUMS beside $tarball: refusing to build an unchecked source"
+        log "checking ${tarball##*/} against ${sums}"
+        (cd "$SOURCE_DIR" && grep -E "[[:space:]]\*?${tarball##*/}\$" SHA256SUMS | sha256sum --check --strict --quiet -) >>"$logf" 2>&1 ||
+            die "${tarball##*/} does not match its checksum in $sums (or is not listed there)"
+        local upver=${tarball##*/Python-}
+        upver=${upver%.tar.xz}
+        printf '%s %s %s\n' "$upver" "$tarball" "${tarball##*/}"
+        ;;
+    3.13)
+        setup_private_apt
+        printf '\n===== apt-get update (private deb-src list)\n' >>"$logf"
+        if ! apt-get "${APT_OPTS[@]}" update >>"$logf" 2>&1; then
+            log "warning: apt-get update of the deb-src list reported errors (see $logf); trying to continue"
+        fi
+        local v spec got=
+        for v in "${DEB_VERSIONS[@]}"; do
+            if [[ $v == [0-9]* ]]; then spec=python3.13=$v; else spec=python3.13/$v; fi
+            log "downloading Debian source $spec"
+            printf '\n===== apt-get source %s\n' "$spec" >>"$logf"
+            if (cd "$WORK_DIR" && apt-get "${APT_OPTS[@]}" source --download-only --tar-only "$spec") >>"$logf" 2>&1; then
+                got=$spec
+                break
+            fi
+            log "$spec could not be downloaded"
+        done
+        rm -rf "$APT_DIR" # ~70 MB of indexes, only needed for this download
+        if [[ -z $got ]]; then
+            tail -n 30 "$logf" >&2
+            die "could not download Debian source of python3.13 (tried: ${DEB_VERSIONS[*]}; log: $logf)"
+        fi
+        local tarball
+        tarball=$(find "$WORK_DIR" -maxdepth 1 -name 'python3.13_*.orig.tar.*' ! -name '*.asc' -print -quit)
+        [[ -n $tarball ]] || die "no upstream orig tarball among downloaded files: $(ls "$WORK_DIR")"
+        local upver=${tarball##*/python3.13_}
+        upver=${upver%%.orig.tar.*}
+        printf '%s %s %s\n' "$upver" "$tarball" "Debian-$got"
+        ;;
+    *) die "no source known for CPython $want" ;;
+    esac
+}
+
+# build_cpython MAJOR.MINOR KIND -> builds (or reuses) the cached CPython and prints its executable.
+# Shared library with an rpath, no PGO (a few minutes on 2 cores), cached under $CPY_CACHE/<version>[-ft].
 build_cpython() {
-    local kind=$1 py lock_fd
+    local want=$1 kind=$2 py lock_fd
     # We run inside $(...), which does not inherit the EXIT trap: set it here.
     trap cleanup EXIT
     trap 'exit 130' INT TERM
-    if py=$(find_cached "$kind"); then
+    if py=$(find_cached "$want" "$kind"); then
         printf '%s\n' "$py"
         return 0
     fi
     mkdir -p "$CPY_CACHE/logs"
-    local lock=$CPY_CACHE/.build-$kind.lock
+    local lock=$CPY_CACHE/.build-$want-$kind.lock
     exec {lock_fd}>"$lock"
     if ! flock -n "$lock_fd"; then
-        log "another invocation is building CPython ($kind); waiting for lock $lock"
+        log "another invocation is building CPython $want ($kind); waiting for lock $lock"
         flock "$lock_fd"
     fi
     # Someone else may have finished the build while we waited.
-    if py=$(find_cached "$kind"); then
+    if py=$(find_cached "$want" "$kind"); then
         exec {lock_fd}>&-
         printf '%s\n' "$py"
         return 0
     fi
-    rm -rf "$CPY_CACHE"/.staging-"$kind".* # leftovers of interrupted builds (we hold the lock)
+    rm -rf "$CPY_CACHE"/.staging-"$want-$kind".* # leftovers of interrupted builds (we hold the lock)
 
-    local logf=$CPY_CACHE/logs/build-3.13-$kind.log
+    local logf=$CPY_CACHE/logs/build-$want-$kind.log
     : >"$logf"
     local t0=$SECONDS
-    log "building CPython 3.13 ($kind) from Debian sources; this takes a few minutes (log: $logf)"
+    log "building CPython $want ($kind); this takes a few minutes (log: $logf)"
     install_build_deps "$logf"
-    setup_private_apt
-    printf '\n===== apt-get update (private deb-src list)\n' >>"$logf"
-    if ! apt-get "${APT_OPTS[@]}" update >>"$logf" 2>&1; then
-        log "warning: apt-get update of the deb-src list reported errors (see $logf); trying to continue"
-    fi
-
     WORK_DIR=$(mktemp -d "${TMPDIR:-/tmp}/interheap-cpython.XXXXXX")
-    local v spec got=
-    for v in "${DEB_VERSIONS[@]}"; do
-        if [[ $v == [0-9]* ]]; then spec=python3.13=$v; else spec=python3.13/$v; fi
-        log "downloading Debian source $spec"
-        printf '\n===== apt-get source %s\n' "$spec" >>"$logf"
-        if (cd "$WORK_DIR" && apt-get "${APT_OPTS[@]}" source --download-only --tar-only "$spec") >>"$logf" 2>&1; then
-            got=$spec
-            break
-        fi
-        log "$spec could not be downloaded"
-    done
-    rm -rf "$APT_DIR" # ~70 MB of indexes, only needed for this download
-    if [[ -z $got ]]; then
-        tail -n 30 "$logf" >&2
-        die "could not download Debian source of python3.13 (tried: ${DEB_VERSIONS[*]}; log: $logf)"
-    fi
-    local tarball
-    tarball=$(find "$WORK_DIR" -maxdepth 1 -name 'python3.13_*.orig.tar.*' ! -name '*.asc' -print -quit)
-    [[ -n $tarball ]] || die "no upstream orig tarball among downloaded files: $(ls "$WORK_DIR")"
-    local upver=${tarball##*/python3.13_}
-    upver=${upver%%.orig.tar.*}
-    [[ $upver =~ ^3\.13\.[0-9]+$ ]] || die "unexpected upstream version '$upver' from $tarball"
+    local upver tarball origin
+    read -r upver tarball origin <<<"$(fetch_source "$want" "$logf")"
+    [[ $upver =~ ^${want//./\\.}\.[0-9]+$ ]] || die "unexpected upstream version '$upver' from $tarball"
 
     local prefix suffix=
     [[ $kind == ft ]] && suffix=-ft
@@ -376,18 +420,20 @@ build_cpython() {
         run_logged "$logf" "make -j$(nproc)" make -j"$(nproc)"
     )
     # Install into a staging dir on the same filesystem, then rename into place atomically.
-    STAGE_DIR=$(mktemp -d "$CPY_CACHE/.staging-$kind.XXXXXX")
+    STAGE_DIR=$(mktemp -d "$CPY_CACHE/.staging-$want-$kind.XXXXXX")
     (
         cd "$src"
         run_logged "$logf" "make install (staged)" make install DESTDIR="$STAGE_DIR"
     )
     local staged=$STAGE_DIR$prefix
-    if [[ $kind == ft ]]; then py=python3.13t; else py=python3.13; fi
+    if [[ $kind == ft ]]; then py=python${want}t; else py=python$want; fi
     [[ -x $staged/bin/$py ]] || die "build produced no bin/$py (log: $logf)"
+    local mods='sys, ssl, sqlite3, ctypes, zlib, lzma, bz2, _interpreters'
+    [[ $want == 3.14 ]] && mods+=', concurrent.interpreters, compression.zstd'
     # The staged interpreter runs with the staged libpython (its rpath points at the final prefix).
-    LD_LIBRARY_PATH=$staged/lib "$staged/bin/$py" -I -c 'import sys, ssl, sqlite3, ctypes, zlib, lzma, bz2, _interpreters' >>"$logf" 2>&1 ||
-        die "built interpreter lacks required modules (ssl sqlite3 ctypes zlib lzma bz2 _interpreters); see $logf"
-    printf '%s %s built %s\n' "$got" "$kind" "$(date -u +%FT%TZ)" >"$staged/.interheap-complete"
+    LD_LIBRARY_PATH=$staged/lib "$staged/bin/$py" -I -c "import $mods" >>"$logf" 2>&1 ||
+        die "built interpreter lacks required modules ($mods); see $logf"
+    printf '%s %s built %s\n' "$origin" "$kind" "$(date -u +%FT%TZ)" >"$staged/.interheap-complete"
     [[ -e $prefix ]] && rm -rf "$prefix" # stale, incomplete or broken (find_cached rejected it)
     mv -T "$staged" "$prefix"
     rm -rf "$STAGE_DIR"
@@ -401,7 +447,7 @@ build_cpython() {
     WORK_DIR=
     exec {lock_fd}>&-
     log "built CPython $upver ($kind) in $((SECONDS - t0))s -> $prefix"
-    find_cached "$kind" || die "freshly built $py does not pass checks (log: $logf)"
+    find_cached "$want" "$kind" || die "freshly built $py does not pass checks (log: $logf)"
 }
 
 # ---------------------------------------------------------------------------
@@ -412,18 +458,25 @@ resolve_tag() {
     local tag=$1 py
     case $tag in
     3.12)
-        find_gil_python 3.12 ||
+        find_python 3.12 gil ||
             die "no usable CPython 3.12 (default GIL build with --enable-shared) found in pyenv or on PATH; install one (e.g. 'env PYTHON_CONFIGURE_OPTS=--enable-shared pyenv install 3.12') or set INTERHEAP_PYTHONS=\"3.12=/path/to/python3.12 ...\""
         ;;
-    3.13)
-        if py=$(find_gil_python 3.13); then
+    3.13 | 3.14)
+        if py=$(find_python "$tag" gil); then
             printf '%s\n' "$py"
         else
-            log "no usable CPython 3.13 in pyenv or on PATH; using a cached/built one"
-            build_cpython gil
+            log "no usable CPython $tag in pyenv or on PATH; using a cached/built one"
+            build_cpython "$tag" gil
         fi
         ;;
-    3.13t) build_cpython ft ;;
+    3.14t)
+        if py=$(find_python 3.14 ft); then
+            printf '%s\n' "$py"
+        else
+            build_cpython 3.14 ft
+        fi
+        ;;
+    3.13t) die "free-threaded 3.13 (3.13t) is no longer supported: it was experimental, and PyO3 0.29+ refuses it. Use free-threaded 3.14 (tag 3.14t)" ;;
     *) die "unknown tag '$tag' (known: ${DEFAULT_TAGS[*]})" ;;
     esac
 }
@@ -499,7 +552,7 @@ main() {
     else
         local -a want=("${DEFAULT_TAGS[@]}")
         if [[ -n $only ]]; then
-            [[ " ${DEFAULT_TAGS[*]} " == *" $only "* ]] || die "unknown tag '$only' (known: ${DEFAULT_TAGS[*]})"
+            [[ " ${DEFAULT_TAGS[*]} " == *" $only "* || $only == 3.13t ]] || die "unknown tag '$only' (known: ${DEFAULT_TAGS[*]})"
             want=("$only")
         fi
         local t p

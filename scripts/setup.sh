@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets up everything interheap needs on a fresh machine, reusing caches:
-#   - the interpreters of the test matrix (scripts/interpreters.sh: 3.12, 3.13
-#     and a free-threaded 3.13t built once and cached),
-#   - one virtual environment per interpreter: .venv for 3.13 (the default),
+#   - the interpreters of the test matrix (scripts/interpreters.sh: 3.12, 3.13,
+#     3.14 and free-threaded 3.14t; 3.14 and 3.14t are built once from the
+#     release source in ../shared/cpython and cached where the machine has none),
+#   - one virtual environment per interpreter: .venv for 3.14 (the default),
 #     .venvs/<tag> for the others, with the dev tools, interheap and the example
 #     extension (examples/pyo3-extension) built in release mode and installed
 #     (Cargo target dirs are cached per interpreter under the cache dir, so a
@@ -10,26 +11,40 @@
 #     launcher in each venv's bin/, and libinterheap (the C library) built for it into <venv>/interheap-c/lib,
 #   - cargo-fuzz, when the nightly toolchain is there (for the allocator's fuzz target).
 # Usage: scripts/setup.sh [TAG ...]   (default: every interpreter of the matrix)
+#        scripts/setup.sh --demo      only what `make demo` runs on: the default
+#                                     interpreter, .venv and the interheap package
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=${INTERHEAP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/interheap}
-DEFAULT_TAG=${INTERHEAP_DEFAULT_TAG:-3.13}
+DEFAULT_TAG=${INTERHEAP_DEFAULT_TAG:-3.14}
 mkdir -p "$CACHE"
 log() { printf 'setup: %s\n' "$*" >&2; }
 
 command -v cargo >/dev/null || { log "cargo not found: install Rust (rustup) first"; exit 1; }
 
+demo=0
+if [ "${1:-}" = "--demo" ]; then
+    demo=1
+    shift
+    set -- "$DEFAULT_TAG"
+fi
+
 # cargo-fuzz, for the allocator's fuzz target (make fuzz; a short run in make
 # test). It needs the nightly toolchain; without one the fuzz run is skipped.
-if cargo +nightly --version >/dev/null 2>&1 && ! cargo fuzz --version >/dev/null 2>&1; then
+if [ "$demo" = 0 ] && cargo +nightly --version >/dev/null 2>&1 && ! cargo fuzz --version >/dev/null 2>&1; then
     log "installing cargo-fuzz (once; about a minute)"
     cargo install --quiet --locked cargo-fuzz >"$CACHE/cargo-fuzz-install.log" 2>&1 \
         || { tail -20 "$CACHE/cargo-fuzz-install.log" >&2; exit 1; }
 fi
 
-matrix=$("$ROOT/scripts/interpreters.sh")
 wanted=("$@")
+if [ ${#wanted[@]} -eq 1 ]; then
+    # One interpreter: find (or build) only that one.
+    matrix="${wanted[0]} $("$ROOT/scripts/interpreters.sh" --tag "${wanted[0]}")"
+else
+    matrix=$("$ROOT/scripts/interpreters.sh")
+fi
 
 # develop TAG VENV DIR LOG: build the maturin project in DIR (release) into VENV.
 develop() {
@@ -66,6 +81,13 @@ while read -r tag python; do
     fi
     log "$tag: building interheap (release)"
     develop "$tag" "$venv" frontends/python "$CACHE/build-$tag.log"
+    "$venv/bin/python" -c "import interheap; interheap.stats()" \
+        || { log "$tag: interheap does not import in $venv"; exit 1; }
+    if [ "$demo" = 1 ]; then
+        rm -f "$ROOT/.venvs.list.tmp"
+        log "ready for the demo: $venv"
+        exit 0
+    fi
     log "$tag: building the interheap-python launcher (release)"
     (
         cd "$ROOT"
@@ -74,8 +96,6 @@ while read -r tag python; do
             || { tail -40 "$CACHE/build-$tag.log" >&2; exit 1; }
     )
     install -m 755 "$CACHE/target/$tag-launcher/release/interheap-python" "$venv/bin/interheap-python"
-    "$venv/bin/python" -c "import interheap; interheap.stats()" \
-        || { log "$tag: interheap does not import in $venv"; exit 1; }
     # The example PyO3 extension over interheap-pyalloc, which the tests import
     # (same cached target dir: PyO3 is built once per interpreter).
     log "$tag: building the example extension (examples/pyo3-extension)"

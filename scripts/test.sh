@@ -8,7 +8,7 @@
 #      engine's and the global allocator's tests under AddressSanitizer (nightly)
 #      and a short fuzzing run of the allocator (cargo fuzz, engine/fuzz)
 #   2. Python: ruff
-#   3. pytest on each venv listed in .venvs.list (3.12, 3.13, 3.13t)
+#   3. pytest on each venv listed in .venvs.list (3.12, 3.13, 3.14, 3.14t)
 #   4. interheap-python built with AddressSanitizer, running 4 isolated
 #      interpreters that exchange objects (examples/interpreters_exchange.py)
 #   5. CPython's own regression tests under interheap-python (scripts/regrtest.sh)

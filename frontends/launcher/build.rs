@@ -4,7 +4,7 @@
 fn main() {
     pyo3_build_config::use_pyo3_cfgs();
     let config = pyo3_build_config::get();
-    if let Some(dir) = &config.lib_dir {
+    if let Some(dir) = config.lib_dir() {
         println!("cargo:rustc-link-arg-bins=-Wl,-rpath,{dir}");
     }
     for symbol in [
