@@ -88,10 +88,23 @@ while read -r tag python; do
         log "ready for the demo: $venv"
         exit 0
     fi
+    # Programs that link libpython (the launcher, libinterheap's C programs)
+    # need extra linker flags with Debian unstable's 3.15, which runs on its
+    # own glibc (scripts/cpython315.sh); none elsewhere.
+    link_flags="" rust_link_flags=""
+    case $python in
+    "$CACHE/cpython/3.15-debian/"*)
+        link_flags=$("$ROOT/scripts/cpython315.sh" --link-flags)
+        rust_link_flags=$("$ROOT/scripts/cpython315.sh" --rustflags)
+        ;;
+    esac
+    mkdir -p "$venv/interheap-c/lib"
+    printf '%s\n' "$link_flags" > "$venv/interheap-c/link-flags"
+    printf '%s\n' "$rust_link_flags" > "$venv/interheap-c/rustflags"
     log "$tag: building the interheap-python launcher (release)"
     (
         cd "$ROOT"
-        PYO3_PYTHON="$venv/bin/python" CARGO_TARGET_DIR="$CACHE/target/$tag-launcher" \
+        RUSTFLAGS="$rust_link_flags" PYO3_PYTHON="$venv/bin/python" CARGO_TARGET_DIR="$CACHE/target/$tag-launcher" \
             cargo build --release --quiet -p interheap-launcher >>"$CACHE/build-$tag.log" 2>&1 \
             || { tail -40 "$CACHE/build-$tag.log" >&2; exit 1; }
     )
@@ -106,10 +119,9 @@ while read -r tag python; do
     # and the C tests: <venv>/interheap-c/lib. Own target dir: its pyo3-ffi
     # links libpython, the extension's does not.
     log "$tag: building libinterheap (release)"
-    PYO3_PYTHON="$venv/bin/python" CARGO_TARGET_DIR="$CACHE/target/$tag-c" \
+    RUSTFLAGS="$rust_link_flags" PYO3_PYTHON="$venv/bin/python" CARGO_TARGET_DIR="$CACHE/target/$tag-c" \
         cargo build --release --quiet -p interheap-c --manifest-path "$ROOT/Cargo.toml" \
         >"$CACHE/build-$tag-c.log" 2>&1 || { tail -40 "$CACHE/build-$tag-c.log" >&2; exit 1; }
-    mkdir -p "$venv/interheap-c/lib"
     cp "$CACHE/target/$tag-c/release/libinterheap.so" "$CACHE/target/$tag-c/release/libinterheap.a" \
         "$venv/interheap-c/lib/"
     echo "$tag $venv" >> "$ROOT/.venvs.list.tmp"
