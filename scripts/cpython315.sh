@@ -37,13 +37,14 @@ ARCH_TRIPLET=x86_64-linux-gnu
 MARKER=.interheap-complete
 # Packages to unpack; their Depends/Pre-Depends are added recursively, minus DENY.
 ROOT_PKGS=("python$PYVER-minimal" "libpython$PYVER-minimal" "libpython$PYVER-stdlib" "libpython$PYVER"
-    "libpython$PYVER-dev" "python$PYVER" "python$PYVER-venv" python3-pip-whl python3-setuptools-whl)
+    "libpython$PYVER-dev" "python$PYVER" "python$PYVER-venv" python3-pip-whl python3-setuptools-whl
+    "libpython$PYVER-testsuite") # CPython's own tests (Lib/test), which scripts/regrtest.sh runs
 # Not needed in the private root: maintainer-script/config machinery and data the host has.
 is_denied() {
     case $1 in
     "libpython$PYVER-dev") return 1 ;;
     *-dev | debconf* | cdebconf* | ca-certificates | openssl | tzdata | media-types | mime-support | \
-        netbase | readline-common | libc-dev-bin | dpkg | perl* | install-info) return 0 ;;
+        netbase | readline-common | libc-dev-bin | dpkg | perl* | install-info | net-tools) return 0 ;;
     esac
     return 1
 }
@@ -331,7 +332,16 @@ EOF
     fi
 }
 
-is_complete() { [[ -f $DEST/$MARKER && -x $(py_of "$DEST") ]] && "$(py_of "$DEST")" -I -c 'import sys' 2>/dev/null; }
+# Complete: marked, runs, and holds every package of ROOT_PKGS (a cache made
+# before a package was added to the list is rebuilt).
+is_complete() {
+    [[ -f $DEST/$MARKER && -x $(py_of "$DEST") ]] || return 1
+    local p
+    for p in "${ROOT_PKGS[@]}"; do
+        grep -q "^$p=" "$DEST/$MARKER" || return 1
+    done
+    "$(py_of "$DEST")" -I -c 'import sys' 2>/dev/null
+}
 
 main() {
     mkdir -p "$CPY_CACHE"

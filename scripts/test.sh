@@ -118,10 +118,16 @@ done < .venvs.list
 # through queues while the allocator checks its own figures.
 if cargo +nightly --version >/dev/null 2>&1; then
     while read -r tag venv; do
+        if [ -s "$venv/interheap-c/rustflags" ] && [ -n "$(tr -d '[:space:]' < "$venv/interheap-c/rustflags")" ]; then
+            # Debian unstable's 3.15 runs on its own glibc and loader; an ASan
+            # build against it is not set up. The allocator code is the same
+            # one the other interpreters' ASan runs check.
+            step "NOT RUN: interheap-python under AddressSanitizer on $tag (runs on another glibc's loader; not set up)"
+            continue
+        fi
         step "interheap-python under AddressSanitizer on $tag: examples/interpreters_exchange.py"
         asan_target=$CACHE/target/asan-launcher-$tag
-        if env PYO3_PYTHON="$venv/bin/python" RUSTFLAGS="-Zsanitizer=address $(cat "$venv/interheap-c/rustflags" 2>/dev/null)" \
-            CARGO_TARGET_DIR="$asan_target" \
+        if env PYO3_PYTHON="$venv/bin/python" RUSTFLAGS="-Zsanitizer=address" CARGO_TARGET_DIR="$asan_target" \
             cargo +nightly build --release --quiet -p interheap-launcher --target "$(rustc -vV | sed -n 's/^host: //p')"; then
             install -m 755 "$asan_target/$(rustc -vV | sed -n 's/^host: //p')/release/interheap-python" \
                 "$venv/bin/interheap-python-asan"
