@@ -176,7 +176,7 @@ def test_regrtest_under_interheap_python(venv, tmp_path):
     assert "Result: SUCCESS" in proc.stdout or "Tests result: SUCCESS" in proc.stdout, proc.stdout[-2000:]
 
 
-def test_no_launcher_binary_left_out_of_git():
+def test_built_launcher_is_ignored_by_git():
     """build.rs writes the binary into the source tree; git must ignore it."""
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
