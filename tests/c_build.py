@@ -22,6 +22,9 @@ C_LIB_DIR = Path(sys.prefix) / "interheap-c" / "lib"
 # unstable's 3.15 here, scripts/cpython315.sh).
 _LINK_FLAGS_FILE = C_LIB_DIR.parent / "link-flags"
 EMBED_LINK_FLAGS = _LINK_FLAGS_FILE.read_text().split() if _LINK_FLAGS_FILE.exists() else []
+# The same flags as RUSTFLAGS, for cargo builds of binaries linking libpython.
+_RUSTFLAGS_FILE = C_LIB_DIR.parent / "rustflags"
+EMBED_RUSTFLAGS = _RUSTFLAGS_FILE.read_text().strip() if _RUSTFLAGS_FILE.exists() else ""
 
 
 def embedding_env() -> dict[str, str]:
