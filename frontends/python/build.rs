@@ -41,8 +41,8 @@ fn main() {
     // The interpreter PyO3 builds this extension for (maturin sets PYO3_PYTHON).
     let config = pyo3_build_config::get();
     let python = config
-        .executable
-        .clone()
+        .executable()
+        .map(str::to_owned)
         .or_else(|| std::env::var("PYO3_PYTHON").ok())
         .expect("no Python interpreter for the launcher: set PYO3_PYTHON");
 
