@@ -1,5 +1,5 @@
 # interheap: the two commands a fresh machine needs are `make demo` and `make test`.
-.PHONY: setup demo test bench bench-instructions bench-allocator bench-allocator-instructions bench-allocator-callgrind bench-scaling bench-pyalloc bench-adapters fuzz regrtest fmt clean
+.PHONY: setup demo test wheel bench bench-instructions bench-allocator bench-allocator-instructions bench-allocator-callgrind bench-scaling bench-pyalloc bench-adapters fuzz regrtest fmt clean
 
 PYTHON := .venv/bin/python
 
@@ -16,6 +16,14 @@ demo:
 # Every check and test, on every interpreter of the matrix (3.12, 3.13, 3.14, 3.14t).
 test: setup
 	scripts/test.sh
+
+# The wheel for .venv's interpreter, into dist/: the package, its CLI and the
+# interheap-python launcher (built by frontends/python/build.rs). Install it
+# anywhere with `pip install dist/interheap-*.whl`. The Cargo target dir is the
+# one setup.sh used for that interpreter, so this takes seconds after setup.
+wheel: setup
+	cd frontends/python && CARGO_TARGET_DIR="$${INTERHEAP_CACHE:-$$HOME/.cache/interheap}/target/$$(../../$(PYTHON) -c 'import sys, sysconfig; print("%d.%d%s" % (*sys.version_info[:2], "t" if sysconfig.get_config_var("Py_GIL_DISABLED") else ""))')" \
+		PYO3_PYTHON=$(CURDIR)/$(PYTHON) ../../.venv/bin/maturin build --release -i $(CURDIR)/$(PYTHON) --out $(CURDIR)/dist
 
 # pyperformance, interleaved: no hooks vs interheap's hooks vs tracemalloc.
 bench: setup
@@ -75,4 +83,4 @@ fmt:
 	.venv/bin/ruff check --fix .
 
 clean:
-	rm -rf .venv .venvs .venvs.list out target
+	rm -rf .venv .venvs .venvs.list out target dist frontends/python/wheel-data/scripts/interheap-python-bin

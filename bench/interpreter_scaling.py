@@ -16,25 +16,35 @@ import statistics
 import threading
 import time
 
-try:
-    import _interpreters as interpreters
+try:  # 3.14+: the public API (PEP 734); its interpreters are isolated (own GIL)
+    from concurrent import interpreters
 
     def create() -> object:
-        return interpreters.create("isolated")
+        return interpreters.create()
 
     def run(interp: object, code: str) -> None:
-        failure = interpreters.exec(interp, code)
-        if failure is not None:
-            raise RuntimeError(failure)
+        interp.exec(code)
 
-except ImportError:  # 3.12
-    import _xxsubinterpreters as interpreters
+except ImportError:
+    try:  # 3.13
+        import _interpreters as interpreters
 
-    def create() -> object:
-        return interpreters.create(isolated=True)
+        def create() -> object:
+            return interpreters.create("isolated")
 
-    def run(interp: object, code: str) -> None:
-        interpreters.run_string(interp, code)
+        def run(interp: object, code: str) -> None:
+            failure = interpreters.exec(interp, code)
+            if failure is not None:
+                raise RuntimeError(failure)
+
+    except ImportError:  # 3.12
+        import _xxsubinterpreters as interpreters
+
+        def create() -> object:
+            return interpreters.create(isolated=True)
+
+        def run(interp: object, code: str) -> None:
+            interpreters.run_string(interp, code)
 
 
 WORK = """

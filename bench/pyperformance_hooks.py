@@ -60,7 +60,7 @@ except ImportError:
 CONFIGS = ("none", "hooks", "tracemalloc", "mimalloc", "interheap")
 
 # Benchmarks known to run in worker mode: name -> (bm_ directory, extra script args).
-# All are pure Python, need nothing beyond pyperf and run on 3.12, 3.13 and 3.13t; each
+# All are pure Python, need nothing beyond pyperf and run on 3.12 to 3.15 and 3.14t; each
 # script defines exactly one pyperf benchmark (with the args given).
 KNOWN = {
     "richards": ("bm_richards", ()),

@@ -6,7 +6,7 @@
  * to 512, carved from chunks, with plain counters. It has no lock, because
  * until Python 3.11 the GIL serialised every call into the mem and object
  * domains. With an own-GIL subinterpreter (3.12+) or a free-threaded build
- * (3.13t) that is no longer true, and two threads popping the same free
+ * (3.14t) that is no longer true, and two threads popping the same free
  * list corrupt it. interheap_install() wraps it so that its calls never
  * overlap, taking no lock at all while the process has only the main GIL.
  *

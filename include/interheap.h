@@ -1,7 +1,7 @@
 /*
  * interheap.h: keep a custom CPython allocator written before per-interpreter
  * GILs, and run isolated subinterpreters (3.12+) or free-threaded CPython
- * (3.13t) safely.
+ * (3.14t) safely.
  *
  * Link with -linterheap (libinterheap.so or libinterheap.a, built by
  * `cargo build --release -p interheap-c` against the same CPython) and with

@@ -10,7 +10,9 @@
 set -euo pipefail
 
 PROG=${0##*/}
-DEFAULT_TAGS=(3.12 3.13 3.14 3.14t)
+DEFAULT_TAGS=(3.12 3.13 3.14 3.14t 3.15)
+# Tags left out of the default matrix, with a warning, when they cannot be had here.
+OPTIONAL_TAGS=" 3.15 "
 # CPython 3.14 release source shipped beside the project (../shared/cpython) and its checksum file.
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SOURCE_DIR=${INTERHEAP_CPYTHON_SOURCE_DIR:-$ROOT/../shared/cpython}
@@ -51,6 +53,9 @@ Where interpreters come from (a machine that has its own builds nothing):
   3.14t  free-threaded 3.14: pyenv (3.14.*t) or python3.14t on PATH, else
          built like 3.14 with --disable-gil, cached under
          \$INTERHEAP_CACHE/cpython/<version>-ft/.
+  3.15   pyenv or python3.15 on PATH, else Debian unstable's binary packages
+         unpacked and patched to run on this machine (scripts/cpython315.sh);
+         optional: left out of the matrix with a warning if it cannot be had.
   3.13t  no longer supported (experimental in 3.13; PyO3 0.29+ refuses it).
 
 Environment:
@@ -476,6 +481,13 @@ resolve_tag() {
             build_cpython 3.14 ft
         fi
         ;;
+    3.15)
+        if py=$(find_python 3.15 gil); then
+            printf '%s\n' "$py"
+        else
+            "$ROOT/scripts/cpython315.sh"
+        fi
+        ;;
     3.13t) die "free-threaded 3.13 (3.13t) is no longer supported: it was experimental, and PyO3 0.29+ refuses it. Use free-threaded 3.14 (tag 3.14t)" ;;
     *) die "unknown tag '$tag' (known: ${DEFAULT_TAGS[*]})" ;;
     esac
@@ -502,6 +514,9 @@ parse_env_pythons() {
         [[ -f $path && -x $path ]] || die "INTERHEAP_PYTHONS entry '$entry': $path is not an executable file"
         info=$(probe "$path") || die "INTERHEAP_PYTHONS entry '$entry': $path does not run as a Python interpreter"
         read -r exe ver gil shared <<<"$info"
+        if [[ $gil == 1 ]] && [[ $(printf '%s\n' "$ver" 3.14 | sort -V | head -n 1) != 3.14 ]]; then
+            die "INTERHEAP_PYTHONS entry '$entry': $path is free-threaded CPython ${ver}t, which is no longer supported (experimental, and PyO3 0.29+ refuses it); use free-threaded 3.14 (3.14t) or later"
+        fi
         if [[ $tag == *t && $gil != 1 ]]; then
             log "warning: '$tag' looks free-threaded but $path has the GIL (Py_GIL_DISABLED=$gil)"
         elif [[ $tag != *t && $gil == 1 ]]; then
@@ -557,7 +572,14 @@ main() {
         fi
         local t p
         for t in "${want[@]}"; do
-            p=$(resolve_tag "$t")
+            if [[ -z $only && $OPTIONAL_TAGS == *" $t "* ]]; then
+                p=$(resolve_tag "$t") || {
+                    log "warning: CPython $t cannot be had here; the matrix goes on without it"
+                    continue
+                }
+            else
+                p=$(resolve_tag "$t")
+            fi
             [[ $p == /* ]] || die "internal error: resolved '$t' to non-absolute '$p'"
             TAGS+=("$t")
             PATHS+=("$p")

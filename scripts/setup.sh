@@ -8,7 +8,9 @@
 #     extension (examples/pyo3-extension) built in release mode and installed
 #     (Cargo target dirs are cached per interpreter under the cache dir, so a
 #     fresh clone rebuilds only interheap's crates), plus the interheap-python
-#     launcher in each venv's bin/, and libinterheap (the C library) built for it into <venv>/interheap-c/lib,
+#     launcher in each venv's bin/ (built with the package by
+#     frontends/python/build.rs), and libinterheap (the C library) built for
+#     it into <venv>/interheap-c/lib,
 #   - cargo-fuzz, when the nightly toolchain is there (for the allocator's fuzz target).
 # Usage: scripts/setup.sh [TAG ...]   (default: every interpreter of the matrix)
 #        scripts/setup.sh --demo      only what `make demo` runs on: the default
@@ -79,23 +81,39 @@ while read -r tag python; do
         "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$ROOT/requirements-dev.txt"
         cp "$ROOT/requirements-dev.txt" "$venv/.interheap-requirements"
     fi
-    log "$tag: building interheap (release)"
-    develop "$tag" "$venv" frontends/python "$CACHE/build-$tag.log"
-    "$venv/bin/python" -c "import interheap; interheap.stats()" \
-        || { log "$tag: interheap does not import in $venv"; exit 1; }
+    # Programs that link libpython (the launcher, libinterheap's C programs)
+    # need extra linker flags with Debian unstable's 3.15, which runs on its
+    # own glibc (scripts/cpython315.sh); none elsewhere.
+    link_flags="" rust_link_flags=""
+    case $python in
+    "$CACHE/cpython/3.15-debian/"*)
+        link_flags=$("$ROOT/scripts/cpython315.sh" --link-flags)
+        rust_link_flags=$("$ROOT/scripts/cpython315.sh" --rustflags)
+        ;;
+    esac
+    mkdir -p "$venv/interheap-c/lib"
+    printf '%s\n' "$link_flags" > "$venv/interheap-c/link-flags"
+    printf '%s\n' "$rust_link_flags" > "$venv/interheap-c/rustflags"
     if [ "$demo" = 1 ]; then
+        # The demo runs python -m interheap only: skip the launcher that
+        # frontends/python/build.rs builds for the wheel (a minute more).
+        log "$tag: building interheap (release)"
+        INTERHEAP_WHEEL_LAUNCHER=0 develop "$tag" "$venv" frontends/python "$CACHE/build-$tag.log"
+        "$venv/bin/python" -c "import interheap; interheap.stats()" \
+            || { log "$tag: interheap does not import in $venv"; exit 1; }
         rm -f "$ROOT/.venvs.list.tmp"
         log "ready for the demo: $venv"
         exit 0
     fi
-    log "$tag: building the interheap-python launcher (release)"
-    (
-        cd "$ROOT"
-        PYO3_PYTHON="$venv/bin/python" CARGO_TARGET_DIR="$CACHE/target/$tag-launcher" \
-            cargo build --release --quiet -p interheap-launcher >>"$CACHE/build-$tag.log" 2>&1 \
-            || { tail -40 "$CACHE/build-$tag.log" >&2; exit 1; }
-    )
-    install -m 755 "$CACHE/target/$tag-launcher/release/interheap-python" "$venv/bin/interheap-python"
+    log "$tag: building interheap and the interheap-python launcher (release)"
+    RUSTFLAGS="$rust_link_flags" develop "$tag" "$venv" frontends/python "$CACHE/build-$tag.log"
+    # The package carries the launcher as the wheel does (frontends/python/build.rs):
+    # bin/interheap-python-bin behind a wrapper that finds libpython wherever
+    # the wheel is installed. Here the interpreter is the one it was built
+    # for, so the venv runs the binary itself (sys.executable is the binary).
+    install -m 755 "$venv/bin/interheap-python-bin" "$venv/bin/interheap-python"
+    "$venv/bin/python" -c "import interheap; interheap.stats()" \
+        || { log "$tag: interheap does not import in $venv"; exit 1; }
     # The example PyO3 extension over interheap-pyalloc, which the tests import
     # (same cached target dir: PyO3 is built once per interpreter).
     log "$tag: building the example extension (examples/pyo3-extension)"
@@ -106,10 +124,9 @@ while read -r tag python; do
     # and the C tests: <venv>/interheap-c/lib. Own target dir: its pyo3-ffi
     # links libpython, the extension's does not.
     log "$tag: building libinterheap (release)"
-    PYO3_PYTHON="$venv/bin/python" CARGO_TARGET_DIR="$CACHE/target/$tag-c" \
+    RUSTFLAGS="$rust_link_flags" PYO3_PYTHON="$venv/bin/python" CARGO_TARGET_DIR="$CACHE/target/$tag-c" \
         cargo build --release --quiet -p interheap-c --manifest-path "$ROOT/Cargo.toml" \
         >"$CACHE/build-$tag-c.log" 2>&1 || { tail -40 "$CACHE/build-$tag-c.log" >&2; exit 1; }
-    mkdir -p "$venv/interheap-c/lib"
     cp "$CACHE/target/$tag-c/release/libinterheap.so" "$CACHE/target/$tag-c/release/libinterheap.a" \
         "$venv/interheap-c/lib/"
     echo "$tag $venv" >> "$ROOT/.venvs.list.tmp"

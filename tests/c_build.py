@@ -17,6 +17,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 INCLUDE = ROOT / "include"
 C_LIB_DIR = Path(sys.prefix) / "interheap-c" / "lib"
+# Extra linker flags for programs linking libpython, written by scripts/setup.sh:
+# empty except for an interpreter that runs on its own glibc (Debian
+# unstable's 3.15 here, scripts/cpython315.sh).
+_LINK_FLAGS_FILE = C_LIB_DIR.parent / "link-flags"
+EMBED_LINK_FLAGS = _LINK_FLAGS_FILE.read_text().split() if _LINK_FLAGS_FILE.exists() else []
+# The same flags as RUSTFLAGS, for cargo builds of binaries linking libpython.
+_RUSTFLAGS_FILE = C_LIB_DIR.parent / "rustflags"
+EMBED_RUSTFLAGS = _RUSTFLAGS_FILE.read_text().strip() if _RUSTFLAGS_FILE.exists() else ""
+
+
+def embedding_env() -> dict[str, str]:
+    """Environment an embedding program needs: such a relocated interpreter's
+    libpython has /usr as its built-in prefix, so it is told its home."""
+    return {"PYTHONHOME": sys.base_prefix} if EMBED_LINK_FLAGS else {}
 
 
 def python_include() -> str:
@@ -56,5 +70,5 @@ def build_program(source: Path, out: Path, *, static: bool = False) -> Path:
     interheap = [str(lib)] if static else [f"-L{C_LIB_DIR}", "-linterheap", f"-Wl,-rpath,{C_LIB_DIR}"]
     _gcc(["-O2", "-g", "-Wall", "-Werror", "-pthread", f"-I{python_include()}", f"-I{INCLUDE}", str(source),
           *interheap, f"-L{python_libdir()}", f"-l{python_lib()}", f"-Wl,-rpath,{python_libdir()}",
-          "-ldl", "-lm", "-o", str(out)])  # fmt: skip
+          "-ldl", "-lm", *EMBED_LINK_FLAGS, "-o", str(out)])  # fmt: skip
     return out

@@ -199,7 +199,7 @@ def test_stress_eight_threads_figures_stay_exact():
 def test_blocks_freed_by_other_threads_stay_exact():
     # Producers allocate, consumers free: most frees hit a block that sits in
     # another thread's nursery (the claim path) or was evicted from it. On
-    # 3.13t this runs with no GIL at all.
+    # 3.14t this runs with no GIL at all.
     out = scenario(
         r"""
         import queue, threading, time, interheap
@@ -245,7 +245,7 @@ def test_blocks_freed_by_other_threads_stay_exact():
 
 
 def test_free_threaded_threads_attribute_exact_known_bytes():
-    # 8 plain threads (no GIL on 3.13t) each keep a known amount; the main
+    # 8 plain threads (no GIL on 3.14t) each keep a known amount; the main
     # interpreter's live bytes rise by exactly the sum, within 5%.
     out = scenario(
         r"""

@@ -3,6 +3,8 @@ exact figures, cross-interpreter frees, ended interpreters, the shared heap."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from conftest import FREE_THREADED, ROOT, run_python, scenario
 
@@ -221,8 +223,10 @@ def test_interpreters_reborn_at_the_same_address_get_fresh_heaps(fast):
         assert not entry["ended"], (k, entry)
         assert entry["stale"] == [], f"interpreter {k} allocated from an ended interpreter's heaps"
     assert out["failures"] == 0
-    # On glibc Linux the allocator finds libpython's thread-state slot, unless told not to.
-    assert out["fast"] is fast
+    # On glibc Linux the allocator finds libpython's thread-state slot, unless
+    # told not to; on 3.15 two thread-locals hold the thread state, so the
+    # probe refuses to guess and the C API serves (cpython/src/interp.rs).
+    assert out["fast"] is (fast and sys.version_info < (3, 15))
 
 
 @pytest.mark.parametrize("launcher", [True, False], ids=["interheap-python", "python"])

@@ -22,6 +22,29 @@ def test_import_keeps_the_gil_as_the_build_has_it():
     assert out["gil"] is (not FREE_THREADED)
 
 
+def test_the_package_refuses_free_threaded_3_13_naming_3_14t():
+    # 3.13t is retired. A wheel cannot be built for it (PyO3 refuses, checked
+    # in scripts/test.sh); the package also says so itself if it meets one.
+    # The child makes this interpreter look like 3.13t before the import.
+    out = scenario(
+        """
+        import sys, sysconfig
+        from scenario_support import result
+        real = sysconfig.get_config_var
+        sysconfig.get_config_var = lambda name: 1 if name == "Py_GIL_DISABLED" else real(name)
+        sys.version_info = (3, 13, 5, "final", 0)
+        try:
+            import interheap
+        except ImportError as e:
+            result(error=str(e), native="interheap._native" in sys.modules)
+        else:
+            result(error=None)
+        """
+    )
+    assert out["error"] and "3.13t" in out["error"] and "3.14t" in out["error"], out
+    assert out["native"] is False, "the refusal must come before the extension loads"
+
+
 def test_install_uninstall_round_trip_and_errors():
     out = scenario(
         """

@@ -99,7 +99,11 @@ pub fn current_thread_interpreter() -> *mut ffi::PyInterpreterState {
 /// thread) that holds that thread state. Anything other than exactly one
 /// match, no TLS block, or a later disagreement with
 /// `PyThreadState_GetUnchecked` turns the fast path off for good, and the
-/// public API serves. Per thread, the slot's address is `__tls_get_addr` of
+/// public API serves. 3.12 to 3.14 have one match. 3.15 has two: a second
+/// thread-local next to `_Py_tss_tstate` holds the same thread state on
+/// every call an allocator sees (checked on main and subinterpreter
+/// threads), so the word cannot be told apart by value and 3.15 takes the
+/// API (Debian's libpython is stripped: no symbol names the offset). Per thread, the slot's address is `__tls_get_addr` of
 /// (libpython's TLS module, offset), checked against the API once.
 ///
 /// Only on glibc Linux; elsewhere the public API always serves.

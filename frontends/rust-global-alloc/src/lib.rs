@@ -49,7 +49,7 @@
 //!    thread state, that call only increments a counter. On any other thread
 //!    it waits for the GIL: if the GIL's holder waits for this thread, the
 //!    process hangs (PyO3 #6268). Free-threaded builds hang too: on a thread
-//!    with no thread state it creates one, and in 3.13t creating the first
+//!    with no thread state it creates one, and on 3.13t creating the first
 //!    extra thread state stops the world, which waits for every attached
 //!    thread to pause (seen in `_PyGC_ImmortalizeDeferredObjects`).
 //! 2. tracemalloc's `free` hook takes only tracemalloc's table lock, never

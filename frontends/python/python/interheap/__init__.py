@@ -19,7 +19,16 @@ hooks it installs count allocations of every interpreter.
 
 from __future__ import annotations
 
+import sys
+import sysconfig
 from typing import Any
+
+if sysconfig.get_config_var("Py_GIL_DISABLED") and sys.version_info < (3, 14):
+    _version = "{}.{}".format(*sys.version_info[:2])
+    raise ImportError(
+        f"interheap does not support free-threaded CPython {_version}t: it was experimental, and PyO3 0.29+ "
+        "refuses it. Use free-threaded CPython 3.14 (3.14t) or later, or a default build."
+    )
 
 from . import _native, adapters
 from ._allocator import (
