@@ -19,9 +19,11 @@ what is wrong and exits 1. Under plain ``python`` it checks delivery only.
 
     interheap-python examples/interpreters_exchange.py [--seconds 3] [--keep 200] [--hold 2000]
 
-Works on CPython 3.12 (``_xxsubinterpreters`` + ``_xxinterpchannels``) and
-3.13+ (``_interpreters`` + ``_interpqueues``), including free-threaded builds
-(where the allocator serves only the raw domain).
+Uses ``concurrent.interpreters`` (PEP 734: ``create()``, ``create_queue()``,
+``Interpreter.exec``/``prepare_main``/``close``, ``QueueEmpty``) on CPython
+3.14+, including free-threaded builds (where the allocator serves only the raw
+domain); only where that is missing, the private modules: ``_interpreters`` +
+``_interpqueues`` on 3.13, ``_xxsubinterpreters`` + ``_xxinterpchannels`` on 3.12.
 """
 
 from __future__ import annotations
@@ -35,7 +37,50 @@ import time
 
 FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 
-try:  # 3.13+
+# The subinterpreter API, per version. Interpreters and queues are named by
+# their IDs in the host; code run in an interpreter names its queues by the
+# variables that bind() set in its __main__; host_get() takes from a queue in
+# the host. PUT, GET and EMPTY are source text for the interpreters' code.
+if sys.version_info >= (3, 14):
+    import concurrent.interpreters as interpreters
+
+    IMPORT = "from concurrent.interpreters import QueueEmpty"
+    PUT = "{q}.put({obj})"
+    GET = "{q}.get_nowait()"
+    EMPTY = "QueueEmpty"
+    _interps: dict[int, interpreters.Interpreter] = {}
+    _queues: dict[int, interpreters.Queue] = {}
+
+    def create() -> int:
+        interp = interpreters.create()  # isolated: own GIL and obmalloc state
+        _interps[interp.id] = interp
+        return interp.id
+
+    def run(interp: int, code: str) -> None:
+        try:
+            _interps[interp].exec(code)
+        except interpreters.ExecutionFailed as exc:
+            raise RuntimeError(f"interpreter {interp} failed:\n{exc}") from exc
+
+    def destroy(interp: int) -> None:
+        _interps.pop(interp).close()
+
+    def make_pipe() -> int:
+        queue = interpreters.create_queue()  # unbounded
+        _queues[queue.id] = queue
+        return queue.id
+
+    def close_pipe(q: int) -> None:
+        # A queue is destroyed when no interpreter holds it any more.
+        _queues.pop(q)
+
+    def bind(interp: int, **queues: int) -> None:
+        _interps[interp].prepare_main({name: _queues[q] for name, q in queues.items()})
+
+    def host_get(q: int) -> object:
+        return _queues[q].get_nowait()
+
+elif sys.version_info >= (3, 13):
     import _interpqueues
     import _interpreters
 
@@ -62,7 +107,13 @@ try:  # 3.13+
     def close_pipe(q: int) -> None:
         _interpqueues.destroy(q)
 
-except ImportError:  # 3.12
+    def bind(interp: int, **queues: int) -> None:
+        run(interp, "".join(f"{name} = {q}\n" for name, q in queues.items()))
+
+    def host_get(q: int) -> object:
+        return eval(GET.format(q=q))
+
+else:  # 3.12
     import _xxinterpchannels
     import _xxsubinterpreters
 
@@ -97,15 +148,21 @@ except ImportError:  # 3.12
         _xxinterpchannels.destroy(q)
         _channels.pop(q, None)
 
+    def bind(interp: int, **queues: int) -> None:
+        run(interp, "".join(f"{name} = {q}\n" for name, q in queues.items()))
+
+    def host_get(q: int) -> object:
+        return eval(GET.format(q=q))
+
 
 # Runs in each subinterpreter. Sends and receives until the deadline, then
 # drains what its neighbour sent; `stats` (a dict in the interpreter's
-# __main__) is read back by the host.
+# __main__) is read back by the host. `out_q`, `in_q` and `pipe` are bound by
+# bind() beforehand.
 CHURN = """
 import random, time
 {import_pipe}
 rng = random.Random({k})
-out_q, in_q = {out_q}, {in_q}
 stats = dict(sent=0, received=0, bad=0)
 kept = []
 deadline = time.monotonic() + {seconds}
@@ -185,8 +242,8 @@ def run_all(interps: list[int], codes: list[str]) -> None:
 
 def read_stats(interp: int, pipe: int) -> dict:
     """Copies the interpreter's `stats` dict out through a pipe (as JSON text)."""
-    run(interp, f"import json\n{PUT.format(q=pipe, obj='json.dumps(stats)')}")
-    return json.loads(eval(GET.format(q=pipe)))
+    run(interp, f"import json\n{PUT.format(q='pipe', obj='json.dumps(stats)')}")
+    return json.loads(host_get(pipe))
 
 
 def allocator_checks(interps: list[int], ended: bool) -> list[str]:
@@ -234,13 +291,11 @@ def main() -> int:
     pipe = make_pipe()
     fmt = dict(import_pipe=IMPORT, empty=EMPTY, seconds=ARGS.seconds, keep=ARGS.keep, hold=ARGS.hold)
     codes = []
-    for k in range(4):
-        out_q, in_q = queues[k], queues[(k - 1) % 4]
+    for k, interp in enumerate(interps):
+        bind(interp, out_q=queues[k], in_q=queues[(k - 1) % 4], pipe=pipe)
         codes.append(
             CHURN.format(
                 k=k,
-                out_q=out_q,
-                in_q=in_q,
                 get_in=GET.format(q="in_q"),
                 put_out_data=PUT.format(q="out_q", obj="data"),
                 put_out_text=PUT.format(q="out_q", obj="text"),

@@ -13,8 +13,9 @@ intended and its times; with own GILs the summed CPU time exceeds the wall time
     python examples/parallel_interpreters.py [--scale 0.1] [--hold 0] [--config legacy]
     python -m interheap run examples/parallel_interpreters.py
 
-Works on CPython 3.12 (``_xxsubinterpreters``) and 3.13+ including free-threaded builds
-(``_interpreters``). This script does not import interheap.
+Uses ``concurrent.interpreters`` (PEP 734) on CPython 3.14+, including free-threaded
+builds; only where that is missing, the private modules: ``_interpreters`` on 3.13 and
+``_xxsubinterpreters`` on 3.12. This script does not import interheap.
 
 Workloads at ``--scale 1.0`` ("intended" = what the script means to allocate, as measured
 by ``sys.getsizeof``; the allocator adds its own rounding and overhead on top):
@@ -49,9 +50,36 @@ WORKLOADS = {
 MAIN_WORKLOAD = (5 * MB, "kept list of small str objects")
 
 
-# --- subinterpreter API, hiding the 3.12 / 3.13+ difference -------------------------------
+# --- subinterpreter API, hiding the 3.12 / 3.13 / 3.14+ difference --------------------------
 
-if sys.version_info >= (3, 13):
+if sys.version_info >= (3, 14):
+    import concurrent.interpreters as interpreters
+
+    def create_interpreter(isolated: bool = True) -> interpreters.Interpreter:
+        """Create an interpreter: own GIL and obmalloc state, or (legacy) main's."""
+        if isolated:
+            return interpreters.create()
+        # concurrent.interpreters only makes isolated interpreters (PEP 734). The legacy
+        # config, kept for comparison, is made by the module behind it, asking for the
+        # same reference counting as create(), and is then used like any other.
+        import _interpreters
+
+        return interpreters.Interpreter(_interpreters.create("legacy", reqrefs=True))
+
+    def run_in(interp: interpreters.Interpreter, code: str) -> None:
+        """Run source code in the interpreter's __main__; raise in the host on failure."""
+        try:
+            interp.exec(code)
+        except interpreters.ExecutionFailed as exc:
+            raise RuntimeError(f"subinterpreter {interp.id} failed:\n{exc}") from exc
+
+    def destroy(interp: interpreters.Interpreter) -> None:
+        interp.close()
+
+    def interp_id(interp: interpreters.Interpreter) -> int:
+        return interp.id
+
+elif sys.version_info >= (3, 13):
     import _interpreters as _interp
 
     def create_interpreter(isolated: bool = True) -> int:
@@ -68,6 +96,9 @@ if sys.version_info >= (3, 13):
 
     def destroy(interp_id: int) -> None:
         _interp.destroy(interp_id)
+
+    def interp_id(handle: int) -> int:
+        return int(handle)
 
 else:
     import _xxsubinterpreters as _interp
@@ -90,6 +121,9 @@ else:
 
     def destroy(interp_id: _interp.InterpreterID) -> None:
         _interp.destroy(interp_id)
+
+    def interp_id(handle: _interp.InterpreterID) -> int:
+        return int(handle)
 
 
 # --- workload code run inside the subinterpreters -------------------------------------------
@@ -221,7 +255,7 @@ def run_workload(workload: str, target_bytes: int, isolated: bool, hold: float) 
     # whatever the other threads did meanwhile.
     return Outcome(
         workload,
-        int(handle),
+        interp_id(handle),
         result,
         time.perf_counter() - t0,
         time.thread_time() - c0,

@@ -1,7 +1,9 @@
 """Imported by test scenarios that run in a child process.
 
-Hides the difference between 3.12's ``_xxsubinterpreters`` and 3.13's
-``_interpreters``, and reports results to the parent test as one JSON line.
+Hides the difference between 3.14's ``concurrent.interpreters`` (PEP 734),
+3.13's ``_interpreters`` and 3.12's ``_xxsubinterpreters`` (the private
+modules only where 3.14's public one is missing), and reports results to the
+parent test as one JSON line.
 """
 
 from __future__ import annotations
@@ -12,7 +14,36 @@ import sysconfig
 
 FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 
-try:  # 3.13+
+if sys.version_info >= (3, 14):
+    import concurrent.interpreters as _interpreters_api
+
+    _interps: dict[int, _interpreters_api.Interpreter] = {}
+
+    def create(kind: str = "isolated") -> int:
+        """A new interpreter: 'isolated' (own GIL and obmalloc) or 'legacy'."""
+        if kind == "isolated":
+            interp = _interpreters_api.create()
+        else:
+            # concurrent.interpreters makes isolated interpreters only; the
+            # module behind it makes the legacy one, with create()'s reference
+            # counting, and it is then used like any other.
+            import _interpreters
+
+            interp = _interpreters_api.Interpreter(_interpreters.create(kind, reqrefs=True))
+        _interps[interp.id] = interp
+        return interp.id
+
+    def run(interp_id: int, code: str) -> None:
+        """Runs ``code`` in the interpreter; raises if it raised."""
+        try:
+            _interps[interp_id].exec(code)
+        except _interpreters_api.ExecutionFailed as exc:
+            raise RuntimeError(f"interpreter {interp_id} failed:\n{exc}") from exc
+
+    def destroy(interp_id: int) -> None:
+        _interps.pop(interp_id).close()
+
+elif sys.version_info >= (3, 13):
     import _interpreters as _mod
 
     def create(kind: str = "isolated") -> int:
@@ -29,7 +60,7 @@ try:  # 3.13+
     def destroy(interp_id: int) -> None:
         _mod.destroy(interp_id)
 
-except ImportError:  # 3.12
+else:  # 3.12
     import _xxsubinterpreters as _mod
 
     # 3.12 destroys an interpreter when its last InterpreterID handle is

@@ -365,6 +365,11 @@ pub fn install() -> Result<(), HookError> {
     TRACKER.set_serialized(Domain::Raw, false);
     TRACKER.set_serialized(Domain::Mem, gil_serialised);
     TRACKER.set_serialized(Domain::Object, gil_serialised);
+    // Each interpreter's bucket records where the interpreter came from and
+    // whether it is isolated, asked on the bucket's cold path only (see
+    // `interp::describe_current`); the symbols are resolved now, not in a hook.
+    crate::interp::prepare_describe();
+    TRACKER.ledger().set_describer(Some(crate::interp::describe_current));
     // The installing interpreter is listed from the start, even before it allocates.
     TRACKER.ledger().touch(current_bucket());
     let previous = Domain::ALL.map(get_allocator);

@@ -302,3 +302,190 @@ pub mod fast_tstate {
         STATE.store(DISABLED, Ordering::Release);
     }
 }
+
+/// Where an interpreter came from: CPython's `_PyInterpreterState_WHENCE_*`
+/// codes (`Include/internal/pycore_interp.h`, 3.13+), as returned by
+/// `_PyInterpreterState_GetWhence` and `_interpreters.whence()`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Whence {
+    /// CPython does not know (`WHENCE_UNKNOWN`).
+    Unknown = 0,
+    /// The main interpreter, made by the runtime's initialization (`WHENCE_RUNTIME`).
+    Runtime = 1,
+    /// `Py_NewInterpreter()` (`WHENCE_LEGACY_CAPI`).
+    LegacyCapi = 2,
+    /// `Py_NewInterpreterFromConfig()` (`WHENCE_CAPI`).
+    Capi = 3,
+    /// The cross-interpreter C API, `_PyXI_NewInterpreter()` (`WHENCE_XI`).
+    Xi = 4,
+    /// The stdlib module `_interpreters`, behind `concurrent.interpreters`
+    /// and `InterpreterPoolExecutor` on 3.14 (`WHENCE_STDLIB`).
+    Stdlib = 5,
+}
+
+impl Whence {
+    const ALL: [Whence; 6] =
+        [Whence::Unknown, Whence::Runtime, Whence::LegacyCapi, Whence::Capi, Whence::Xi, Whence::Stdlib];
+
+    /// CPython's code, or `None` for a value this version does not know.
+    pub fn from_code(code: std::ffi::c_long) -> Option<Whence> {
+        Whence::ALL.into_iter().find(|w| *w as std::ffi::c_long == code)
+    }
+
+    /// A stable machine name (used in interheap's JSON).
+    pub fn name(self) -> &'static str {
+        match self {
+            Whence::Unknown => "unknown",
+            Whence::Runtime => "runtime",
+            Whence::LegacyCapi => "legacy_capi",
+            Whence::Capi => "capi",
+            Whence::Xi => "xi",
+            Whence::Stdlib => "stdlib",
+        }
+    }
+}
+
+/// What the hooks learn about an interpreter while it lives, kept with its
+/// figures in the engine's ledger (packed into an
+/// [`interheap_engine::InterpreterInfo`]) so that it outlives the interpreter.
+///
+/// Sources, all read from inside an allocator hook on the interpreter's own
+/// thread, through functions that only read fields (no lock, no allocation,
+/// no Python code), resolved with `dlsym` so that a missing one gives `None`:
+///
+/// * `whence`: `_PyInterpreterState_GetWhence` (exported by 3.13 and 3.14;
+///   3.12 has no such field, so `None` there). The main interpreter (ID 0)
+///   is always the runtime's, on every version.
+/// * `own_gil`, `own_obmalloc`: `caller::features` (the adapters' own-GIL
+///   detection): `_PyInterpreterConfig_InitFromState` on 3.13+ (copies the
+///   feature flags and `ceval.own_gil`); on 3.12 only the obmalloc flag,
+///   through `_PyInterpreterState_HasFeature`, and the GIL is `None`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// Where the interpreter came from (`None`: this CPython cannot tell).
+    pub whence: Option<Whence>,
+    /// Whether it has its own GIL (`None`: unknown).
+    pub own_gil: Option<bool>,
+    /// Whether it has its own object-allocator (obmalloc) state (`None`: unknown).
+    pub own_obmalloc: Option<bool>,
+}
+
+fn pack_flag(flag: Option<bool>) -> u16 {
+    match flag {
+        None => 0,
+        Some(false) => 1,
+        Some(true) => 2,
+    }
+}
+
+fn unpack_flag(bits: u16) -> Option<bool> {
+    match bits & 3 {
+        1 => Some(false),
+        2 => Some(true),
+        _ => None,
+    }
+}
+
+impl Origin {
+    /// Bits 0-2: whence + 1 (0: none); bits 3-4: own GIL; bits 5-6: own
+    /// obmalloc (0: unknown, 1: no, 2: yes); bit 7: described at all.
+    pub fn pack(self) -> interheap_engine::InterpreterInfo {
+        let whence = self.whence.map_or(0, |w| w as u16 + 1);
+        whence | pack_flag(self.own_gil) << 3 | pack_flag(self.own_obmalloc) << 5 | 1 << 7
+    }
+
+    /// The inverse of [`Origin::pack`]; `None` if nothing was recorded (0).
+    pub fn unpack(info: interheap_engine::InterpreterInfo) -> Option<Origin> {
+        if info & 1 << 7 == 0 {
+            return None;
+        }
+        Some(Origin {
+            whence: (info & 7).checked_sub(1).and_then(|c| Whence::from_code(std::ffi::c_long::from(c))),
+            own_gil: unpack_flag(info >> 3),
+            own_obmalloc: unpack_flag(info >> 5),
+        })
+    }
+}
+
+type GetWhence = unsafe extern "C" fn(*mut ffi::PyInterpreterState) -> std::ffi::c_long;
+
+fn get_whence_fn() -> Option<GetWhence> {
+    static F: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    // dlsym, as for the adapters' symbols; NULL (3.12) when missing.
+    let addr = *F.get_or_init(|| crate::adapters::caller::lookup(c"_PyInterpreterState_GetWhence") as usize);
+    // SAFETY: a non-zero address is CPython's exported
+    // `long _PyInterpreterState_GetWhence(PyInterpreterState *)`.
+    (addr != 0).then(|| unsafe { std::mem::transmute::<usize, GetWhence>(addr) })
+}
+
+/// Resolves the symbols [`describe_current`] uses, so that no hook does
+/// (`dlsym` may allocate with the C allocator). Called by `hooks::install`.
+pub fn prepare_describe() {
+    let _ = get_whence_fn();
+    crate::adapters::caller::prepare();
+}
+
+/// The hooks' [`interheap_engine::Describer`]: describes the calling thread's
+/// interpreter if `bucket` is its bucket. Called from the ledger's cold path
+/// only (a bucket's first use, and later uses while the answer is
+/// provisional), never per allocation once settled.
+///
+/// Why "provisional": CPython sets an interpreter's whence to `CAPI` when it
+/// creates it, and `_PyXI_NewInterpreter` (behind `_interpreters.create()`,
+/// `concurrent.interpreters.create()`) changes it to `STDLIB` or `XI` only
+/// after creation, which itself allocates a lot in the new interpreter
+/// (Python/crossinterp.c, Python/pylifecycle.c in 3.14). So `CAPI` is
+/// provisional: the interpreter is asked again at its next cold-path use,
+/// and the first use after creation (its first `exec`, or its finalization)
+/// settles it. An interpreter that really comes from
+/// `Py_NewInterpreterFromConfig` keeps `CAPI`, settled after
+/// `interheap_engine::ledger::PROVISIONAL_LIMIT` asks. The GIL and obmalloc
+/// settings: 3.13 and 3.14 load them before the new interpreter's first
+/// thread state is current; 3.12 allocates through that thread state first,
+/// so an interpreter whose settings are not loaded yet is provisional too
+/// (see `caller::features_and_settings`).
+pub fn describe_current(bucket: interheap_engine::BucketId) -> interheap_engine::Description {
+    use interheap_engine::{BucketId, Description};
+    let Some((id, interp)) = current_interpreter() else { return Description::NotCurrent };
+    if BucketId::for_interpreter(Some(id)) != bucket {
+        return Description::NotCurrent;
+    }
+    let whence = if id == 0 {
+        Some(Whence::Runtime)
+    } else {
+        // SAFETY: `interp` is the calling thread's live interpreter; the
+        // function only returns a field (Python/pystate.c, 3.13 and 3.14).
+        get_whence_fn().and_then(|f| Whence::from_code(unsafe { f(interp) }))
+    };
+    let (own_gil, own_obmalloc, loaded) = if id == 0 {
+        (Some(true), Some(true), true)
+    } else {
+        crate::adapters::caller::features_and_settings(interp)
+    };
+    let origin = Origin { whence, own_gil, own_obmalloc }.pack();
+    if whence == Some(Whence::Capi) || !loaded {
+        Description::Provisional(origin)
+    } else {
+        Description::Final(origin)
+    }
+}
+
+#[cfg(test)]
+mod origin_tests {
+    use super::*;
+
+    #[test]
+    fn origin_round_trips() {
+        assert_eq!(Origin::unpack(0), None);
+        for whence in [None, Some(Whence::Unknown), Some(Whence::Runtime), Some(Whence::Stdlib)] {
+            for own_gil in [None, Some(false), Some(true)] {
+                for own_obmalloc in [None, Some(false), Some(true)] {
+                    let o = Origin { whence, own_gil, own_obmalloc };
+                    assert_eq!(Origin::unpack(o.pack()), Some(o));
+                }
+            }
+        }
+        assert_eq!(Whence::from_code(5), Some(Whence::Stdlib));
+        assert_eq!(Whence::from_code(6), None);
+    }
+}

@@ -25,7 +25,7 @@
 //! only when the ledger is dropped (never, for the process-wide static), so a
 //! `&Bucket` stays valid as long as the ledger.
 
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use crate::domain::Domain;
 
@@ -169,8 +169,46 @@ impl DomainCounters {
     }
 }
 
+/// What the embedding glue says about an interpreter, packed into 16 bits
+/// by the glue (the engine only stores it; `interheap_cpython::interp::Origin`
+/// gives the meaning). 0 means "nothing known".
+pub type InterpreterInfo = u16;
+
+/// The glue's answer, on a bucket's cold path, about the calling thread's
+/// interpreter (see [`Ledger::set_describer`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Description {
+    /// The calling thread is not in this bucket's interpreter: nothing to say.
+    NotCurrent,
+    /// What is known now, which may still change (for example while the
+    /// interpreter is being created): ask again on a later use.
+    Provisional(InterpreterInfo),
+    /// What is known now and will not change while the interpreter lives.
+    Final(InterpreterInfo),
+}
+
+/// Asked on a bucket's cold path, from inside an allocator hook: describes
+/// the calling thread's interpreter if `id` is its bucket. Must not
+/// allocate, block or call back into the ledger.
+pub type Describer = fn(BucketId) -> Description;
+
+/// A bucket that stays provisional is asked about at most this many times;
+/// then its last description is kept as final, so that a bucket whose
+/// description never settles costs nothing more on the hot path.
+pub const PROVISIONAL_LIMIT: u32 = 1 << 20;
+
+/// `Bucket::state`: used, settled, and the interpreter info in the high half.
+const USED: u32 = 1;
+const SETTLED: u32 = 2;
+const INFO_SHIFT: u32 = 16;
+
 struct Bucket {
-    used: AtomicBool,
+    /// [`USED`] | [`SETTLED`] | info << [`INFO_SHIFT`]. The hot path tests
+    /// SETTLED with the one load that used to test "used": until a bucket is
+    /// settled its uses take the cold path ([`Ledger::unsettled_use`]).
+    state: AtomicU32,
+    /// Cold-path visits while provisional (capped by [`PROVISIONAL_LIMIT`]).
+    provisional_visits: AtomicU32,
     domains: [DomainCounters; Domain::COUNT],
 }
 
@@ -218,6 +256,10 @@ pub struct BucketSnapshot {
     pub kind: BucketKind,
     /// Figures per domain, indexed by [`Domain::index`].
     pub domains: [DomainSnapshot; Domain::COUNT],
+    /// What the glue said about the interpreter (0: nothing known).
+    pub info: InterpreterInfo,
+    /// Whether `info` is final (false: the last provisional description).
+    pub settled: bool,
 }
 
 /// Figures of every bucket that has been used, plus ledger-wide counters.
@@ -239,7 +281,13 @@ impl LedgerSnapshot {
         let index = match self.buckets.binary_search_by_key(&id, |b| b.bucket) {
             Ok(i) => i,
             Err(i) => {
-                let empty = BucketSnapshot { bucket: id, kind: id.kind(), domains: Default::default() };
+                let empty = BucketSnapshot {
+                    bucket: id,
+                    kind: id.kind(),
+                    domains: Default::default(),
+                    info: 0,
+                    settled: false,
+                };
                 self.buckets.insert(i, empty);
                 i
             }
@@ -253,6 +301,8 @@ impl LedgerSnapshot {
 /// The counters of every bucket. See the module docs for the concurrency rules.
 pub struct Ledger {
     chunks: [AtomicPtr<Chunk>; CHUNKS],
+    /// The registered [`Describer`] as an address (0: none).
+    describer: AtomicUsize,
     untracked_frees: [AtomicU64; Domain::COUNT],
     missed_frees: [AtomicU64; Domain::COUNT],
 }
@@ -282,6 +332,7 @@ impl Ledger {
     pub const fn new() -> Ledger {
         Ledger {
             chunks: [const { AtomicPtr::new(std::ptr::null_mut()) }; CHUNKS],
+            describer: AtomicUsize::new(0),
             untracked_frees: [const { AtomicU64::new(0) }; Domain::COUNT],
             missed_frees: [const { AtomicU64::new(0) }; Domain::COUNT],
         }
@@ -324,10 +375,50 @@ impl Ledger {
     fn bucket(&self, id: BucketId) -> &Bucket {
         let index = id.0 as usize;
         let bucket = &self.chunk(index / CHUNK_BUCKETS).buckets[index % CHUNK_BUCKETS];
-        if !bucket.used.load(Relaxed) {
-            bucket.used.store(true, Relaxed);
+        if bucket.state.load(Relaxed) & SETTLED == 0 {
+            self.unsettled_use(id, bucket);
         }
         bucket
+    }
+
+    /// Registers (or with `None` removes) the function that describes an
+    /// interpreter on its bucket's cold path. Without one, a bucket is
+    /// settled, with info 0, at its first use.
+    pub fn set_describer(&self, describer: Option<Describer>) {
+        self.describer.store(describer.map_or(0, |f| f as usize), Relaxed);
+    }
+
+    fn describer(&self) -> Option<Describer> {
+        let addr = self.describer.load(Relaxed);
+        // SAFETY: a non-zero value was stored by `set_describer` from a
+        // `Describer` (a plain `fn` pointer, which is pointer-sized).
+        (addr != 0).then(|| unsafe { std::mem::transmute::<usize, Describer>(addr) })
+    }
+
+    /// A use of a bucket that is not settled yet: mark it used and, for an
+    /// interpreter's bucket, ask the describer (first use, then every use
+    /// while the description is provisional, up to [`PROVISIONAL_LIMIT`]).
+    /// Off the hot path: a settled bucket never comes here.
+    #[cold]
+    #[inline(never)]
+    fn unsettled_use(&self, id: BucketId, bucket: &Bucket) {
+        let description = match (id.kind(), self.describer()) {
+            (BucketKind::Interpreter(_), Some(describe)) => describe(id),
+            _ => Description::Final(0),
+        };
+        match description {
+            Description::NotCurrent => {
+                bucket.state.fetch_or(USED, Relaxed);
+            }
+            Description::Provisional(info) => {
+                let visits = bucket.provisional_visits.fetch_add(1, Relaxed);
+                let settled = if visits >= PROVISIONAL_LIMIT { SETTLED } else { 0 };
+                bucket.state.store(USED | settled | (u32::from(info) << INFO_SHIFT), Relaxed);
+            }
+            Description::Final(info) => {
+                bucket.state.store(USED | SETTLED | (u32::from(info) << INFO_SHIFT), Relaxed);
+            }
+        }
     }
 
     #[inline]
@@ -335,7 +426,8 @@ impl Ledger {
         &self.bucket(id).domains[domain.index()]
     }
 
-    /// Marks a bucket as used so that it appears in snapshots even before it
+    /// Marks a bucket as used (and, for the calling thread's interpreter,
+    /// described) so that it appears in snapshots even before it
     /// allocates (for example a freshly created interpreter).
     pub fn touch(&self, id: BucketId) {
         self.bucket(id);
@@ -427,14 +519,20 @@ impl Ledger {
     pub fn bucket_snapshot(&self, id: BucketId) -> BucketSnapshot {
         let index = id.0 as usize;
         let chunk = self.chunks[index / CHUNK_BUCKETS].load(std::sync::atomic::Ordering::Acquire);
-        let domains = if chunk.is_null() {
-            [DomainSnapshot::default(); Domain::COUNT]
+        let (domains, state) = if chunk.is_null() {
+            ([DomainSnapshot::default(); Domain::COUNT], 0)
         } else {
             // SAFETY: published chunks live as long as the ledger (module docs).
             let bucket = unsafe { &(*chunk).buckets[index % CHUNK_BUCKETS] };
-            std::array::from_fn(|d| bucket.domains[d].snapshot())
+            (std::array::from_fn(|d| bucket.domains[d].snapshot()), bucket.state.load(Relaxed))
         };
-        BucketSnapshot { bucket: id, kind: id.kind(), domains }
+        BucketSnapshot {
+            bucket: id,
+            kind: id.kind(),
+            domains,
+            info: (state >> INFO_SHIFT) as InterpreterInfo,
+            settled: state & SETTLED != 0,
+        }
     }
 
     /// Figures of every used bucket. Allocates (a `Vec`), so it must not be
@@ -449,12 +547,15 @@ impl Ledger {
             // SAFETY: published chunks live as long as the ledger (module docs).
             let chunk = unsafe { &*chunk };
             for (i, bucket) in chunk.buckets.iter().enumerate() {
-                if bucket.used.load(Relaxed) {
+                let state = bucket.state.load(Relaxed);
+                if state & USED != 0 {
                     let id = BucketId((chunk_index * CHUNK_BUCKETS + i) as u32);
                     buckets.push(BucketSnapshot {
                         bucket: id,
                         kind: id.kind(),
                         domains: std::array::from_fn(|d| bucket.domains[d].snapshot()),
+                        info: (state >> INFO_SHIFT) as InterpreterInfo,
+                        settled: state & SETTLED != 0,
                     });
                 }
             }
@@ -478,7 +579,8 @@ impl Ledger {
             }
             // SAFETY: published chunks live as long as the ledger (module docs).
             for bucket in unsafe { &(*chunk).buckets } {
-                bucket.used.store(false, Relaxed);
+                bucket.state.store(0, Relaxed);
+                bucket.provisional_visits.store(0, Relaxed);
                 bucket.domains.iter().for_each(DomainCounters::reset);
             }
         }
@@ -525,6 +627,70 @@ mod tests {
         let all = ledger.snapshot();
         assert_eq!(all.buckets.len(), 1);
         assert_eq!(all.buckets[0].kind, BucketKind::Interpreter(3));
+    }
+
+    #[test]
+    fn buckets_are_described_until_settled() {
+        use std::sync::atomic::AtomicU16;
+        // The "calling thread's interpreter" and what the describer says about it.
+        static CURRENT: AtomicU32 = AtomicU32::new(0);
+        static INFO: AtomicU16 = AtomicU16::new(0);
+        static FINAL: AtomicU32 = AtomicU32::new(0);
+        fn describe(id: BucketId) -> Description {
+            if id.index() != CURRENT.load(Relaxed) {
+                return Description::NotCurrent;
+            }
+            let info = INFO.load(Relaxed);
+            if FINAL.load(Relaxed) != 0 {
+                Description::Final(info)
+            } else {
+                Description::Provisional(info)
+            }
+        }
+        let ledger = Ledger::new();
+        ledger.set_describer(Some(describe));
+        let (a, b) = (BucketId::for_interpreter(Some(1)), BucketId::for_interpreter(Some(2)));
+        CURRENT.store(a.index(), Relaxed);
+        INFO.store(7, Relaxed);
+        ledger.on_alloc(a, Domain::Object, 8);
+        // Another interpreter's bucket used from here: listed, nothing known.
+        ledger.on_alloc(b, Domain::Object, 8);
+        let snap = |id| ledger.bucket_snapshot(id);
+        assert_eq!((snap(a).info, snap(a).settled), (7, false));
+        assert_eq!((snap(b).info, snap(b).settled), (0, false));
+        // The provisional description is replaced, then settles for good.
+        INFO.store(9, Relaxed);
+        ledger.on_alloc(a, Domain::Object, 8);
+        assert_eq!((snap(a).info, snap(a).settled), (9, false));
+        FINAL.store(1, Relaxed);
+        ledger.on_alloc(a, Domain::Object, 8);
+        INFO.store(11, Relaxed);
+        ledger.on_alloc(a, Domain::Object, 8);
+        assert_eq!((snap(a).info, snap(a).settled), (9, true));
+        // The no-interpreter bucket is settled at once, never described.
+        ledger.on_alloc(BucketId::NO_INTERPRETER, Domain::Raw, 8);
+        assert!(snap(BucketId::NO_INTERPRETER).settled);
+        let listed: Vec<_> = ledger.snapshot().buckets.iter().map(|x| (x.bucket, x.info)).collect();
+        assert_eq!(listed, vec![(BucketId::NO_INTERPRETER, 0), (a, 9), (b, 0)]);
+        // A description that never settles stops being asked for.
+        FINAL.store(0, Relaxed);
+        CURRENT.store(b.index(), Relaxed);
+        INFO.store(3, Relaxed);
+        for _ in 0..=PROVISIONAL_LIMIT {
+            ledger.touch(b);
+        }
+        assert_eq!((snap(b).info, snap(b).settled), (3, true));
+        ledger.reset();
+        assert_eq!((snap(a).info, snap(a).settled), (0, false));
+    }
+
+    #[test]
+    fn without_describer_buckets_settle_at_first_use() {
+        let ledger = Ledger::new();
+        let a = BucketId::for_interpreter(Some(1));
+        ledger.touch(a);
+        let s = ledger.bucket_snapshot(a);
+        assert_eq!((s.info, s.settled), (0, true));
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub mod tracker;
 
 pub use block_table::{BlockRecord, BlockTable, TableStats};
 pub use domain::Domain;
-pub use ledger::{BucketId, BucketKind, BucketSnapshot, DomainSnapshot, Ledger, LedgerSnapshot};
+pub use ledger::{
+    BucketId, BucketKind, BucketSnapshot, Describer, Description, DomainSnapshot, InterpreterInfo, Ledger,
+    LedgerSnapshot,
+};
 pub use nursery::{Nurseries, Nursery};
 pub use tracker::Tracker;

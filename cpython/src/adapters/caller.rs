@@ -70,7 +70,7 @@ const USE_MAIN_OBMALLOC: c_ulong = 1 << 5;
 type ConfigFromState = unsafe extern "C" fn(*mut InterpreterConfig, *mut ffi::PyInterpreterState) -> c_int;
 type HasFeature = unsafe extern "C" fn(*mut ffi::PyInterpreterState, c_ulong) -> c_int;
 
-fn lookup(name: &CStr) -> *mut c_void {
+pub(crate) fn lookup(name: &CStr) -> *mut c_void {
     // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only reads;
     // a missing symbol gives NULL.
     unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) }
@@ -157,20 +157,46 @@ fn current() -> Option<(*mut ffi::PyInterpreterState, i64)> {
 }
 
 /// (own GIL, own object-allocator state) of a non-main interpreter.
-fn features(interp: *mut ffi::PyInterpreterState) -> (Option<bool>, Option<bool>) {
+pub(crate) fn features(interp: *mut ffi::PyInterpreterState) -> (Option<bool>, Option<bool>) {
+    let (own_gil, own_obmalloc, _) = features_and_settings(interp);
+    (own_gil, own_obmalloc)
+}
+
+/// [`features`], and whether the interpreter's settings are loaded yet: also
+/// used by the hooks to describe interpreters (`crate::interp::describe_current`).
+///
+/// Every valid config sets at least one feature flag (own obmalloc requires
+/// `check_multi_interp_extensions`; main's obmalloc sets `USE_MAIN_OBMALLOC`),
+/// so no flag at all means CPython has not loaded them yet: 3.12's
+/// `new_interpreter` makes the new thread state current, and allocates
+/// through it, before `init_interp_settings` (3.13 and 3.14 do it after).
+/// Unknown (no symbol) counts as loaded.
+pub(crate) fn features_and_settings(
+    interp: *mut ffi::PyInterpreterState,
+) -> (Option<bool>, Option<bool>, bool) {
     if let Some(f) = config_from_state() {
         let mut config = InterpreterConfig::default();
         // SAFETY: `interp` is the calling thread's live interpreter and the
         // out-parameter is a writable struct at least as large as CPython's.
         if unsafe { f(&mut config, interp) } == 0 {
-            return (Some(config.gil == OWN_GIL), Some(config.use_main_obmalloc == 0));
+            let loaded = [
+                config.use_main_obmalloc,
+                config.allow_fork,
+                config.allow_exec,
+                config.allow_threads,
+                config.allow_daemon_threads,
+                config.check_multi_interp_extensions,
+            ]
+            .iter()
+            .any(|flag| *flag != 0);
+            return (Some(config.gil == OWN_GIL), Some(config.use_main_obmalloc == 0), loaded);
         }
     }
-    let own_obmalloc = has_feature().map(|f| {
-        // SAFETY: as above; the function only tests a bit of the flags.
-        unsafe { f(interp, USE_MAIN_OBMALLOC) == 0 }
-    });
-    (None, own_obmalloc)
+    match has_feature() {
+        // SAFETY: as above; the function only tests bits of the flags.
+        Some(f) => unsafe { (None, Some(f(interp, USE_MAIN_OBMALLOC) == 0), f(interp, c_ulong::MAX) != 0) },
+        None => (None, None, true),
+    }
 }
 
 /// For a lock wrapper's unlocked mode: does this call run under the main GIL?

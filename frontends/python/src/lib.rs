@@ -9,6 +9,7 @@
 
 use interheap_cpython::adapters::{self, c_abi, AdapterError, AdapterStats};
 use interheap_cpython::hooks::{self, TRACKER};
+use interheap_cpython::interp::{Origin, Whence};
 use interheap_engine::{BucketKind, Domain, DomainSnapshot};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -88,6 +89,12 @@ fn snapshot(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
             };
             dict.set_item("kind", kind)?;
             dict.set_item("id", id)?;
+            // What the hooks recorded while the interpreter lived (see
+            // `interheap_cpython::interp::Origin`); None where nothing was.
+            let origin = Origin::unpack(b.info);
+            dict.set_item("whence", origin.and_then(|o| o.whence).map(Whence::name))?;
+            dict.set_item("own_gil", origin.and_then(|o| o.own_gil))?;
+            dict.set_item("own_obmalloc", origin.and_then(|o| o.own_obmalloc))?;
             let domains = PyDict::new(py);
             for domain in Domain::ALL {
                 domains.set_item(domain.name(), domain_dict(py, &b.domains[domain.index()])?)?;

@@ -53,9 +53,7 @@ def format_snapshot(snap: Snapshot) -> str:
             state = "-"
         else:
             state = "alive" if entry.alive else "destroyed"
-        label = entry.name if entry.kind != "interpreter" or entry.id == 0 else f"interp {entry.id}"
-        if entry.id == 0:
-            label = "main (0)"
+        label = entry.label
         for i, (domain, stats) in enumerate(entry.domains.items()):
             rows.append(_row(label if i == 0 else "", state if i == 0 else "", domain, stats))
         rows.append(_row("", "", "all", entry.all))

@@ -56,6 +56,29 @@ def _sum(stats: list[DomainStats]) -> DomainStats:
     return total
 
 
+# Where an interpreter came from: the machine name the extension gives for
+# CPython's _PyInterpreterState_WHENCE_* code -> what users will recognise.
+# "stdlib" is the _interpreters module, behind concurrent.interpreters (and
+# InterpreterPoolExecutor) on 3.14+; see _origin_label.
+_WHENCE_LABELS = {
+    "runtime": "runtime",
+    "legacy_capi": "legacy C API",
+    "capi": "C API",
+    "xi": "cross-interpreter C API",
+    "unknown": "unknown",
+}
+
+
+def _origin_label(whence: str | None, python: str) -> str:
+    """Readable origin for a whence name recorded under Python ``python``."""
+    if whence == "stdlib":
+        major_minor = tuple(int(x) for x in python.split(".")[:2] if x.isdigit())
+        return "concurrent.interpreters" if major_minor >= (3, 14) else "_interpreters"
+    if whence is None:
+        return "unknown"
+    return _WHENCE_LABELS.get(whence, whence)
+
+
 @dataclass(frozen=True)
 class InterpreterStats:
     """Figures of one interpreter, or of calls made with no interpreter.
@@ -63,6 +86,23 @@ class InterpreterStats:
     ``kind`` is ``"interpreter"`` (``id`` is its interpreter ID), ``"none"``
     (raw calls made without a thread state: ``id`` and ``alive`` are None) or
     ``"overflow"`` (interpreters with IDs too large for a bucket of their own).
+
+    What the hooks recorded about an interpreter while it lived (so also for
+    destroyed ones; None where this CPython cannot tell or nothing was seen):
+
+    * ``whence``: where it came from, CPython's own record
+      (``_PyInterpreterState_GetWhence``, 3.13+): ``"runtime"`` (main),
+      ``"stdlib"`` (``_interpreters``, behind ``concurrent.interpreters``),
+      ``"xi"`` (cross-interpreter C API), ``"capi"``
+      (``Py_NewInterpreterFromConfig``), ``"legacy_capi"``
+      (``Py_NewInterpreter``), ``"unknown"`` (CPython does not know). None on
+      3.12, which keeps no such record (main is still ``"runtime"``).
+    * ``own_gil``: its own GIL (``_PyInterpreterConfig_InitFromState``,
+      3.13+; None on 3.12).
+    * ``own_obmalloc``: its own object-allocator state (same source;
+      ``_PyInterpreterState_HasFeature`` on 3.12).
+    * ``origin``: ``whence`` as users know it (``"concurrent.interpreters"``
+      on 3.14+, ``"_interpreters"`` on 3.13, ``"unknown"`` for None).
     """
 
     id: int | None
@@ -71,6 +111,36 @@ class InterpreterStats:
     raw: DomainStats
     mem: DomainStats
     object: DomainStats
+    whence: str | None = None
+    own_gil: bool | None = None
+    own_obmalloc: bool | None = None
+    origin: str = "unknown"
+
+    @property
+    def isolation(self) -> str | None:
+        """``"isolated"`` (own GIL and obmalloc), ``"legacy"`` (main's), what
+        is known otherwise, or None for main and the non-interpreter entries."""
+        if self.kind != "interpreter" or self.id == 0:
+            return None
+        gil, obmalloc = self.own_gil, self.own_obmalloc
+        if gil is not None and obmalloc is not None:
+            if gil == obmalloc:
+                return "isolated" if gil else "legacy"
+            return f"{'own' if gil else 'shared'} GIL, {'own' if obmalloc else 'shared'} obmalloc"
+        if obmalloc is not None:
+            return "own obmalloc" if obmalloc else "shared obmalloc"
+        if gil is not None:
+            return "own GIL" if gil else "shared GIL"
+        return "unknown"
+
+    @property
+    def label(self) -> str:
+        """How the report names it: ``main (0)``, ``interp 3 (isolated, concurrent.interpreters)``."""
+        if self.kind != "interpreter":
+            return self.name
+        if self.id == 0:
+            return "main (0)"
+        return f"interp {self.id} ({self.isolation}, {self.origin})"
 
     @property
     def name(self) -> str:
@@ -99,6 +169,11 @@ class InterpreterStats:
             "kind": self.kind,
             "name": self.name,
             "alive": self.alive,
+            "whence": self.whence,
+            "own_gil": self.own_gil,
+            "own_obmalloc": self.own_obmalloc,
+            "origin": self.origin,
+            "isolation": self.isolation,
             "domains": {name: d.to_dict() for name, d in self.domains.items()},
         }
 
@@ -166,6 +241,11 @@ class Snapshot:
                 kind=i["kind"],
                 alive=i["alive"],
                 **{d: DomainStats(**i["domains"][d]) for d in DOMAINS},
+                # Absent from JSON written before interheap recorded them.
+                whence=i.get("whence"),
+                own_gil=i.get("own_gil"),
+                own_obmalloc=i.get("own_obmalloc"),
+                origin=i.get("origin") or _origin_label(i.get("whence"), data["python"]),
             )
             for i in data["interpreters"]
         )
@@ -206,9 +286,30 @@ def _alive_interpreter_ids() -> set[int] | None:
     return ids
 
 
+def _ask_cpython(interp_id: int) -> dict[str, Any]:
+    """Whence and config of a live interpreter from ``_interpreters``
+    (``whence()`` and ``get_config()``, 3.13+); what is unknown is left out."""
+    try:
+        import _interpreters
+    except ImportError:
+        return {}
+    found: dict[str, Any] = {}
+    names = {getattr(_interpreters, f"WHENCE_{n.upper()}", None): n for n in _WHENCE_LABELS}
+    names[getattr(_interpreters, "WHENCE_STDLIB", None)] = "stdlib"
+    try:
+        found["whence"] = names.get(_interpreters.whence(interp_id), "unknown")
+        config = _interpreters.get_config(interp_id)
+        found["own_gil"] = config.gil == "own"
+        found["own_obmalloc"] = not config.use_main_obmalloc
+    except Exception:  # gone meanwhile, or a version without these functions
+        pass
+    return found
+
+
 def build_snapshot(raw: dict[str, Any], installed: bool) -> Snapshot:
     """Turns the extension's raw dict into a :class:`Snapshot`."""
     alive = _alive_interpreter_ids()
+    python = sys.version.split()[0]
     entries = []
     for bucket in raw["buckets"]:
         kind, interp_id = bucket["kind"], bucket["id"]
@@ -217,7 +318,24 @@ def build_snapshot(raw: dict[str, Any], installed: bool) -> Snapshot:
         else:
             is_alive = None
         domains = {d: DomainStats(**bucket["domains"][d]) for d in DOMAINS}
-        entries.append(InterpreterStats(id=interp_id, kind=kind, alive=is_alive, **domains))
+        # Recorded by the hooks while the interpreter lived (see the
+        # extension's snapshot()). For one still alive CPython answers now,
+        # which also covers one whose record is still provisional (created,
+        # never used since: "capi" until its first use, see
+        # interheap_cpython::interp::describe_current) or never seen.
+        origin = {k: bucket.get(k) for k in ("whence", "own_gil", "own_obmalloc")}
+        if kind == "interpreter" and is_alive and interp_id != 0:
+            origin.update(_ask_cpython(interp_id))
+        entries.append(
+            InterpreterStats(
+                id=interp_id,
+                kind=kind,
+                alive=is_alive,
+                **domains,
+                **origin,
+                origin=_origin_label(origin["whence"], python),
+            )
+        )
     # Interpreters first (by ID), then the no-interpreter and overflow buckets.
     order = {"interpreter": 0, "overflow": 1, "none": 2}
     entries.sort(key=lambda e: (order[e.kind], e.id if e.id is not None else -1))
