@@ -97,8 +97,10 @@ def test_parallel_isolated_interpreters_show_their_own_bytes():
     for k, (delta, expected) in enumerate(zip(out["delta"], out["expected"], strict=False)):
         # Within 5% of what the interpreter keeps, against its own figure before.
         assert abs(delta - expected) <= 0.05 * expected, (k, delta, expected)
-    # The host interpreter did not get the workers' bytes.
-    assert abs(out["main_delta"]) < 0.02 * min(out["expected"]), out["main_delta"]
+    # The host interpreter did not get the workers' bytes (at least 1.8 MB
+    # each). Main's own figure moves a little meanwhile: by up to 39 KB on
+    # 3.14t (seen; its cause inside CPython is not pinned down).
+    assert abs(out["main_delta"]) < max(0.02 * min(out["expected"]), 64 * 1024), out["main_delta"]
 
 
 def test_destroyed_interpreters_keep_only_what_they_leaked():

@@ -35,8 +35,10 @@ def test_parallel_interpreters_get_their_own_heaps_with_exact_figures():
         per = {}
         for k, i in enumerate(ids):
             n = 1000 * (k + 1) + 1  # bytearray keeps one byte for the NUL
+            # 3.15 keeps a bytearray's bytes in a bytes object (+32 B of header),
+            # and 1,033 B rounds up to the 1,280 B class.
             per[i] = max(count[0] - count[1] - count[2] for size, count in grown[i].items()
-                         if size >= n and size < n * 1.25 + 16)
+                         if size >= n and size < (n + 64) * 1.3)
         main_after = main_heaps(stats)
         for i in ids:
             destroy(i)

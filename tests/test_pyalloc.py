@@ -164,12 +164,18 @@ def test_pyo3_6268_deadlock_scenario_completes_under_tracemalloc(thread):
 
 
 # Whether a plain PyMem_RawMalloc allocator finishes the scenario above
-# while tracemalloc traces. Default builds: never (the thread waits for the
-# GIL the caller holds). Free-threaded 3.13: a thread Python never saw gets a
+# while tracemalloc traces. Default builds up to 3.14: never (the thread waits
+# for the GIL the caller holds). Free-threaded builds: a thread Python never saw gets a
 # new thread state from tracemalloc's PyGILState_Ensure, and creating it
 # stops the world, which waits for the caller's thread to pause: it never
 # does, so this hangs too; a thread that already has one just attaches.
-PLAIN_FINISHES_UNDER_TRACEMALLOC = {"foreign": False, "detached": FREE_THREADED}
+# From 3.15 tracemalloc's raw hook no longer takes the GIL (gh-155725), so
+# nothing waits and the plain allocator finishes too.
+TRACEMALLOC_RAW_HOOK_TAKES_GIL = sys.version_info < (3, 15)
+PLAIN_FINISHES_UNDER_TRACEMALLOC = {
+    "foreign": not TRACEMALLOC_RAW_HOOK_TAKES_GIL,
+    "detached": FREE_THREADED or not TRACEMALLOC_RAW_HOOK_TAKES_GIL,
+}
 
 
 @pytest.mark.parametrize("thread", ["foreign", "detached"])
