@@ -172,8 +172,10 @@ def test_pyo3_6268_deadlock_scenario_completes_under_tracemalloc(thread):
 # From 3.15 tracemalloc's raw hook no longer takes the GIL (gh-155725), so
 # nothing waits and the plain allocator finishes too.
 TRACEMALLOC_RAW_HOOK_TAKES_GIL = sys.version_info < (3, 15)
+# On 3.14t a foreign thread's outcome depends on timing: both were seen on
+# this machine (None: not asserted).
 PLAIN_FINISHES_UNDER_TRACEMALLOC = {
-    "foreign": not TRACEMALLOC_RAW_HOOK_TAKES_GIL,
+    "foreign": (None if FREE_THREADED else False) if TRACEMALLOC_RAW_HOOK_TAKES_GIL else True,
     "detached": FREE_THREADED or not TRACEMALLOC_RAW_HOOK_TAKES_GIL,
 }
 
@@ -184,6 +186,8 @@ def test_control_a_plain_pymem_raw_allocator_deadlocks_under_tracemalloc(thread)
     PyMem_RawMalloc (PyO3 #6279's approach) cannot finish while the caller
     keeps its thread attached; ``gil_held_join`` gives up after the timeout
     and then lets the stuck thread finish."""
+    if PLAIN_FINISHES_UNDER_TRACEMALLOC[thread] is None:
+        pytest.skip("on free-threaded 3.14 a foreign thread sometimes finishes and sometimes hangs (timing)")
     out = run(
         f"""
         plain = ext.gil_held_join({thread!r}, naive=True, timeout=5)
