@@ -5,7 +5,7 @@
  * main interpreter (thread state attached); restores it before returning.
  * Writes the two interpreter IDs to ids[0], ids[1]; returns 0, or -1. */
 #define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "embed_support.h"
 
 static const char *WORK = "kept = [str(i) * 3 for i in range(2000)]\n";
 
@@ -26,18 +26,8 @@ int make_capi_interpreters(long long *ids)
         return -1;
     }
 
-    PyInterpreterConfig config = {
-        .use_main_obmalloc = 0,
-        .allow_fork = 0,
-        .allow_exec = 0,
-        .allow_threads = 1,
-        .allow_daemon_threads = 0,
-        .check_multi_interp_extensions = 1,
-        .gil = PyInterpreterConfig_OWN_GIL,
-    };
-    PyThreadState *isolated = NULL;
-    PyStatus status = Py_NewInterpreterFromConfig(&isolated, &config);
-    if (PyStatus_Exception(status) || isolated == NULL) {
+    PyThreadState *isolated = new_isolated_interpreter();
+    if (isolated == NULL) {
         PyThreadState_Swap(main_tstate);
         return -1;
     }
