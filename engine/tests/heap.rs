@@ -583,3 +583,63 @@ fn size_classes_serve_every_small_size_exactly() {
     assert_eq!(h.snapshot().live_blocks(), 0);
     assert!(by_class.len() > 40);
 }
+
+/// Bytes of `[addr, addr + len)` that are resident (mincore).
+fn resident_bytes(addr: *mut u8, len: usize) -> usize {
+    let page = 4096;
+    let start = addr as usize & !(page - 1);
+    let pages = (addr as usize + len - start).div_ceil(page);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: the range is mapped (a segment of ours) and `vec` has a byte per page.
+    let rc = unsafe { libc::mincore(start as *mut libc::c_void, pages * page, vec.as_mut_ptr()) };
+    assert_eq!(rc, 0, "mincore");
+    vec.iter().filter(|&&b| b & 1 != 0).count() * page
+}
+
+#[test]
+fn an_empty_big_page_stays_for_reuse_then_goes_back_after_a_while() {
+    let h = Heap::new(label(81), 0x81);
+    let size = 40_000;
+    let touch = |n: usize| -> Vec<*mut u8> {
+        (0..n)
+            .map(|_| {
+                // SAFETY: this thread owns `h`.
+                let p = unsafe { h.alloc(size) };
+                assert!(!p.is_null());
+                // SAFETY: `p` is a fresh block of at least `size` bytes.
+                unsafe { std::ptr::write_bytes(p, 0xab, size) };
+                p
+            })
+            .collect()
+    };
+    // SAFETY: this thread owns `h`.
+    unsafe { h.set_free_segment_retention(std::time::Duration::from_secs(600)) };
+    let blocks = touch(3);
+    let (first, span) = (blocks[0], 3 * size);
+    assert!(resident_bytes(first, span) >= 3 * size - 4096);
+    free_all(blocks, 0x81);
+    // Within the retention time the empty page stays, resident, for reuse:
+    // taking the same blocks again faults nothing in.
+    // SAFETY: this thread owns `h`.
+    let other = unsafe { h.alloc(200_000) };
+    assert!(resident_bytes(first, span) >= 3 * size - 4096, "the idle page stays");
+    let again = touch(3);
+    assert!(again.contains(&first), "the idle page serves the class again");
+    free_all(again, 0x81);
+    // Once it has been empty for longer than the retention time, the next
+    // slow path gives its slots back to the OS.
+    // SAFETY: this thread owns `h`.
+    unsafe { h.set_free_segment_retention(std::time::Duration::from_millis(10)) };
+    thread::sleep(std::time::Duration::from_millis(20));
+    // SAFETY: this thread owns `h`.
+    let small = unsafe { h.alloc(100) };
+    // (The new small page may take the first freed slot: look past it.)
+    // SAFETY: in bounds of the segment: the idle page spanned `span` bytes.
+    let beyond = unsafe { first.add(SLOT_SIZE) };
+    assert_eq!(resident_bytes(beyond, span - SLOT_SIZE), 0, "the idle page went back to the OS");
+    let figures = h.snapshot();
+    assert_eq!(figures.live_blocks(), 2);
+    free_all(vec![other, small], 0x81);
+    // SAFETY: nobody uses the heap any more.
+    unsafe { h.end() };
+}

@@ -35,6 +35,8 @@ const RETAIN_NANOS: u64 = 50_000_000;
 /// At most this many entirely free segments are kept per heap (32 MiB).
 const RETAIN_MAX: usize = 32;
 
+const _: () = assert!(PAGED_CLASSES <= 64, "Local::idle is a bit per paged class");
+
 /// What an empty direct-table entry points to: a page with no free block,
 /// so the allocation fast path needs no null test (it falls into the slow
 /// path). Never written: only a page with a free block is ever changed.
@@ -147,8 +149,18 @@ struct Local {
     /// `retain_nanos`, or when more than `RETAIN_MAX` are kept (checked
     /// whenever a segment is freed or taken, and on the allocation slow path).
     retained: *mut Segment,
-    /// How long a retained segment stays (`RETAIN_NANOS` unless changed).
+    /// How long a retained segment, or an idle page, stays (`RETAIN_NANOS`
+    /// unless changed).
     retain_nanos: u64,
+    /// Bit `class` set: that class's current page spans several slots and
+    /// became empty at `idle_since[class]`. It stays, so that a program that
+    /// takes and drops one big block over and over does not fault its memory
+    /// in each time; once it has been empty for `retain_nanos`, the next slow
+    /// path gives its slots back (spans that big are discarded at once). Without
+    /// this, every big class kept up to eight blocks resident that nothing
+    /// used: 1.1 MiB of a 22 MiB pyperformance run, 5% of peak RSS.
+    idle: u64,
+    idle_since: [u64; PAGED_CLASSES],
 }
 
 struct Counters {
@@ -218,6 +230,8 @@ impl Heap {
                 segments: ptr::null_mut(),
                 retained: ptr::null_mut(),
                 retain_nanos: RETAIN_NANOS,
+                idle: 0,
+                idle_since: [0; PAGED_CLASSES],
             }),
             counters: Counters {
                 allocations: [const { AtomicU64::new(0) }; STAT_CLASSES],
@@ -599,11 +613,9 @@ impl Heap {
         // pages and our segments are ours to change.
         unsafe {
             self.drain_remote();
-            if !self.local().retained.is_null() {
-                // Also here, so that a heap that keeps allocating in the
-                // segments it has still gives retained ones back in time.
-                self.release_expired(os::now_nanos());
-            }
+            // Also here, so that a heap that keeps allocating in the segments
+            // it has still gives retained segments and idle pages back in time.
+            self.release_unused();
             loop {
                 let page = self.local().bins[class];
                 if page.is_null() {
@@ -635,6 +647,8 @@ impl Heap {
     /// C ABI (cannot unwind), so that the fast path's call is a tail call.
     #[cold]
     unsafe extern "C" fn alloc_large(&self, size: usize) -> *mut u8 {
+        // SAFETY: the caller is the owner.
+        unsafe { self.release_unused() };
         if size <= MAX_LARGE_SIZE {
             let span = size.div_ceil(SLOT_SIZE);
             // SAFETY: the caller is the owner.
@@ -949,8 +963,15 @@ impl Heap {
             let p = &*page;
             if !p.queued.get() {
                 self.enqueue_second(page);
-            } else if used == 0 && (self.local().bins[p.class.get() as usize] != page || self.is_ended()) {
-                self.retire_page(page);
+            } else if used == 0 {
+                let class = p.class.get() as usize;
+                if self.local().bins[class] != page || self.is_ended() {
+                    self.retire_page(page);
+                } else if p.span.get() as usize >= DISCARD_SPAN {
+                    let local = self.local();
+                    local.idle |= 1 << class;
+                    local.idle_since[class] = os::now_nanos();
+                }
             }
         }
     }
@@ -998,8 +1019,9 @@ impl Heap {
 
     /// How long this heap keeps an entirely free segment mapped and resident
     /// for reuse before giving it back to the OS (50 ms unless set; at most
-    /// 32 segments are kept whatever the time). Zero gives them back at the
-    /// next check.
+    /// 32 segments are kept whatever the time), and how long an empty current
+    /// page of a big class (several slots) stays before its slots go back.
+    /// Zero gives them back at the next check.
     ///
     /// # Safety
     ///
@@ -1007,6 +1029,59 @@ impl Heap {
     pub unsafe fn set_free_segment_retention(&self, time: std::time::Duration) {
         // SAFETY: the caller is the owner.
         unsafe { self.local() }.retain_nanos = u64::try_from(time.as_nanos()).unwrap_or(u64::MAX);
+    }
+
+    /// Gives back what has been unused for longer than the retention time:
+    /// retained segments, and idle current pages (`Local::idle`).
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner.
+    #[inline]
+    unsafe fn release_unused(&self) {
+        // SAFETY: (whole body) the caller is the owner.
+        unsafe {
+            let local = self.local();
+            if local.retained.is_null() && local.idle == 0 {
+                return;
+            }
+            let now = os::now_nanos();
+            if local.idle != 0 {
+                self.release_idle_pages(now);
+            }
+            if !self.local().retained.is_null() {
+                self.release_expired(now);
+            }
+        }
+    }
+
+    /// Retires the current pages of the classes in `Local::idle` that are
+    /// still empty and have been for longer than the retention time.
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner.
+    #[cold]
+    unsafe fn release_idle_pages(&self, now: u64) {
+        // SAFETY: (whole body) the caller is the owner; a class's current
+        // page is queued and ours.
+        unsafe {
+            let local = self.local();
+            let limit = local.retain_nanos;
+            let mut pending = local.idle;
+            while pending != 0 {
+                let class = pending.trailing_zeros() as usize;
+                pending &= pending - 1;
+                let page = local.bins[class];
+                if page.is_null() || (*page).used.get() != 0 {
+                    // Used again (or gone): no longer idle.
+                    local.idle &= !(1 << class);
+                } else if now.saturating_sub(local.idle_since[class]) > limit {
+                    local.idle &= !(1 << class);
+                    self.retire_page(page);
+                }
+            }
+        }
     }
 
     /// Gives back to the OS the retained segments that have been free for

@@ -8,8 +8,8 @@
 //!   segments, recorded in a static segment map, so that any pointer maps in
 //!   O(1) to its segment header, page, block size and owning heap, and so that
 //!   a pointer that is not ours is recognised without touching it.
-//! * **Size classes** ([`size_class`]): 44 classes from 16 bytes to 64 KiB
-//!   (16-byte steps to 128, then four steps per power of two), served from
+//! * **Size classes** ([`size_class`]): 60 classes from 16 bytes to 64 KiB
+//!   (16-byte steps to 512, then four steps per power of two), served from
 //!   pages of 16 KiB slots (one slot, or as many as hold eight blocks);
 //!   larger blocks get a span of slots (up to 512 KiB) or a segment of their
 //!   own, with room to grow in place. Freed spans of 32 KiB or more go back
