@@ -11,6 +11,8 @@
 #       the allocator has no name CPython knows; that count is pymalloc's own
 #       (it reads pymalloc's per-interpreter state), so it is 0 with any other
 #       allocator.
+# The test files run in parallel worker processes (-j, one per CPU), each
+# started as sys.executable, which is interheap-python itself.
 # Usage: scripts/regrtest.sh [TAG ...]
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -36,7 +38,11 @@ while read -r tag venv; do
     echo "regrtest $tag: $launcher -m test ${tests[*]}"
     "$launcher" -c 'import interheap, sys; d = interheap.allocator_domains(); print("  allocator serves:", d); sys.exit(not d)' \
         || { echo "regrtest $tag: the interheap allocator is not installed"; status=1; continue; }
-    if ! "$launcher" -m test "${ignore[@]}" "${tests[@]}" > "$ROOT/out/regrtest-$tag.log" 2>&1; then
+    # The -j workers are sys.executable: check that they get the allocator too.
+    "$launcher" -c 'import subprocess, sys; sys.exit(subprocess.call([sys.executable, "-c",
+        "import interheap, sys; sys.exit(not interheap.allocator_domains())"]))' \
+        || { echo "regrtest $tag: sys.executable does not run the interheap allocator"; status=1; continue; }
+    if ! "$launcher" -m test -j "$(nproc)" "${ignore[@]}" "${tests[@]}" > "$ROOT/out/regrtest-$tag.log" 2>&1; then
         echo "regrtest $tag: FAILED (log: out/regrtest-$tag.log)"
         tail -25 "$ROOT/out/regrtest-$tag.log"
         status=1

@@ -21,7 +21,13 @@ cd "$ROOT"
 [ -f .venvs.list ] || { echo "test: run scripts/setup.sh first (or: make test)" >&2; exit 2; }
 
 failures=()
-step() { printf '\n=== %s\n' "$*"; }
+# Each step's wall time, printed at the end (where a slow `make test` goes).
+step_name=""; step_start=$SECONDS; step_times=()
+end_step() {
+    [ -n "$step_name" ] && step_times+=("$(printf '%5d s  %s' $((SECONDS - step_start)) "$step_name")")
+    step_name=""
+}
+step() { end_step; step_name="$*"; step_start=$SECONDS; printf '\n=== %s\n' "$*"; }
 run() { "$@" || failures+=("$*"); }
 
 PY=$ROOT/.venv/bin/python
@@ -144,6 +150,10 @@ fi
 step "CPython regression tests under interheap-python"
 run scripts/regrtest.sh
 
+end_step
+echo
+echo "time per step (total $SECONDS s):"
+printf '%s\n' "${step_times[@]}"
 echo
 if [ ${#failures[@]} -gt 0 ]; then
     printf 'FAILED: %s\n' "${failures[@]}"
