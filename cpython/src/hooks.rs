@@ -8,6 +8,12 @@
 //! (DESIGN.md fact 2), so wrapping is safe on every build, including the
 //! free-threaded one where mem and object must stay CPython's mimalloc (fact 3).
 //!
+//! Memory limits: before forwarding an allocation (or a reallocation's
+//! growth), a hook asks the interpreter's budget (`Tracker::admit`, the rule
+//! in `interheap_engine::limits`). A refused request returns NULL without
+//! reaching the allocator, so no pointer changes, and CPython raises
+//! MemoryError in that interpreter; a refused realloc leaves the block as it was.
+//!
 //! # Concurrency invariants
 //!
 //! * Hooks may run on any number of threads at once (per-interpreter GILs,
@@ -38,7 +44,7 @@ use std::ptr::null_mut;
 use std::sync::atomic::{AtomicPtr, Ordering::Acquire, Ordering::Release};
 use std::sync::{Mutex, Once};
 
-use interheap_engine::{BucketId, Domain, Tracker};
+use interheap_engine::{Admission, BucketId, Domain, Tracker};
 use pyo3_ffi::{PyMemAllocatorDomain, PyMemAllocatorEx, PyMem_GetAllocator, PyMem_SetAllocator};
 
 use crate::hook_thread::HookEntry;
@@ -149,13 +155,15 @@ fn current_bucket() -> BucketId {
 extern "C" fn hook_malloc<const D: usize>(_ctx: *mut c_void, size: usize) -> *mut c_void {
     let forward = &FORWARD[D];
     let Some(entry) = HookEntry::enter() else { return forward.malloc(size) };
-    let block = forward.malloc(size);
     let owner = current_bucket();
+    let admission = TRACKER.admit(owner, size);
+    let block = if admission.allowed() { forward.malloc(size) } else { null_mut() };
     if block.is_null() {
         TRACKER.failed(entry.existing_nursery(), owner, domain_of::<D>());
     } else {
         TRACKER.allocated(entry.nursery(), owner, domain_of::<D>(), block as usize, size);
     }
+    TRACKER.settle(owner, size, admission);
     block
 }
 
@@ -168,35 +176,48 @@ extern "C" fn hook_calloc<const D: usize>(_ctx: *mut c_void, nelem: usize, elsiz
         TRACKER.failed(entry.existing_nursery(), owner, domain_of::<D>());
         return null_mut();
     };
-    let block = forward.calloc(nelem, elsize);
+    let admission = TRACKER.admit(owner, size);
+    let block = if admission.allowed() { forward.calloc(nelem, elsize) } else { null_mut() };
     if block.is_null() {
         TRACKER.failed(entry.existing_nursery(), owner, domain_of::<D>());
     } else {
         TRACKER.allocated(entry.nursery(), owner, domain_of::<D>(), block as usize, size);
     }
+    TRACKER.settle(owner, size, admission);
     block
 }
 
 extern "C" fn hook_realloc<const D: usize>(_ctx: *mut c_void, ptr: *mut c_void, size: usize) -> *mut c_void {
     let forward = &FORWARD[D];
     let Some(entry) = HookEntry::enter() else { return forward.realloc(ptr, size) };
+    let owner = current_bucket();
     if ptr.is_null() {
         // realloc(NULL, n) is an allocation.
-        let block = forward.realloc(ptr, size);
-        let owner = current_bucket();
+        let admission = TRACKER.admit(owner, size);
+        let block = if admission.allowed() { forward.realloc(ptr, size) } else { null_mut() };
         if block.is_null() {
             TRACKER.failed(entry.existing_nursery(), owner, domain_of::<D>());
         } else {
             TRACKER.allocated(entry.nursery(), owner, domain_of::<D>(), block as usize, size);
         }
+        TRACKER.settle(owner, size, admission);
         return block;
     }
     // Forget the old address first: once the allocator moves the block,
     // another thread may be handed the old address and record it.
     let local = entry.nursery();
     let old = TRACKER.reallocating(local, ptr as usize);
-    let block = forward.realloc(ptr, size);
-    TRACKER.reallocated(local, current_bucket(), domain_of::<D>(), ptr as usize, old, block as usize, size);
+    // Growth is charged to the block's owner (whose live bytes grow); a block
+    // we never saw counts as a new one of the caller's.
+    let (charged, growth) = match old {
+        Some(rec) => (rec.owner, size.saturating_sub(rec.size)),
+        None => (owner, size),
+    };
+    let admission = if growth > 0 { TRACKER.admit(charged, growth) } else { Admission::Unlimited };
+    // A refused realloc leaves the block as it was (the record goes back).
+    let block = if admission.allowed() { forward.realloc(ptr, size) } else { null_mut() };
+    TRACKER.reallocated(local, owner, domain_of::<D>(), ptr as usize, old, block as usize, size);
+    TRACKER.settle(charged, growth, admission);
     block
 }
 

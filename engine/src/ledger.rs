@@ -28,6 +28,7 @@
 use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use crate::domain::Domain;
+use crate::limits::{Budget, BudgetSnapshot};
 
 /// A dense bucket index: [`BucketId::NO_INTERPRETER`], one per interpreter ID,
 /// and [`BucketId::OVERFLOW`] for interpreter IDs beyond what the table tracks.
@@ -210,6 +211,9 @@ struct Bucket {
     /// Cold-path visits while provisional (capped by [`PROVISIONAL_LIMIT`]).
     provisional_visits: AtomicU32,
     domains: [DomainCounters; Domain::COUNT],
+    /// The interpreter's memory limit (all-zero: none), checked against the
+    /// sum of `domains`' live bytes.
+    budget: Budget,
 }
 
 struct Chunk {
@@ -260,6 +264,8 @@ pub struct BucketSnapshot {
     pub info: InterpreterInfo,
     /// Whether `info` is final (false: the last provisional description).
     pub settled: bool,
+    /// The interpreter's memory limit and what it refused.
+    pub budget: BudgetSnapshot,
 }
 
 /// Figures of every bucket that has been used, plus ledger-wide counters.
@@ -287,6 +293,7 @@ impl LedgerSnapshot {
                     domains: Default::default(),
                     info: 0,
                     settled: false,
+                    budget: BudgetSnapshot::default(),
                 };
                 self.buckets.insert(i, empty);
                 i
@@ -462,6 +469,24 @@ impl Ledger {
         self.counters(id, domain).sub_live_serialized(bytes as u64);
     }
 
+    /// A bucket's memory limit. Getting it does not mark the bucket used.
+    #[inline]
+    pub fn budget(&self, id: BucketId) -> &Budget {
+        let index = id.0 as usize;
+        &self.chunk(index / CHUNK_BUCKETS).buckets[index % CHUNK_BUCKETS].budget
+    }
+
+    /// A bucket's live bytes over every domain (negative sums, which exact
+    /// accounting never produces, read as 0).
+    #[inline]
+    pub fn live_total(&self, id: BucketId) -> u64 {
+        let index = id.0 as usize;
+        let bucket = &self.chunk(index / CHUNK_BUCKETS).buckets[index % CHUNK_BUCKETS];
+        let sum =
+            bucket.domains.iter().fold(0i64, |sum, d| sum.wrapping_add(d.live_bytes.load(Relaxed) as i64));
+        sum.max(0) as u64
+    }
+
     /// Adds `n` to one of a bucket's event counts.
     #[inline(always)]
     pub fn add_count(&self, id: BucketId, domain: Domain, count: Count, n: u64) {
@@ -519,12 +544,16 @@ impl Ledger {
     pub fn bucket_snapshot(&self, id: BucketId) -> BucketSnapshot {
         let index = id.0 as usize;
         let chunk = self.chunks[index / CHUNK_BUCKETS].load(std::sync::atomic::Ordering::Acquire);
-        let (domains, state) = if chunk.is_null() {
-            ([DomainSnapshot::default(); Domain::COUNT], 0)
+        let (domains, state, budget) = if chunk.is_null() {
+            ([DomainSnapshot::default(); Domain::COUNT], 0, BudgetSnapshot::default())
         } else {
             // SAFETY: published chunks live as long as the ledger (module docs).
             let bucket = unsafe { &(*chunk).buckets[index % CHUNK_BUCKETS] };
-            (std::array::from_fn(|d| bucket.domains[d].snapshot()), bucket.state.load(Relaxed))
+            (
+                std::array::from_fn(|d| bucket.domains[d].snapshot()),
+                bucket.state.load(Relaxed),
+                bucket.budget.snapshot(),
+            )
         };
         BucketSnapshot {
             bucket: id,
@@ -532,6 +561,7 @@ impl Ledger {
             domains,
             info: (state >> INFO_SHIFT) as InterpreterInfo,
             settled: state & SETTLED != 0,
+            budget,
         }
     }
 
@@ -556,6 +586,7 @@ impl Ledger {
                         domains: std::array::from_fn(|d| bucket.domains[d].snapshot()),
                         info: (state >> INFO_SHIFT) as InterpreterInfo,
                         settled: state & SETTLED != 0,
+                        budget: bucket.budget.snapshot(),
                     });
                 }
             }
@@ -582,6 +613,8 @@ impl Ledger {
                 bucket.state.store(0, Relaxed);
                 bucket.provisional_visits.store(0, Relaxed);
                 bucket.domains.iter().for_each(DomainCounters::reset);
+                // The limit is a setting, not a figure: it stays.
+                bucket.budget.reset();
             }
         }
         for c in self.untracked_frees.iter().chain(&self.missed_frees) {

@@ -15,6 +15,9 @@
 //!   die young on the thread that made them never touch the shared table.
 //! * [`Tracker`]: all of these together, with the accounting rules a hook applies
 //!   around each forwarded malloc, calloc, realloc and free.
+//! * [`limits`]: per-interpreter memory limits: the [`Budget`] rule that
+//!   refuses a request which would take an interpreter over its limit, shared
+//!   by the hooks (over the ledger's live bytes) and the allocator.
 //! * [`heap`]: interheap's own allocator: thread-safe heaps with one owner each
 //!   (a thread, or one interpreter's GIL), remote-free lists, exact figures
 //!   per heap and size class, and heaps that can end while their blocks live on.
@@ -27,6 +30,7 @@ pub mod block_table;
 pub mod domain;
 pub mod heap;
 pub mod ledger;
+pub mod limits;
 pub mod nursery;
 pub mod shard_lock;
 pub mod tracker;
@@ -37,5 +41,6 @@ pub use ledger::{
     BucketId, BucketKind, BucketSnapshot, Describer, Description, DomainSnapshot, InterpreterInfo, Ledger,
     LedgerSnapshot,
 };
+pub use limits::{parse_size, Admission, Budget, BudgetSnapshot};
 pub use nursery::{Nurseries, Nursery};
 pub use tracker::Tracker;

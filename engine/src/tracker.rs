@@ -26,6 +26,7 @@
 use crate::block_table::{BlockRecord, BlockTable, TableStats};
 use crate::domain::Domain;
 use crate::ledger::{BucketId, Count, Ledger, LedgerSnapshot};
+use crate::limits::Admission;
 use crate::nursery::{cacheable, Nurseries, Nursery};
 use crate::shard_lock::ShardLock;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -54,6 +55,8 @@ pub struct Tracker {
     /// Per domain: whether the caller guarantees that live bytes of one
     /// bucket are never updated by two threads at once (see `set_serialized`).
     serialized: [AtomicBool; Domain::COUNT],
+    /// Whether a limit was ever set: until then admission costs one load.
+    limits_in_use: AtomicBool,
 }
 
 impl Default for Tracker {
@@ -71,6 +74,56 @@ impl Tracker {
             nurseries: Nurseries::new(),
             census: ShardLock::new(()),
             serialized: [const { AtomicBool::new(false) }; Domain::COUNT],
+            limits_in_use: AtomicBool::new(false),
+        }
+    }
+
+    /// Sets (or with `None` removes) the memory limit of an interpreter's
+    /// bucket: its live bytes over all domains. Raw calls made without a
+    /// thread state (the no-interpreter bucket) are never limited, and the
+    /// bucket shared by very large interpreter IDs cannot be limited: both
+    /// are refused with `false`.
+    pub fn set_limit(&self, owner: BucketId, limit: Option<u64>) -> bool {
+        if !matches!(owner.kind(), crate::ledger::BucketKind::Interpreter(_)) {
+            return false;
+        }
+        if limit.is_some() {
+            self.limits_in_use.store(true, Relaxed);
+        }
+        self.ledger.budget(owner).set_limit(limit);
+        true
+    }
+
+    /// The memory limit of an interpreter's bucket, if one is set.
+    pub fn limit(&self, owner: BucketId) -> Option<u64> {
+        if !self.limits_in_use.load(Relaxed) {
+            return None;
+        }
+        self.ledger.budget(owner).limit()
+    }
+
+    /// Asks `owner`'s limit for `size` more bytes, before the request is
+    /// forwarded. After an [`Admission::Admitted`], call [`Tracker::settle`]
+    /// once the outcome is recorded; an [`Admission::Refused`] request must be
+    /// refused (it is counted in the budget; count the failure as usual).
+    #[inline(always)]
+    pub fn admit(&self, owner: BucketId, size: usize) -> Admission {
+        if !self.limits_in_use.load(Relaxed) || owner == BucketId::NO_INTERPRETER {
+            return Admission::Unlimited;
+        }
+        self.admit_limited(owner, size)
+    }
+
+    #[inline(never)]
+    fn admit_limited(&self, owner: BucketId, size: usize) -> Admission {
+        self.ledger.budget(owner).admit(size as u64, || self.ledger.live_total(owner))
+    }
+
+    /// The request `admit` admitted has been recorded (or failed).
+    #[inline(always)]
+    pub fn settle(&self, owner: BucketId, size: usize, admission: Admission) {
+        if admission == Admission::Admitted {
+            self.ledger.budget(owner).settle(size as u64);
         }
     }
 

@@ -100,6 +100,9 @@ fn snapshot(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
                 domains.set_item(domain.name(), domain_dict(py, &b.domains[domain.index()])?)?;
             }
             dict.set_item("domains", domains)?;
+            dict.set_item("limit", b.budget.limit)?;
+            dict.set_item("refused", b.budget.refused)?;
+            dict.set_item("largest_refused", b.budget.largest_refused)?;
             Ok(dict)
         })
         .collect::<PyResult<Vec<_>>>()?;
@@ -115,6 +118,46 @@ fn snapshot(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     result.set_item("table", table_dict)?;
     result.set_item("adapters", adapter_list(py)?)?;
     Ok(result)
+}
+
+/// Sets (or with `None` removes) the memory limit of interpreter `id`: its
+/// live bytes over the raw, mem and object domains, as the hooks count them.
+/// The `interheap` package checks that the interpreter exists.
+#[pyfunction]
+#[pyo3(signature = (id, limit))]
+fn set_limit(id: i64, limit: Option<u64>) -> PyResult<()> {
+    if id < 0 {
+        return Err(PyValueError::new_err(format!("invalid interpreter ID {id}")));
+    }
+    if let Some(l) = limit {
+        if l > i64::MAX as u64 {
+            return Err(PyValueError::new_err(format!("limit {l} is too large")));
+        }
+    }
+    let bucket = interheap_engine::BucketId::for_interpreter(Some(id));
+    if !TRACKER.set_limit(bucket, limit) {
+        return Err(PyValueError::new_err(format!(
+            "interpreter {id} cannot be limited: its ID is beyond the {} interpreters interheap keeps figures for",
+            interheap_engine::ledger::MAX_BUCKETS - 2
+        )));
+    }
+    Ok(())
+}
+
+/// The memory limit of interpreter `id`, if one is set.
+#[pyfunction]
+fn get_limit(id: i64) -> Option<u64> {
+    if id < 0 {
+        return None;
+    }
+    TRACKER.limit(interheap_engine::BucketId::for_interpreter(Some(id)))
+}
+
+/// A size in bytes from a text such as "256 MB" or "1.5 GiB" (see
+/// `interheap_engine::parse_size`); ValueError for anything else.
+#[pyfunction]
+fn parse_size(text: &str) -> PyResult<u64> {
+    interheap_engine::parse_size(text).map_err(PyValueError::new_err)
 }
 
 fn adapter_error(e: AdapterError) -> PyErr {
@@ -288,5 +331,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(adapter_install, m)?)?;
     m.add_function(wrap_pyfunction!(adapter_uninstall, m)?)?;
     m.add_function(wrap_pyfunction!(adapter_list, m)?)?;
+    m.add_function(wrap_pyfunction!(set_limit, m)?)?;
+    m.add_function(wrap_pyfunction!(get_limit, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_size, m)?)?;
     Ok(())
 }

@@ -41,6 +41,7 @@ from ._allocator import (
     parse_report,
     raw_swap_guard,
 )
+from ._limits import get_limit, parse_size, remove_limit, set_limit
 from ._report import human_bytes
 from ._stats import DOMAINS, DomainStats, InterpreterStats, Snapshot, build_snapshot
 from .adapters import AdapterStats
@@ -59,13 +60,17 @@ __all__ = [
     "allocator_domains",
     "allocator_installed",
     "allocator_stats",
+    "get_limit",
     "hooks",
     "human_bytes",
     "install",
     "is_installed",
     "on_top",
     "parse_report",
+    "parse_size",
     "raw_swap_guard",
+    "remove_limit",
+    "set_limit",
     "stats",
     "uninstall",
 ]

@@ -89,6 +89,21 @@ def format_snapshot(snap: Snapshot) -> str:
         f"   block table: {human_count(snap.table.get('entries', 0))} entries,"
         f" {human_bytes(snap.table.get('bytes', 0))}"
     )
+    limited = [e for e in snap.interpreters if e.limit is not None or e.refused]
+    if limited:
+        lines.append("")
+        lines.append("memory limits (live bytes over raw + mem + object):")
+        for e in limited:
+            # The peak of the sum is at most the sum of the domains' peaks.
+            peak = sum(d.peak_bytes or 0 for d in e.domains.values())
+            limit = "none (removed)" if e.limit is None else human_bytes(e.limit)
+            refused = f"refused {human_count(e.refused)}"
+            if e.refused:
+                refused += f" (largest {human_bytes(e.largest_refused)})"
+            lines.append(
+                f"  {e.label}: limit {limit}   live {human_bytes(e.live_bytes)}"
+                f"   peak at most {human_bytes(peak)}   {refused}"
+            )
     if snap.adapters:
         lines.append("")
         lines.append("adapters: id  domain  kind  mode  calls  lock acquisitions  contended")

@@ -115,6 +115,11 @@ class InterpreterStats:
     own_gil: bool | None = None
     own_obmalloc: bool | None = None
     origin: str = "unknown"
+    #: Memory limit on live bytes over all three domains (None: no limit),
+    #: requests it refused, and the largest of those (bytes; 0: none).
+    limit: int | None = None
+    refused: int = 0
+    largest_refused: int = 0
 
     @property
     def isolation(self) -> str | None:
@@ -174,6 +179,9 @@ class InterpreterStats:
             "own_obmalloc": self.own_obmalloc,
             "origin": self.origin,
             "isolation": self.isolation,
+            "limit": self.limit,
+            "refused": self.refused,
+            "largest_refused": self.largest_refused,
             "domains": {name: d.to_dict() for name, d in self.domains.items()},
         }
 
@@ -334,6 +342,9 @@ def build_snapshot(raw: dict[str, Any], installed: bool) -> Snapshot:
                 **domains,
                 **origin,
                 origin=_origin_label(origin["whence"], python),
+                limit=bucket.get("limit"),
+                refused=bucket.get("refused", 0),
+                largest_refused=bucket.get("largest_refused", 0),
             )
         )
     # Interpreters first (by ID), then the no-interpreter and overflow buckets.

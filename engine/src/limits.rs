@@ -1,0 +1,350 @@
+//! Memory limits: the admission rule that refuses an allocation which would
+//! take an interpreter's live bytes over its limit.
+//!
+//! A [`Budget`] belongs to one interpreter. It holds the limit and what
+//! hitting it did (refused requests, the largest refused request); the live
+//! bytes it is checked against come from whoever counts them (the hooks'
+//! ledger, or the allocator's heaps), so that the rule lives here once and each
+//! back end only says what its interpreter holds now.
+//!
+//! # The rule
+//!
+//! A request for `size` bytes is admitted if `live + in_flight + size` stays
+//! within the limit, where `in_flight` is what other admitted requests of the
+//! same interpreter have asked for and not yet [settled](Budget::settle).
+//! After a refusal the interpreter gets a *reserve* of [`RESERVE`] bytes above
+//! its limit, once: CPython needs a little memory to raise and handle the
+//! MemoryError (a traceback object per frame it unwinds, the frames of the
+//! `except` block). The reserve is gone again once the live bytes are back
+//! under the limit, and the next crossing is refused again.
+//!
+//! # Concurrency
+//!
+//! Admission adds `size` to `in_flight` (SeqCst) *before* reading the live
+//! bytes, and the back end adds the block to its live bytes *before* settling
+//! (taking `size` off `in_flight`). Of two requests racing for the last bytes,
+//! each sees the other's `in_flight` or its live bytes (the SeqCst order puts
+//! one addition first), so both cannot be admitted past the limit: the limit
+//! holds exactly, at the price of a spurious refusal when two requests race
+//! within `size` of it. Between recording and settling a block counts twice,
+//! which can only refuse, never admit, too much.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+
+/// Bytes an interpreter may go over its limit after a refusal, so that
+/// raising and handling the MemoryError does not fail too.
+pub const RESERVE: u64 = 256 * 1024;
+
+/// `Budget::limit_plus_one` when there is no limit (so that all-zero bytes
+/// are a budget with no limit: the ledger zero-fills its buckets).
+const NO_LIMIT: u64 = 0;
+
+/// One interpreter's limit and what it refused. See the module docs.
+pub struct Budget {
+    /// The limit plus one, or [`NO_LIMIT`].
+    limit_plus_one: AtomicU64,
+    in_flight: AtomicU64,
+    /// Set by a refusal; cleared by the first admission under the limit.
+    in_reserve: AtomicBool,
+    refused: AtomicU64,
+    largest_refused: AtomicU64,
+    /// The reserve in bytes, minus [`RESERVE`] (wrapping; so that all-zero
+    /// bytes mean the default reserve).
+    reserve_delta: AtomicU64,
+}
+
+/// What [`Budget::admit`] decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum Admission {
+    /// No limit: go on; nothing to settle.
+    Unlimited,
+    /// Within the limit (or the reserve): go on, then call
+    /// [`Budget::settle`] with the same size once the block is counted in the
+    /// live bytes, or the allocation failed.
+    Admitted,
+    /// Over the limit: refuse the request (it is counted); nothing to settle.
+    Refused,
+}
+
+impl Admission {
+    /// Whether the request may go on.
+    pub fn allowed(self) -> bool {
+        self != Admission::Refused
+    }
+}
+
+/// A budget's figures, as read by [`Budget::snapshot`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BudgetSnapshot {
+    /// The limit on live bytes (`None`: no limit).
+    pub limit: Option<u64>,
+    /// Requests refused because of the limit.
+    pub refused: u64,
+    /// The largest refused request, in bytes (0: none).
+    pub largest_refused: u64,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Budget {
+    /// A budget with no limit (all-zero bytes are one too).
+    pub const fn new() -> Self {
+        Budget {
+            limit_plus_one: AtomicU64::new(NO_LIMIT),
+            in_flight: AtomicU64::new(0),
+            in_reserve: AtomicBool::new(false),
+            refused: AtomicU64::new(0),
+            largest_refused: AtomicU64::new(0),
+            reserve_delta: AtomicU64::new(0),
+        }
+    }
+
+    /// Sets how far the interpreter may go over its limit after a refusal
+    /// ([`RESERVE`] unless set; 0: never).
+    pub fn set_reserve(&self, bytes: u64) {
+        self.reserve_delta.store(bytes.wrapping_sub(RESERVE), Relaxed);
+    }
+
+    fn reserve(&self) -> u64 {
+        self.reserve_delta.load(Relaxed).wrapping_add(RESERVE)
+    }
+
+    /// The limit, if one is set.
+    #[inline(always)]
+    pub fn limit(&self) -> Option<u64> {
+        let stored = self.limit_plus_one.load(Relaxed);
+        (stored != NO_LIMIT).then(|| stored - 1)
+    }
+
+    /// Sets (or with `None` removes) the limit. It applies to requests from
+    /// now on: blocks already live stay, even above a lowered limit.
+    pub fn set_limit(&self, limit: Option<u64>) {
+        self.limit_plus_one.store(limit.map_or(NO_LIMIT, |l| l.min(u64::MAX - 1) + 1), Relaxed);
+        self.in_reserve.store(false, Relaxed);
+    }
+
+    /// Asks for `size` more bytes for an interpreter that holds `live()`
+    /// bytes now (`live` is called only when there is a limit).
+    pub fn admit(&self, size: u64, live: impl FnOnce() -> u64) -> Admission {
+        let stored = self.limit_plus_one.load(Relaxed);
+        if stored == NO_LIMIT {
+            return Admission::Unlimited;
+        }
+        let limit = stored - 1;
+        let pending = self.in_flight.fetch_add(size, SeqCst).wrapping_add(size);
+        let wanted = live().saturating_add(pending);
+        if wanted <= limit {
+            if self.in_reserve.load(Relaxed) {
+                self.in_reserve.store(false, Relaxed);
+            }
+            return Admission::Admitted;
+        }
+        if self.in_reserve.load(Relaxed) && wanted <= limit.saturating_add(self.reserve()) {
+            return Admission::Admitted;
+        }
+        self.in_flight.fetch_sub(size, SeqCst);
+        self.in_reserve.store(true, Relaxed);
+        self.refused.fetch_add(1, Relaxed);
+        self.largest_refused.fetch_max(size, Relaxed);
+        Admission::Refused
+    }
+
+    /// An admitted request of `size` bytes is counted in the live bytes (or failed).
+    #[inline]
+    pub fn settle(&self, size: u64) {
+        self.in_flight.fetch_sub(size, SeqCst);
+    }
+
+    /// The limit and what it refused.
+    pub fn snapshot(&self) -> BudgetSnapshot {
+        BudgetSnapshot {
+            limit: self.limit(),
+            refused: self.refused.load(Relaxed),
+            largest_refused: self.largest_refused.load(Relaxed),
+        }
+    }
+
+    /// Forgets what was refused (the limit stays).
+    pub fn reset(&self) {
+        self.refused.store(0, Relaxed);
+        self.largest_refused.store(0, Relaxed);
+    }
+}
+
+/// A size in bytes from a number or a text such as `"256 MB"`, `"1.5GiB"`,
+/// `"64k"`: decimal units (k, KB, M, MB, G, GB, T, TB: powers of 1000) and
+/// binary ones (KiB, MiB, GiB, TiB: powers of 1024), case-insensitive, `B`
+/// or nothing for bytes. Refuses negative, fractional-byte, empty and
+/// unparseable sizes, and sizes that do not fit 63 bits.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = (&t[..split], t[split..].trim());
+    let bad = || {
+        format!(
+            "invalid size {text:?}: expected a number of bytes, or a number and a unit such as \"256 MB\" or \"1 GiB\""
+        )
+    };
+    if number.is_empty() || number.starts_with('.') && number.len() == 1 {
+        return Err(bad());
+    }
+    let scale: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "m" | "mb" => 1000 * 1000,
+        "g" | "gb" => 1000 * 1000 * 1000,
+        "t" | "tb" => 1000 * 1000 * 1000 * 1000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => return Err(bad()),
+    };
+    let (whole, frac) = number.split_once('.').unwrap_or((number, ""));
+    if frac.contains('.') {
+        return Err(bad());
+    }
+    let whole: u64 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| bad())? };
+    let too_big = || format!("size {text:?} is too large");
+    let mut bytes = whole.checked_mul(scale).ok_or_else(too_big)?;
+    if !frac.is_empty() {
+        // Exact decimal arithmetic: frac / 10^len * scale.
+        if frac.len() > 18 {
+            return Err(bad());
+        }
+        let digits: u128 = frac.parse().map_err(|_| bad())?;
+        let denominator = 10u128.pow(frac.len() as u32);
+        let part = digits * u128::from(scale);
+        if !part.is_multiple_of(denominator) {
+            return Err(format!("size {text:?} is not a whole number of bytes"));
+        }
+        bytes = bytes.checked_add((part / denominator) as u64).ok_or_else(too_big)?;
+    }
+    if bytes > i64::MAX as u64 {
+        return Err(too_big());
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+
+    #[test]
+    fn no_limit_admits_everything() {
+        let b = Budget::new();
+        assert_eq!(b.admit(u64::MAX / 2, || unreachable!()), Admission::Unlimited);
+        assert_eq!(b.snapshot(), BudgetSnapshot::default());
+    }
+
+    #[test]
+    fn a_request_that_would_cross_the_limit_is_refused_and_counted() {
+        let b = Budget::new();
+        b.set_limit(Some(1000));
+        assert_eq!(b.admit(400, || 600), Admission::Admitted, "exactly at the limit is admitted");
+        b.settle(400);
+        assert_eq!(b.admit(401, || 600), Admission::Refused);
+        assert_eq!(b.admit(500, || 1000), Admission::Admitted, "within the reserve after a refusal");
+        b.settle(500);
+        assert_eq!(b.admit(RESERVE, || 1500), Admission::Refused, "beyond the reserve");
+        let s = b.snapshot();
+        assert_eq!((s.limit, s.refused, s.largest_refused), (Some(1000), 2, RESERVE));
+    }
+
+    #[test]
+    fn after_a_refusal_the_reserve_is_granted_once_until_back_under_the_limit() {
+        let b = Budget::new();
+        b.set_limit(Some(1000));
+        assert_eq!(b.admit(2000, || 900), Admission::Refused, "refused");
+        // Raising the MemoryError may go over, within the reserve.
+        assert_eq!(b.admit(500, || 900), Admission::Admitted);
+        b.settle(500);
+        assert_eq!(b.admit(RESERVE, || 1400), Admission::Refused, "not beyond the reserve");
+        // Back under the limit: the reserve is gone.
+        assert_eq!(b.admit(10, || 100), Admission::Admitted);
+        b.settle(10);
+        assert_eq!(b.admit(1000, || 110), Admission::Refused);
+        assert_eq!(b.snapshot().refused, 3);
+    }
+
+    #[test]
+    fn removing_or_raising_the_limit_admits_again() {
+        let b = Budget::new();
+        b.set_limit(Some(10));
+        assert_eq!(b.admit(11, || 0), Admission::Refused);
+        b.set_limit(Some(100));
+        assert_eq!(b.admit(11, || 0), Admission::Admitted);
+        b.settle(11);
+        b.set_limit(None);
+        assert_eq!(b.admit(1 << 40, || 0), Admission::Unlimited);
+        assert_eq!(b.snapshot().limit, None);
+    }
+
+    #[test]
+    fn racing_threads_never_take_live_bytes_over_the_limit() {
+        // 4 threads allocate 1000-byte blocks against a 100 kB limit, recording
+        // into a shared live counter before settling, as a back end does.
+        let budget = Arc::new(Budget::new());
+        budget.set_limit(Some(100_000));
+        budget.set_reserve(0);
+        let live = Arc::new(AtomicU64::new(0));
+        let max_seen = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (budget, live, max_seen) = (budget.clone(), live.clone(), max_seen.clone());
+                std::thread::spawn(move || {
+                    let mut held = 0u64;
+                    for round in 0..20_000 {
+                        if round % 7 == 6 && held > 0 {
+                            live.fetch_sub(1000, SeqCst);
+                            held -= 1;
+                            continue;
+                        }
+                        if budget.admit(1000, || live.load(SeqCst)).allowed() {
+                            let now = live.fetch_add(1000, SeqCst) + 1000;
+                            max_seen.fetch_max(now, SeqCst);
+                            budget.settle(1000);
+                            held += 1;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(max_seen.load(SeqCst) <= 100_000, "{}", max_seen.load(SeqCst));
+        assert!(budget.snapshot().refused > 0, "the limit was reached");
+    }
+
+    #[test]
+    fn sizes_parse_in_decimal_and_binary_units() {
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("256 MB"), Ok(256_000_000));
+        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_size(" 1.5 GiB "), Ok(3 << 29));
+        assert_eq!(parse_size("2g"), Ok(2_000_000_000));
+        assert_eq!(parse_size("64k"), Ok(64_000));
+        assert_eq!(parse_size("10 b"), Ok(10));
+        assert_eq!(parse_size(".5 KB"), Ok(500));
+    }
+
+    #[test]
+    fn bad_sizes_are_refused_with_a_reason() {
+        for bad in ["", "-1", "-5 MB", "MB", "12 parsecs", "1.2.3", "1e9", ".", "0x10"] {
+            let err = parse_size(bad).unwrap_err();
+            assert!(err.contains("invalid size"), "{bad:?}: {err}");
+        }
+        assert!(parse_size("1.0001 KB").unwrap_err().contains("whole number of bytes"));
+        assert!(parse_size("99999999999 TB").unwrap_err().contains("too large"));
+        assert!(parse_size("9223372036854775808").unwrap_err().contains("too large"));
+    }
+}
