@@ -4,7 +4,10 @@ refused with a clear error and changes nothing."""
 
 from __future__ import annotations
 
-from conftest import scenario
+import sys
+
+import pytest
+from conftest import run_python, scenario
 
 MB = 1000 * 1000
 
@@ -254,3 +257,94 @@ def test_the_report_shows_limits_and_refusals():
     line = lines[at + 1]
     assert line.startswith(f"  interp {out['iid']} (isolated") and "limit 2.9 MiB" in line, line
     assert "refused 1 (largest 7.6 MiB)" in line, line
+
+
+CLI_PROGRAM = r"""
+import interheap
+from scenario_support import create, run
+print("default", interheap.get_default_limit(), "main", interheap.get_limit(0))
+ids = [create("isolated") for _ in range(2)]
+for i in ids:
+    run(i, '''
+try:
+    keep = [bytearray(10**6) for _ in range(40)]
+    print("kept", len(keep))
+except MemoryError:
+    keep = None
+    print("MemoryError")
+keep = [bytearray(10**6) for _ in range(3)]
+print("then kept", len(keep))
+''')
+try:
+    big = bytearray(20 * 10**6)
+    print("main kept 20 MB")
+except MemoryError:
+    print("main MemoryError")
+s = interheap.stats()
+print("figures", [(s.interpreter(i).limit, s.interpreter(i).refused) for i in ids])
+"""
+
+
+def test_run_limits_every_new_interpreter_and_main_from_options_or_environment():
+    proc = run_python(["-m", "interheap", "run", "--no-report", "--limit", "8MB", "-c", CLI_PROGRAM])
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "default 8000000 main None"
+    # Each interpreter has its own 8 MB: both hit it, recover, and go on.
+    assert lines[1:5] == ["MemoryError", "then kept 3"] * 2
+    assert lines[5] == "main kept 20 MB"
+    assert lines[6] == "figures [(8000000, 1), (8000000, 1)]"
+
+    proc = run_python(
+        ["-m", "interheap", "run", "--no-report", "--main-limit=10 MB", "-c", CLI_PROGRAM],
+        env={"INTERHEAP_LIMIT": "12MB", "INTERHEAP_MAIN_LIMIT": "1GB"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    # The option wins over INTERHEAP_MAIN_LIMIT; INTERHEAP_LIMIT applies.
+    assert lines[0] == "default 12000000 main 10000000"
+    assert lines[5] == "main MemoryError"
+
+
+def test_run_refuses_a_bad_limit_before_the_program_starts():
+    for args in (["--limit", "8XB"], ["--main-limit", "-1"], ["--limit"]):
+        proc = run_python(["-m", "interheap", "run", *args, "-c", "print('ran')"])
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "ran" not in proc.stdout
+        assert "limit" in proc.stderr, proc.stderr
+    proc = run_python(["-m", "interheap", "run", "-c", "print('ran')"], env={"INTERHEAP_LIMIT": "lots"})
+    assert proc.returncode == 2 and "INTERHEAP_LIMIT" in proc.stderr and "invalid size" in proc.stderr
+
+
+POOL_TASKS = """
+def task(n):
+    try:
+        return len([bytearray(10**6) for _ in range(n)])
+    except MemoryError:
+        return "MemoryError"
+"""
+POOL_MAIN = """
+from concurrent.futures import InterpreterPoolExecutor
+import interheap
+from pool_tasks import task
+interheap.set_default_limit("16 MB")
+with InterpreterPoolExecutor(2) as pool:
+    print(list(pool.map(task, [2, 40, 3, 40, 1])))
+s = interheap.stats()
+print(sorted((e.limit, e.refused) for e in s.interpreters if e.kind == "interpreter" and e.id != 0))
+"""
+
+
+@pytest.mark.skipif(sys.version_info < (3, 14), reason="InterpreterPoolExecutor is new in 3.14")
+def test_each_pool_worker_gets_its_own_default_limit(tmp_path):
+    (tmp_path / "pool_tasks.py").write_text(POOL_TASKS)
+    (tmp_path / "main.py").write_text(POOL_MAIN)
+    proc = run_python(["-m", "interheap", "run", "--no-report", str(tmp_path / "main.py")])
+    assert proc.returncode == 0, proc.stderr
+    results, figures = proc.stdout.splitlines()
+    # Small tasks fit in a worker's 16 MB; the 40 MB ones get MemoryError and
+    # the worker goes on serving.
+    assert results == "[2, 'MemoryError', 3, 'MemoryError', 1]"
+    limits = eval(figures)
+    assert [limit for limit, _ in limits] == [16_000_000, 16_000_000]
+    assert sum(refused for _, refused in limits) == 2

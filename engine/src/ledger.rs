@@ -476,6 +476,14 @@ impl Ledger {
         &self.chunk(index / CHUNK_BUCKETS).buckets[index % CHUNK_BUCKETS].budget
     }
 
+    /// Whether a bucket is settled: used, and described for good (see
+    /// [`Ledger::set_describer`]). Does not mark it used.
+    pub fn is_settled(&self, id: BucketId) -> bool {
+        let index = id.0 as usize;
+        let bucket = &self.chunk(index / CHUNK_BUCKETS).buckets[index % CHUNK_BUCKETS];
+        bucket.state.load(Relaxed) & SETTLED != 0
+    }
+
     /// A bucket's live bytes over every domain (negative sums, which exact
     /// accounting never produces, read as 0).
     #[inline]

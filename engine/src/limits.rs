@@ -48,6 +48,9 @@ pub struct Budget {
     in_reserve: AtomicBool,
     refused: AtomicU64,
     largest_refused: AtomicU64,
+    /// Whether the limit was set for this interpreter (or a default was
+    /// applied to it), so that a default limit no longer applies.
+    configured: AtomicBool,
     /// The reserve in bytes, minus [`RESERVE`] (wrapping; so that all-zero
     /// bytes mean the default reserve).
     reserve_delta: AtomicU64,
@@ -101,7 +104,25 @@ impl Budget {
             refused: AtomicU64::new(0),
             largest_refused: AtomicU64::new(0),
             reserve_delta: AtomicU64::new(0),
+            configured: AtomicBool::new(false),
         }
+    }
+
+    /// Whether a limit was set (or removed) for this interpreter, or a
+    /// default applied to it.
+    #[inline]
+    pub fn configured(&self) -> bool {
+        self.configured.load(Relaxed)
+    }
+
+    /// Applies a default limit unless the budget was configured already
+    /// (by `set_limit` or another default); true if it applied it.
+    pub fn apply_default(&self, limit: u64) -> bool {
+        if self.configured.swap(true, Relaxed) {
+            return false;
+        }
+        self.limit_plus_one.store(limit.min(u64::MAX - 1) + 1, Relaxed);
+        true
     }
 
     /// Sets how far the interpreter may go over its limit after a refusal
@@ -126,6 +147,7 @@ impl Budget {
     pub fn set_limit(&self, limit: Option<u64>) {
         self.limit_plus_one.store(limit.map_or(NO_LIMIT, |l| l.min(u64::MAX - 1) + 1), Relaxed);
         self.in_reserve.store(false, Relaxed);
+        self.configured.store(true, Relaxed);
     }
 
     /// Asks for `size` more bytes for an interpreter that holds `live()`
@@ -272,6 +294,21 @@ mod tests {
         b.settle(10);
         assert_eq!(b.admit(1000, || 110), Admission::Refused);
         assert_eq!(b.snapshot().refused, 3);
+    }
+
+    #[test]
+    fn a_default_applies_once_and_never_over_an_explicit_setting() {
+        let b = Budget::new();
+        assert!(b.apply_default(100));
+        assert_eq!(b.limit(), Some(100));
+        assert!(!b.apply_default(5), "a default applies once");
+        b.set_limit(None);
+        assert!(!b.apply_default(5), "an explicit removal stands");
+        assert_eq!(b.limit(), None);
+        let c = Budget::new();
+        c.set_limit(Some(7));
+        assert!(!c.apply_default(5));
+        assert_eq!(c.limit(), Some(7));
     }
 
     #[test]

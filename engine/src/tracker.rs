@@ -29,7 +29,7 @@ use crate::ledger::{BucketId, Count, Ledger, LedgerSnapshot};
 use crate::limits::Admission;
 use crate::nursery::{cacheable, Nurseries, Nursery};
 use crate::shard_lock::ShardLock;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 /// Block table, nurseries and ledger, with the accounting rules in the module docs.
 ///
@@ -57,6 +57,10 @@ pub struct Tracker {
     serialized: [AtomicBool; Domain::COUNT],
     /// Whether a limit was ever set: until then admission costs one load.
     limits_in_use: AtomicBool,
+    /// The default limit plus one (0: none), for interpreters with an ID of
+    /// at least `default_from` whose limit was never set.
+    default_limit: AtomicU64,
+    default_from: AtomicU64,
 }
 
 impl Default for Tracker {
@@ -75,7 +79,29 @@ impl Tracker {
             census: ShardLock::new(()),
             serialized: [const { AtomicBool::new(false) }; Domain::COUNT],
             limits_in_use: AtomicBool::new(false),
+            default_limit: AtomicU64::new(0),
+            default_from: AtomicU64::new(u64::MAX),
         }
+    }
+
+    /// Sets (or with `None` removes) the limit that every interpreter with
+    /// an ID of at least `from_id` gets unless its own was set. It applies
+    /// once interheap knows where the interpreter came from (its bucket is
+    /// settled: see [`Ledger::set_describer`]), so not during the start-up of
+    /// an interpreter made by `_interpreters` (CPython marks it "C API" until
+    /// it is created). Interpreters it applied to keep their limit.
+    pub fn set_default_limit(&self, limit: Option<u64>, from_id: i64) {
+        if limit.is_some() {
+            self.limits_in_use.store(true, Relaxed);
+        }
+        self.default_from.store(from_id.max(0) as u64, Relaxed);
+        self.default_limit.store(limit.map_or(0, |l| l.min(u64::MAX - 1) + 1), Relaxed);
+    }
+
+    /// The default limit and the first interpreter ID it applies to.
+    pub fn default_limit(&self) -> Option<(u64, i64)> {
+        let stored = self.default_limit.load(Relaxed);
+        (stored != 0).then(|| (stored - 1, self.default_from.load(Relaxed) as i64))
     }
 
     /// Sets (or with `None` removes) the memory limit of an interpreter's
@@ -94,12 +120,20 @@ impl Tracker {
         true
     }
 
-    /// The memory limit of an interpreter's bucket, if one is set.
+    /// The memory limit of an interpreter's bucket, if one is set, or the
+    /// default limit it will get.
     pub fn limit(&self, owner: BucketId) -> Option<u64> {
         if !self.limits_in_use.load(Relaxed) {
             return None;
         }
-        self.ledger.budget(owner).limit()
+        let budget = self.ledger.budget(owner);
+        if budget.configured() {
+            return budget.limit();
+        }
+        match (self.default_limit(), owner.kind()) {
+            (Some((limit, from)), crate::ledger::BucketKind::Interpreter(id)) if id >= from => Some(limit),
+            _ => None,
+        }
     }
 
     /// Asks `owner`'s limit for `size` more bytes, before the request is
@@ -116,7 +150,21 @@ impl Tracker {
 
     #[inline(never)]
     fn admit_limited(&self, owner: BucketId, size: usize) -> Admission {
-        self.ledger.budget(owner).admit(size as u64, || self.ledger.live_total(owner))
+        let budget = self.ledger.budget(owner);
+        if !budget.configured() {
+            self.maybe_apply_default(owner);
+        }
+        budget.admit(size as u64, || self.ledger.live_total(owner))
+    }
+
+    #[cold]
+    fn maybe_apply_default(&self, owner: BucketId) {
+        let Some((limit, from)) = self.default_limit() else { return };
+        if let crate::ledger::BucketKind::Interpreter(id) = owner.kind() {
+            if id >= from && self.ledger.is_settled(owner) {
+                self.ledger.budget(owner).apply_default(limit);
+            }
+        }
     }
 
     /// The request `admit` admitted has been recorded (or failed).

@@ -153,6 +153,24 @@ fn get_limit(id: i64) -> Option<u64> {
     TRACKER.limit(interheap_engine::BucketId::for_interpreter(Some(id)))
 }
 
+/// Sets (or with `None` removes) the limit every interpreter with an ID of
+/// at least `from_id` gets unless its own is set.
+#[pyfunction]
+#[pyo3(signature = (limit, from_id))]
+fn set_default_limit(limit: Option<u64>, from_id: i64) -> PyResult<()> {
+    if limit.is_some_and(|l| l > i64::MAX as u64) {
+        return Err(PyValueError::new_err("the default limit is too large"));
+    }
+    TRACKER.set_default_limit(limit, from_id);
+    Ok(())
+}
+
+/// The default limit and the first interpreter ID it applies to, or None.
+#[pyfunction]
+fn get_default_limit() -> Option<(u64, i64)> {
+    TRACKER.default_limit()
+}
+
 /// A size in bytes from a text such as "256 MB" or "1.5 GiB" (see
 /// `interheap_engine::parse_size`); ValueError for anything else.
 #[pyfunction]
@@ -334,5 +352,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_limit, m)?)?;
     m.add_function(wrap_pyfunction!(get_limit, m)?)?;
     m.add_function(wrap_pyfunction!(parse_size, m)?)?;
+    m.add_function(wrap_pyfunction!(set_default_limit, m)?)?;
+    m.add_function(wrap_pyfunction!(get_default_limit, m)?)?;
     Ok(())
 }

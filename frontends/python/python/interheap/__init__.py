@@ -41,7 +41,7 @@ from ._allocator import (
     parse_report,
     raw_swap_guard,
 )
-from ._limits import get_limit, parse_size, remove_limit, set_limit
+from ._limits import get_default_limit, get_limit, parse_size, remove_limit, set_default_limit, set_limit
 from ._report import human_bytes
 from ._stats import DOMAINS, DomainStats, InterpreterStats, Snapshot, build_snapshot
 from .adapters import AdapterStats
@@ -60,6 +60,7 @@ __all__ = [
     "allocator_domains",
     "allocator_installed",
     "allocator_stats",
+    "get_default_limit",
     "get_limit",
     "hooks",
     "human_bytes",
@@ -70,6 +71,7 @@ __all__ = [
     "parse_size",
     "raw_swap_guard",
     "remove_limit",
+    "set_default_limit",
     "set_limit",
     "stats",
     "uninstall",

@@ -20,7 +20,10 @@ import sys
 import types
 from dataclasses import dataclass, field
 
-RUN_USAGE = "python -m interheap run [--json FILE] [--no-report] (SCRIPT | -m MODULE | -c CODE) [ARGS...]"
+RUN_USAGE = (
+    "python -m interheap run [--json FILE] [--no-report] [--limit SIZE] [--main-limit SIZE] "
+    "(SCRIPT | -m MODULE | -c CODE) [ARGS...]"
+)
 RUN_DESCRIPTION = """\
 Run a Python program with interheap's hooks installed before it starts, and
 report its memory per interpreter and per domain (raw, mem, object) at exit.
@@ -29,7 +32,13 @@ The program runs as `python SCRIPT ARGS`, `python -m MODULE ARGS` or
 `python -c CODE ARGS` would run it: same sys.argv, sys.path[0] and __main__,
 and the same exit status. Everything after SCRIPT, MODULE or CODE is passed
 to the program untouched. The report goes to stderr once the program's
-threads and atexit handlers have finished."""
+threads and atexit handlers have finished.
+
+Memory limits (live bytes, exact; the interpreter that would cross its limit
+gets MemoryError): --limit SIZE gives every interpreter the program creates a
+limit of its own, --main-limit SIZE limits the main interpreter. SIZE is
+bytes or a text such as 256MB or 1.5GiB. The environment variables
+INTERHEAP_LIMIT and INTERHEAP_MAIN_LIMIT do the same; the options win."""
 
 
 class UsageError(Exception):
@@ -43,6 +52,8 @@ class RunRequest:
     args: list[str] = field(default_factory=list)
     json_path: str | None = None
     report: bool = True
+    limit: str | None = None
+    main_limit: str | None = None
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -57,6 +68,10 @@ def _run_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-report", action="store_true", help="do not print the table at exit")
     parser.add_argument(
+        "--limit", metavar="SIZE", help="limit every interpreter the program creates (each its own budget)"
+    )
+    parser.add_argument("--main-limit", metavar="SIZE", help="limit the main interpreter")
+    parser.add_argument(
         "program", nargs="*", metavar="SCRIPT | -m MODULE | -c CODE", help="what to run, then its arguments"
     )
     return parser
@@ -70,13 +85,30 @@ def parse_run_args(argv: list[str]) -> RunRequest:
     """
     json_path: str | None = None
     report = True
+    limits: dict[str, str | None] = {
+        "limit": os.environ.get("INTERHEAP_LIMIT") or None,
+        "main_limit": os.environ.get("INTERHEAP_MAIN_LIMIT") or None,
+    }
+
+    def request(kind: str, target: str, args: list[str]) -> RunRequest:
+        return RunRequest(kind, target, args, json_path, report, **limits)
+
     i = 0
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
             _run_parser().print_help()
             raise SystemExit(0)
-        if arg == "--json":
+        option = arg.split("=", 1)[0]
+        if option in ("--limit", "--main-limit"):
+            if "=" in arg:
+                value, i = arg.split("=", 1)[1], i + 1
+            elif i + 1 < len(argv):
+                value, i = argv[i + 1], i + 2
+            else:
+                raise UsageError(f"{option} needs a SIZE argument (bytes, or such as 256MB)")
+            limits[option[2:].replace("-", "_")] = value
+        elif arg == "--json":
             if i + 1 >= len(argv):
                 raise UsageError("--json needs a FILE argument")
             json_path = argv[i + 1]
@@ -92,19 +124,19 @@ def parse_run_args(argv: list[str]) -> RunRequest:
                 what = "a MODULE" if arg == "-m" else "a CODE"
                 raise UsageError(f"{arg} needs {what} argument")
             kind = "module" if arg == "-m" else "code"
-            return RunRequest(kind, argv[i + 1], argv[i + 2 :], json_path, report)
+            return request(kind, argv[i + 1], argv[i + 2 :])
         elif arg.startswith("-m") or arg.startswith("-c"):
             # -mMODULE / -cCODE, as python accepts them.
             kind = "module" if arg[1] == "m" else "code"
-            return RunRequest(kind, arg[2:], argv[i + 1 :], json_path, report)
+            return request(kind, arg[2:], argv[i + 1 :])
         elif arg == "--":
             if i + 1 >= len(argv):
                 raise UsageError("nothing to run after '--'")
-            return RunRequest("script", argv[i + 1], argv[i + 2 :], json_path, report)
+            return request("script", argv[i + 1], argv[i + 2 :])
         elif arg.startswith("-"):
             raise UsageError(f"unknown option {arg!r} (interheap's options come before the program)")
         else:
-            return RunRequest("script", arg, argv[i + 1 :], json_path, report)
+            return request("script", arg, argv[i + 1 :])
     raise UsageError("nothing to run: give a SCRIPT, -m MODULE or -c CODE")
 
 
@@ -114,6 +146,17 @@ def _check_request(req: RunRequest) -> None:
         raise UsageError(f"can't open file {req.target!r}: no such file or directory")
     if req.kind == "module" and not req.target:
         raise UsageError("-m needs a MODULE argument")
+    from ._limits import parse_size
+
+    for name, value in (
+        ("--limit / INTERHEAP_LIMIT", req.limit),
+        ("--main-limit / INTERHEAP_MAIN_LIMIT", req.main_limit),
+    ):
+        if value is not None:
+            try:
+                parse_size(value)
+            except ValueError as exc:
+                raise UsageError(f"{name}: {exc}") from None
     if req.json_path not in (None, "-"):
         directory = os.path.dirname(os.path.abspath(req.json_path))
         if not os.path.isdir(directory):
@@ -159,6 +202,10 @@ def run(req: RunRequest) -> None:
 
     _check_request(req)
     interheap.install()
+    if req.main_limit is not None:
+        interheap.set_limit(0, req.main_limit)
+    if req.limit is not None:
+        interheap.set_default_limit(req.limit)
     atexit.register(_report_at_exit, req)
     if req.kind == "script":
         sys.argv = [req.target, *req.args]

@@ -26,6 +26,11 @@ from ._stats import _alive_interpreter_ids
 
 Size = int | str
 
+_NO_HOOKS = (
+    "memory limits are enforced by interheap's hooks, which are not installed: "
+    "call interheap.install() first, or run the program under python -m interheap run"
+)
+
 
 def parse_size(size: Size) -> int:
     """Bytes from an int or a text such as ``"256 MB"`` (powers of 1000) or
@@ -68,16 +73,39 @@ def set_limit(interp: Any, limit: Size | None) -> None:
     interp_id = interpreter_id(interp)
     size = None if limit is None else parse_size(limit)
     if size is not None and not _native.is_installed():
-        raise RuntimeError(
-            "memory limits are enforced by interheap's hooks, which are not installed: "
-            "call interheap.install() first, or run the program under python -m interheap run"
-        )
+        raise RuntimeError(_NO_HOOKS)
     _native.set_limit(interp_id, size)
 
 
 def get_limit(interp: Any) -> int | None:
     """An interpreter's limit in bytes, or None."""
     return _native.get_limit(interpreter_id(interp))
+
+
+def set_default_limit(limit: Size | None) -> None:
+    """Gives every interpreter created from now on a limit of its own (None
+    removes the default; interpreters that got it keep it).
+
+    Each interpreter gets its own budget of that size: set it before creating
+    an ``InterpreterPoolExecutor`` and every worker is limited separately. An
+    interpreter's own :func:`set_limit` wins over the default. The default
+    applies once the interpreter is created, not to its start-up, for
+    interpreters made by ``concurrent.interpreters`` and
+    ``InterpreterPoolExecutor`` on 3.13+ (CPython records where they came
+    from); on 3.12 it counts the start-up too, and an interpreter made with
+    the C API gets it only through :func:`set_limit`.
+    """
+    size = None if limit is None else parse_size(limit)
+    if size is not None and not _native.is_installed():
+        raise RuntimeError(_NO_HOOKS)
+    alive = _alive_interpreter_ids() or {0}
+    _native.set_default_limit(size, max(alive) + 1)
+
+
+def get_default_limit() -> int | None:
+    """The limit every new interpreter gets, or None."""
+    found = _native.get_default_limit()
+    return None if found is None else found[0]
 
 
 def remove_limit(interp: Any) -> None:
