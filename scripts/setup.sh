@@ -121,14 +121,16 @@ while read -r tag python; do
     "$venv/bin/python" -c "import interheap_example_ext" \
         || { log "$tag: interheap_example_ext does not import in $venv"; exit 1; }
     # libinterheap (include/interheap.h) for this interpreter, for C embedders
-    # and the C tests: <venv>/interheap-c/lib. Own target dir: its pyo3-ffi
-    # links libpython, the extension's does not.
+    # and the C tests: <venv>/interheap-c/lib. Built in the launcher's target
+    # dir (frontends/python/build.rs): both link libpython with the same
+    # flags, so the engine and the glue compiled for the launcher serve it
+    # too (the extension's pyo3-ffi does not link libpython).
     log "$tag: building libinterheap (release)"
-    RUSTFLAGS="$rust_link_flags" PYO3_PYTHON="$venv/bin/python" CARGO_TARGET_DIR="$CACHE/target/$tag-c" \
+    c_target="$CACHE/target/$tag/interheap-launcher"
+    RUSTFLAGS="$rust_link_flags" PYO3_PYTHON="$venv/bin/python" CARGO_TARGET_DIR="$c_target" \
         cargo build --release --quiet -p interheap-c --manifest-path "$ROOT/Cargo.toml" \
         >"$CACHE/build-$tag-c.log" 2>&1 || { tail -40 "$CACHE/build-$tag-c.log" >&2; exit 1; }
-    cp "$CACHE/target/$tag-c/release/libinterheap.so" "$CACHE/target/$tag-c/release/libinterheap.a" \
-        "$venv/interheap-c/lib/"
+    cp "$c_target/release/libinterheap.so" "$c_target/release/libinterheap.a" "$venv/interheap-c/lib/"
     echo "$tag $venv" >> "$ROOT/.venvs.list.tmp"
 done <<< "$matrix"
 mv "$ROOT/.venvs.list.tmp" "$ROOT/.venvs.list"
