@@ -5,7 +5,11 @@ the same kind of process (interheap imported in both), once without the hooks
 and once with them, and prints (Ir(hooks) - Ir(none)) / pairs. Instruction
 counts are repeatable on a noisy shared machine, unlike times.
 
-    python bench/hook_instructions.py [--pairs N] [--kind list|bytes|dict]
+    python bench/hook_instructions.py [--pairs N] [--kind list|bytes|dict] [--limited]
+
+With ``--limited`` it also measures the hooks with a memory limit set on the
+looping interpreter (far above what it uses, so nothing is refused): the
+cost of the limit check, side by side in the same run.
 
 The loop creates and drops a one-element list (one object-domain block and
 one mem-domain block per iteration, freed at once: the nursery path), or
@@ -26,7 +30,8 @@ from callgrind import instructions_of
 CHILD = r"""
 import sys
 import interheap
-hooks, n, kind = sys.argv[1] == "hooks", int(sys.argv[2]), sys.argv[3]
+mode, n, kind = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+hooks = mode in ("hooks", "limited")
 make = {"list": lambda i: [i], "bytes": lambda i: bytes(40), "dict": lambda i: {"k": i}}[kind]
 def work(n):
     for i in range(n):
@@ -35,6 +40,8 @@ def work(n):
 work(2000)                      # warm up caches, free lists, the nursery
 if hooks:
     interheap.install()
+if mode == "limited":
+    interheap.set_limit(0, "1 TB")
 work(n)
 if hooks:
     s = interheap.stats()
@@ -55,12 +62,18 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=200_000, help="loop iterations (default 200000)")
     parser.add_argument("--kind", choices=("list", "bytes", "dict"), default="list")
     parser.add_argument("--python", default=sys.executable)
+    parser.add_argument(
+        "--limited", action="store_true", help="also measure with a memory limit set (nothing refused)"
+    )
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         sys.exit("error: valgrind is not installed")
     with tempfile.TemporaryDirectory() as workdir:
         none, _ = instructions(args.python, "none", args.pairs, args.kind, workdir)
         hooks, out = instructions(args.python, "hooks", args.pairs, args.kind, workdir)
+        limited = None
+        if args.limited:
+            limited, _ = instructions(args.python, "limited", args.pairs, args.kind, workdir)
     match = re.search(r"PAIRS (\d+)", out)
     pairs = int(match.group(1)) if match else 0
     if pairs <= 0:
@@ -70,6 +83,9 @@ def main() -> None:
     print(f"instructions with hooks:    {hooks:,}")
     print(f"allocation + free pairs the hooks saw: {pairs:,}")
     print(f"added instructions per pair: {(hooks - none) / pairs:.0f}")
+    if limited is not None:
+        print(f"instructions with hooks and a limit set: {limited:,}")
+        print(f"the limit check adds per pair: {(limited - hooks) / pairs:.1f}")
 
 
 if __name__ == "__main__":
