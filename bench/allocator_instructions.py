@@ -13,6 +13,9 @@ by side in one run:
 * ``pymalloc``: the venv's python with ``PYTHONMALLOC=pymalloc``
 * ``mimalloc``: the venv's python with ``PYTHONMALLOC=mimalloc`` (3.13+)
 * ``interheap``: ``interheap-python`` (mem and object from the interpreter's heap)
+* ``limited``: ``interheap-python`` with a memory limit on the main interpreter
+  (``INTERHEAP_MAIN_LIMIT=1GB``): the limit is checked on the heaps' slow
+  paths only, so the pair should cost what ``interheap`` does
 
     python bench/allocator_instructions.py [--pairs N] [--size 32]
 """
@@ -25,6 +28,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -48,8 +52,6 @@ lib.interheap_bench_pairs(int(sys.argv[1]), int(sys.argv[2]))
 
 
 def build_loop(workdir: str) -> str:
-    import sysconfig
-
     source = Path(workdir, "loop.c")
     source.write_text(LOOP_C)
     library = Path(workdir, "loop.so")
@@ -90,12 +92,15 @@ def main() -> None:
         sys.exit("valgrind is required (apt-get install valgrind)")
     python = sys.executable
     launcher = str(Path(python).with_name("interheap-python"))
-    base_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONMALLOC", "INTERHEAP_ALLOCATOR")}
+    drop = ("PYTHONMALLOC", "INTERHEAP_ALLOCATOR", "INTERHEAP_LIMIT", "INTERHEAP_MAIN_LIMIT")
+    base_env = {k: v for k, v in os.environ.items() if k not in drop}
     base_env["PYTHONHASHSEED"] = "0"
     modes = [("pymalloc", python, {"PYTHONMALLOC": "pymalloc"})]
     if sys.version_info >= (3, 13):
         modes.append(("mimalloc", python, {"PYTHONMALLOC": "mimalloc"}))
     modes.append(("interheap", launcher, {}))
+    if sysconfig.get_config_var("Py_GIL_DISABLED") != 1:
+        modes.append(("limited", launcher, {"INTERHEAP_MAIN_LIMIT": "1GB"}))
     results = {}
     with tempfile.TemporaryDirectory() as workdir:
         library = build_loop(workdir)
@@ -116,6 +121,9 @@ def main() -> None:
     for name, per_pair in results.items():
         ratio = per_pair / results["pymalloc"]
         print(f"  {name:<10} {per_pair:7.1f}   ({ratio:.2f}x pymalloc)")
+    if "limited" in results:
+        extra = results["limited"] - results["interheap"]
+        print(f"  a limit set costs {extra:+.1f} instructions per pair")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,24 @@ unsigned interheap_allocator_installed(void);
 char *interheap_allocator_report_json(void);
 void interheap_allocator_free_string(char *s);
 
+/* Memory limits (mem and object domains; not on free-threaded builds).
+ * An interpreter's live bytes may not grow past its limit: the allocation
+ * that would cross it, on a heap's slow path, returns NULL, so CPython raises
+ * MemoryError in that interpreter only. It can be over by at most what the
+ * current pages of its size classes still hold free (16 KiB per class for
+ * most). After a refusal, 256 KiB more are granted once, to raise and handle
+ * the MemoryError. Main's limit (ID 0) may be set before Py_Initialize.
+ *
+ * set_limit: limit < 0 removes it. Returns 0, or -1 with a message in err
+ * (unknown or ended interpreter; the allocator does not serve mem and
+ * object). Nothing changes on failure. */
+int interheap_allocator_set_limit(long long interp_id, long long limit, char *err, size_t err_len);
+/* The limit in bytes; -1 if none, -2 if the interpreter has no heaps. */
+long long interheap_allocator_get_limit(long long interp_id);
+/* Every interpreter with an ID >= from_id whose own limit is never set gets
+ * this limit once it is created (not during its start-up, on 3.13+). */
+int interheap_allocator_set_default_limit(long long limit, long long from_id, char *err, size_t err_len);
+
 #ifdef __cplusplus
 }
 #endif

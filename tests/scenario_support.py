@@ -145,6 +145,15 @@ def consistency(snapshot) -> dict:
     }
 
 
+def refusal(fn) -> str:
+    """Calls ``fn``: "ValueError: ..." or "TypeError: ..." if it refused, "accepted" if not."""
+    try:
+        fn()
+    except (ValueError, TypeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "accepted"
+
+
 __all__ = [
     "FREE_THREADED",
     "consistency",
@@ -152,6 +161,7 @@ __all__ = [
     "destroy",
     "live_bytes",
     "quiet_stats",
+    "refusal",
     "result",
     "run",
     "sys",

@@ -60,7 +60,8 @@ use std::ptr;
 use std::sync::atomic::{AtomicPtr, AtomicU8, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
-use interheap_engine::heap::{self, Heap, HeapLabel, HeapPool, HeapSnapshot, Realloc, NO_OWNER};
+use interheap_engine::heap::{self, Account, Heap, HeapLabel, HeapPool, HeapSnapshot, Realloc, NO_OWNER};
+use interheap_engine::limits::{BudgetSnapshot, DefaultLimit};
 use interheap_engine::shard_lock::ShardLock;
 use interheap_engine::Domain;
 use pyo3_ffi as ffi;
@@ -338,12 +339,16 @@ fn with_thread_heap_slow<R>(f: impl FnOnce(&'static Heap) -> R) -> R {
 
 // ----- interpreter heaps -----
 
-/// One interpreter's heaps, for mem and object.
+/// One interpreter's heaps, for mem and object, and the account whose
+/// budget limits them together.
 struct InterpreterHeaps {
     id: i64,
-    /// Address of the interpreter's state, to notice when CPython frees it.
+    /// Address of the interpreter's state, to notice when CPython frees it
+    /// (0 for an entry made before the interpreter existed: main's, when its
+    /// limit is set before initialization).
     state: usize,
     heaps: [&'static Heap; 2],
+    account: &'static Account,
     ended: Cell<bool>,
 }
 
@@ -563,6 +568,8 @@ fn current_interpreter_heap_slow(part: usize) -> Option<&'static Heap> {
             let entry = interpreter_heaps_lookup(id, interp);
             [entry.heaps[0] as *const Heap, entry.heaps[1] as *const Heap]
         };
+        // SAFETY: both entries point to leaked heaps.
+        apply_default_limit(unsafe { &*heaps[0] }, id, interp);
         // Unkeyed while the entry changes; keyed last, only by a thread state
         // that is current (so no one can free it meanwhile).
         cache.tstate.store(NO_TSTATE, Ordering::Relaxed);
@@ -633,10 +640,15 @@ fn interpreter_heaps_lookup(id: i64, state: *mut ffi::PyInterpreterState) -> &'s
     }
     let token = interpreter_token(id);
     let label = |domain: Domain| HeapLabel { kind: KIND_INTERPRETER, id, part: domain as u8 };
+    let account: &'static Account = Box::leak(Box::new(Account::new()));
     let entry: &'static InterpreterHeaps = Box::leak(Box::new(InterpreterHeaps {
         id,
         state: state as usize,
-        heaps: [Heap::new(label(Domain::Mem), token), Heap::new(label(Domain::Object), token)],
+        heaps: [
+            Heap::new_in_account(label(Domain::Mem), token, account),
+            Heap::new_in_account(label(Domain::Object), token, account),
+        ],
+        account,
         ended: Cell::new(false),
     }));
     all.0.push(entry);
@@ -798,6 +810,110 @@ fn forward_realloc(domain: usize, p: *mut c_void, size: usize) -> *mut c_void {
     }
 }
 
+// ----- memory limits -----
+
+/// The limit of interpreters whose own limit was never set (see [`set_default_limit`]).
+static DEFAULT_LIMIT: DefaultLimit = DefaultLimit::new();
+
+/// Why a limit could not be set. Nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitError {
+    /// The allocator does not serve mem and object here (not installed, or a
+    /// free-threaded build), so it cannot see what interpreters hold.
+    NotServing,
+    /// No interpreter with this ID has allocated (it does not exist).
+    UnknownInterpreter(i64),
+    /// The interpreter has ended.
+    Ended(i64),
+}
+
+impl fmt::Display for LimitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LimitError::NotServing => f.write_str(
+                "the interheap allocator does not serve the mem and object domains in this process \
+                 (not installed, or a free-threaded build, where they stay CPython's mimalloc), so \
+                 it cannot limit interpreters: use interheap's hooks (python -m interheap run --limit)",
+            ),
+            LimitError::UnknownInterpreter(id) => {
+                write!(f, "interpreter {id} has no heaps (it does not exist)")
+            }
+            LimitError::Ended(id) => write!(f, "interpreter {id} has ended"),
+        }
+    }
+}
+
+impl std::error::Error for LimitError {}
+
+fn serves_interpreters() -> bool {
+    installed().contains(Domain::Mem) && installed().contains(Domain::Object)
+}
+
+/// Sets (or with `None` removes) the limit on interpreter `id`'s live bytes
+/// in the mem and object domains. The allocation that would cross it, on a
+/// heap's slow path, fails (MemoryError in that interpreter); an interpreter
+/// can go over by at most what the current pages of its size classes still
+/// hold free (see `interheap_engine::heap::Account`). Main's limit (ID 0)
+/// may be set before initialization.
+pub fn set_limit(id: i64, limit: Option<u64>) -> Result<(), LimitError> {
+    if !serves_interpreters() {
+        return Err(LimitError::NotServing);
+    }
+    let entry = if id == 0 {
+        interpreter_heaps_lookup(0, ptr::null_mut())
+    } else {
+        let all = INTERPRETERS.lock();
+        *all.0.iter().find(|e| e.id == id).ok_or(LimitError::UnknownInterpreter(id))?
+    };
+    if entry.ended.get() {
+        return Err(LimitError::Ended(id));
+    }
+    entry.account.budget().set_limit(limit);
+    Ok(())
+}
+
+/// Interpreter `id`'s limit and what it refused; `None` if it has no heaps.
+pub fn budget(id: i64) -> Option<BudgetSnapshot> {
+    let all = INTERPRETERS.lock();
+    all.0.iter().find(|e| e.id == id).map(|e| e.account.budget().snapshot())
+}
+
+/// Gives every interpreter with an ID of at least `from_id` whose limit was
+/// never set a limit of its own (`None` removes the default). It applies once
+/// the interpreter is created, not to its start-up, where CPython records
+/// where an interpreter came from (3.13+): `concurrent.interpreters` and its
+/// pool get it when they first run code; an interpreter made with the C API
+/// only through [`set_limit`]. On 3.12 it applies from the first allocation.
+pub fn set_default_limit(limit: Option<u64>, from_id: i64) -> Result<(), LimitError> {
+    if limit.is_some() && !serves_interpreters() {
+        return Err(LimitError::NotServing);
+    }
+    crate::interp::prepare_describe();
+    DEFAULT_LIMIT.set(limit, from_id);
+    Ok(())
+}
+
+/// The default limit and the first interpreter ID it applies to.
+pub fn default_limit() -> Option<(u64, i64)> {
+    DEFAULT_LIMIT.get()
+}
+
+/// Applies the default limit to the interpreter whose heap `heap` is, once
+/// it is created (on the cache's slow path, with its GIL held).
+#[inline]
+fn apply_default_limit(heap: &Heap, id: i64, interp: *mut ffi::PyInterpreterState) {
+    let Some(account) = heap.account() else { return };
+    if id == 0 || account.budget().configured() || DEFAULT_LIMIT.for_interpreter(id).is_none() {
+        return;
+    }
+    // SAFETY: `interp` is the calling thread's current interpreter, alive while it is current.
+    if unsafe { crate::interp::whence_is_capi(interp) } {
+        // Being created (or made with the C API): see `interp::describe_current`.
+        return;
+    }
+    DEFAULT_LIMIT.apply(account.budget(), id);
+}
+
 // ----- figures -----
 
 /// Every heap of the interheap allocator, with its figures.
@@ -857,6 +973,23 @@ pub fn report_json() -> String {
             classes.join(",")
         ));
     }
-    out.push_str("]}");
+    out.push_str("],\"limits\":[");
+    let budgets: Vec<String> = {
+        let all = INTERPRETERS.lock();
+        all.0
+            .iter()
+            .map(|e| {
+                let b = e.account.budget().snapshot();
+                let limit = b.limit.map_or("null".to_owned(), |l| l.to_string());
+                format!(
+                    "{{\"id\":{},\"limit\":{limit},\"refused\":{},\"largest_refused\":{}}}",
+                    e.id, b.refused, b.largest_refused
+                )
+            })
+            .collect()
+    };
+    out.push_str(&budgets.join(","));
+    let default = default_limit().map_or("null".to_owned(), |(l, from)| format!("[{l},{from}]"));
+    out.push_str(&format!("],\"default_limit\":{default}}}"));
     out
 }

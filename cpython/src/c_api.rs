@@ -8,7 +8,7 @@
 use std::ffi::{c_char, c_int, c_uint, CString};
 use std::ptr;
 
-use crate::allocator::{install_before_init, installed, report_json, Domains};
+use crate::allocator::{self, install_before_init, installed, report_json, Domains};
 
 /// Installs the interheap allocator for `domains` (raw=1, mem=2, object=4).
 /// Returns 0 on success; otherwise -1, with a message in `err` (if not NULL,
@@ -24,21 +24,78 @@ pub unsafe extern "C" fn interheap_allocator_install(
     err_len: usize,
 ) -> c_int {
     let domains = u8::try_from(domains).map(Domains).unwrap_or(Domains(0xFF));
-    match install_before_init(domains) {
-        Ok(()) => 0,
-        Err(e) => {
-            if !err.is_null() && err_len > 0 {
-                let msg = e.to_string();
-                let n = msg.len().min(err_len - 1);
-                // SAFETY: `err` has `err_len` writable bytes and we write `n + 1 <= err_len`.
-                unsafe {
-                    ptr::copy_nonoverlapping(msg.as_ptr(), err as *mut u8, n);
-                    *err.add(n) = 0;
-                }
-            }
-            -1
+    // SAFETY: per the contract.
+    unsafe { status(install_before_init(domains), err, err_len) }
+}
+
+/// 0 for `Ok`; -1 with the error's message in `err` otherwise.
+///
+/// # Safety
+///
+/// `err` is NULL or points to `err_len` writable bytes.
+unsafe fn status<E: std::fmt::Display>(result: Result<(), E>, err: *mut c_char, err_len: usize) -> c_int {
+    let Err(e) = result else { return 0 };
+    if !err.is_null() && err_len > 0 {
+        let msg = e.to_string();
+        let n = msg.len().min(err_len - 1);
+        // SAFETY: `err` has `err_len` writable bytes and we write `n + 1 <= err_len`.
+        unsafe {
+            ptr::copy_nonoverlapping(msg.as_ptr(), err as *mut u8, n);
+            *err.add(n) = 0;
         }
     }
+    -1
+}
+
+/// A limit from C: negative means none.
+fn limit_from_c(limit: i64) -> Option<u64> {
+    u64::try_from(limit).ok()
+}
+
+/// Sets interpreter `id`'s limit on its live bytes in the mem and object
+/// domains (`limit` < 0: none). Returns 0, or -1 with a message in `err`
+/// (unknown or ended interpreter, or the allocator does not serve mem and
+/// object here). Nothing changes on failure.
+///
+/// # Safety
+///
+/// `err` is NULL or points to `err_len` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn interheap_allocator_set_limit(
+    id: i64,
+    limit: i64,
+    err: *mut c_char,
+    err_len: usize,
+) -> c_int {
+    // SAFETY: per the contract.
+    unsafe { status(allocator::set_limit(id, limit_from_c(limit)), err, err_len) }
+}
+
+/// Interpreter `id`'s limit in bytes; -1 if it has none, -2 if it has no heaps.
+#[no_mangle]
+pub extern "C" fn interheap_allocator_get_limit(id: i64) -> i64 {
+    match allocator::budget(id) {
+        None => -2,
+        Some(b) => b.limit.map_or(-1, |l| l.min(i64::MAX as u64) as i64),
+    }
+}
+
+/// Gives every interpreter with an ID of at least `from_id`, whose own limit
+/// is never set, a limit of `limit` bytes once it is created (`limit` < 0:
+/// no default). Returns 0, or -1 with a message in `err`.
+///
+/// # Safety
+///
+/// `err` is NULL or points to `err_len` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn interheap_allocator_set_default_limit(
+    limit: i64,
+    from_id: i64,
+    err: *mut c_char,
+    err_len: usize,
+) -> c_int {
+    // SAFETY: per the contract.
+    unsafe { status(allocator::set_default_limit(limit_from_c(limit), from_id), err, err_len) }
 }
 
 /// The domains the allocator serves (0 if it is not installed).

@@ -418,6 +418,21 @@ fn get_whence_fn() -> Option<GetWhence> {
     (addr != 0).then(|| unsafe { std::mem::transmute::<usize, GetWhence>(addr) })
 }
 
+/// Whether CPython records `interp` as made through the C API: an
+/// interpreter that `concurrent.interpreters` is still creating (see
+/// [`describe_current`]), or one made with `Py_NewInterpreterFromConfig`.
+/// False where CPython records nothing (3.12). Only reads a field; call
+/// [`prepare_describe`] first so that no allocator path resolves the symbol.
+///
+/// # Safety
+///
+/// `interp` is a live interpreter (for example the caller's current one).
+pub unsafe fn whence_is_capi(interp: *mut ffi::PyInterpreterState) -> bool {
+    // SAFETY: `interp` is live (the contract); the function only returns a
+    // field (Python/pystate.c, 3.13 and 3.14).
+    get_whence_fn().is_some_and(|f| Whence::from_code(unsafe { f(interp) }) == Some(Whence::Capi))
+}
+
 /// Resolves the symbols [`describe_current`] uses, so that no hook does
 /// (`dlsym` may allocate with the C allocator). Called by `hooks::install`.
 pub fn prepare_describe() {

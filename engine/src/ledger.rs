@@ -573,10 +573,15 @@ impl Ledger {
         }
     }
 
-    /// Figures of every used bucket. Allocates (a `Vec`), so it must not be
-    /// called from inside an allocator hook.
-    pub fn snapshot(&self) -> LedgerSnapshot {
-        let mut buckets = Vec::new();
+    /// Restarts a bucket's per-domain peaks from their live bytes now.
+    pub fn restart_peaks(&self, id: BucketId) {
+        for d in &self.bucket(id).domains {
+            d.peak_bytes.store((d.live_bytes.load(Relaxed) as i64).max(0) as u64, Relaxed);
+        }
+    }
+
+    /// Calls `f` with every used bucket. Allocates nothing.
+    pub fn for_each_used(&self, mut f: impl FnMut(BucketId)) {
         for (chunk_index, slot) in self.chunks.iter().enumerate() {
             let chunk = slot.load(std::sync::atomic::Ordering::Acquire);
             if chunk.is_null() {
@@ -585,20 +590,18 @@ impl Ledger {
             // SAFETY: published chunks live as long as the ledger (module docs).
             let chunk = unsafe { &*chunk };
             for (i, bucket) in chunk.buckets.iter().enumerate() {
-                let state = bucket.state.load(Relaxed);
-                if state & USED != 0 {
-                    let id = BucketId((chunk_index * CHUNK_BUCKETS + i) as u32);
-                    buckets.push(BucketSnapshot {
-                        bucket: id,
-                        kind: id.kind(),
-                        domains: std::array::from_fn(|d| bucket.domains[d].snapshot()),
-                        info: (state >> INFO_SHIFT) as InterpreterInfo,
-                        settled: state & SETTLED != 0,
-                        budget: bucket.budget.snapshot(),
-                    });
+                if bucket.state.load(Relaxed) & USED != 0 {
+                    f(BucketId((chunk_index * CHUNK_BUCKETS + i) as u32));
                 }
             }
         }
+    }
+
+    /// Figures of every used bucket. Allocates (a `Vec`), so it must not be
+    /// called from inside an allocator hook.
+    pub fn snapshot(&self) -> LedgerSnapshot {
+        let mut buckets = Vec::new();
+        self.for_each_used(|id| buckets.push(self.bucket_snapshot(id)));
         LedgerSnapshot {
             buckets,
             untracked_frees: std::array::from_fn(|d| self.untracked_frees[d].load(Relaxed)),

@@ -18,6 +18,15 @@
 //! `except` block). The reserve is gone again once the live bytes are back
 //! under the limit, and the next crossing is refused again.
 //!
+//! # The peak
+//!
+//! An interpreter's live bytes only grow through admitted requests, so the
+//! highest `live + in_flight + size` an admission saw is the peak of its
+//! live bytes over all domains, exact when its requests do not race
+//! (otherwise a little above). Each budget keeps it while it has a limit or
+//! is *watched* ([`Budget::watch`]: no limit, only the peak, which is what
+//! the pytest plugin's `interheap_limit` marker reads).
+//!
 //! # Concurrency
 //!
 //! Admission adds `size` to `in_flight` (SeqCst) *before* reading the live
@@ -54,6 +63,10 @@ pub struct Budget {
     /// The reserve in bytes, minus [`RESERVE`] (wrapping; so that all-zero
     /// bytes mean the default reserve).
     reserve_delta: AtomicU64,
+    /// The highest live bytes an admission saw (see the module docs).
+    peak: AtomicU64,
+    /// Whether admissions compute the peak even with no limit.
+    watched: AtomicBool,
 }
 
 /// What [`Budget::admit`] decided.
@@ -86,6 +99,9 @@ pub struct BudgetSnapshot {
     pub refused: u64,
     /// The largest refused request, in bytes (0: none).
     pub largest_refused: u64,
+    /// The peak of the live bytes over all domains while a limit was set or
+    /// the budget was watched (0: never; see the module docs).
+    pub peak: u64,
 }
 
 impl Default for Budget {
@@ -105,6 +121,32 @@ impl Budget {
             largest_refused: AtomicU64::new(0),
             reserve_delta: AtomicU64::new(0),
             configured: AtomicBool::new(false),
+            peak: AtomicU64::new(0),
+            watched: AtomicBool::new(false),
+        }
+    }
+
+    /// Starts (or stops) computing the peak with no limit, from `live` now.
+    pub fn watch(&self, on: bool, live: u64) {
+        if on {
+            self.peak.store(live, Relaxed);
+        }
+        self.watched.store(on, Relaxed);
+    }
+
+    /// Whether the peak is computed with no limit.
+    pub fn is_watched(&self) -> bool {
+        self.watched.load(Relaxed)
+    }
+
+    /// Restarts the peak from `live` (the interpreter's live bytes now).
+    pub fn restart_peak(&self, live: u64) {
+        self.peak.store(live, Relaxed);
+    }
+
+    fn note_peak(&self, wanted: u64) {
+        if wanted > self.peak.load(Relaxed) {
+            self.peak.fetch_max(wanted, Relaxed);
         }
     }
 
@@ -151,22 +193,28 @@ impl Budget {
     }
 
     /// Asks for `size` more bytes for an interpreter that holds `live()`
-    /// bytes now (`live` is called only when there is a limit).
+    /// bytes now (`live` is called only when there is a limit, or the
+    /// budget is watched).
     pub fn admit(&self, size: u64, live: impl FnOnce() -> u64) -> Admission {
         let stored = self.limit_plus_one.load(Relaxed);
         if stored == NO_LIMIT {
+            if self.watched.load(Relaxed) {
+                self.note_peak(live().saturating_add(self.in_flight.load(Relaxed)).saturating_add(size));
+            }
             return Admission::Unlimited;
         }
         let limit = stored - 1;
         let pending = self.in_flight.fetch_add(size, SeqCst).wrapping_add(size);
         let wanted = live().saturating_add(pending);
         if wanted <= limit {
+            self.note_peak(wanted);
             if self.in_reserve.load(Relaxed) {
                 self.in_reserve.store(false, Relaxed);
             }
             return Admission::Admitted;
         }
         if self.in_reserve.load(Relaxed) && wanted <= limit.saturating_add(self.reserve()) {
+            self.note_peak(wanted);
             return Admission::Admitted;
         }
         self.in_flight.fetch_sub(size, SeqCst);
@@ -188,13 +236,63 @@ impl Budget {
             limit: self.limit(),
             refused: self.refused.load(Relaxed),
             largest_refused: self.largest_refused.load(Relaxed),
+            peak: self.peak.load(Relaxed),
         }
     }
 
-    /// Forgets what was refused (the limit stays).
+    /// Forgets what was refused and the peak (the limit stays).
     pub fn reset(&self) {
         self.refused.store(0, Relaxed);
         self.largest_refused.store(0, Relaxed);
+        self.peak.store(0, Relaxed);
+    }
+}
+
+/// A limit for every interpreter with an ID of at least some first ID
+/// whose own limit was never set: `set_default_limit` in the hooks and the
+/// allocator. Each interpreter gets a [`Budget`] of its own with that limit.
+pub struct DefaultLimit {
+    /// The limit plus one (0: none).
+    limit_plus_one: AtomicU64,
+    from_id: AtomicU64,
+}
+
+impl Default for DefaultLimit {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DefaultLimit {
+    /// No default.
+    pub const fn new() -> Self {
+        DefaultLimit { limit_plus_one: AtomicU64::new(0), from_id: AtomicU64::new(u64::MAX) }
+    }
+
+    /// Sets (or with `None` removes) the default, for interpreter IDs from `from_id` on.
+    pub fn set(&self, limit: Option<u64>, from_id: i64) {
+        self.from_id.store(from_id.max(0) as u64, Relaxed);
+        self.limit_plus_one.store(limit.map_or(0, |l| l.min(u64::MAX - 1) + 1), Relaxed);
+    }
+
+    /// The default limit and the first interpreter ID it applies to.
+    pub fn get(&self) -> Option<(u64, i64)> {
+        let stored = self.limit_plus_one.load(Relaxed);
+        (stored != 0).then(|| (stored - 1, self.from_id.load(Relaxed) as i64))
+    }
+
+    /// The default limit for interpreter `id`, if it applies to it.
+    pub fn for_interpreter(&self, id: i64) -> Option<u64> {
+        self.get().and_then(|(limit, from)| (id >= from).then_some(limit))
+    }
+
+    /// Gives `budget` (of interpreter `id`) the default, unless its limit
+    /// was configured already or the default does not apply; true if it did.
+    pub fn apply(&self, budget: &Budget, id: i64) -> bool {
+        match self.for_interpreter(id) {
+            Some(limit) if !budget.configured() => budget.apply_default(limit),
+            _ => false,
+        }
     }
 }
 
@@ -258,6 +356,29 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicU64;
     use std::sync::Arc;
+
+    #[test]
+    fn the_peak_is_the_highest_live_total_an_admission_saw_limited_or_watched() {
+        let b = Budget::new();
+        // Neither limited nor watched: nothing is computed.
+        assert_eq!(b.admit(100, || panic!("live read without a limit")), Admission::Unlimited);
+        assert_eq!(b.snapshot().peak, 0);
+        b.watch(true, 1_000);
+        assert_eq!(b.admit(500, || 1_000), Admission::Unlimited);
+        assert_eq!(b.admit(200, || 900), Admission::Unlimited);
+        assert_eq!(b.snapshot().peak, 1_500);
+        b.watch(false, 0);
+        assert_eq!(b.admit(10_000, || panic!("live read while not watched")), Admission::Unlimited);
+        // With a limit: admitted requests raise it, refused ones do not.
+        b.set_limit(Some(4_000));
+        b.restart_peak(2_000);
+        assert_eq!(b.admit(1_000, || 2_000), Admission::Admitted);
+        b.settle(1_000);
+        assert_eq!(b.admit(5_000, || 3_000), Admission::Refused);
+        assert_eq!(b.snapshot().peak, 3_000);
+        b.reset();
+        assert_eq!(b.snapshot().peak, 0);
+    }
 
     #[test]
     fn no_limit_admits_everything() {

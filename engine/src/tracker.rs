@@ -26,10 +26,15 @@
 use crate::block_table::{BlockRecord, BlockTable, TableStats};
 use crate::domain::Domain;
 use crate::ledger::{BucketId, Count, Ledger, LedgerSnapshot};
-use crate::limits::Admission;
+use crate::limits::{Admission, DefaultLimit};
 use crate::nursery::{cacheable, Nurseries, Nursery};
 use crate::shard_lock::ShardLock;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::Relaxed};
+
+/// `Tracker::checks`: a limit was set.
+const LIMITS_SET: u8 = 1;
+/// `Tracker::checks`: peaks are watched.
+const WATCHING: u8 = 2;
 
 /// Block table, nurseries and ledger, with the accounting rules in the module docs.
 ///
@@ -55,12 +60,13 @@ pub struct Tracker {
     /// Per domain: whether the caller guarantees that live bytes of one
     /// bucket are never updated by two threads at once (see `set_serialized`).
     serialized: [AtomicBool; Domain::COUNT],
-    /// Whether a limit was ever set: until then admission costs one load.
-    limits_in_use: AtomicBool,
-    /// The default limit plus one (0: none), for interpreters with an ID of
-    /// at least `default_from` whose limit was never set.
-    default_limit: AtomicU64,
-    default_from: AtomicU64,
+    /// [`LIMITS_SET`] once a limit was ever set, | [`WATCHING`] while peaks
+    /// are watched: while 0, admission costs one load.
+    checks: AtomicU8,
+    /// While set, every interpreter's budget is watched from its next admission.
+    watch_all: AtomicBool,
+    /// The limit of interpreters whose own limit was never set.
+    default_limit: DefaultLimit,
 }
 
 impl Default for Tracker {
@@ -78,9 +84,9 @@ impl Tracker {
             nurseries: Nurseries::new(),
             census: ShardLock::new(()),
             serialized: [const { AtomicBool::new(false) }; Domain::COUNT],
-            limits_in_use: AtomicBool::new(false),
-            default_limit: AtomicU64::new(0),
-            default_from: AtomicU64::new(u64::MAX),
+            checks: AtomicU8::new(0),
+            watch_all: AtomicBool::new(false),
+            default_limit: DefaultLimit::new(),
         }
     }
 
@@ -92,16 +98,14 @@ impl Tracker {
     /// it is created). Interpreters it applied to keep their limit.
     pub fn set_default_limit(&self, limit: Option<u64>, from_id: i64) {
         if limit.is_some() {
-            self.limits_in_use.store(true, Relaxed);
+            self.checks.fetch_or(LIMITS_SET, Relaxed);
         }
-        self.default_from.store(from_id.max(0) as u64, Relaxed);
-        self.default_limit.store(limit.map_or(0, |l| l.min(u64::MAX - 1) + 1), Relaxed);
+        self.default_limit.set(limit, from_id);
     }
 
     /// The default limit and the first interpreter ID it applies to.
     pub fn default_limit(&self) -> Option<(u64, i64)> {
-        let stored = self.default_limit.load(Relaxed);
-        (stored != 0).then(|| (stored - 1, self.default_from.load(Relaxed) as i64))
+        self.default_limit.get()
     }
 
     /// Sets (or with `None` removes) the memory limit of an interpreter's
@@ -114,24 +118,49 @@ impl Tracker {
             return false;
         }
         if limit.is_some() {
-            self.limits_in_use.store(true, Relaxed);
+            self.checks.fetch_or(LIMITS_SET, Relaxed);
         }
         self.ledger.budget(owner).set_limit(limit);
         true
     }
 
+    /// Starts (or stops) watching the peak of every interpreter's live bytes
+    /// over all domains, exactly, with or without a limit: the peak restarts
+    /// from the live bytes now, and an interpreter created meanwhile is
+    /// watched from its first allocation. Read it in each bucket's
+    /// `budget.peak`. Starting also restarts each domain's peak from its live
+    /// bytes, so that they say which domain grew. While watching, every interpreter's allocations take
+    /// the admission path (a few loads and the live total).
+    pub fn watch_peaks(&self, on: bool) {
+        if on {
+            self.checks.fetch_or(WATCHING, Relaxed);
+        }
+        self.watch_all.store(on, Relaxed);
+        self.ledger.for_each_used(|id| {
+            if matches!(id.kind(), crate::ledger::BucketKind::Interpreter(_)) {
+                self.ledger.budget(id).watch(on, self.ledger.live_total(id));
+                if on {
+                    self.ledger.restart_peaks(id);
+                }
+            }
+        });
+        if !on {
+            self.checks.fetch_and(!WATCHING, Relaxed);
+        }
+    }
+
     /// The memory limit of an interpreter's bucket, if one is set, or the
     /// default limit it will get.
     pub fn limit(&self, owner: BucketId) -> Option<u64> {
-        if !self.limits_in_use.load(Relaxed) {
+        if self.checks.load(Relaxed) & LIMITS_SET == 0 {
             return None;
         }
         let budget = self.ledger.budget(owner);
         if budget.configured() {
             return budget.limit();
         }
-        match (self.default_limit(), owner.kind()) {
-            (Some((limit, from)), crate::ledger::BucketKind::Interpreter(id)) if id >= from => Some(limit),
+        match owner.kind() {
+            crate::ledger::BucketKind::Interpreter(id) => self.default_limit.for_interpreter(id),
             _ => None,
         }
     }
@@ -142,7 +171,7 @@ impl Tracker {
     /// refused (it is counted in the budget; count the failure as usual).
     #[inline(always)]
     pub fn admit(&self, owner: BucketId, size: usize) -> Admission {
-        if !self.limits_in_use.load(Relaxed) || owner == BucketId::NO_INTERPRETER {
+        if self.checks.load(Relaxed) == 0 || owner == BucketId::NO_INTERPRETER {
             return Admission::Unlimited;
         }
         self.admit_limited(owner, size)
@@ -154,15 +183,17 @@ impl Tracker {
         if !budget.configured() {
             self.maybe_apply_default(owner);
         }
+        if self.watch_all.load(Relaxed) && !budget.is_watched() {
+            budget.watch(true, self.ledger.live_total(owner));
+        }
         budget.admit(size as u64, || self.ledger.live_total(owner))
     }
 
     #[cold]
     fn maybe_apply_default(&self, owner: BucketId) {
-        let Some((limit, from)) = self.default_limit() else { return };
         if let crate::ledger::BucketKind::Interpreter(id) = owner.kind() {
-            if id >= from && self.ledger.is_settled(owner) {
-                self.ledger.budget(owner).apply_default(limit);
+            if self.default_limit.for_interpreter(id).is_some() && self.ledger.is_settled(owner) {
+                self.default_limit.apply(self.ledger.budget(owner), id);
             }
         }
     }
@@ -728,5 +759,36 @@ mod tests {
         t.freeing(None, Domain::Object, 0x100);
         t.retire_nursery(n);
         assert_eq!(t.snapshot().untracked_frees[2], 1);
+    }
+
+    /// Admits and records an allocation the way the hooks do.
+    fn alloc(t: &Tracker, owner: BucketId, domain: Domain, addr: usize, size: usize) {
+        let admission = t.admit(owner, size);
+        assert!(admission.allowed());
+        t.allocated(None, owner, domain, addr, size);
+        t.settle(owner, size, admission);
+    }
+
+    #[test]
+    fn watched_peaks_are_exact_over_all_domains_and_cover_new_interpreters() {
+        let t = Tracker::new();
+        let peak = |id| t.ledger().bucket_snapshot(interp(id)).budget.peak;
+        alloc(&t, interp(1), Domain::Object, 0x100, 1_000);
+        t.watch_peaks(true);
+        assert_eq!(peak(1), 1_000, "the peak starts from the live bytes");
+        // 1,000 + 300 (mem) + 200 (raw) live at once, then down and up less.
+        alloc(&t, interp(1), Domain::Mem, 0x200, 300);
+        alloc(&t, interp(1), Domain::Raw, 0x300, 200);
+        t.freeing(None, Domain::Object, 0x100);
+        alloc(&t, interp(1), Domain::Object, 0x400, 900);
+        assert_eq!(peak(1), 1_500);
+        // An interpreter that appears while watching is watched from its first allocation.
+        alloc(&t, interp(2), Domain::Mem, 0x500, 64);
+        alloc(&t, interp(2), Domain::Mem, 0x600, 64);
+        assert_eq!(peak(2), 128);
+        t.watch_peaks(false);
+        alloc(&t, interp(1), Domain::Object, 0x700, 10_000);
+        assert_eq!(peak(1), 1_500, "no longer watched");
+        assert_eq!(t.limit(interp(1)), None);
     }
 }

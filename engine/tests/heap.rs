@@ -643,3 +643,72 @@ fn an_empty_big_page_stays_for_reuse_then_goes_back_after_a_while() {
     // SAFETY: nobody uses the heap any more.
     unsafe { h.end() };
 }
+
+/// Allocates `size`-byte blocks from `h` until it refuses; returns them.
+fn alloc_until_refused(h: &Heap, size: usize, most: usize) -> Vec<*mut u8> {
+    let mut blocks = Vec::new();
+    for _ in 0..most {
+        // SAFETY: this thread owns `h`.
+        let p = unsafe { h.alloc(size) };
+        if p.is_null() {
+            return blocks;
+        }
+        blocks.push(p);
+    }
+    panic!("{most} blocks of {size} bytes were never refused");
+}
+
+#[test]
+fn an_account_refuses_on_the_slow_path_within_a_page_per_class_then_admits_again() {
+    use interheap_engine::heap::Account;
+    const LIMIT: u64 = 4 << 20;
+    let account: &'static Account = Box::leak(Box::new(Account::new()));
+    let owner = 0x50;
+    let mem = Heap::new_in_account(label(50), owner, account);
+    let object = Heap::new_in_account(HeapLabel { part: 1, ..label(50) }, owner, account);
+    let outside = Heap::new(label(51), owner);
+    account.budget().set_limit(Some(LIMIT));
+    account.budget().set_reserve(0);
+    let live = |hs: &[&Heap]| hs.iter().map(|h| h.snapshot().live_bytes).sum::<i64>() as u64;
+
+    // Large blocks in one heap, then small ones in the other: both count.
+    // SAFETY: this thread owns `object`.
+    let mut large: Vec<*mut u8> = (0..20).map(|_| unsafe { object.alloc(100_000) }).collect();
+    assert!(large.iter().all(|p| !p.is_null()));
+    let mut small = alloc_until_refused(mem, 48, 1 << 20);
+    assert!(small.len() * 48 < (LIMIT - 1_900_000) as usize, "the large blocks did not count");
+    large.extend(alloc_until_refused(object, 100_000, 1 << 10));
+    let total = live(&[mem, object]);
+    assert!(total <= LIMIT + SLOT_SIZE as u64, "live {total} over the limit by more than a page");
+    assert!(total >= LIMIT - 100_000, "refused too early: {total}");
+    let snap = account.budget().snapshot();
+    assert_eq!(snap.refused, 2);
+    assert_eq!(snap.largest_refused, 100_000);
+    // A heap outside the account is not limited, and a growing realloc of a
+    // limited heap is refused with the old block untouched.
+    // SAFETY: this thread owns the heaps; the blocks are live.
+    unsafe {
+        assert!(!outside.alloc(8 << 20).is_null());
+        let p = small[0];
+        fill(p, 48, 7);
+        assert_eq!(mem.realloc(p, 1 << 20, |o| o), Realloc::Done(std::ptr::null_mut()));
+        assert!(check(p, 48, 7));
+    }
+    // Freed, the interpreter gets its room back, for the same sizes and more.
+    free_all(large, owner);
+    small.truncate(small.len() / 2);
+    let again = alloc_until_refused(object, 100_000, 1 << 10);
+    assert!(again.len() >= 15, "only {} large blocks after freeing", again.len());
+    // Remote frees count as soon as they are pushed.
+    let remote: Vec<usize> = small.drain(..).map(|p| p as usize).collect();
+    let freed = remote.len() * 48;
+    thread::spawn(move || free_all(remote.into_iter().map(|p| p as *mut u8).collect(), NO_OWNER))
+        .join()
+        .unwrap();
+    let more = alloc_until_refused(mem, 48, 1 << 20);
+    assert!(more.len() * 48 >= freed * 9 / 10, "remote frees gave back {} of {freed} bytes", more.len() * 48);
+    // Without a limit nothing is refused.
+    account.budget().set_limit(None);
+    // SAFETY: this thread owns `mem`.
+    assert!(!unsafe { mem.alloc(1 << 20) }.is_null());
+}

@@ -12,6 +12,9 @@ fn main() {
         "interheap_allocator_installed",
         "interheap_allocator_report_json",
         "interheap_allocator_free_string",
+        "interheap_allocator_set_limit",
+        "interheap_allocator_get_limit",
+        "interheap_allocator_set_default_limit",
     ] {
         println!("cargo:rustc-link-arg-bins=-Wl,--export-dynamic-symbol={symbol}");
     }

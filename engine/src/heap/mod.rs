@@ -34,9 +34,13 @@
 //! structures) comes from Rust's global allocator; block memory only from
 //! the OS.
 
+mod account;
+mod alloc;
+mod free;
 #[allow(clippy::module_inception)]
 mod heap;
 pub mod os;
+mod page;
 mod pool;
 mod segment;
 pub mod size_class;
@@ -67,10 +71,9 @@ pub unsafe fn fork_finish() {
     }
 }
 
-pub use heap::{
-    free, free_fast, free_with, heap_of, heaps, owns, usable_size, Heap, HeapLabel, Realloc, ENDED_OWNER,
-    NO_OWNER,
-};
+pub use account::Account;
+pub use free::{free, free_fast, free_with};
+pub use heap::{heap_of, heaps, owns, usable_size, Heap, HeapLabel, Realloc, ENDED_OWNER, NO_OWNER};
 pub use pool::HeapPool;
 pub use segment::{HUGE_BLOCK_OFFSET, SLOT_SIZE};
 pub use stats::{ClassSnapshot, HeapSnapshot};

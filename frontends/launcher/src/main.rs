@@ -20,6 +20,12 @@
 //! * `PYTHONMALLOC=malloc|pymalloc|mimalloc` asks CPython for that allocator,
 //!   so the launcher does not install its own; `debug` (and `*_debug`) keeps
 //!   CPython's debug hooks, on top of the interheap allocator.
+//! * `INTERHEAP_LIMIT`, `INTERHEAP_MAIN_LIMIT`: memory limits (`"256 MB"`,
+//!   `"2 GiB"`, bytes): every subinterpreter gets a limit of its own on its
+//!   live mem and object bytes, once it is created; the main interpreter
+//!   gets `INTERHEAP_MAIN_LIMIT`. Crossing one raises MemoryError in that
+//!   interpreter only. A bad size, or a limit on a build where the allocator
+//!   cannot serve mem and object (free-threaded), exits with status 2.
 
 mod report;
 mod text;
@@ -27,7 +33,9 @@ mod text;
 use std::ffi::{c_char, c_int, CString};
 use std::os::unix::ffi::OsStrExt;
 
-use interheap_cpython::allocator::{install_before_init, Domains};
+use interheap_cpython::allocator::{self, install_before_init, Domains};
+use interheap_engine::limits::parse_size;
+use interheap_engine::Domain;
 use pyo3_ffi as ffi;
 
 fn main() {
@@ -40,6 +48,13 @@ fn main() {
 
     let domains = match requested_domains(std::env::var("INTERHEAP_ALLOCATOR").ok().as_deref()) {
         Ok(domains) => domains,
+        Err(message) => {
+            eprintln!("interheap-python: {message}");
+            std::process::exit(2);
+        }
+    };
+    let limits = match requested_limits() {
+        Ok(limits) => limits,
         Err(message) => {
             eprintln!("interheap-python: {message}");
             std::process::exit(2);
@@ -78,11 +93,58 @@ fn main() {
             unsafe { ffi::PyMem_SetupDebugHooks() };
         }
     }
+    if let Err(message) = apply_limits(limits) {
+        eprintln!("interheap-python: {message}");
+        std::process::exit(2);
+    }
     report::register_at_exit();
     text::release_start_up_pages();
     // SAFETY: as above; Py_BytesMain runs Python and finalizes it.
     let code = unsafe { ffi::Py_BytesMain(argc, argv.as_mut_ptr()) };
     std::process::exit(code);
+}
+
+/// `INTERHEAP_LIMIT` and `INTERHEAP_MAIN_LIMIT` (see the module docs): the
+/// subinterpreters' and main's limits.
+struct Limits {
+    each: Option<u64>,
+    main: Option<u64>,
+}
+
+fn requested_limits() -> Result<Limits, String> {
+    let read = |name: &str| -> Result<Option<u64>, String> {
+        match std::env::var(name) {
+            Err(_) => Ok(None),
+            Ok(v) if v.trim().is_empty() => Ok(None),
+            Ok(v) => parse_size(&v).map(Some).map_err(|e| format!("{name}={v:?}: {e}")),
+        }
+    };
+    Ok(Limits { each: read("INTERHEAP_LIMIT")?, main: read("INTERHEAP_MAIN_LIMIT")? })
+}
+
+/// Sets the limits once the allocator is installed (before initialization).
+fn apply_limits(limits: Limits) -> Result<(), String> {
+    if limits.each.is_none() && limits.main.is_none() {
+        return Ok(());
+    }
+    let served = allocator::installed();
+    if !(served.contains(Domain::Mem) && served.contains(Domain::Object)) {
+        let why = if Domains::supported().contains(Domain::Mem) {
+            "the interheap allocator does not serve the mem and object domains in this run \
+             (INTERHEAP_ALLOCATOR or PYTHONMALLOC chose otherwise)"
+        } else {
+            "this is a free-threaded build: mem and object stay CPython's mimalloc, which the \
+             interheap allocator cannot limit"
+        };
+        return Err(format!(
+            "INTERHEAP_LIMIT / INTERHEAP_MAIN_LIMIT cannot be applied: {why}; run the program with \
+             python -m interheap run --limit SIZE instead (interheap's hooks limit every domain)"
+        ));
+    }
+    if let Some(main) = limits.main {
+        allocator::set_limit(0, Some(main)).map_err(|e| e.to_string())?;
+    }
+    allocator::set_default_limit(limits.each, 1).map_err(|e| e.to_string())
 }
 
 /// The domains `INTERHEAP_ALLOCATOR` asks for (see the module docs).

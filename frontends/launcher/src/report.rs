@@ -149,6 +149,29 @@ pub fn table() -> String {
     out.push_str(
         "raw*: raw calls, and mem/object calls made without a thread state. Bytes are block sizes.\n",
     );
+    out.push_str(&limits_section(interpreters.keys().copied()));
+    out
+}
+
+/// The "memory limits" lines: each interpreter with a limit or a refusal.
+fn limits_section(ids: impl Iterator<Item = i64>) -> String {
+    let mut out = String::new();
+    for id in ids {
+        let Some(b) = allocator::budget(id) else { continue };
+        if b.limit.is_none() && b.refused == 0 {
+            continue;
+        }
+        if out.is_empty() {
+            out.push_str("memory limits (live mem and object bytes; exact to one page per size class):\n");
+        }
+        let name = if id == 0 { "main (0)".to_string() } else { format!("interp {id}") };
+        let limit = b.limit.map_or("none".to_string(), |l| human(l as i128));
+        out.push_str(&format!("  {name:<14} limit {limit:>10}   refused {}", b.refused));
+        if b.refused > 0 {
+            out.push_str(&format!(" (largest {})", human(b.largest_refused as i128)));
+        }
+        out.push('\n');
+    }
     out
 }
 

@@ -103,6 +103,7 @@ fn snapshot(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
             dict.set_item("limit", b.budget.limit)?;
             dict.set_item("refused", b.budget.refused)?;
             dict.set_item("largest_refused", b.budget.largest_refused)?;
+            dict.set_item("total_peak", b.budget.peak)?;
             Ok(dict)
         })
         .collect::<PyResult<Vec<_>>>()?;
@@ -162,6 +163,20 @@ fn set_default_limit(limit: Option<u64>, from_id: i64) -> PyResult<()> {
         return Err(PyValueError::new_err("the default limit is too large"));
     }
     TRACKER.set_default_limit(limit, from_id);
+    Ok(())
+}
+
+/// Starts (True) or stops (False) watching every interpreter's exact peak of
+/// live bytes over all domains (`total_peak` in the snapshot), from the live
+/// bytes now; interpreters created meanwhile are watched from their start.
+#[pyfunction]
+fn watch_peaks(on: bool) -> PyResult<()> {
+    if on && !hooks::is_installed() {
+        return Err(PyRuntimeError::new_err(
+            "watching peaks needs interheap's hooks: call interheap.install() first",
+        ));
+    }
+    TRACKER.watch_peaks(on);
     Ok(())
 }
 
@@ -273,7 +288,12 @@ struct AllocatorApi {
     installed: extern "C" fn() -> std::ffi::c_uint,
     report_json: extern "C" fn() -> *mut std::ffi::c_char,
     free_string: unsafe extern "C" fn(*mut std::ffi::c_char),
+    set_limit: unsafe extern "C" fn(i64, i64, *mut std::ffi::c_char, usize) -> std::ffi::c_int,
+    get_limit: extern "C" fn(i64) -> i64,
+    set_default_limit: unsafe extern "C" fn(i64, i64, *mut std::ffi::c_char, usize) -> std::ffi::c_int,
 }
+
+type LimitSetter = unsafe extern "C" fn(i64, i64, *mut std::ffi::c_char, usize) -> std::ffi::c_int;
 
 fn allocator_api() -> Option<AllocatorApi> {
     fn lookup(name: &std::ffi::CStr) -> Option<*mut std::ffi::c_void> {
@@ -284,6 +304,9 @@ fn allocator_api() -> Option<AllocatorApi> {
     let installed = lookup(c"interheap_allocator_installed")?;
     let report_json = lookup(c"interheap_allocator_report_json")?;
     let free_string = lookup(c"interheap_allocator_free_string")?;
+    let set_limit = lookup(c"interheap_allocator_set_limit")?;
+    let get_limit = lookup(c"interheap_allocator_get_limit")?;
+    let set_default_limit = lookup(c"interheap_allocator_set_default_limit")?;
     // SAFETY: these symbols are the C API declared in include/interheap_allocator.h,
     // with exactly these signatures.
     unsafe {
@@ -298,6 +321,9 @@ fn allocator_api() -> Option<AllocatorApi> {
                 *mut std::ffi::c_void,
                 unsafe extern "C" fn(*mut std::ffi::c_char),
             >(free_string),
+            set_limit: std::mem::transmute::<*mut std::ffi::c_void, LimitSetter>(set_limit),
+            get_limit: std::mem::transmute::<*mut std::ffi::c_void, extern "C" fn(i64) -> i64>(get_limit),
+            set_default_limit: std::mem::transmute::<*mut std::ffi::c_void, LimitSetter>(set_default_limit),
         })
     }
 }
@@ -327,6 +353,48 @@ fn allocator_report_json() -> Option<String> {
     Some(text)
 }
 
+/// Calls one of the allocator's limit setters; ValueError with its message on failure.
+fn call_limit_setter(setter: LimitSetter, a: i64, b: i64) -> PyResult<()> {
+    let mut err = [0 as std::ffi::c_char; 512];
+    // SAFETY: `err` has `err.len()` writable bytes, as the C API asks.
+    if unsafe { setter(a, b, err.as_mut_ptr(), err.len()) } == 0 {
+        return Ok(());
+    }
+    // SAFETY: on failure the API wrote a NUL-terminated message into `err`.
+    let message = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
+    Err(PyValueError::new_err(message))
+}
+
+fn allocator_limit_api() -> PyResult<AllocatorApi> {
+    allocator_api()
+        .ok_or_else(|| PyRuntimeError::new_err("the interheap allocator is not installed in this process"))
+}
+
+/// Sets (None: removes) interpreter `id`'s limit in the interheap allocator.
+#[pyfunction]
+#[pyo3(signature = (id, limit))]
+fn allocator_set_limit(id: i64, limit: Option<u64>) -> PyResult<()> {
+    let api = allocator_limit_api()?;
+    let limit = limit.map_or(-1, |l| l.min(i64::MAX as u64) as i64);
+    call_limit_setter(api.set_limit, id, limit)
+}
+
+/// Interpreter `id`'s limit in the interheap allocator, or None.
+#[pyfunction]
+fn allocator_get_limit(id: i64) -> PyResult<Option<u64>> {
+    let api = allocator_limit_api()?;
+    Ok(u64::try_from((api.get_limit)(id)).ok())
+}
+
+/// Sets (None: removes) the allocator's default limit, for IDs from `from_id` on.
+#[pyfunction]
+#[pyo3(signature = (limit, from_id))]
+fn allocator_set_default_limit(limit: Option<u64>, from_id: i64) -> PyResult<()> {
+    let api = allocator_limit_api()?;
+    let limit = limit.map_or(-1, |l| l.min(i64::MAX as u64) as i64);
+    call_limit_setter(api.set_default_limit, limit, from_id)
+}
+
 /// The state of the guard against CPython 3.12's raw-allocator swap
 /// (gh-111924) as this module's copy of the glue knows it: set once the
 /// hooks replaced the raw domain; `None` before that on 3.12.
@@ -354,5 +422,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(parse_size, m)?)?;
     m.add_function(wrap_pyfunction!(set_default_limit, m)?)?;
     m.add_function(wrap_pyfunction!(get_default_limit, m)?)?;
+    m.add_function(wrap_pyfunction!(watch_peaks, m)?)?;
+    m.add_function(wrap_pyfunction!(allocator_set_limit, m)?)?;
+    m.add_function(wrap_pyfunction!(allocator_get_limit, m)?)?;
+    m.add_function(wrap_pyfunction!(allocator_set_default_limit, m)?)?;
     Ok(())
 }

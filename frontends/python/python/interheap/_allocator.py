@@ -101,6 +101,16 @@ class InterpreterHeaps:
     ended: bool
     mem: HeapStats
     object: HeapStats
+    #: The interpreter's memory limit on its mem and object bytes (None: none).
+    limit: int | None = None
+    #: Requests refused because of the limit, and the largest of them in bytes.
+    refused: int = 0
+    largest_refused: int = 0
+
+    @property
+    def live_bytes(self) -> int:
+        """Live bytes in both heaps: what a limit is checked against."""
+        return self.mem.live_bytes + self.object.live_bytes
 
 
 @dataclass(frozen=True)
@@ -137,12 +147,17 @@ def parse_report(document: dict[str, Any]) -> AllocatorStats:
             entry[heap["domain"]] = stats
         else:
             shared = shared + stats
+    budgets = {b["id"]: b for b in document.get("limits", ())}
+    no_budget = {"limit": None, "refused": 0, "largest_refused": 0}
     interpreters = tuple(
         InterpreterHeaps(
             id=i,
             ended=e["ended"],
             mem=e.get("mem", HeapStats()),
             object=e.get("object", HeapStats()),
+            limit=budgets.get(i, no_budget)["limit"],
+            refused=budgets.get(i, no_budget)["refused"],
+            largest_refused=budgets.get(i, no_budget)["largest_refused"],
         )
         for i, e in sorted(per_interp.items())
     )

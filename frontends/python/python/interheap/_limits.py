@@ -1,13 +1,24 @@
-"""Per-interpreter memory limits, enforced by the hooks.
+"""Per-interpreter memory limits, enforced by the hooks or by the allocator.
 
-A limit caps an interpreter's live bytes: its mem and object blocks, and the
-raw blocks allocated while its thread state was current, as the hooks count
-them (exact to the byte). The allocation that would cross it fails, so CPython
-raises MemoryError in that interpreter only; the interpreter can catch it,
-free memory and go on. After a refusal the interpreter may go up to 256 KiB
-over its limit (once, until it is back under), so that raising and handling
-the MemoryError does not fail too. Raw calls made without a thread state are
-never refused.
+A limit caps an interpreter's live bytes. The allocation that would cross it
+fails, so CPython raises MemoryError in that interpreter only; the
+interpreter can catch it, free memory and go on. After a refusal the
+interpreter may go up to 256 KiB over its limit (once, until it is back
+under), so that raising and handling the MemoryError does not fail too. Raw
+calls made without a thread state are never refused.
+
+Two back ends enforce limits, and a limit set here goes to each one present:
+
+* the hooks (:func:`interheap.install`, ``python -m interheap run``) count
+  mem and object blocks and the raw blocks allocated while the interpreter's
+  thread state was current, exact to the byte, over any allocator (also
+  free-threaded builds);
+* the interheap allocator (``interheap-python``) counts the interpreter's
+  mem and object heaps, and checks on its slow paths only, so an interpreter
+  can go over by what the current pages of its size classes still hold free
+  (16 KiB per class for most). Raw blocks come from a shared heap there and
+  are not limited. Free-threaded builds keep mem and object in CPython's
+  mimalloc, so there only the hooks can limit.
 
     from concurrent import interpreters
     import interheap
@@ -19,6 +30,7 @@ never refused.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from . import _native
@@ -27,9 +39,25 @@ from ._stats import _alive_interpreter_ids
 Size = int | str
 
 _NO_HOOKS = (
-    "memory limits are enforced by interheap's hooks, which are not installed: "
-    "call interheap.install() first, or run the program under python -m interheap run"
+    "memory limits are enforced by interheap's hooks or the interheap allocator, and neither is "
+    "installed: call interheap.install() first, or run the program under python -m interheap run "
+    "(or interheap-python)"
 )
+
+
+def _allocator_limits() -> bool:
+    """Whether the interheap allocator serves mem and object here (so it can limit)."""
+    mask = _native.allocator_domains()
+    return mask & 6 == 6
+
+
+def _back_ends(size: int | None) -> tuple[bool, bool]:
+    """(hooks, allocator): which back ends take the limit; RuntimeError if
+    a limit is set and neither is there."""
+    hooks, allocator = _native.is_installed(), _allocator_limits()
+    if size is not None and not hooks and not allocator:
+        raise RuntimeError(_NO_HOOKS)
+    return hooks, allocator
 
 
 def parse_size(size: Size) -> int:
@@ -68,18 +96,25 @@ def set_limit(interp: Any, limit: Size | None) -> None:
     ``interp`` is a ``concurrent.interpreters.Interpreter`` or an interpreter
     ID (0 is main); ``limit`` is bytes or a text such as ``"256 MB"``. The
     limit applies to requests from now on: what the interpreter holds already
-    stays, even above it. Needs the hooks (:func:`interheap.install`).
+    stays, even above it. Needs the hooks (:func:`interheap.install`) or
+    the interheap allocator (``interheap-python``); with both, both enforce it.
     """
     interp_id = interpreter_id(interp)
     size = None if limit is None else parse_size(limit)
-    if size is not None and not _native.is_installed():
-        raise RuntimeError(_NO_HOOKS)
-    _native.set_limit(interp_id, size)
+    hooks, allocator = _back_ends(size)
+    if allocator:
+        # First: it is the one that can refuse (an interpreter with no heaps).
+        _native.allocator_set_limit(interp_id, size)
+    if hooks or not allocator:
+        _native.set_limit(interp_id, size)
 
 
 def get_limit(interp: Any) -> int | None:
     """An interpreter's limit in bytes, or None."""
-    return _native.get_limit(interpreter_id(interp))
+    interp_id = interpreter_id(interp)
+    if not _native.is_installed() and _allocator_limits():
+        return _native.allocator_get_limit(interp_id)
+    return _native.get_limit(interp_id)
 
 
 def set_default_limit(limit: Size | None) -> None:
@@ -96,15 +131,21 @@ def set_default_limit(limit: Size | None) -> None:
     the C API gets it only through :func:`set_limit`.
     """
     size = None if limit is None else parse_size(limit)
-    if size is not None and not _native.is_installed():
-        raise RuntimeError(_NO_HOOKS)
+    hooks, allocator = _back_ends(size)
     alive = _alive_interpreter_ids() or {0}
-    _native.set_default_limit(size, max(alive) + 1)
+    if allocator:
+        _native.allocator_set_default_limit(size, max(alive) + 1)
+    if hooks or not allocator:
+        _native.set_default_limit(size, max(alive) + 1)
 
 
 def get_default_limit() -> int | None:
     """The limit every new interpreter gets, or None."""
-    found = _native.get_default_limit()
+    if not _native.is_installed() and _allocator_limits():
+        text = _native.allocator_report_json()
+        found = json.loads(text).get("default_limit") if text else None
+    else:
+        found = _native.get_default_limit()
     return None if found is None else found[0]
 
 

@@ -94,15 +94,17 @@ def format_snapshot(snap: Snapshot) -> str:
         lines.append("")
         lines.append("memory limits (live bytes over raw + mem + object):")
         for e in limited:
-            # The peak of the sum is at most the sum of the domains' peaks.
-            peak = sum(d.peak_bytes or 0 for d in e.domains.values())
+            # Exact while limited; before a limit, only the domains' peaks
+            # are known, and the peak of their sum is at most their sum.
+            peak = e.total_peak or sum(d.peak_bytes or 0 for d in e.domains.values())
+            peak_label = "peak" if e.total_peak else "peak at most"
             limit = "none (removed)" if e.limit is None else human_bytes(e.limit)
             refused = f"refused {human_count(e.refused)}"
             if e.refused:
                 refused += f" (largest {human_bytes(e.largest_refused)})"
             lines.append(
                 f"  {e.label}: limit {limit}   live {human_bytes(e.live_bytes)}"
-                f"   peak at most {human_bytes(peak)}   {refused}"
+                f"   {peak_label} {human_bytes(peak)}   {refused}"
             )
     if snap.adapters:
         lines.append("")

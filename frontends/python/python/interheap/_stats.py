@@ -120,6 +120,9 @@ class InterpreterStats:
     limit: int | None = None
     refused: int = 0
     largest_refused: int = 0
+    #: The peak of live bytes over all three domains, exact, while a limit
+    #: was set or peaks were watched (the pytest plugin); 0 if neither.
+    total_peak: int = 0
 
     @property
     def isolation(self) -> str | None:
@@ -182,6 +185,7 @@ class InterpreterStats:
             "limit": self.limit,
             "refused": self.refused,
             "largest_refused": self.largest_refused,
+            "total_peak": self.total_peak,
             "domains": {name: d.to_dict() for name, d in self.domains.items()},
         }
 
@@ -345,6 +349,7 @@ def build_snapshot(raw: dict[str, Any], installed: bool) -> Snapshot:
                 limit=bucket.get("limit"),
                 refused=bucket.get("refused", 0),
                 largest_refused=bucket.get("largest_refused", 0),
+                total_peak=bucket.get("total_peak", 0),
             )
         )
     # Interpreters first (by ID), then the no-interpreter and overflow buckets.

@@ -1,0 +1,385 @@
+//! Allocation, by the heap's owner: the fast paths (a block from the current
+//! page of the size's class), the slow paths that move to the next page with
+//! free blocks or start one, large and huge blocks, `calloc` and `realloc`.
+
+use std::ptr;
+
+use super::free::free;
+use super::heap::{add_serial, heap_of, usable_size, Heap, Realloc};
+use super::os::{self, OS_PAGE};
+use super::segment::{
+    page_of, segment_of, slot_address, slot_mask, Block, Page, Segment, SegmentKind, HUGE_BLOCK_OFFSET,
+    SLOTS, SLOT_SIZE,
+};
+use super::size_class::{
+    class_of, class_size, direct_index, HUGE_CLASS, LARGE_CLASS, MAX_DIRECT_SIZE, MAX_LARGE_SIZE,
+    MAX_PAGED_SIZE,
+};
+
+/// Most address space a huge block's mapping reserves beyond the block for
+/// growing in place (half the block, up to this).
+const HUGE_GROWTH_RESERVE: usize = 64 << 20;
+
+impl Heap {
+    /// Allocates `size` bytes, 16-byte aligned; null if the OS refuses memory.
+    ///
+    /// # Safety
+    ///
+    /// The caller is the heap's owner (see the type docs).
+    #[inline(always)]
+    pub unsafe fn alloc(&self, size: usize) -> *mut u8 {
+        if size <= MAX_DIRECT_SIZE {
+            // SAFETY: the caller is the owner; the index is < DIRECT_SLOTS,
+            // and an entry is a live page of ours or EMPTY_PAGE.
+            let page = unsafe { &**self.local().direct.get_unchecked(direct_index(size)) };
+            // SAFETY: as above; a page with a free block is a live paged page of ours.
+            let block = unsafe { self.take_free_block(page, page.class.get() as usize) };
+            if !block.is_null() {
+                return block;
+            }
+            // SAFETY: the caller is the owner.
+            unsafe { self.alloc_paged_slow(class_of(size)) }
+        } else {
+            // SAFETY: the caller is the owner.
+            unsafe { self.alloc_beyond_direct(size) }
+        }
+    }
+
+    /// [`alloc`](Self::alloc) above `MAX_DIRECT_SIZE`: kept out of line so
+    /// that the direct path has its own (shortest) code; C ABI (cannot
+    /// unwind), so that the call to it is a tail call.
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner.
+    #[inline(never)]
+    unsafe extern "C" fn alloc_beyond_direct(&self, size: usize) -> *mut u8 {
+        if size <= MAX_PAGED_SIZE {
+            let class = class_of(size);
+            // SAFETY: the caller is the owner, and `class < PAGED_CLASSES` for sizes up to MAX_PAGED_SIZE.
+            let page = unsafe { *self.local().bins.get_unchecked(class) };
+            if !page.is_null() {
+                // SAFETY: a queued page is live and belongs to this heap, which we own.
+                let block = unsafe { self.take_free_block(&*page, class) };
+                if !block.is_null() {
+                    return block;
+                }
+            }
+            // SAFETY: the caller is the owner.
+            unsafe { self.alloc_paged_slow(class) }
+        } else {
+            // SAFETY: the caller is the owner.
+            unsafe { self.alloc_large(size) }
+        }
+    }
+
+    /// A block from `page`'s free list (of paged class `class`), counted;
+    /// null if the list is empty (the slow path then extends it from the
+    /// page's never-used blocks, or moves on).
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner, and `page` is `EMPTY_PAGE` or a live page of
+    /// this heap for `class`.
+    #[inline(always)]
+    unsafe fn take_free_block(&self, page: &Page, class: usize) -> *mut u8 {
+        let block = page.free.get();
+        if block.is_null() {
+            return ptr::null_mut();
+        }
+        // SAFETY: free blocks of a live page are ours to read; the first word links the list.
+        page.free.set(unsafe { (*block).next });
+        page.used.set(page.used.get() + 1);
+        // SAFETY: `class` is a paged class, < STAT_CLASSES.
+        add_serial(unsafe { self.counters.allocations.get_unchecked(class) }, 1);
+        // SAFETY: the caller is the owner.
+        if unsafe { self.take_room(page.block_size.get()) } {
+            return block as *mut u8;
+        }
+        self.check_peak_then(block as *mut u8)
+    }
+
+    /// Links the never-used blocks of `page` that start in the same OS page
+    /// as the next one into its (empty) free list; false if it has none
+    /// left. Linking writes only to the blocks' first words, so it touches
+    /// no memory that handing the blocks out one by one would not: resident
+    /// memory grows as it would without the list.
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner; `page` is a live paged page of ours whose free list is empty.
+    unsafe fn extend_free_list(&self, page: &Page) -> bool {
+        let (bump, end, size) = (page.bump.get() as usize, page.end.get() as usize, page.block_size.get());
+        if bump >= end {
+            return false;
+        }
+        let os_page_end = (bump & !(OS_PAGE - 1)) + OS_PAGE;
+        let count = (os_page_end - bump).div_ceil(size).min((end - bump) / size);
+        for i in 0..count {
+            let block = (bump + i * size) as *mut Block;
+            let next = if i + 1 < count { (bump + (i + 1) * size) as *mut Block } else { ptr::null_mut() };
+            // SAFETY: the block lies in the page's never-used range, which is ours.
+            unsafe { (*block).next = next };
+        }
+        page.free.set(bump as *mut Block);
+        page.bump.set((bump + count * size) as *mut u8);
+        true
+    }
+
+    /// Allocates `count * size` zeroed bytes; null on overflow or if the OS refuses memory.
+    ///
+    /// # Safety
+    ///
+    /// The caller is the heap's owner.
+    pub unsafe fn alloc_zeroed(&self, count: usize, size: usize) -> *mut u8 {
+        let Some(total) = count.checked_mul(size) else {
+            self.count_failure();
+            return ptr::null_mut();
+        };
+        // SAFETY: the caller is the owner.
+        let p = unsafe { self.alloc(total) };
+        if !p.is_null() && !self.is_fresh_huge(p) {
+            // SAFETY: `p` is a fresh block of at least `total` bytes.
+            unsafe { ptr::write_bytes(p, 0, total) };
+        }
+        p
+    }
+
+    /// Whether `p` (just allocated by this heap) is a huge block straight from
+    /// the OS, hence already zero.
+    fn is_fresh_huge(&self, p: *mut u8) -> bool {
+        p as usize & os::SEGMENT_MASK == HUGE_BLOCK_OFFSET && {
+            let seg = segment_of(p);
+            // SAFETY: `p` is our block, so its segment header is live.
+            unsafe { (*seg).kind == SegmentKind::Huge }
+        }
+    }
+
+    /// Resizes `ptr` (ours or not, or null) to `new_size` bytes, allocating
+    /// any new block from this heap. `token_for` gives the caller's owner token
+    /// for a heap, as for [`free`].
+    ///
+    /// # Safety
+    ///
+    /// The caller is this heap's owner; `ptr` is null or a live block (of any allocator).
+    pub unsafe fn realloc(
+        &self,
+        ptr: *mut u8,
+        new_size: usize,
+        token_for: impl FnOnce(usize) -> usize,
+    ) -> Realloc {
+        if ptr.is_null() {
+            // SAFETY: the caller is the owner.
+            return Realloc::Done(unsafe { self.alloc(new_size) });
+        }
+        // SAFETY: `ptr` is a live block, per the contract.
+        let Some(old_size) = (unsafe { usable_size(ptr) }) else { return Realloc::NotOurs };
+        add_serial(&self.counters.reallocations, 1);
+        let keeps = new_size <= old_size
+            && (new_size > old_size / 2
+                || (old_size <= MAX_PAGED_SIZE && class_of(new_size) == class_of(old_size)));
+        if keeps {
+            return Realloc::Done(ptr);
+        }
+        // SAFETY: the caller is the owner. (A growth that fits the budget may
+        // still be refused below if the block must move: both copies are live then.)
+        if new_size > old_size && !unsafe { self.admits(new_size - old_size) } {
+            return Realloc::Done(ptr::null_mut());
+        }
+        // SAFETY: `ptr` is a live block of ours (usable_size said so); heaps are never freed.
+        if new_size > old_size && unsafe { heap_of(ptr) }.is_some_and(|h| ptr::eq(h, self)) {
+            // SAFETY: the caller owns this heap, which owns the block.
+            if unsafe { self.grow_in_place(ptr, old_size, new_size) } {
+                return Realloc::Done(ptr);
+            }
+        }
+        // SAFETY: the caller is the owner.
+        let new = unsafe { self.alloc(new_size) };
+        if new.is_null() {
+            return Realloc::Done(new);
+        }
+        // SAFETY: both blocks are live and distinct; we copy what both hold.
+        unsafe {
+            ptr::copy_nonoverlapping(ptr, new, old_size.min(new_size));
+            free(ptr, token_for);
+        }
+        Realloc::Done(new)
+    }
+
+    /// Grows a large or huge block of ours to `new_size` bytes where it
+    /// stands: a large block over free slots that follow it in its segment, a
+    /// huge block within its mapping's reserve. False (nothing changed) if
+    /// it cannot.
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner; `ptr` is a live block of this heap of
+    /// usable size `old_size`, and `new_size > old_size`.
+    unsafe fn grow_in_place(&self, ptr: *mut u8, old_size: usize, new_size: usize) -> bool {
+        let seg = segment_of(ptr);
+        // SAFETY: (whole body) the block is ours and live, so its segment and
+        // page are live, and as the owner we may change them.
+        unsafe {
+            let page = &*page_of(seg, ptr);
+            let new_usable = match page.class.get() as usize {
+                LARGE_CLASS if new_size <= MAX_LARGE_SIZE => {
+                    let (first, span) = (page.first.get() as usize, page.span.get() as usize);
+                    let new_span = new_size.div_ceil(SLOT_SIZE);
+                    if first + new_span > SLOTS {
+                        return false;
+                    }
+                    let more = slot_mask(first + span, new_span - span);
+                    let s = &*seg;
+                    if s.free_slots.get() & more != more {
+                        return false;
+                    }
+                    s.free_slots.set(s.free_slots.get() & !more);
+                    for slot in first + span..first + new_span {
+                        s.pages[slot].set_first(first);
+                    }
+                    page.span.set(new_span as u8);
+                    new_span * SLOT_SIZE
+                }
+                HUGE_CLASS => {
+                    let capacity = (*seg).map_size - HUGE_BLOCK_OFFSET;
+                    match new_size.checked_add(OS_PAGE - 1).map(|n| n & !(OS_PAGE - 1)) {
+                        Some(usable) if usable <= capacity => usable,
+                        _ => return false,
+                    }
+                }
+                _ => return false,
+            };
+            page.block_size.set(new_usable);
+            // Counted as a reallocation (by the caller), not as an allocation.
+            self.add_big_bytes(new_usable - old_size);
+        }
+        true
+    }
+
+    /// Whether the heap's account, if it has one, admits `size` more bytes:
+    /// asked on the slow paths only (see [`Account`](super::Account)).
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner.
+    #[inline]
+    unsafe fn admits(&self, size: usize) -> bool {
+        match self.account() {
+            None => true,
+            // SAFETY: the account's members share this heap's owner, the caller.
+            Some(account) => unsafe { account.admit(size) },
+        }
+    }
+
+    /// The current page of `class` is exhausted (or missing): reclaim remote
+    /// frees, move to the next page with free blocks, or start a new page.
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner.
+    ///
+    /// C ABI (cannot unwind), so that the fast path's call is a tail call.
+    #[cold]
+    unsafe extern "C" fn alloc_paged_slow(&self, class: usize) -> *mut u8 {
+        // SAFETY: (whole body) the caller is the owner, so `local`, the queued
+        // pages and our segments are ours to change.
+        unsafe {
+            self.drain_remote();
+            // Also here, so that a heap that keeps allocating in the segments
+            // it has still gives retained segments and idle pages back in time.
+            self.release_unused();
+            if !self.admits(class_size(class)) {
+                return ptr::null_mut();
+            }
+            loop {
+                let page = self.local().bins[class];
+                if page.is_null() {
+                    if self.new_paged_page(class).is_null() {
+                        self.count_failure();
+                        return ptr::null_mut();
+                    }
+                    continue;
+                }
+                let block = self.take_free_block(&*page, class);
+                if !block.is_null() {
+                    return block;
+                }
+                if self.extend_free_list(&*page) {
+                    continue;
+                }
+                // Full: it leaves the queue until a block comes back.
+                self.unqueue(page);
+            }
+        }
+    }
+
+    /// A block with a page span (or a segment) of its own.
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner.
+    ///
+    /// C ABI (cannot unwind), so that the fast path's call is a tail call.
+    #[cold]
+    unsafe extern "C" fn alloc_large(&self, size: usize) -> *mut u8 {
+        // SAFETY: the caller is the owner.
+        unsafe { self.release_unused() };
+        // SAFETY: the caller is the owner.
+        if !unsafe { self.admits(size) } {
+            return ptr::null_mut();
+        }
+        if size <= MAX_LARGE_SIZE {
+            let span = size.div_ceil(SLOT_SIZE);
+            // SAFETY: the caller is the owner.
+            let Some((seg, first)) = (unsafe { self.take_slots(span) }) else {
+                self.count_failure();
+                return ptr::null_mut();
+            };
+            let usable = span * SLOT_SIZE;
+            // SAFETY: `take_slots` reserved the span in our segment.
+            unsafe {
+                let page = &*ptr::addr_of_mut!((*seg).pages[first]);
+                page.block_size.set(usable);
+                page.class.set(LARGE_CLASS as u8);
+                page.used.set(1);
+                page.free.set(ptr::null_mut());
+            }
+            self.count_big_alloc(LARGE_CLASS, usable);
+            return slot_address(seg, first);
+        }
+        let round = |n: usize| n.checked_add(OS_PAGE - 1).map(|n| n & !(OS_PAGE - 1));
+        // The mapping reserves room to grow in place (address space only: the
+        // OS backs a page when it is first touched), so that a block that keeps
+        // growing by realloc (a list being appended to) is not copied, and its
+        // old and new copies are never resident at once.
+        let reserve = (size / 2).min(HUGE_GROWTH_RESERVE);
+        let (Some(usable), Some(map_size)) =
+            (round(size), size.checked_add(HUGE_BLOCK_OFFSET + reserve).and_then(round))
+        else {
+            self.count_failure();
+            return ptr::null_mut();
+        };
+        let Some(base) = os::map_aligned(map_size) else {
+            self.count_failure();
+            return ptr::null_mut();
+        };
+        let seg = base as *mut Segment;
+        // SAFETY: the mapping is fresh, zeroed, ours and large enough for the header.
+        unsafe {
+            ptr::addr_of_mut!((*seg).heap).write(self);
+            ptr::addr_of_mut!((*seg).kind).write(SegmentKind::Huge);
+            ptr::addr_of_mut!((*seg).map_size).write(map_size);
+            let page = &*ptr::addr_of_mut!((*seg).pages[0]);
+            page.block_size.set(usable);
+            page.class.set(HUGE_CLASS as u8);
+            page.used.set(1);
+            page.span.set(1);
+            page.set_first(0);
+        }
+        os::publish_segment(base);
+        add_serial(&self.counters.mapped_bytes, map_size as u64);
+        self.count_big_alloc(HUGE_CLASS, usable);
+        // SAFETY: the block starts inside the mapping.
+        unsafe { base.add(HUGE_BLOCK_OFFSET) }
+    }
+}
