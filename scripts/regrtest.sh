@@ -13,6 +13,14 @@
 #       allocator.
 # The test files run in parallel worker processes (-j, one per CPU), each
 # started as sys.executable, which is interheap-python itself.
+#
+# SIGINT is given back its default action first: a shell that starts a job in
+# the background without job control (`make test &` from a script) makes it
+# ignore SIGINT, CPython then installs no KeyboardInterrupt handler, and
+# tests that interrupt themselves fail (test_generators'
+# test_raise_and_yield_from) or hang for good (test_threading's
+# test_print_exception_gh_102056 recurses until a KeyboardInterrupt comes).
+# A hang still ends after --timeout, as a failure with its traceback.
 # Usage: scripts/regrtest.sh [TAG ...]
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -42,7 +50,8 @@ while read -r tag venv; do
     "$launcher" -c 'import subprocess, sys; sys.exit(subprocess.call([sys.executable, "-c",
         "import interheap, sys; sys.exit(not interheap.allocator_domains())"]))' \
         || { echo "regrtest $tag: sys.executable does not run the interheap allocator"; status=1; continue; }
-    if ! "$launcher" -m test -j "$(nproc)" "${ignore[@]}" "${tests[@]}" > "$ROOT/out/regrtest-$tag.log" 2>&1; then
+    if ! "$launcher" -c 'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])' \
+        -m test -j "$(nproc)" --timeout 600 "${ignore[@]}" "${tests[@]}" > "$ROOT/out/regrtest-$tag.log" 2>&1; then
         echo "regrtest $tag: FAILED (log: out/regrtest-$tag.log)"
         tail -25 "$ROOT/out/regrtest-$tag.log"
         status=1
