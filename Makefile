@@ -1,5 +1,5 @@
 # interheap: the two commands a fresh machine needs are `make demo` and `make test`.
-.PHONY: setup demo test wheel bench bench-instructions bench-allocator bench-allocator-instructions bench-allocator-callgrind bench-scaling bench-pyalloc bench-adapters fuzz regrtest fmt clean
+.PHONY: setup demo test wheel bench bench-instructions bench-allocator bench-allocator-instructions bench-allocator-callgrind bench-scaling bench-pyalloc bench-adapters fuzz regrtest torture fmt clean
 
 PYTHON := .venv/bin/python
 
@@ -63,6 +63,12 @@ fuzz: setup
 # CPython's own regression tests under interheap-python (also part of make test).
 regrtest: setup
 	scripts/regrtest.sh
+
+# Memory limits under torture: CPython's test_json, test_re, test_list and
+# test_str/test_unicode and 8 pyperformance workloads in a limited
+# subinterpreter, 7 limits from 512 KB to 256 MB, hooks and allocator.
+torture: setup
+	$(PYTHON) tests/limit_torture.py --json out/limit-torture.json $(TORTURE_ARGS)
 
 # The Rust global allocator (interheap-pyalloc): ns and instructions per
 # allocation + free pair against Rust's system allocator, side by side.

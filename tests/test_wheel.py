@@ -11,6 +11,7 @@ interpreter, so after setup the wheel costs a few seconds
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -56,12 +57,17 @@ def wheel(tmp_path_factory) -> Path:
     # own glibc needs any): the launcher links libpython, and the cache matches.
     env["RUSTFLAGS"] = EMBED_RUSTFLAGS
     maturin = [sys.executable, "-m", "maturin", "build", "--release", "--quiet", "-i", sys.executable]
-    proc = run(
-        [*maturin, "--out", out],
-        cwd=ROOT / "frontends" / "python",
-        env={**env, "CARGO_TARGET_DIR": str(TARGET_DIR)},
-        timeout=1800,
-    )
+    # One build at a time across processes (make test runs two interpreters'
+    # suites at once): build.rs puts this interpreter's launcher in the one
+    # wheel-data/scripts/ that maturin packs.
+    with open(ROOT / "frontends" / "python" / "wheel-data" / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        proc = run(
+            [*maturin, "--out", out],
+            cwd=ROOT / "frontends" / "python",
+            env={**env, "CARGO_TARGET_DIR": str(TARGET_DIR)},
+            timeout=1800,
+        )
     assert proc.returncode == 0, f"maturin build failed\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     wheels = list(out.glob("interheap-*.whl"))
     assert len(wheels) == 1, wheels
