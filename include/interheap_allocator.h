@@ -51,6 +51,24 @@ long long interheap_allocator_get_limit(long long interp_id);
  * this limit once it is created (not during its start-up, on 3.13+). */
 int interheap_allocator_set_default_limit(long long limit, long long from_id, char *err, size_t err_len);
 
+/* One interpreter's figures (what the in-interpreter module interheap_interp
+ * reads). limit is -1 when there is none; peak is the exact peak of the live
+ * bytes while a limit was set (0: never). */
+typedef struct {
+    long long live_bytes;
+    long long limit;
+    unsigned long long refused;
+    unsigned long long largest_refused;
+    unsigned long long peak;
+} interheap_interp_figures;
+
+/* 0; -1 if the allocator does not serve mem and object; -2 if the
+ * interpreter has no heaps. */
+int interheap_allocator_interp_figures(long long interp_id, interheap_interp_figures *out);
+/* Lowers the limit (or sets one where there was none): 0; 1, changing
+ * nothing, if that would raise it; -1 with a message in err otherwise. */
+int interheap_allocator_lower_limit(long long interp_id, unsigned long long limit, char *err, size_t err_len);
+
 #ifdef __cplusplus
 }
 #endif

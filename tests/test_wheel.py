@@ -96,6 +96,27 @@ def test_wheel_carries_the_launcher(wheel):
     scripts = sorted(n.split("/", 2)[2] for n in names if ".data/scripts/" in n)
     assert scripts == ["interheap-python", "interheap-python-bin"]
     assert any(n.startswith("interheap/_native.") for n in names)
+    # The in-interpreter module, built for this interpreter.
+    assert f"interheap_interp/_core{sysconfig.get_config_var('EXT_SUFFIX')}" in names, names
+
+
+def test_the_in_interpreter_module_imports_in_an_isolated_interpreter(venv, tmp_path):
+    code = textwrap.dedent(
+        """
+        import interheap
+        from concurrent import interpreters
+        interheap.install()
+        worker = interpreters.create()
+        interheap.set_limit(worker, "64 MB")
+        worker.exec("import interheap_interp as ii; ii.lower_limit('32 MB'); print(ii.limit())")
+        print(interheap.get_limit(worker))
+        """
+    )
+    if sys.version_info < (3, 14):
+        pytest.skip("concurrent.interpreters is new in 3.14")
+    proc = run([venv / "bin" / "python", "-c", code], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["32000000", "32000000"], proc.stdout
 
 
 def test_scripts_are_installed(venv):

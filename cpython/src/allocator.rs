@@ -872,6 +872,37 @@ pub fn set_limit(id: i64, limit: Option<u64>) -> Result<(), LimitError> {
     Ok(())
 }
 
+/// Lowers interpreter `id`'s limit to `limit` (or sets one where there was
+/// none): what an interpreter may do to itself. `Ok(false)`, changing
+/// nothing, if that would raise it.
+pub fn lower_limit(id: i64, limit: u64) -> Result<bool, LimitError> {
+    if !serves_interpreters() {
+        return Err(LimitError::NotServing);
+    }
+    let entry = {
+        let all = INTERPRETERS.lock();
+        *all.0.iter().find(|e| e.id == id).ok_or(LimitError::UnknownInterpreter(id))?
+    };
+    if entry.ended.get() {
+        return Err(LimitError::Ended(id));
+    }
+    // A default that applies counts as the limit to lower (the interpreter
+    // runs code, so it is created: see `apply_default_limit`).
+    if id != 0 {
+        DEFAULT_LIMIT.apply(entry.account.budget(), id);
+    }
+    Ok(entry.account.budget().lower_limit(limit))
+}
+
+/// Interpreter `id`'s live bytes in its mem and object heaps, its limit and
+/// what it refused; `None` if it has no heaps.
+pub fn interpreter_figures(id: i64) -> Option<(i64, BudgetSnapshot)> {
+    let all = INTERPRETERS.lock();
+    let entry = all.0.iter().find(|e| e.id == id)?;
+    let live = entry.heaps.iter().map(|h| h.snapshot().live_bytes).sum();
+    Some((live, entry.account.budget().snapshot()))
+}
+
 /// Interpreter `id`'s limit and what it refused; `None` if it has no heaps.
 pub fn budget(id: i64) -> Option<BudgetSnapshot> {
     let all = INTERPRETERS.lock();

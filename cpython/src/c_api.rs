@@ -9,6 +9,7 @@ use std::ffi::{c_char, c_int, c_uint, CString};
 use std::ptr;
 
 use crate::allocator::{self, install_before_init, installed, report_json, Domains};
+use crate::interp_figures::InterpFigures;
 
 /// Installs the interheap allocator for `domains` (raw=1, mem=2, object=4).
 /// Returns 0 on success; otherwise -1, with a message in `err` (if not NULL,
@@ -121,5 +122,45 @@ pub unsafe extern "C" fn interheap_allocator_free_string(s: *mut c_char) {
     if !s.is_null() {
         // SAFETY: per the contract, `s` came from CString::into_raw.
         drop(unsafe { CString::from_raw(s) });
+    }
+}
+
+/// Interpreter `id`'s figures in the allocator: 0, or -1 if the allocator
+/// does not serve mem and object here, -2 if the interpreter has no heaps.
+///
+/// # Safety
+///
+/// `out` points to a writable `interheap_interp_figures`.
+#[no_mangle]
+pub unsafe extern "C" fn interheap_allocator_interp_figures(id: i64, out: *mut InterpFigures) -> c_int {
+    if !(installed().contains(interheap_engine::Domain::Mem)
+        && installed().contains(interheap_engine::Domain::Object))
+    {
+        return -1;
+    }
+    let Some((live, budget)) = allocator::interpreter_figures(id) else { return -2 };
+    // SAFETY: `out` is writable, per the contract.
+    unsafe { out.write(InterpFigures::new(live, &budget)) };
+    0
+}
+
+/// Lowers interpreter `id`'s limit to `limit` bytes: 0; 1 (nothing changed)
+/// if that would raise it; -1 with a message in `err` otherwise.
+///
+/// # Safety
+///
+/// `err` is NULL or points to `err_len` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn interheap_allocator_lower_limit(
+    id: i64,
+    limit: u64,
+    err: *mut c_char,
+    err_len: usize,
+) -> c_int {
+    match allocator::lower_limit(id, limit) {
+        Ok(true) => 0,
+        Ok(false) => 1,
+        // SAFETY: per the contract.
+        Err(e) => unsafe { status(Err::<(), _>(e), err, err_len) },
     }
 }

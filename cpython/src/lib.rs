@@ -22,6 +22,8 @@
 //!
 //! * [`raw_swap_guard`]: keeps CPython 3.12 from swapping the raw domain back
 //!   to `malloc` while other interpreters run (gh-111924);
+//! * `interp_figures`: the C struct of one interpreter's figures, for the
+//!   in-interpreter module.
 //! * `loaded_object` (Linux): the program headers of the process's loaded
 //!   objects, for the guard and the launcher.
 //!
@@ -34,6 +36,7 @@ pub mod c_api;
 pub mod hook_thread;
 pub mod hooks;
 pub mod interp;
+pub mod interp_figures;
 #[cfg(all(target_os = "linux", target_pointer_width = "64"))]
 pub mod loaded_object;
 pub mod raw_swap_guard;

@@ -192,6 +192,25 @@ impl Budget {
         self.configured.store(true, Relaxed);
     }
 
+    /// Lowers the limit to `limit` (or sets one where there was none); false,
+    /// changing nothing, if that would raise it. What an interpreter may do
+    /// to itself from inside: tighten its budget, never loosen it.
+    pub fn lower_limit(&self, limit: u64) -> bool {
+        let wanted = limit.min(u64::MAX - 1) + 1;
+        let mut current = self.limit_plus_one.load(Relaxed);
+        loop {
+            if current != NO_LIMIT && wanted > current {
+                return false;
+            }
+            match self.limit_plus_one.compare_exchange_weak(current, wanted, Relaxed, Relaxed) {
+                Ok(_) => break,
+                Err(now) => current = now,
+            }
+        }
+        self.configured.store(true, Relaxed);
+        true
+    }
+
     /// Asks for `size` more bytes for an interpreter that holds `live()`
     /// bytes now (`live` is called only when there is a limit, or the
     /// budget is watched).
@@ -378,6 +397,18 @@ mod tests {
         assert_eq!(b.snapshot().peak, 3_000);
         b.reset();
         assert_eq!(b.snapshot().peak, 0);
+    }
+
+    #[test]
+    fn a_limit_can_be_lowered_but_never_raised_that_way() {
+        let b = Budget::new();
+        assert!(b.lower_limit(1_000), "no limit: any limit is lower");
+        assert_eq!(b.limit(), Some(1_000));
+        assert!(!b.lower_limit(1_001));
+        assert_eq!(b.limit(), Some(1_000));
+        assert!(b.lower_limit(1_000) && b.lower_limit(10));
+        assert_eq!(b.limit(), Some(10));
+        assert!(b.configured());
     }
 
     #[test]

@@ -124,6 +124,21 @@ impl Tracker {
         true
     }
 
+    /// Lowers an interpreter's limit (see [`crate::limits::Budget::lower_limit`]):
+    /// false if that would raise it (a default that applies counts), or the
+    /// bucket cannot be limited.
+    pub fn lower_limit(&self, owner: BucketId, limit: u64) -> bool {
+        if !matches!(owner.kind(), crate::ledger::BucketKind::Interpreter(_)) {
+            return false;
+        }
+        self.checks.fetch_or(LIMITS_SET, Relaxed);
+        let budget = self.ledger.budget(owner);
+        if !budget.configured() {
+            self.maybe_apply_default(owner);
+        }
+        budget.lower_limit(limit)
+    }
+
     /// Starts (or stops) watching the peak of every interpreter's live bytes
     /// over all domains, exactly, with or without a limit: the peak restarts
     /// from the live bytes now, and an interpreter created meanwhile is

@@ -15,6 +15,8 @@ fn main() {
         "interheap_allocator_set_limit",
         "interheap_allocator_get_limit",
         "interheap_allocator_set_default_limit",
+        "interheap_allocator_interp_figures",
+        "interheap_allocator_lower_limit",
     ] {
         println!("cargo:rustc-link-arg-bins=-Wl,--export-dynamic-symbol={symbol}");
     }

@@ -10,6 +10,7 @@
 use interheap_cpython::adapters::{self, c_abi, AdapterError, AdapterStats};
 use interheap_cpython::hooks::{self, TRACKER};
 use interheap_cpython::interp::{Origin, Whence};
+use interheap_cpython::interp_figures::InterpFigures;
 use interheap_engine::{BucketKind, Domain, DomainSnapshot};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -178,6 +179,45 @@ fn watch_peaks(on: bool) -> PyResult<()> {
     }
     TRACKER.watch_peaks(on);
     Ok(())
+}
+
+/// Interpreter `id`'s figures as the hooks count them, for the
+/// in-interpreter module `interheap_interp` (which finds this symbol in this
+/// library: it cannot import a PyO3 module in a subinterpreter). 0, or -1 if
+/// the hooks are not installed.
+///
+/// # Safety
+///
+/// `out` points to a writable `InterpFigures`.
+#[no_mangle]
+pub unsafe extern "C" fn interheap_hooks_interp_figures(id: i64, out: *mut InterpFigures) -> std::ffi::c_int {
+    if !hooks::is_installed() || id < 0 {
+        return -1;
+    }
+    let bucket = interheap_engine::BucketId::for_interpreter(Some(id));
+    let snap = TRACKER.ledger().bucket_snapshot(bucket);
+    let live = snap.domains.iter().map(|d| d.live_bytes).sum();
+    let mut budget = snap.budget;
+    budget.limit = TRACKER.limit(bucket);
+    // SAFETY: `out` is writable, per the contract.
+    unsafe { out.write(InterpFigures::new(live, &budget)) };
+    0
+}
+
+/// Lowers interpreter `id`'s limit in the hooks to `limit` bytes: 0; 1
+/// (nothing changed) if that would raise it; -1 if the hooks are not
+/// installed or the interpreter cannot be limited.
+#[no_mangle]
+pub extern "C" fn interheap_hooks_lower_limit(id: i64, limit: u64) -> std::ffi::c_int {
+    if !hooks::is_installed() || id < 0 {
+        return -1;
+    }
+    let bucket = interheap_engine::BucketId::for_interpreter(Some(id));
+    match TRACKER.lower_limit(bucket, limit) {
+        true => 0,
+        false if TRACKER.limit(bucket).is_some() => 1,
+        false => -1,
+    }
 }
 
 /// The default limit and the first interpreter ID it applies to, or None.

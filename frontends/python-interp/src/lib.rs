@@ -1,0 +1,328 @@
+//! `interheap_interp._core`: an interpreter's own memory figures and limit,
+//! read and lowered from inside that interpreter, isolated subinterpreters
+//! included.
+//!
+//! PyO3 modules cannot be imported in a subinterpreter (DESIGN.md fact 9),
+//! so this one is written against `pyo3-ffi` only, with multi-phase init
+//! declaring per-interpreter-GIL support (and, on free-threaded builds, that
+//! it does not need the GIL). It keeps no state of its own: it reaches the
+//! back ends through their C symbols, at each call, since either may appear
+//! after it was imported:
+//!
+//! * the hooks live in the `interheap._native` extension, which CPython
+//!   loaded with `RTLD_LOCAL`: it is found among the loaded objects and
+//!   opened again with `RTLD_NOLOAD` (`interheap_hooks_interp_figures`,
+//!   `interheap_hooks_lower_limit`);
+//! * the allocator is exported by the process (`interheap-python`, or a
+//!   program linked with libinterheap): `dlsym(RTLD_DEFAULT, ...)`.
+//!
+//! Functions (all about the calling thread's interpreter): `interpreter_id()`,
+//! `figures()` (per back end: live bytes, limit, refused requests, the
+//! largest, the exact peak while limited) and `lower_limit(size)`, which
+//! tightens the limit in every back end present and refuses to raise it.
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ptr;
+
+use interheap_cpython::interp_figures::InterpFigures;
+use pyo3_ffi::*;
+
+type FiguresFn = unsafe extern "C" fn(i64, *mut InterpFigures) -> c_int;
+type HooksLowerFn = extern "C" fn(i64, u64) -> c_int;
+type AllocatorLowerFn = unsafe extern "C" fn(i64, u64, *mut c_char, usize) -> c_int;
+
+/// The path fragment of the loaded `interheap._native` extension.
+const NATIVE: &[u8] = b"/interheap/_native";
+
+/// A symbol of the loaded `interheap._native`, if it is loaded.
+fn hooks_symbol(name: &CStr) -> Option<*mut c_void> {
+    unsafe extern "C" fn visit(info: *mut libc::dl_phdr_info, _size: usize, found: *mut c_void) -> c_int {
+        // SAFETY: the loader passes a valid info whose name is NULL or a C string.
+        let name = unsafe { (*info).dlpi_name };
+        if name.is_null() {
+            return 0;
+        }
+        // SAFETY: as above.
+        let bytes = unsafe { CStr::from_ptr(name) }.to_bytes();
+        if bytes.windows(NATIVE.len()).any(|w| w == NATIVE) {
+            // SAFETY: `found` is the `*const c_char` slot `hooks_symbol` passed.
+            unsafe { *(found as *mut *const c_char) = name };
+            return 1;
+        }
+        0
+    }
+    let mut path: *const c_char = ptr::null();
+    // SAFETY: the callback only reads the info it is given and writes `path`.
+    unsafe { libc::dl_iterate_phdr(Some(visit), &mut path as *mut *const c_char as *mut c_void) };
+    if path.is_null() {
+        return None;
+    }
+    // SAFETY: `path` names an object that is loaded; RTLD_NOLOAD only returns
+    // a handle to it (and a reference we keep: it is never unloaded anyway).
+    let handle = unsafe { libc::dlopen(path, libc::RTLD_NOLOAD | libc::RTLD_LAZY) };
+    if handle.is_null() {
+        return None;
+    }
+    // SAFETY: a valid handle and a C string.
+    let sym = unsafe { libc::dlsym(handle, name.as_ptr()) };
+    (!sym.is_null()).then_some(sym)
+}
+
+/// A symbol the process exports (the allocator's C API), if any.
+fn allocator_symbol(name: &CStr) -> Option<*mut c_void> {
+    // SAFETY: dlsym with RTLD_DEFAULT only searches the global scope.
+    let sym = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+    (!sym.is_null()).then_some(sym)
+}
+
+/// The calling thread's interpreter ID (the caller holds its thread state).
+fn current_id() -> i64 {
+    // SAFETY: called from a module function, so a thread state is attached.
+    unsafe { PyInterpreterState_GetID(PyInterpreterState_Get()) }
+}
+
+/// Sets a Python exception and returns NULL.
+fn raise(kind: *mut PyObject, message: &str) -> *mut PyObject {
+    let text = std::ffi::CString::new(message.replace('\0', " ")).unwrap_or_default();
+    // SAFETY: a live exception type and a C string; the GIL (or thread state) is held.
+    unsafe { PyErr_SetString(kind, text.as_ptr()) };
+    ptr::null_mut()
+}
+
+/// `d[key] = value` for an owned `value` (stolen); false if anything failed.
+///
+/// # Safety
+///
+/// `d` is a dict; `value` is NULL (an error is set) or an owned reference.
+unsafe fn set(d: *mut PyObject, key: &CStr, value: *mut PyObject) -> bool {
+    if value.is_null() {
+        return false;
+    }
+    // SAFETY: per the contract.
+    let ok = unsafe { PyDict_SetItemString(d, key.as_ptr(), value) } == 0;
+    // SAFETY: we own `value`; the dict holds its own reference.
+    unsafe { Py_DecRef(value) };
+    ok
+}
+
+/// A dict of one back end's figures, or None (a new reference) if it is not there.
+fn figures_dict(found: Option<InterpFigures>) -> *mut PyObject {
+    let Some(f) = found else {
+        // SAFETY: Py_None is immortal; the caller owns the reference we return.
+        return unsafe { Py_NewRef(Py_None()) };
+    };
+    // SAFETY: (whole block) plain C API calls with a thread state attached.
+    unsafe {
+        let d = PyDict_New();
+        if d.is_null() {
+            return d;
+        }
+        let limit = if f.limit < 0 { Py_NewRef(Py_None()) } else { PyLong_FromLongLong(f.limit) };
+        let ok = set(d, c"live_bytes", PyLong_FromLongLong(f.live_bytes))
+            && set(d, c"limit", limit)
+            && set(d, c"refused", PyLong_FromUnsignedLongLong(f.refused))
+            && set(d, c"largest_refused", PyLong_FromUnsignedLongLong(f.largest_refused))
+            && set(d, c"peak", PyLong_FromUnsignedLongLong(f.peak));
+        if !ok {
+            Py_DecRef(d);
+            return ptr::null_mut();
+        }
+        d
+    }
+}
+
+fn hooks_figures(id: i64) -> Option<InterpFigures> {
+    let f = hooks_symbol(c"interheap_hooks_interp_figures")?;
+    // SAFETY: the symbol is `interheap_hooks_interp_figures` (frontends/python).
+    let f = unsafe { std::mem::transmute::<*mut c_void, FiguresFn>(f) };
+    let mut out = InterpFigures::default();
+    // SAFETY: `out` is writable.
+    (unsafe { f(id, &mut out) } == 0).then_some(out)
+}
+
+fn allocator_figures(id: i64) -> Option<InterpFigures> {
+    let f = allocator_symbol(c"interheap_allocator_interp_figures")?;
+    // SAFETY: the symbol is `interheap_allocator_interp_figures` (cpython/src/c_api.rs).
+    let f = unsafe { std::mem::transmute::<*mut c_void, FiguresFn>(f) };
+    let mut out = InterpFigures::default();
+    // SAFETY: `out` is writable.
+    (unsafe { f(id, &mut out) } == 0).then_some(out)
+}
+
+unsafe extern "C" fn interpreter_id(_module: *mut PyObject, _unused: *mut PyObject) -> *mut PyObject {
+    // SAFETY: a thread state is attached in a module function.
+    unsafe { PyLong_FromLongLong(current_id()) }
+}
+
+unsafe extern "C" fn figures(_module: *mut PyObject, _unused: *mut PyObject) -> *mut PyObject {
+    let id = current_id();
+    // SAFETY: (whole block) plain C API calls with a thread state attached.
+    unsafe {
+        let d = PyDict_New();
+        if d.is_null() {
+            return d;
+        }
+        let ok = set(d, c"id", PyLong_FromLongLong(id))
+            && set(d, c"hooks", figures_dict(hooks_figures(id)))
+            && set(d, c"allocator", figures_dict(allocator_figures(id)));
+        if !ok {
+            Py_DecRef(d);
+            return ptr::null_mut();
+        }
+        d
+    }
+}
+
+/// Bytes from an int (>= 0) or a text such as "64 MB"; `Err` after setting an exception.
+///
+/// # Safety
+///
+/// `arg` is a live object; a thread state is attached.
+unsafe fn size_of(arg: *mut PyObject) -> Result<u64, ()> {
+    // SAFETY: (whole block) per the contract.
+    unsafe {
+        if PyBool_Check(arg) != 0 {
+            raise(PyExc_TypeError, "a size is an int (bytes) or a str such as '64 MB', not bool");
+            return Err(());
+        }
+        if PyLong_Check(arg) != 0 {
+            let value = PyLong_AsLongLong(arg);
+            if value == -1 && !PyErr_Occurred().is_null() {
+                return Err(());
+            }
+            if value < 0 {
+                raise(PyExc_ValueError, &format!("invalid size {value}: a limit cannot be negative"));
+                return Err(());
+            }
+            return Ok(value as u64);
+        }
+        if PyUnicode_Check(arg) != 0 {
+            let text = PyUnicode_AsUTF8AndSize(arg, ptr::null_mut());
+            if text.is_null() {
+                return Err(());
+            }
+            return interheap_engine::parse_size(&CStr::from_ptr(text).to_string_lossy()).map_err(|e| {
+                raise(PyExc_ValueError, &e);
+            });
+        }
+        raise(PyExc_TypeError, "a size is an int (bytes) or a str such as '64 MB'");
+        Err(())
+    }
+}
+
+unsafe extern "C" fn lower_limit(_module: *mut PyObject, arg: *mut PyObject) -> *mut PyObject {
+    // SAFETY: `arg` is the call's one argument; a thread state is attached.
+    let Ok(limit) = (unsafe { size_of(arg) }) else { return ptr::null_mut() };
+    let id = current_id();
+    let hooks = hooks_symbol(c"interheap_hooks_lower_limit")
+        // SAFETY: the symbol is `interheap_hooks_lower_limit` (frontends/python).
+        .map(|f| unsafe { std::mem::transmute::<*mut c_void, HooksLowerFn>(f) })
+        .filter(|_| hooks_figures(id).is_some());
+    let allocator = allocator_symbol(c"interheap_allocator_lower_limit")
+        // SAFETY: the symbol is `interheap_allocator_lower_limit` (cpython/src/c_api.rs).
+        .map(|f| unsafe { std::mem::transmute::<*mut c_void, AllocatorLowerFn>(f) })
+        .filter(|_| allocator_figures(id).is_some());
+    if hooks.is_none() && allocator.is_none() {
+        return raise(
+            // SAFETY: a CPython exception type (static).
+            unsafe { PyExc_RuntimeError },
+            "neither interheap's hooks nor the interheap allocator count this interpreter: \
+             no limit to lower (the main interpreter runs interheap.install(), or the program \
+             runs under interheap-python)",
+        );
+    }
+    // Check every back end first, so that a refusal changes nothing anywhere.
+    let current: Vec<i64> =
+        [hooks_figures(id), allocator_figures(id)].iter().flatten().map(|f| f.limit).collect();
+    if let Some(&lowest) = current.iter().filter(|&&l| l >= 0).min() {
+        if limit > lowest as u64 {
+            return raise(
+                // SAFETY: a CPython exception type (static).
+                unsafe { PyExc_ValueError },
+                &format!(
+                    "an interpreter can lower its own limit, never raise it: the limit is {lowest} bytes, \
+                     {limit} asked for"
+                ),
+            );
+        }
+    }
+    if let Some(lower) = hooks {
+        if lower(id, limit) < 0 {
+            // SAFETY: a CPython exception type (static).
+            return raise(unsafe { PyExc_RuntimeError }, "the hooks refused to lower the limit");
+        }
+    }
+    if let Some(lower) = allocator {
+        let mut err = [0 as c_char; 256];
+        // SAFETY: `err` has its length in writable bytes.
+        if unsafe { lower(id, limit, err.as_mut_ptr(), err.len()) } < 0 {
+            // SAFETY: on failure the API wrote a NUL-terminated message.
+            let message = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
+            // SAFETY: a CPython exception type (static).
+            return raise(unsafe { PyExc_RuntimeError }, &message);
+        }
+    }
+    // SAFETY: Py_None is immortal; the caller owns the reference.
+    unsafe { Py_NewRef(Py_None()) }
+}
+
+static mut METHODS: [PyMethodDef; 4] = [
+    PyMethodDef {
+        ml_name: c"interpreter_id".as_ptr(),
+        ml_meth: PyMethodDefPointer { PyCFunction: interpreter_id },
+        ml_flags: METH_NOARGS,
+        ml_doc: c"interpreter_id()\n--\n\nThe ID of the interpreter that calls it.".as_ptr(),
+    },
+    PyMethodDef {
+        ml_name: c"figures".as_ptr(),
+        ml_meth: PyMethodDefPointer { PyCFunction: figures },
+        ml_flags: METH_NOARGS,
+        ml_doc:
+            c"figures()\n--\n\nThis interpreter's figures per back end ('hooks', 'allocator'; None where \
+                  absent): live_bytes, limit, refused, largest_refused, peak."
+                .as_ptr(),
+    },
+    PyMethodDef {
+        ml_name: c"lower_limit".as_ptr(),
+        ml_meth: PyMethodDefPointer { PyCFunction: lower_limit },
+        ml_flags: METH_O,
+        ml_doc: c"lower_limit(size)\n--\n\nLowers this interpreter's limit (bytes, or text such as '64 MB') \
+                  in every back end; ValueError if that would raise it."
+            .as_ptr(),
+    },
+    PyMethodDef::zeroed(),
+];
+
+const SLOTS_LEN: usize = 2 + cfg!(Py_GIL_DISABLED) as usize;
+
+static mut SLOTS: [PyModuleDef_Slot; SLOTS_LEN] = [
+    PyModuleDef_Slot { slot: Py_mod_multiple_interpreters, value: Py_MOD_PER_INTERPRETER_GIL_SUPPORTED },
+    #[cfg(Py_GIL_DISABLED)]
+    PyModuleDef_Slot { slot: Py_mod_gil, value: Py_MOD_GIL_NOT_USED },
+    PyModuleDef_Slot { slot: 0, value: ptr::null_mut() },
+];
+
+static mut MODULE_DEF: PyModuleDef = PyModuleDef {
+    m_base: PyModuleDef_HEAD_INIT,
+    m_name: c"interheap_interp._core".as_ptr(),
+    m_doc: c"An interpreter's own memory figures and limit (see interheap_interp).".as_ptr(),
+    m_size: 0,
+    // SAFETY: (both) addresses of statics that live as long as the module.
+    m_methods: ptr::addr_of_mut!(METHODS).cast(),
+    m_slots: ptr::addr_of_mut!(SLOTS).cast(),
+    m_traverse: None,
+    m_clear: None,
+    m_free: None,
+};
+
+/// The module's init function: multi-phase (the definition, with its slots).
+///
+/// # Safety
+///
+/// Called by CPython's import machinery.
+#[allow(non_snake_case)]
+#[no_mangle]
+pub unsafe extern "C" fn PyInit__core() -> *mut PyObject {
+    // SAFETY: a static definition, initialised once by CPython.
+    unsafe { PyModuleDef_Init(ptr::addr_of_mut!(MODULE_DEF)) }
+}

@@ -1,0 +1,59 @@
+"""An interpreter's own memory figures and limit, from inside it.
+
+``interheap`` itself is a PyO3 extension, and PyO3 modules cannot be
+imported in a subinterpreter. This small package can: its native part is
+written against CPython's C API directly, with multi-phase init, and declares
+that it supports a GIL per interpreter. Code running in an isolated
+interpreter (``concurrent.interpreters``, an ``InterpreterPoolExecutor``
+worker) reads what interheap counts for that interpreter and can tighten its
+own budget, never loosen it:
+
+    import interheap_interp
+    interheap_interp.live_bytes()        # what this interpreter holds now
+    interheap_interp.limit()             # its limit in bytes, or None
+    interheap_interp.lower_limit("32 MB")
+
+The figures come from whichever back end counts the interpreter: interheap's
+hooks (installed in the main interpreter with ``interheap.install()`` or
+``python -m interheap run``) and the interheap allocator (``interheap-python``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._core import figures, interpreter_id, lower_limit
+
+__all__ = ["figures", "interpreter_id", "limit", "live_bytes", "lower_limit", "refused"]
+
+
+def _back_ends() -> list[dict[str, Any]]:
+    found = figures()
+    return [found[name] for name in ("hooks", "allocator") if found[name] is not None]
+
+
+def _require() -> list[dict[str, Any]]:
+    back_ends = _back_ends()
+    if not back_ends:
+        raise RuntimeError(
+            "neither interheap's hooks nor the interheap allocator count this interpreter "
+            "(run interheap.install() in the main interpreter, or the program under interheap-python)"
+        )
+    return back_ends
+
+
+def live_bytes() -> int:
+    """This interpreter's live bytes: the hooks' figure (raw + mem + object,
+    exact) where they are installed, else the allocator's (mem + object)."""
+    return _require()[0]["live_bytes"]
+
+
+def limit() -> int | None:
+    """This interpreter's limit in bytes (the lowest over the back ends), or None."""
+    limits = [b["limit"] for b in _require() if b["limit"] is not None]
+    return min(limits) if limits else None
+
+
+def refused() -> int:
+    """How many of this interpreter's requests its limit refused."""
+    return max(b["refused"] for b in _require())
