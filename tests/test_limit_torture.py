@@ -27,6 +27,10 @@ def test_every_limit_ends_in_success_or_a_memoryerror_never_a_crash(tmp_path):
     assert by_limit["256MB"] == {"ok"}, by_limit
     # pyperformance is a dev requirement: its workload ran too.
     assert {r["workload"] for r in results} == {"test_re", "json_dumps"}
-    # With an ample limit the workloads pass as they do without one.
-    ample = [r for r in results if r["limit"] == "256MB" and r["workload"] == "test_re"]
-    assert all(r["ran"] > 100 and r["problems"] == 0 for r in ample), ample
+    # With an ample limit the workloads pass as they do without one (some
+    # CPython tests fail in isolated interpreters anyway: test_re's fork test on 3.13).
+    runs = {(r["back_end"], r["workload"], r["limit"]): r for r in results}
+    for back_end in back_ends:
+        ample, unlimited = runs[back_end, "test_re", "256MB"], runs[back_end, "test_re", "none"]
+        assert ample["ran"] == unlimited["ran"] > 100, (ample, unlimited)
+        assert ample["problems"] == unlimited["problems"] and ample["other"] == unlimited["other"], ample

@@ -568,8 +568,6 @@ fn current_interpreter_heap_slow(part: usize) -> Option<&'static Heap> {
             let entry = interpreter_heaps_lookup(id, interp);
             [entry.heaps[0] as *const Heap, entry.heaps[1] as *const Heap]
         };
-        // SAFETY: both entries point to leaked heaps.
-        apply_default_limit(unsafe { &*heaps[0] }, id, interp);
         // Unkeyed while the entry changes; keyed last, only by a thread state
         // that is current (so no one can free it meanwhile).
         cache.tstate.store(NO_TSTATE, Ordering::Relaxed);
@@ -640,7 +638,7 @@ fn interpreter_heaps_lookup(id: i64, state: *mut ffi::PyInterpreterState) -> &'s
     }
     let token = interpreter_token(id);
     let label = |domain: Domain| HeapLabel { kind: KIND_INTERPRETER, id, part: domain as u8 };
-    let account: &'static Account = Box::leak(Box::new(Account::new()));
+    let account: &'static Account = Box::leak(Box::new(Account::with_hook(id, Some(apply_default_limit))));
     let entry: &'static InterpreterHeaps = Box::leak(Box::new(InterpreterHeaps {
         id,
         state: state as usize,
@@ -929,17 +927,26 @@ pub fn default_limit() -> Option<(u64, i64)> {
     DEFAULT_LIMIT.get()
 }
 
-/// Applies the default limit to the interpreter whose heap `heap` is, once
-/// it is created (on the cache's slow path, with its GIL held).
-#[inline]
-fn apply_default_limit(heap: &Heap, id: i64, interp: *mut ffi::PyInterpreterState) {
-    let Some(account) = heap.account() else { return };
-    if id == 0 || account.budget().configured() || DEFAULT_LIMIT.for_interpreter(id).is_none() {
+/// The accounts' [`interheap_engine::heap::OnUnconfigured`]: on a heap's
+/// slow path (its interpreter's GIL held), gives the interpreter the default
+/// limit once it is created. CPython records an interpreter that
+/// `concurrent.interpreters` is still creating as made by the C API (see
+/// `interp::describe_current`); one made with the C API keeps that, and gets
+/// a limit only through [`set_limit`]. 3.12 records nothing: the default
+/// applies from the first slow path.
+fn apply_default_limit(account: &Account) {
+    let id = account.tag();
+    if id == 0 || DEFAULT_LIMIT.for_interpreter(id).is_none() {
         return;
     }
-    // SAFETY: `interp` is the calling thread's current interpreter, alive while it is current.
+    let interp = current_thread_interpreter();
+    // SAFETY: `interp` is the calling thread's interpreter, alive while it is
+    // current; for a non-null argument the call only reads the ID.
+    if interp.is_null() || unsafe { ffi::PyInterpreterState_GetID(interp) } != id {
+        return;
+    }
+    // SAFETY: as above.
     if unsafe { crate::interp::whence_is_capi(interp) } {
-        // Being created (or made with the C API): see `interp::describe_current`.
         return;
     }
     DEFAULT_LIMIT.apply(account.budget(), id);

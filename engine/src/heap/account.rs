@@ -30,10 +30,18 @@ use crate::limits::{Admission, Budget};
 /// Most heaps one account holds (an interpreter's mem and object heaps).
 pub const MAX_MEMBERS: usize = 2;
 
+/// Called on a slow path's admission while the budget was never configured,
+/// by the heaps' owner: the creator may configure it then (the allocator
+/// glue applies a default limit once the interpreter is created).
+pub type OnUnconfigured = fn(&Account);
+
 /// Heaps whose live bytes one budget limits. See the module docs.
 pub struct Account {
     budget: Budget,
     members: [AtomicPtr<Heap>; MAX_MEMBERS],
+    /// The creator's name for what the account stands for (an interpreter ID).
+    tag: i64,
+    on_unconfigured: Option<OnUnconfigured>,
 }
 
 impl Default for Account {
@@ -45,7 +53,22 @@ impl Default for Account {
 impl Account {
     /// An account with no member and no limit.
     pub const fn new() -> Self {
-        Account { budget: Budget::new(), members: [const { AtomicPtr::new(ptr::null_mut()) }; MAX_MEMBERS] }
+        Self::with_hook(0, None)
+    }
+
+    /// An account tagged `tag` that calls `on_unconfigured` (see [`OnUnconfigured`]).
+    pub const fn with_hook(tag: i64, on_unconfigured: Option<OnUnconfigured>) -> Self {
+        Account {
+            budget: Budget::new(),
+            members: [const { AtomicPtr::new(ptr::null_mut()) }; MAX_MEMBERS],
+            tag,
+            on_unconfigured,
+        }
+    }
+
+    /// The tag given at creation.
+    pub fn tag(&self) -> i64 {
+        self.tag
     }
 
     /// The budget: set or read the limit and what it refused here.
@@ -92,6 +115,11 @@ impl Account {
     /// The caller owns every member heap, and counts the block in a member's
     /// live bytes before it asks again.
     pub unsafe fn admit(&self, size: usize) -> bool {
+        if !self.budget.configured() {
+            if let Some(hook) = self.on_unconfigured {
+                hook(self);
+            }
+        }
         // SAFETY: per the contract.
         match self.budget.admit(size as u64, || unsafe { self.owner_live_bytes() }) {
             Admission::Unlimited => true,

@@ -71,7 +71,7 @@ pub unsafe fn fork_finish() {
     }
 }
 
-pub use account::Account;
+pub use account::{Account, OnUnconfigured};
 pub use free::{free, free_fast, free_with};
 pub use heap::{heap_of, heaps, owns, usable_size, Heap, HeapLabel, Realloc, ENDED_OWNER, NO_OWNER};
 pub use pool::HeapPool;
