@@ -1,7 +1,7 @@
 //! [`InterpFigures`]: what one interpreter reads about itself through the
-//! in-interpreter module `interheap_interp` (frontends/python-interp), as a C
-//! struct, since that module reaches the hooks and the allocator through C
-//! symbols (`interheap_hooks_interp_figures`, `interheap_allocator_interp_figures`).
+//! in-interpreter module `interheap_interp` (frontends/python/src/interp_module.rs),
+//! as a C struct, since that module reaches the allocator through its C API
+//! (`interheap_allocator_interp_figures`).
 
 /// One interpreter's figures for the in-interpreter module (`interheap_interp`),
 /// as C reads them (`interheap_interp_figures` in include/interheap_allocator.h).

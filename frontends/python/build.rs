@@ -1,35 +1,24 @@
+//! Exposes the target interpreter's build flags as cfgs (`Py_GIL_DISABLED`).
+//!
 //! With the `launcher` feature (on in pyproject.toml, so every wheel maturin
-//! builds has it), builds for the same interpreter as this extension:
-//!
-//! * `interheap-python` (frontends/launcher), into `wheel-data/scripts/`,
-//!   which maturin packs into the wheel's `.data/scripts/` and pip installs
-//!   into the environment's `bin/`;
-//! * the in-interpreter module (frontends/python-interp), into
-//!   `python/interheap_interp/_core<EXT_SUFFIX>` (the suffix names the
-//!   interpreter, so that the builds for each one live side by side in the
-//!   source tree that `maturin develop` installs).
-//!
-//! maturin has no way to ship a workspace's binary or a second extension
-//! beside an extension module (PyO3/maturin#368), hence nested cargo builds
-//! here. Without the feature (cargo build/clippy/test of the workspace), or
-//! with `INTERHEAP_WHEEL_LAUNCHER=0` (`make demo`), this does nothing.
+//! builds has it), builds `interheap-python` (frontends/launcher) for the same
+//! interpreter as this extension and puts it in `wheel-data/scripts/`, which
+//! maturin packs into the wheel's `.data/scripts/` and pip installs into the
+//! environment's `bin/`. maturin has no way to ship a workspace's binary
+//! beside an extension module (PyO3/maturin#368), hence a nested cargo
+//! build here. Without the feature (cargo build/clippy/test of the workspace),
+//! or with `INTERHEAP_WHEEL_LAUNCHER=0`, this does nothing.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::SystemTime;
 
-/// What the launcher and the in-interpreter module are built from, relative
-/// to the workspace root.
-const LAUNCHER_SOURCES: [&str; 7] = [
-    "frontends/launcher",
-    "frontends/python-interp",
-    "cpython",
-    "engine/src",
-    "engine/Cargo.toml",
-    "Cargo.toml",
-    "Cargo.lock",
-];
+/// What the launcher is built from, relative to the workspace root.
+const LAUNCHER_SOURCES: [&str; 6] =
+    ["frontends/launcher", "cpython", "engine/src", "engine/Cargo.toml", "Cargo.toml", "Cargo.lock"];
 
 fn main() {
+    // `Py_GIL_DISABLED` and the version cfgs, for the in-interpreter module's slots.
+    pyo3_build_config::use_pyo3_cfgs();
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=PYO3_PYTHON");
     // INTERHEAP_WHEEL_LAUNCHER=0 skips it too (`make demo` needs no launcher).
@@ -90,50 +79,8 @@ fn main() {
 
     let built = target_dir.join(if release { "release" } else { "debug" }).join("interheap-python");
     // Cargo's start time for this run: the copy gets it as its mtime (below).
-    let invoked =
-        std::fs::metadata(out_dir.with_file_name("invoked.timestamp")).and_then(|m| m.modified()).ok();
-    install(&built, &data_file, invoked);
-
-    build_interp_module(&root, &manifest_dir, &out_dir, &python, release, invoked);
-}
-
-/// Builds the in-interpreter module (frontends/python-interp) as an extension
-/// of `python`'s, into `python/interheap_interp/_core<EXT_SUFFIX>`.
-fn build_interp_module(
-    root: &Path,
-    manifest_dir: &Path,
-    out_dir: &Path,
-    python: &str,
-    release: bool,
-    invoked: Option<SystemTime>,
-) {
-    let suffix = Command::new(python)
-        .args(["-c", "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))"])
-        .output()
-        .unwrap_or_else(|e| panic!("running {python} for its EXT_SUFFIX: {e}"));
-    let suffix = String::from_utf8_lossy(&suffix.stdout).trim().to_owned();
-    assert!(suffix.ends_with(".so"), "unexpected EXT_SUFFIX {suffix:?} from {python}");
-    let dest = manifest_dir.join("python/interheap_interp").join(format!("_core{suffix}"));
-    // Rebuilt if this interpreter's copy is missing (as for the launcher above).
-    println!("cargo:rerun-if-changed={}", dest.display());
-    let target_dir = out_dir.ancestors().nth(3).unwrap().join("interheap-interp");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-p", "interheap-interp", "--manifest-path"])
-        .arg(root.join("Cargo.toml"))
-        .arg("--target-dir")
-        .arg(&target_dir);
-    if release {
-        cmd.arg("--release");
-    }
-    // An extension module, like this one: PyO3's settings from maturin stay
-    // (it must not link libpython), only our target dir goes.
-    cmd.env_remove("CARGO_TARGET_DIR").env("PYO3_PYTHON", python);
-    let status =
-        cmd.status().unwrap_or_else(|e| panic!("could not run cargo to build interheap_interp: {e}"));
-    assert!(status.success(), "building interheap_interp (frontends/python-interp) failed: {status}");
-    let built = target_dir.join(if release { "release" } else { "debug" }).join("libinterheap_interp.so");
-    install(&built, &dest, invoked);
+    let invoked = std::fs::metadata(out_dir.with_file_name("invoked.timestamp")).and_then(|m| m.modified());
+    install(&built, &data_file, invoked.ok());
 }
 
 /// Copies the binary through a temporary file and a rename, so that a reader

@@ -11,6 +11,8 @@ use interheap_cpython::adapters::{self, c_abi, AdapterError, AdapterStats};
 use interheap_cpython::hooks::{self, TRACKER};
 use interheap_cpython::interp::{Origin, Whence};
 use interheap_cpython::interp_figures::InterpFigures;
+
+mod interp_module;
 use interheap_engine::{BucketKind, Domain, DomainSnapshot};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -181,43 +183,27 @@ fn watch_peaks(on: bool) -> PyResult<()> {
     Ok(())
 }
 
-/// Interpreter `id`'s figures as the hooks count them, for the
-/// in-interpreter module `interheap_interp` (which finds this symbol in this
-/// library: it cannot import a PyO3 module in a subinterpreter). 0, or -1 if
-/// the hooks are not installed.
-///
-/// # Safety
-///
-/// `out` points to a writable `InterpFigures`.
-#[no_mangle]
-pub unsafe extern "C" fn interheap_hooks_interp_figures(id: i64, out: *mut InterpFigures) -> std::ffi::c_int {
+/// Interpreter `id`'s figures as the hooks count them (for `interheap_interp`);
+/// `None` if the hooks are not installed.
+fn hooks_interp_figures(id: i64) -> Option<InterpFigures> {
     if !hooks::is_installed() || id < 0 {
-        return -1;
+        return None;
     }
     let bucket = interheap_engine::BucketId::for_interpreter(Some(id));
     let snap = TRACKER.ledger().bucket_snapshot(bucket);
     let live = snap.domains.iter().map(|d| d.live_bytes).sum();
     let mut budget = snap.budget;
     budget.limit = TRACKER.limit(bucket);
-    // SAFETY: `out` is writable, per the contract.
-    unsafe { out.write(InterpFigures::new(live, &budget)) };
-    0
+    Some(InterpFigures::new(live, &budget))
 }
 
-/// Lowers interpreter `id`'s limit in the hooks to `limit` bytes: 0; 1
-/// (nothing changed) if that would raise it; -1 if the hooks are not
-/// installed or the interpreter cannot be limited.
-#[no_mangle]
-pub extern "C" fn interheap_hooks_lower_limit(id: i64, limit: u64) -> std::ffi::c_int {
-    if !hooks::is_installed() || id < 0 {
-        return -1;
-    }
-    let bucket = interheap_engine::BucketId::for_interpreter(Some(id));
-    match TRACKER.lower_limit(bucket, limit) {
-        true => 0,
-        false if TRACKER.limit(bucket).is_some() => 1,
-        false => -1,
-    }
+/// Lowers interpreter `id`'s limit in the hooks (for `interheap_interp`):
+/// false if the hooks are not installed, the interpreter cannot be limited,
+/// or that would raise the limit.
+fn hooks_lower_limit(id: i64, limit: u64) -> bool {
+    hooks::is_installed()
+        && id >= 0
+        && TRACKER.lower_limit(interheap_engine::BucketId::for_interpreter(Some(id)), limit)
 }
 
 /// The default limit and the first interpreter ID it applies to, or None.

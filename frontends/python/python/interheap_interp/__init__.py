@@ -1,9 +1,12 @@
 """An interpreter's own memory figures and limit, from inside it.
 
 ``interheap`` itself is a PyO3 extension, and PyO3 modules cannot be
-imported in a subinterpreter. This small package can: its native part is
-written against CPython's C API directly, with multi-phase init, and declares
-that it supports a GIL per interpreter. Code running in an isolated
+imported in a subinterpreter. This small package can: its native part,
+``interheap_interp._core``, is a second module in the same library as
+``interheap._native``, written against CPython's C API directly, with
+multi-phase init, declaring that it supports a GIL per interpreter. This file
+loads that library under the second module's name (without importing the
+``interheap`` package, whose ``__init__`` imports the PyO3 module). Code running in an isolated
 interpreter (``concurrent.interpreters``, an ``InterpreterPoolExecutor``
 worker) reads what interheap counts for that interpreter and can tighten its
 own budget, never loosen it:
@@ -20,9 +23,34 @@ hooks (installed in the main interpreter with ``interheap.install()`` or
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
+import os
 from typing import Any
 
-from ._core import figures, interpreter_id, lower_limit
+
+def _load_core() -> Any:
+    spec = importlib.util.find_spec("interheap")  # finds it; runs nothing of it
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("interheap_interp needs the interheap package installed beside it")
+    for directory in spec.submodule_search_locations:
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            path = os.path.join(directory, "_native" + suffix)
+            if os.path.exists(path):
+                name = __name__ + "._core"
+                loader = importlib.machinery.ExtensionFileLoader(name, path)
+                core_spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+                assert core_spec is not None
+                module = importlib.util.module_from_spec(core_spec)
+                loader.exec_module(module)
+                return module
+    raise ImportError(f"no interheap._native extension in {spec.submodule_search_locations}")
+
+
+_core = _load_core()
+figures = _core.figures
+interpreter_id = _core.interpreter_id
+lower_limit = _core.lower_limit
 
 __all__ = ["figures", "interpreter_id", "limit", "live_bytes", "lower_limit", "refused"]
 

@@ -3,18 +3,14 @@
 //! included.
 //!
 //! PyO3 modules cannot be imported in a subinterpreter (DESIGN.md fact 9),
-//! so this one is written against `pyo3-ffi` only, with multi-phase init
-//! declaring per-interpreter-GIL support (and, on free-threaded builds, that
-//! it does not need the GIL). It keeps no state of its own: it reaches the
-//! back ends through their C symbols, at each call, since either may appear
-//! after it was imported:
-//!
-//! * the hooks live in the `interheap._native` extension, which CPython
-//!   loaded with `RTLD_LOCAL`: it is found among the loaded objects and
-//!   opened again with `RTLD_NOLOAD` (`interheap_hooks_interp_figures`,
-//!   `interheap_hooks_lower_limit`);
-//! * the allocator is exported by the process (`interheap-python`, or a
-//!   program linked with libinterheap): `dlsym(RTLD_DEFAULT, ...)`.
+//! so this module is written against the C API directly (`pyo3::ffi`), with
+//! multi-phase init declaring per-interpreter-GIL support (and, on
+//! free-threaded builds, that it does not need the GIL). It lives in this
+//! same library, `interheap._native`, under a second init function
+//! (`PyInit__core`): `interheap_interp/__init__.py` loads this file as
+//! `interheap_interp._core`, which never runs PyO3's init. Being the same
+//! library, it reads the hooks' tracker directly; the allocator is reached
+//! through the process's exported C API (`interheap-python`, libinterheap).
 //!
 //! Functions (all about the calling thread's interpreter): `interpreter_id()`,
 //! `figures()` (per back end: live bytes, limit, refused requests, the
@@ -25,48 +21,10 @@ use std::ffi::{c_char, c_int, c_void, CStr};
 use std::ptr;
 
 use interheap_cpython::interp_figures::InterpFigures;
-use pyo3_ffi::*;
+use pyo3::ffi::*;
 
 type FiguresFn = unsafe extern "C" fn(i64, *mut InterpFigures) -> c_int;
-type HooksLowerFn = extern "C" fn(i64, u64) -> c_int;
 type AllocatorLowerFn = unsafe extern "C" fn(i64, u64, *mut c_char, usize) -> c_int;
-
-/// The path fragment of the loaded `interheap._native` extension.
-const NATIVE: &[u8] = b"/interheap/_native";
-
-/// A symbol of the loaded `interheap._native`, if it is loaded.
-fn hooks_symbol(name: &CStr) -> Option<*mut c_void> {
-    unsafe extern "C" fn visit(info: *mut libc::dl_phdr_info, _size: usize, found: *mut c_void) -> c_int {
-        // SAFETY: the loader passes a valid info whose name is NULL or a C string.
-        let name = unsafe { (*info).dlpi_name };
-        if name.is_null() {
-            return 0;
-        }
-        // SAFETY: as above.
-        let bytes = unsafe { CStr::from_ptr(name) }.to_bytes();
-        if bytes.windows(NATIVE.len()).any(|w| w == NATIVE) {
-            // SAFETY: `found` is the `*const c_char` slot `hooks_symbol` passed.
-            unsafe { *(found as *mut *const c_char) = name };
-            return 1;
-        }
-        0
-    }
-    let mut path: *const c_char = ptr::null();
-    // SAFETY: the callback only reads the info it is given and writes `path`.
-    unsafe { libc::dl_iterate_phdr(Some(visit), &mut path as *mut *const c_char as *mut c_void) };
-    if path.is_null() {
-        return None;
-    }
-    // SAFETY: `path` names an object that is loaded; RTLD_NOLOAD only returns
-    // a handle to it (and a reference we keep: it is never unloaded anyway).
-    let handle = unsafe { libc::dlopen(path, libc::RTLD_NOLOAD | libc::RTLD_LAZY) };
-    if handle.is_null() {
-        return None;
-    }
-    // SAFETY: a valid handle and a C string.
-    let sym = unsafe { libc::dlsym(handle, name.as_ptr()) };
-    (!sym.is_null()).then_some(sym)
-}
 
 /// A symbol the process exports (the allocator's C API), if any.
 fn allocator_symbol(name: &CStr) -> Option<*mut c_void> {
@@ -132,12 +90,7 @@ fn figures_dict(found: Option<InterpFigures>) -> *mut PyObject {
 }
 
 fn hooks_figures(id: i64) -> Option<InterpFigures> {
-    let f = hooks_symbol(c"interheap_hooks_interp_figures")?;
-    // SAFETY: the symbol is `interheap_hooks_interp_figures` (frontends/python).
-    let f = unsafe { std::mem::transmute::<*mut c_void, FiguresFn>(f) };
-    let mut out = InterpFigures::default();
-    // SAFETY: `out` is writable.
-    (unsafe { f(id, &mut out) } == 0).then_some(out)
+    crate::hooks_interp_figures(id)
 }
 
 fn allocator_figures(id: i64) -> Option<InterpFigures> {
@@ -214,15 +167,12 @@ unsafe extern "C" fn lower_limit(_module: *mut PyObject, arg: *mut PyObject) -> 
     // SAFETY: `arg` is the call's one argument; a thread state is attached.
     let Ok(limit) = (unsafe { size_of(arg) }) else { return ptr::null_mut() };
     let id = current_id();
-    let hooks = hooks_symbol(c"interheap_hooks_lower_limit")
-        // SAFETY: the symbol is `interheap_hooks_lower_limit` (frontends/python).
-        .map(|f| unsafe { std::mem::transmute::<*mut c_void, HooksLowerFn>(f) })
-        .filter(|_| hooks_figures(id).is_some());
+    let hooks = hooks_figures(id).is_some();
     let allocator = allocator_symbol(c"interheap_allocator_lower_limit")
         // SAFETY: the symbol is `interheap_allocator_lower_limit` (cpython/src/c_api.rs).
         .map(|f| unsafe { std::mem::transmute::<*mut c_void, AllocatorLowerFn>(f) })
         .filter(|_| allocator_figures(id).is_some());
-    if hooks.is_none() && allocator.is_none() {
+    if !hooks && allocator.is_none() {
         return raise(
             // SAFETY: a CPython exception type (static).
             unsafe { PyExc_RuntimeError },
@@ -246,11 +196,9 @@ unsafe extern "C" fn lower_limit(_module: *mut PyObject, arg: *mut PyObject) -> 
             );
         }
     }
-    if let Some(lower) = hooks {
-        if lower(id, limit) < 0 {
-            // SAFETY: a CPython exception type (static).
-            return raise(unsafe { PyExc_RuntimeError }, "the hooks refused to lower the limit");
-        }
+    if hooks && !crate::hooks_lower_limit(id, limit) {
+        // SAFETY: a CPython exception type (static).
+        return raise(unsafe { PyExc_RuntimeError }, "the hooks refused to lower the limit");
     }
     if let Some(lower) = allocator {
         let mut err = [0 as c_char; 256];
