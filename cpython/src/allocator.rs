@@ -843,8 +843,32 @@ impl fmt::Display for LimitError {
 
 impl std::error::Error for LimitError {}
 
-fn serves_interpreters() -> bool {
+/// Whether the allocator serves mem and object here, so it sees (and can
+/// limit) what interpreters hold.
+pub fn serves_interpreters() -> bool {
     installed().contains(Domain::Mem) && installed().contains(Domain::Object)
+}
+
+/// Interpreter `id`'s heaps, if it has any.
+fn find_entry(id: i64) -> Option<&'static InterpreterHeaps> {
+    INTERPRETERS.lock().0.iter().find(|e| e.id == id).copied()
+}
+
+/// The heaps of a live interpreter whose limit may change (main's are made
+/// if they do not exist yet: its limit may be set before initialization).
+fn limitable_entry(id: i64) -> Result<&'static InterpreterHeaps, LimitError> {
+    if !serves_interpreters() {
+        return Err(LimitError::NotServing);
+    }
+    let entry = if id == 0 {
+        interpreter_heaps_lookup(0, ptr::null_mut())
+    } else {
+        find_entry(id).ok_or(LimitError::UnknownInterpreter(id))?
+    };
+    if entry.ended.get() {
+        return Err(LimitError::Ended(id));
+    }
+    Ok(entry)
 }
 
 /// Sets (or with `None` removes) the limit on interpreter `id`'s live bytes
@@ -854,19 +878,7 @@ fn serves_interpreters() -> bool {
 /// hold free (see `interheap_engine::heap::Account`). Main's limit (ID 0)
 /// may be set before initialization.
 pub fn set_limit(id: i64, limit: Option<u64>) -> Result<(), LimitError> {
-    if !serves_interpreters() {
-        return Err(LimitError::NotServing);
-    }
-    let entry = if id == 0 {
-        interpreter_heaps_lookup(0, ptr::null_mut())
-    } else {
-        let all = INTERPRETERS.lock();
-        *all.0.iter().find(|e| e.id == id).ok_or(LimitError::UnknownInterpreter(id))?
-    };
-    if entry.ended.get() {
-        return Err(LimitError::Ended(id));
-    }
-    entry.account.budget().set_limit(limit);
+    limitable_entry(id)?.account.budget().set_limit(limit);
     Ok(())
 }
 
@@ -874,16 +886,7 @@ pub fn set_limit(id: i64, limit: Option<u64>) -> Result<(), LimitError> {
 /// none): what an interpreter may do to itself. `Ok(false)`, changing
 /// nothing, if that would raise it.
 pub fn lower_limit(id: i64, limit: u64) -> Result<bool, LimitError> {
-    if !serves_interpreters() {
-        return Err(LimitError::NotServing);
-    }
-    let entry = {
-        let all = INTERPRETERS.lock();
-        *all.0.iter().find(|e| e.id == id).ok_or(LimitError::UnknownInterpreter(id))?
-    };
-    if entry.ended.get() {
-        return Err(LimitError::Ended(id));
-    }
+    let entry = limitable_entry(id)?;
     // A default that applies counts as the limit to lower (the interpreter
     // runs code, so it is created: see `apply_default_limit`).
     if id != 0 {
@@ -895,16 +898,14 @@ pub fn lower_limit(id: i64, limit: u64) -> Result<bool, LimitError> {
 /// Interpreter `id`'s live bytes in its mem and object heaps, its limit and
 /// what it refused; `None` if it has no heaps.
 pub fn interpreter_figures(id: i64) -> Option<(i64, BudgetSnapshot)> {
-    let all = INTERPRETERS.lock();
-    let entry = all.0.iter().find(|e| e.id == id)?;
+    let entry = find_entry(id)?;
     let live = entry.heaps.iter().map(|h| h.snapshot().live_bytes).sum();
     Some((live, entry.account.budget().snapshot()))
 }
 
 /// Interpreter `id`'s limit and what it refused; `None` if it has no heaps.
 pub fn budget(id: i64) -> Option<BudgetSnapshot> {
-    let all = INTERPRETERS.lock();
-    all.0.iter().find(|e| e.id == id).map(|e| e.account.budget().snapshot())
+    find_entry(id).map(|e| e.account.budget().snapshot())
 }
 
 /// Gives every interpreter with an ID of at least `from_id` whose limit was

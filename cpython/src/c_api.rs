@@ -133,9 +133,7 @@ pub unsafe extern "C" fn interheap_allocator_free_string(s: *mut c_char) {
 /// `out` points to a writable `interheap_interp_figures`.
 #[no_mangle]
 pub unsafe extern "C" fn interheap_allocator_interp_figures(id: i64, out: *mut InterpFigures) -> c_int {
-    if !(installed().contains(interheap_engine::Domain::Mem)
-        && installed().contains(interheap_engine::Domain::Object))
-    {
+    if !allocator::serves_interpreters() {
         return -1;
     }
     let Some((live, budget)) = allocator::interpreter_figures(id) else { return -2 };

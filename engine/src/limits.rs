@@ -139,11 +139,6 @@ impl Budget {
         self.watched.load(Relaxed)
     }
 
-    /// Restarts the peak from `live` (the interpreter's live bytes now).
-    pub fn restart_peak(&self, live: u64) {
-        self.peak.store(live, Relaxed);
-    }
-
     fn note_peak(&self, wanted: u64) {
         if wanted > self.peak.load(Relaxed) {
             self.peak.fetch_max(wanted, Relaxed);
@@ -390,7 +385,7 @@ mod tests {
         assert_eq!(b.admit(10_000, || panic!("live read while not watched")), Admission::Unlimited);
         // With a limit: admitted requests raise it, refused ones do not.
         b.set_limit(Some(4_000));
-        b.restart_peak(2_000);
+        b.watch(true, 2_000);
         assert_eq!(b.admit(1_000, || 2_000), Admission::Admitted);
         b.settle(1_000);
         assert_eq!(b.admit(5_000, || 3_000), Admission::Refused);

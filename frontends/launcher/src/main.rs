@@ -127,8 +127,7 @@ fn apply_limits(limits: Limits) -> Result<(), String> {
     if limits.each.is_none() && limits.main.is_none() {
         return Ok(());
     }
-    let served = allocator::installed();
-    if !(served.contains(Domain::Mem) && served.contains(Domain::Object)) {
+    if !allocator::serves_interpreters() {
         let why = if Domains::supported().contains(Domain::Mem) {
             "the interheap allocator does not serve the mem and object domains in this run \
              (INTERHEAP_ALLOCATOR or PYTHONMALLOC chose otherwise)"

@@ -89,10 +89,6 @@ fn figures_dict(found: Option<InterpFigures>) -> *mut PyObject {
     }
 }
 
-fn hooks_figures(id: i64) -> Option<InterpFigures> {
-    crate::hooks_interp_figures(id)
-}
-
 fn allocator_figures(id: i64) -> Option<InterpFigures> {
     let f = allocator_symbol(c"interheap_allocator_interp_figures")?;
     // SAFETY: the symbol is `interheap_allocator_interp_figures` (cpython/src/c_api.rs).
@@ -116,7 +112,7 @@ unsafe extern "C" fn figures(_module: *mut PyObject, _unused: *mut PyObject) -> 
             return d;
         }
         let ok = set(d, c"id", PyLong_FromLongLong(id))
-            && set(d, c"hooks", figures_dict(hooks_figures(id)))
+            && set(d, c"hooks", figures_dict(crate::hooks_interp_figures(id)))
             && set(d, c"allocator", figures_dict(allocator_figures(id)));
         if !ok {
             Py_DecRef(d);
@@ -167,7 +163,7 @@ unsafe extern "C" fn lower_limit(_module: *mut PyObject, arg: *mut PyObject) -> 
     // SAFETY: `arg` is the call's one argument; a thread state is attached.
     let Ok(limit) = (unsafe { size_of(arg) }) else { return ptr::null_mut() };
     let id = current_id();
-    let hooks = hooks_figures(id).is_some();
+    let hooks = crate::hooks_interp_figures(id).is_some();
     let allocator = allocator_symbol(c"interheap_allocator_lower_limit")
         // SAFETY: the symbol is `interheap_allocator_lower_limit` (cpython/src/c_api.rs).
         .map(|f| unsafe { std::mem::transmute::<*mut c_void, AllocatorLowerFn>(f) })
@@ -183,7 +179,7 @@ unsafe extern "C" fn lower_limit(_module: *mut PyObject, arg: *mut PyObject) -> 
     }
     // Check every back end first, so that a refusal changes nothing anywhere.
     let current: Vec<i64> =
-        [hooks_figures(id), allocator_figures(id)].iter().flatten().map(|f| f.limit).collect();
+        [crate::hooks_interp_figures(id), allocator_figures(id)].iter().flatten().map(|f| f.limit).collect();
     if let Some(&lowest) = current.iter().filter(|&&l| l >= 0).min() {
         if limit > lowest as u64 {
             return raise(
