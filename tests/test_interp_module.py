@@ -71,8 +71,10 @@ def check_parallel(out: dict, back_end: str) -> None:
         assert 0 < seen["live"] < limit
         assert seen["lowered"] == limit - 4 * MB
         assert seen["raise"].startswith("an interpreter can lower its own limit, never raise it"), seen
-        # It filled up to its lowered limit (its start-up counts too), then MemoryError.
-        assert (limit - 4 * MB) / MB - 5 <= seen["kept"] <= (limit - 4 * MB) / MB, seen
+        # It filled up to its lowered limit, then MemoryError. What it held before
+        # (start-up, measured as "live": 4.8-5.1 MB on 3.14t) counts too.
+        room = (limit - 4 * MB - seen["live"]) / MB
+        assert room - 3 <= seen["kept"] <= (limit - 4 * MB) / MB, seen
         assert seen["refused"] >= 1
         figures = seen["figures"][back_end]
         assert figures["limit"] == limit - 4 * MB and figures["peak"] <= limit - 4 * MB + 256 * 1024 + MB
