@@ -256,7 +256,8 @@ def allocator_checks(interps: list[int], ended: bool) -> list[str]:
         counted = sum(a - f - r for _, _, a, f, r in heap["classes"])
         if counted != heap["live_blocks"] or heap["failures"] or heap["live_bytes"] > heap["peak_bytes"]:
             problems.append(f"inconsistent heap: {heap}")
-    if s.shared.remote_frees + sum(x.mem.remote_frees + x.object.remote_frees for x in s.interpreters) == 0:
+    remote = sum(x.mem.remote_frees + x.object.remote_frees + x.raw.remote_frees for x in s.interpreters)
+    if s.shared.remote_frees + remote == 0:
         problems.append("no cross-thread or cross-interpreter free was counted")
     if FREE_THREADED:
         return problems

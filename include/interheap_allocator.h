@@ -4,7 +4,9 @@
  * <venv>/interheap-c/lib), or use the interheap-python launcher.
  * Call interheap_allocator_install() after Py_PreInitialize*() and before
  * Py_Initialize*(): mem and object allocations then come from one heap per
- * interpreter, raw allocations from a shared thread-safe heap. On
+ * interpreter and domain, and so do raw allocations made while one of the
+ * interpreter's thread states is current; raw allocations without a thread
+ * state come from a shared thread-safe heap. On
  * free-threaded builds only the raw domain can be served (mem and object stay
  * CPython's mimalloc); asking for more fails with a message.
  */
@@ -33,7 +35,8 @@ unsigned interheap_allocator_installed(void);
 char *interheap_allocator_report_json(void);
 void interheap_allocator_free_string(char *s);
 
-/* Memory limits (mem and object domains; not on free-threaded builds).
+/* Memory limits (mem, object, and raw calls made with a thread state; not
+ * on free-threaded builds).
  * An interpreter's live bytes may not grow past its limit: the allocation
  * that would cross it, on a heap's slow path, returns NULL, so CPython raises
  * MemoryError in that interpreter only. It can be over by at most what the

@@ -209,3 +209,22 @@ def test_an_interpreter_reborn_at_a_freed_address_gets_fresh_heaps(build_dir):
         mine = [h for h in doc["heaps"] if h["kind"] == "interpreter" and h["id"] == interp_id]
         kept = sum(a - f - r for h in mine for _, bs, a, f, r in h["classes"] if size <= bs < 1.25 * size + 9)
         assert kept >= 3000, f"round {k}: interpreter {interp_id} keeps {kept} blocks of ~{size} B"
+
+
+@pytest.mark.skipif(FREE_THREADED, reason="free-threaded builds keep CPython's mimalloc for mem and object")
+def test_raw_blocks_count_for_the_interpreter_whose_thread_state_is_current(build_dir):
+    import json
+
+    exe = build_program(ROOT / "tests" / "c" / "raw_limits.c", build_dir / "raw_limits")
+    out = run_program(exe)
+    checks = [line for line in out.splitlines() if line.startswith("CHECK ")]
+    assert len(checks) == 5 and all(" ok " in line for line in checks), out
+    report = json.loads(out.split("REPORT ", 1)[1].splitlines()[0])
+    raw = [h for h in report["heaps"] if h["kind"] == "interpreter" and h["domain"] == "raw" and h["id"] > 0]
+    # The subinterpreter's raw heap: the 100 blocks of 10,000 B and the 1 MB
+    # one among its allocations, that last one freed from main (remote).
+    assert raw and raw[0]["ended"] and raw[0]["allocations"] >= 101 and raw[0]["remote_frees"] >= 1, raw
+    # A refusal is the budget's, not a failure of the heap (the OS gave no less).
+    budget = [b for b in report["limits"] if b["id"] == raw[0]["id"]]
+    assert raw[0]["failures"] == 0 and budget[0]["refused"] == 1, (raw, budget)
+    assert budget[0]["largest_refused"] >= 1000 * 1000, budget

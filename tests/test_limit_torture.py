@@ -6,6 +6,7 @@ Every run ends with success or a MemoryError there, never a crash or hang."""
 from __future__ import annotations
 
 import json
+import sys
 
 from conftest import FREE_THREADED, ROOT, run_python
 
@@ -22,8 +23,13 @@ def test_every_limit_ends_in_success_or_a_memoryerror_never_a_crash(tmp_path):
     for r in results:
         by_limit.setdefault(r["limit"], set()).add(r["outcome"])
     # The sweep spans the whole range: 2 MB is less than an interpreter's
-    # start-up (refused before any code runs), 256 MB is ample.
-    assert by_limit["2MB"] <= {"refused at entry", "MemoryError"}, by_limit
+    # start-up (refused before any code runs), 256 MB is ample. CPython before
+    # 3.14 may crash there when its parser's first allocation is refused
+    # (gh-150207; tests/limit_torture.py tells that crash apart, any other fails).
+    at_2mb = {"refused at entry", "MemoryError"}
+    if sys.version_info < (3, 14):
+        at_2mb |= {"parser crash at entry"}
+    assert by_limit["2MB"] <= at_2mb, by_limit
     assert by_limit["256MB"] == {"ok"}, by_limit
     # pyperformance is a dev requirement: its workload ran too.
     assert {r["workload"] for r in results} == {"test_re", "json_dumps"}

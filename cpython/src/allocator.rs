@@ -4,15 +4,20 @@
 //! *replaces* CPython's allocators (DESIGN.md fact 2 allows that only before
 //! initialization) with the engine's heaps (`interheap_engine::heap`):
 //!
-//! * **mem and object** calls made in interpreter *I* come from *I*'s own two
+//! * **mem and object** calls made in interpreter *I* come from *I*'s own
 //!   heaps (one per domain, so figures stay per domain). CPython makes these
 //!   calls only while holding *I*'s GIL, so that GIL is the heaps' owner: the
 //!   fast path takes no lock and no atomic read-modify-write. The owner token
 //!   is derived from the interpreter ID (fact 6: never reused, unlike
 //!   `PyInterpreterState*`).
-//! * **raw** calls, and mem/object calls made without a thread state, come
-//!   from the *shared* heap: one engine heap per thread (a thread cache),
-//!   adopted from a pool when a thread starts, ended when it exits.
+//! * **raw** calls made in *I* (a thread state of *I* current) come from
+//!   *I*'s third heap, when the allocator serves all three domains: on a
+//!   default build a current thread state holds *I*'s GIL, so the same owner
+//!   rule holds, and *I*'s raw bytes count in its figures and its limit.
+//! * Calls made without a thread state (and every raw call when mem and
+//!   object are not ours, as on free-threaded builds) come from the *shared*
+//!   heap: one engine heap per thread (a thread cache), adopted from a pool
+//!   when a thread starts, ended when it exits.
 //! * A block freed by anyone who is not its heap's owner (another
 //!   interpreter, another thread, no thread state) goes onto the owner's
 //!   remote-free list and is counted there as a remote (cross-interpreter, or
@@ -32,8 +37,10 @@
 //!
 //! * An interpreter heap is touched as owner only by a thread whose current
 //!   thread state belongs to that interpreter: it holds that interpreter's
-//!   GIL (CPython's rule for mem and object calls). The free path checks the
-//!   token of the *current* interpreter against the block's heap.
+//!   GIL (CPython's rule for mem and object calls; for raw calls, CPython
+//!   makes a thread state current only after taking its GIL and clears it
+//!   before dropping it, `_PyThreadState_Attach`/`detach_thread`). The free
+//!   path checks the token of the *current* interpreter against the block's heap.
 //! * A thread heap is owned by its thread; its token is the address of the
 //!   thread's own thread-local slot (even), interpreter tokens are odd.
 //! * After its thread-local destructor ran, a thread allocates from one
@@ -183,7 +190,7 @@ pub fn install_before_init(domains: Domains) -> Result<(), InstallError> {
     }
     for domain in Domain::ALL {
         if domains.contains(domain) {
-            set_allocator(domain, our_allocator(domain));
+            set_allocator(domain, our_allocator(domain, domains));
         }
     }
     INSTALLED.store(domains.0, Ordering::Release);
@@ -235,17 +242,26 @@ pub fn installed() -> Domains {
     Domains(INSTALLED.load(Ordering::Acquire))
 }
 
-fn our_allocator(domain: Domain) -> PyMemAllocatorEx {
+/// The functions interheap installs for `domain`, when it serves `domains`.
+fn our_allocator(domain: Domain, domains: Domains) -> PyMemAllocatorEx {
     match domain {
-        Domain::Raw => PyMemAllocatorEx {
-            ctx: ptr::null_mut(),
-            malloc: Some(raw_malloc),
-            calloc: Some(raw_calloc),
-            realloc: Some(raw_realloc),
-            free: Some(raw_free),
-        },
+        // Raw calls come from the interpreters' heaps only where those exist.
+        Domain::Raw if domains.contains(Domain::Mem) && domains.contains(Domain::Object) => {
+            raw_allocator::<true>()
+        }
+        Domain::Raw => raw_allocator::<false>(),
         Domain::Mem => interp_allocator::<1>(),
         Domain::Object => interp_allocator::<2>(),
+    }
+}
+
+fn raw_allocator<const BY_INTERPRETER: bool>() -> PyMemAllocatorEx {
+    PyMemAllocatorEx {
+        ctx: ptr::null_mut(),
+        malloc: Some(raw_malloc::<BY_INTERPRETER>),
+        calloc: Some(raw_calloc::<BY_INTERPRETER>),
+        realloc: Some(raw_realloc::<BY_INTERPRETER>),
+        free: Some(raw_free),
     }
 }
 
@@ -339,15 +355,15 @@ fn with_thread_heap_slow<R>(f: impl FnOnce(&'static Heap) -> R) -> R {
 
 // ----- interpreter heaps -----
 
-/// One interpreter's heaps, for mem and object, and the account whose
-/// budget limits them together.
+/// One interpreter's heaps, for mem, object and raw (see [`PARTS`]), and the
+/// account whose budget limits them together.
 struct InterpreterHeaps {
     id: i64,
     /// Address of the interpreter's state, to notice when CPython frees it
     /// (0 for an entry made before the interpreter existed: main's, when its
     /// limit is set before initialization).
     state: usize,
-    heaps: [&'static Heap; 2],
+    heaps: [&'static Heap; PARTS],
     account: &'static Account,
     ended: Cell<bool>,
 }
@@ -378,8 +394,8 @@ struct InterpreterCache {
     /// Written by the thread; cleared by any thread under [`CACHES`]' lock.
     tstate: AtomicPtr<ffi::PyThreadState>,
     /// The rest is only touched by the thread itself: the interpreter's
-    /// heaps for mem and object (null before the first fill), its owner token, its ID.
-    heaps: Cell<[*const Heap; 2]>,
+    /// heaps, by part (null before the first fill), its owner token, its ID.
+    heaps: Cell<[*const Heap; PARTS]>,
     token: Cell<usize>,
     id: Cell<i64>,
     /// Registration in [`CACHES`]: `UNLISTED`, `LISTED`, or `DELISTED` (the
@@ -400,7 +416,7 @@ thread_local! {
     static CACHE: InterpreterCache = const {
         InterpreterCache {
             tstate: AtomicPtr::new(NO_TSTATE),
-            heaps: Cell::new([ptr::null(); 2]),
+            heaps: Cell::new([ptr::null(); PARTS]),
             token: Cell::new(NO_OWNER),
             id: Cell::new(-1),
             listing: Cell::new(UNLISTED),
@@ -507,7 +523,7 @@ fn cache_is_current(cache: &InterpreterCache) -> bool {
     cache.tstate.load(Ordering::Relaxed) == current_thread_state_fast()
 }
 
-/// The calling thread's heap for domain part `part` (0 = mem, 1 = object)
+/// The calling thread's heap for domain part `part` (see [`PARTS`])
 /// in its current interpreter, if this thread's cache knows it: the
 /// allocation fast path. `None` sends the caller to its slow path.
 #[inline(always)]
@@ -517,7 +533,7 @@ fn cached_interpreter_heap(part: usize) -> Option<&'static Heap> {
             return None;
         }
         // SAFETY: a keyed entry has both its heaps (leaked, so never null),
-        // and `part` is 0 or 1.
+        // and `part` is below PARTS.
         Some(unsafe {
             let heap = *cache.heaps.get().get_unchecked(part);
             std::hint::assert_unchecked(!heap.is_null());
@@ -533,7 +549,7 @@ fn cached_interpreter_heap(part: usize) -> Option<&'static Heap> {
 #[inline(always)]
 fn owns_cached(heap: *const Heap, part: usize) -> bool {
     CACHE.with(|cache| {
-        // SAFETY: `part` is 0 or 1.
+        // SAFETY: `part` is below PARTS.
         heap == unsafe { *cache.heaps.get().get_unchecked(part) } && cache_is_current(cache)
     })
 }
@@ -562,11 +578,20 @@ fn current_interpreter_heap_slow(part: usize) -> Option<&'static Heap> {
         return None;
     }
     let heaps = CACHE.with(|cache| {
-        let heaps = if cache.id.get() == id && !cache.heaps.get()[0].is_null() {
+        let previous = cache.heaps.get()[0];
+        if cache.id.get() != id && !previous.is_null() {
+            // This thread left the interpreter it last allocated in: if it
+            // was creating it, its start-up is over (see apply_default_limit).
+            // SAFETY: cached heaps are leaked, never freed.
+            if let Some(account) = unsafe { &*previous }.account() {
+                account.budget().mark_started();
+            }
+        }
+        let heaps = if cache.id.get() == id && !previous.is_null() {
             cache.heaps.get()
         } else {
             let entry = interpreter_heaps_lookup(id, interp);
-            [entry.heaps[0] as *const Heap, entry.heaps[1] as *const Heap]
+            entry.heaps.map(|h| h as *const Heap)
         };
         // Unkeyed while the entry changes; keyed last, only by a thread state
         // that is current (so no one can free it meanwhile).
@@ -645,6 +670,7 @@ fn interpreter_heaps_lookup(id: i64, state: *mut ffi::PyInterpreterState) -> &'s
         heaps: [
             Heap::new_in_account(label(Domain::Mem), token, account),
             Heap::new_in_account(label(Domain::Object), token, account),
+            Heap::new_in_account(label(Domain::Raw), token, account),
         ],
         account,
         ended: Cell::new(false),
@@ -682,6 +708,13 @@ const MIN_INTERPRETER_STATE: usize = 4096;
 const fn part<const D: usize>() -> usize {
     D - 1
 }
+
+/// An interpreter's heaps, by part: mem (0), object (1) and raw ([`RAW_PART`]).
+const PARTS: usize = 3;
+/// The part of an interpreter's raw heap: raw calls made while one of its
+/// thread states is current, when the allocator serves all three domains
+/// (see [`raw_malloc`]).
+const RAW_PART: usize = 2;
 
 extern "C" fn interp_malloc<const D: usize>(ctx: *mut c_void, size: usize) -> *mut c_void {
     if let Some(heap) = cached_interpreter_heap(part::<D>()) {
@@ -748,19 +781,47 @@ extern "C" fn interp_free_slow<const D: usize>(_ctx: *mut c_void, p: *mut c_void
     }
 }
 
-extern "C" fn raw_malloc(_ctx: *mut c_void, size: usize) -> *mut c_void {
-    // SAFETY: with_thread_heap hands us a heap we own.
-    with_thread_heap(|h| unsafe { h.alloc(size) }) as *mut c_void
+/// The heap a raw call is served from. With `BY_INTERPRETER` (the allocator
+/// serves all three domains, so a default build: fact 3), a call made while
+/// a thread state is current comes from that interpreter's raw heap: on a
+/// default build a current thread state holds its interpreter's GIL
+/// (CPython takes the GIL before it makes a thread state current and clears
+/// it before it drops the GIL, `_PyThreadState_Attach`/`detach_thread`), the
+/// raw heap's owner, as for mem and object. So its raw bytes count in its
+/// figures and against its limit, exactly. Calls without a thread state
+/// (start-up, threads that are not Python's, code that released the GIL) are
+/// never limited: they come from the calling thread's heap.
+#[inline(always)]
+fn with_raw_heap<const BY_INTERPRETER: bool, R>(f: impl FnOnce(&'static Heap) -> R) -> R {
+    if BY_INTERPRETER {
+        if let Some(heap) = current_interpreter_heap(RAW_PART) {
+            return f(heap);
+        }
+    }
+    with_thread_heap(f)
 }
 
-extern "C" fn raw_calloc(_ctx: *mut c_void, count: usize, size: usize) -> *mut c_void {
-    // SAFETY: with_thread_heap hands us a heap we own.
-    with_thread_heap(|h| unsafe { h.alloc_zeroed(count, size) }) as *mut c_void
+extern "C" fn raw_malloc<const BY_INTERPRETER: bool>(_ctx: *mut c_void, size: usize) -> *mut c_void {
+    // SAFETY: with_raw_heap hands us a heap we own.
+    with_raw_heap::<BY_INTERPRETER, _>(|h| unsafe { h.alloc(size) }) as *mut c_void
 }
 
-extern "C" fn raw_realloc(_ctx: *mut c_void, p: *mut c_void, size: usize) -> *mut c_void {
-    // SAFETY: with_thread_heap hands us a heap we own; `p` is null or live.
-    match with_thread_heap(|h| unsafe { h.realloc(p as *mut u8, size, token_for) }) {
+extern "C" fn raw_calloc<const BY_INTERPRETER: bool>(
+    _ctx: *mut c_void,
+    count: usize,
+    size: usize,
+) -> *mut c_void {
+    // SAFETY: with_raw_heap hands us a heap we own.
+    with_raw_heap::<BY_INTERPRETER, _>(|h| unsafe { h.alloc_zeroed(count, size) }) as *mut c_void
+}
+
+extern "C" fn raw_realloc<const BY_INTERPRETER: bool>(
+    _ctx: *mut c_void,
+    p: *mut c_void,
+    size: usize,
+) -> *mut c_void {
+    // SAFETY: with_raw_heap hands us a heap we own; `p` is null or live.
+    match with_raw_heap::<BY_INTERPRETER, _>(|h| unsafe { h.realloc(p as *mut u8, size, token_for) }) {
         Realloc::Done(q) => q as *mut c_void,
         Realloc::NotOurs => forward_realloc(Domain::Raw as usize, p, size),
     }
@@ -872,7 +933,7 @@ fn limitable_entry(id: i64) -> Result<&'static InterpreterHeaps, LimitError> {
 }
 
 /// Sets (or with `None` removes) the limit on interpreter `id`'s live bytes
-/// in the mem and object domains. The allocation that would cross it, on a
+/// in its mem, object and raw heaps. The allocation that would cross it, on a
 /// heap's slow path, fails (MemoryError in that interpreter); an interpreter
 /// can go over by at most what the current pages of its size classes still
 /// hold free (see `interheap_engine::heap::Account`). Main's limit (ID 0)
@@ -895,7 +956,7 @@ pub fn lower_limit(id: i64, limit: u64) -> Result<bool, LimitError> {
     Ok(entry.account.budget().lower_limit(limit))
 }
 
-/// Interpreter `id`'s live bytes in its mem and object heaps, its limit and
+/// Interpreter `id`'s live bytes in its three heaps, its limit and
 /// what it refused; `None` if it has no heaps.
 pub fn interpreter_figures(id: i64) -> Option<(i64, BudgetSnapshot)> {
     let entry = find_entry(id)?;
@@ -913,7 +974,8 @@ pub fn budget(id: i64) -> Option<BudgetSnapshot> {
 /// the interpreter is created, not to its start-up, where CPython records
 /// where an interpreter came from (3.13+): `concurrent.interpreters` and its
 /// pool get it when they first run code; an interpreter made with the C API
-/// only through [`set_limit`]. On 3.12 it applies from the first allocation.
+/// only through [`set_limit`]. On 3.12, which records neither, it applies
+/// once the thread that created the interpreter has left it (start-up is over).
 pub fn set_default_limit(limit: Option<u64>, from_id: i64) -> Result<(), LimitError> {
     if limit.is_some() && !serves_interpreters() {
         return Err(LimitError::NotServing);
@@ -934,7 +996,7 @@ pub fn default_limit() -> Option<(u64, i64)> {
 /// `concurrent.interpreters` is still creating as made by the C API (see
 /// `interp::describe_current`); one made with the C API keeps that, and gets
 /// a limit only through [`set_limit`]. 3.12 records nothing: the default
-/// applies from the first slow path.
+/// applies once the account is marked started (its creator left it).
 fn apply_default_limit(account: &Account) {
     let id = account.tag();
     if id == 0 || DEFAULT_LIMIT.for_interpreter(id).is_none() {
@@ -946,8 +1008,16 @@ fn apply_default_limit(account: &Account) {
     if interp.is_null() || unsafe { ffi::PyInterpreterState_GetID(interp) } != id {
         return;
     }
-    // SAFETY: as above.
-    if unsafe { crate::interp::whence_is_capi(interp) } {
+    if crate::interp::records_whence() {
+        // SAFETY: as above.
+        if unsafe { crate::interp::whence_is_capi(interp) } {
+            return;
+        }
+    } else if !account.budget().is_started() {
+        // 3.12 records no whence. An interpreter is created on one thread,
+        // start to end, under its own thread state; the creator then switches
+        // back to its own (`Py_NewInterpreterFromConfig`'s callers do), which
+        // marks the account started (current_interpreter_heap_slow).
         return;
     }
     DEFAULT_LIMIT.apply(account.budget(), id);

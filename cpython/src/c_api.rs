@@ -53,8 +53,8 @@ fn limit_from_c(limit: i64) -> Option<u64> {
     u64::try_from(limit).ok()
 }
 
-/// Sets interpreter `id`'s limit on its live bytes in the mem and object
-/// domains (`limit` < 0: none). Returns 0, or -1 with a message in `err`
+/// Sets interpreter `id`'s limit on its live bytes in its mem, object and
+/// raw heaps (`limit` < 0: none). Returns 0, or -1 with a message in `err`
 /// (unknown or ended interpreter, or the allocator does not serve mem and
 /// object here). Nothing changes on failure.
 ///

@@ -391,6 +391,9 @@ pub fn install() -> Result<(), HookError> {
     // `interp::describe_current`); the symbols are resolved now, not in a hook.
     crate::interp::prepare_describe();
     TRACKER.ledger().set_describer(Some(crate::interp::describe_current));
+    // 3.12 records no whence, so a bucket settles during start-up; a default
+    // limit then waits for the creator to leave the interpreter.
+    TRACKER.require_start_signal(!crate::interp::records_whence());
     // The installing interpreter is listed from the start, even before it allocates.
     TRACKER.ledger().touch(current_bucket());
     let previous = Domain::ALL.map(get_allocator);

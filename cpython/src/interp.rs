@@ -418,6 +418,11 @@ fn get_whence_fn() -> Option<GetWhence> {
     (addr != 0).then(|| unsafe { std::mem::transmute::<usize, GetWhence>(addr) })
 }
 
+/// Whether CPython records where an interpreter came from (3.13+; not 3.12).
+pub fn records_whence() -> bool {
+    get_whence_fn().is_some()
+}
+
 /// Whether CPython records `interp` as made through the C API: an
 /// interpreter that `concurrent.interpreters` is still creating (see
 /// [`describe_current`]), or one made with `Py_NewInterpreterFromConfig`.

@@ -67,6 +67,9 @@ pub struct Budget {
     peak: AtomicU64,
     /// Whether admissions compute the peak even with no limit.
     watched: AtomicBool,
+    /// Whether the interpreter's start-up is known to be over (see
+    /// [`Budget::mark_started`]).
+    started: AtomicBool,
 }
 
 /// What [`Budget::admit`] decided.
@@ -123,7 +126,23 @@ impl Budget {
             configured: AtomicBool::new(false),
             peak: AtomicU64::new(0),
             watched: AtomicBool::new(false),
+            started: AtomicBool::new(false),
         }
+    }
+
+    /// Records that the interpreter's start-up is over, for a back end that
+    /// applies a default limit only then and has no other sign of it (3.12,
+    /// which records no whence): the thread that created the interpreter
+    /// left it. Both back ends see that on their own paths and mark it here.
+    pub fn mark_started(&self) {
+        if !self.started.load(Relaxed) {
+            self.started.store(true, Relaxed);
+        }
+    }
+
+    /// Whether [`mark_started`](Self::mark_started) was called.
+    pub fn is_started(&self) -> bool {
+        self.started.load(Relaxed)
     }
 
     /// Starts (or stops) computing the peak with no limit, from `live` now.

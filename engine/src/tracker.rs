@@ -29,6 +29,7 @@ use crate::ledger::{BucketId, Count, Ledger, LedgerSnapshot};
 use crate::limits::{Admission, DefaultLimit};
 use crate::nursery::{cacheable, Nurseries, Nursery};
 use crate::shard_lock::ShardLock;
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::Relaxed};
 
 /// `Tracker::checks`: a limit was set.
@@ -67,6 +68,16 @@ pub struct Tracker {
     watch_all: AtomicBool,
     /// The limit of interpreters whose own limit was never set.
     default_limit: DefaultLimit,
+    /// Whether a default limit waits until the interpreter's start-up is seen
+    /// to end (see [`Tracker::require_start_signal`]).
+    start_signal: AtomicBool,
+}
+
+thread_local! {
+    /// The bucket this thread last asked admission for (only followed while
+    /// [`Tracker::require_start_signal`] is on). No destructor: usable to the
+    /// thread's very end.
+    static LAST_ADMITTED: Cell<BucketId> = const { Cell::new(BucketId::NO_INTERPRETER) };
 }
 
 impl Default for Tracker {
@@ -87,7 +98,16 @@ impl Tracker {
             checks: AtomicU8::new(0),
             watch_all: AtomicBool::new(false),
             default_limit: DefaultLimit::new(),
+            start_signal: AtomicBool::new(false),
         }
+    }
+
+    /// Makes a default limit wait until an interpreter's start-up is over,
+    /// seen as the thread that created it leaving it: this thread's next
+    /// admission is for another interpreter. For CPython 3.12, which records
+    /// no whence (so a bucket settles during start-up); 3.13+ need not.
+    pub fn require_start_signal(&self, on: bool) {
+        self.start_signal.store(on, Relaxed);
     }
 
     /// Sets (or with `None` removes) the limit that every interpreter with
@@ -194,6 +214,9 @@ impl Tracker {
 
     #[inline(never)]
     fn admit_limited(&self, owner: BucketId, size: usize) -> Admission {
+        if self.start_signal.load(Relaxed) {
+            self.note_thread_in(owner);
+        }
         let budget = self.ledger.budget(owner);
         if !budget.configured() {
             self.maybe_apply_default(owner);
@@ -204,10 +227,21 @@ impl Tracker {
         budget.admit(size as u64, || self.ledger.live_total(owner))
     }
 
+    /// This thread asks for `owner`: if it last asked for another
+    /// interpreter, it left that one, whose start-up (if it was creating it)
+    /// is over.
+    fn note_thread_in(&self, owner: BucketId) {
+        let previous = LAST_ADMITTED.with(|last| last.replace(owner));
+        if previous != owner && previous != BucketId::NO_INTERPRETER {
+            self.ledger.budget(previous).mark_started();
+        }
+    }
+
     #[cold]
     fn maybe_apply_default(&self, owner: BucketId) {
         if let crate::ledger::BucketKind::Interpreter(id) = owner.kind() {
-            if self.default_limit.for_interpreter(id).is_some() && self.ledger.is_settled(owner) {
+            let started = !self.start_signal.load(Relaxed) || self.ledger.budget(owner).is_started();
+            if self.default_limit.for_interpreter(id).is_some() && self.ledger.is_settled(owner) && started {
                 self.default_limit.apply(self.ledger.budget(owner), id);
             }
         }
@@ -506,6 +540,28 @@ mod tests {
 
     fn mem(t: &Tracker, b: BucketId) -> crate::DomainSnapshot {
         bucket(t, b)[Domain::Mem.index()]
+    }
+
+    #[test]
+    fn with_the_start_signal_a_default_limit_waits_until_the_creator_leaves() {
+        let t = Tracker::new();
+        t.require_start_signal(true);
+        t.set_default_limit(Some(100), 1);
+        // Main (0) creates interpreter 1 on this thread: its start-up is not limited.
+        t.ledger().touch(interp(1));
+        assert_eq!(t.admit(interp(0), 10), Admission::Unlimited);
+        assert_eq!(t.admit(interp(1), 1000), Admission::Unlimited);
+        assert_eq!(t.admit(interp(1), 1000), Admission::Unlimited);
+        // The creator is back in main: interpreter 1 has started, the default applies.
+        assert_eq!(t.admit(interp(0), 10), Admission::Unlimited);
+        assert_eq!(t.admit(interp(1), 1000), Admission::Refused);
+        assert_eq!(t.ledger().budget(interp(1)).snapshot().limit, Some(100));
+
+        // Without the signal (3.13+: whence tells), a settled bucket gets it at once.
+        let t = Tracker::new();
+        t.set_default_limit(Some(100), 1);
+        t.ledger().touch(interp(2));
+        assert_eq!(t.admit(interp(2), 1000), Admission::Refused);
     }
 
     #[test]

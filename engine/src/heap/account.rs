@@ -1,5 +1,5 @@
 //! [`Account`]: heaps whose live bytes one [`Budget`] limits (one
-//! interpreter's mem and object heaps), and the admission check that the
+//! interpreter's mem, object and raw heaps), and the admission check that the
 //! heaps' slow paths make against it.
 //!
 //! The rule itself (limit, reserve, refusal figures) is `crate::limits`,
@@ -27,8 +27,8 @@ use std::sync::atomic::{AtomicPtr, Ordering};
 use super::heap::Heap;
 use crate::limits::{Admission, Budget};
 
-/// Most heaps one account holds (an interpreter's mem and object heaps).
-pub const MAX_MEMBERS: usize = 2;
+/// Most heaps one account holds (an interpreter's mem, object and raw heaps).
+pub const MAX_MEMBERS: usize = 3;
 
 /// Called on a slow path's admission while the budget was never configured,
 /// by the heaps' owner: the creator may configure it then (the allocator

@@ -322,8 +322,13 @@ impl Heap {
     /// C ABI (cannot unwind), so that the fast path's call is a tail call.
     #[cold]
     unsafe extern "C" fn alloc_large(&self, size: usize) -> *mut u8 {
-        // SAFETY: the caller is the owner.
-        unsafe { self.release_unused() };
+        // SAFETY: the caller is the owner. Blocks others freed come back
+        // first: a big block freed elsewhere (an interpreter's state, which
+        // CPython frees without a thread state) is then reused, not mapped anew.
+        unsafe {
+            self.drain_remote();
+            self.release_unused();
+        }
         // SAFETY: the caller is the owner.
         if !unsafe { self.admits(size) } {
             return ptr::null_mut();

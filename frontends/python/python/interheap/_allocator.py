@@ -4,8 +4,10 @@ The allocator itself is installed before CPython initializes, by the
 ``interheap-python`` launcher (or an embedding program that calls
 ``interheap_allocator_install``). This module reads its figures through the C
 API of the process, exactly and without any pointer table: each interpreter
-has its own heaps for the mem and object domains, and raw calls (and calls
-made without a thread state) share one heap made of per-thread parts.
+has its own heaps for the mem and object domains, and for the raw calls made
+while one of its thread states is current; raw calls without a thread state
+(and, on free-threaded builds, every raw call) share one heap made of
+per-thread parts.
 """
 
 from __future__ import annotations
@@ -101,7 +103,9 @@ class InterpreterHeaps:
     ended: bool
     mem: HeapStats
     object: HeapStats
-    #: The interpreter's memory limit on its mem and object bytes (None: none).
+    #: Raw calls made while one of its thread states was current.
+    raw: HeapStats = field(default_factory=HeapStats)
+    #: The interpreter's memory limit on its live bytes in all three (None: none).
     limit: int | None = None
     #: Requests refused because of the limit, and the largest of them in bytes.
     refused: int = 0
@@ -109,8 +113,8 @@ class InterpreterHeaps:
 
     @property
     def live_bytes(self) -> int:
-        """Live bytes in both heaps: what a limit is checked against."""
-        return self.mem.live_bytes + self.object.live_bytes
+        """Live bytes in its three heaps: what a limit is checked against."""
+        return self.mem.live_bytes + self.object.live_bytes + self.raw.live_bytes
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,7 @@ def parse_report(document: dict[str, Any]) -> AllocatorStats:
             ended=e["ended"],
             mem=e.get("mem", HeapStats()),
             object=e.get("object", HeapStats()),
+            raw=e.get("raw", HeapStats()),
             limit=budgets.get(i, no_budget)["limit"],
             refused=budgets.get(i, no_budget)["refused"],
             largest_refused=budgets.get(i, no_budget)["largest_refused"],

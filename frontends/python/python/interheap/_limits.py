@@ -14,10 +14,10 @@ Two back ends enforce limits, and a limit set here goes to each one present:
   thread state was current, exact to the byte, over any allocator (also
   free-threaded builds);
 * the interheap allocator (``interheap-python``) counts the interpreter's
-  mem and object heaps, and checks on its slow paths only, so an interpreter
-  can go over by what the current pages of its size classes still hold free
-  (16 KiB per class for most). Raw blocks come from a shared heap there and
-  are not limited. Free-threaded builds keep mem and object in CPython's
+  mem, object and raw heaps (raw: calls made while its thread state was
+  current), and checks on its slow paths only, so an interpreter can go over
+  by what the current pages of its size classes still hold free (16 KiB per
+  class for most). Free-threaded builds keep mem and object in CPython's
   mimalloc, so there only the hooks can limit.
 
     from concurrent import interpreters
