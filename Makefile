@@ -42,6 +42,7 @@ bench-allocator: setup
 # Instructions per PyObject_Malloc(32) + PyObject_Free pair: pymalloc, mimalloc, interheap (callgrind).
 bench-allocator-instructions: setup
 	$(PYTHON) bench/allocator_instructions.py
+	$(PYTHON) bench/allocator_instructions.py --domain raw
 
 # pyperformance by instruction count (callgrind, repeatable): pymalloc vs mimalloc vs interheap.
 bench-allocator-callgrind: setup

@@ -1,4 +1,5 @@
-"""Instructions per ``PyObject_Malloc(32)`` + ``PyObject_Free`` pair, by callgrind.
+"""Instructions per ``PyObject_Malloc(32)`` + ``PyObject_Free`` pair, by callgrind
+(``--domain raw``: ``PyMem_RawMalloc`` + ``PyMem_RawFree``, called with the GIL).
 
 A tiny C loop (compiled here with the interpreter's headers, loaded with
 ctypes.PyDLL so the GIL is held) calls ``PyObject_Malloc(size)`` and
@@ -17,7 +18,12 @@ by side in one run:
   (``INTERHEAP_MAIN_LIMIT=1GB``): the limit is checked on the heaps' slow
   paths only, so the pair should cost what ``interheap`` does
 
-    python bench/allocator_instructions.py [--pairs N] [--size 32]
+With ``--domain raw`` the ``interheap`` row is the interpreter's own raw
+heap (a thread state is current), ``raw-only`` is ``INTERHEAP_ALLOCATOR=raw``
+(no interpreter heaps: the calling thread's part of the shared heap), and
+pymalloc's row is CPython's raw allocator, glibc's ``malloc``.
+
+    python bench/allocator_instructions.py [--pairs N] [--size 32] [--domain object|mem|raw]
 """
 
 from __future__ import annotations
@@ -36,9 +42,9 @@ LOOP_C = r"""
 #include <Python.h>
 __attribute__((noinline)) void interheap_bench_pairs(long n, size_t size) {
     for (long i = 0; i < n; i++) {
-        void *p = PyObject_Malloc(size);
+        void *p = MALLOC(size);
         __asm__ volatile("" : : "r"(p) : "memory");
-        PyObject_Free(p);
+        FREE(p);
     }
 }
 """
@@ -51,9 +57,18 @@ lib.interheap_bench_pairs(int(sys.argv[1]), int(sys.argv[2]))
 """
 
 
-def build_loop(workdir: str) -> str:
+# The functions each domain's pair calls.
+DOMAIN_CALLS = {
+    "object": ("PyObject_Malloc", "PyObject_Free"),
+    "mem": ("PyMem_Malloc", "PyMem_Free"),
+    "raw": ("PyMem_RawMalloc", "PyMem_RawFree"),
+}
+
+
+def build_loop(workdir: str, domain: str) -> str:
     source = Path(workdir, "loop.c")
-    source.write_text(LOOP_C)
+    malloc, free = DOMAIN_CALLS[domain]
+    source.write_text(LOOP_C.replace("MALLOC", malloc).replace("FREE", free))
     library = Path(workdir, "loop.so")
     include = sysconfig.get_path("include")
     subprocess.run(
@@ -87,6 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=200_000)
     parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--domain", choices=sorted(DOMAIN_CALLS), default="object")
     args = parser.parse_args()
     if not shutil.which("valgrind"):
         sys.exit("valgrind is required (apt-get install valgrind)")
@@ -99,11 +115,14 @@ def main() -> None:
     if sys.version_info >= (3, 13):
         modes.append(("mimalloc", python, {"PYTHONMALLOC": "mimalloc"}))
     modes.append(("interheap", launcher, {}))
+    if args.domain == "raw":
+        # Raw alone: no interpreter heaps, so raw calls use the per-thread heap.
+        modes.append(("raw-only", launcher, {"INTERHEAP_ALLOCATOR": "raw"}))
     if sysconfig.get_config_var("Py_GIL_DISABLED") != 1:
         modes.append(("limited", launcher, {"INTERHEAP_MAIN_LIMIT": "1GB"}))
     results = {}
     with tempfile.TemporaryDirectory() as workdir:
-        library = build_loop(workdir)
+        library = build_loop(workdir, args.domain)
         for name, exe, extra in modes:
             env = {**base_env, **extra}
             # Two loop lengths: the difference cancels start-up and warm-up calls.
@@ -114,10 +133,9 @@ def main() -> None:
                 [exe, "-c", CHILD, str(args.pairs), str(args.size), library], env, workdir, name + ".l"
             )
             results[name] = (long - short) / (args.pairs - args.pairs // 4)
-    print(
-        f"instructions per PyObject_Malloc({args.size}) + PyObject_Free pair (callgrind), "
-        f"Python {sys.version.split()[0]}"
-    )
+    malloc, free = DOMAIN_CALLS[args.domain]
+    version = sys.version.split()[0]
+    print(f"instructions per {malloc}({args.size}) + {free} pair (callgrind), Python {version}")
     for name, per_pair in results.items():
         ratio = per_pair / results["pymalloc"]
         print(f"  {name:<10} {per_pair:7.1f}   ({ratio:.2f}x pymalloc)")
