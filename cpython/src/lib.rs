@@ -17,8 +17,12 @@
 //!   interface and the per-interpreter dispatcher.
 //!
 //! * [`allocator`]: interheap's own allocator as CPython's allocator, installed
-//!   before initialization: one heap per interpreter for mem and object, a
-//!   shared per-thread heap for raw (options 1 and 4 of the design discussion).
+//!   before initialization: one heap per interpreter and domain, a shared
+//!   per-thread heap for calls without a thread state (options 1 and 4 of the
+//!   design discussion).
+//! * [`stack`]: the calling thread's Python stack, read from CPython's frame
+//!   structs without running Python code or allocating (for allocation sites
+//!   and the checker's findings).
 //!
 //! * [`raw_swap_guard`]: keeps CPython 3.12 from swapping the raw domain back
 //!   to `malloc` while other interpreters run (gh-111924);
@@ -40,3 +44,4 @@ pub mod interp_figures;
 #[cfg(all(target_os = "linux", target_pointer_width = "64"))]
 pub mod loaded_object;
 pub mod raw_swap_guard;
+pub mod stack;

@@ -14,8 +14,9 @@
 //!
 //! Functions (all about the calling thread's interpreter): `interpreter_id()`,
 //! `figures()` (per back end: live bytes, limit, refused requests, the
-//! largest, the exact peak while limited) and `lower_limit(size)`, which
-//! tightens the limit in every back end present and refuses to raise it.
+//! largest, the exact peak while limited), `lower_limit(size)`, which
+//! tightens the limit in every back end present and refuses to raise it, and
+//! `stack()`, the calling thread's stack as an allocator hook reads it.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::ptr;
@@ -210,7 +211,48 @@ unsafe extern "C" fn lower_limit(_module: *mut PyObject, arg: *mut PyObject) -> 
     unsafe { Py_NewRef(Py_None()) }
 }
 
-static mut METHODS: [PyMethodDef; 4] = [
+/// The calling thread's Python stack as interheap's hooks read it inside an
+/// allocator call (`interheap_cpython::stack`): a list of (filename,
+/// qualified name, line), innermost first. It exists to show (and test, in
+/// every kind of interpreter) what an allocation site will record.
+unsafe extern "C" fn stack(_module: *mut PyObject, _unused: *mut PyObject) -> *mut PyObject {
+    // SAFETY: a module function runs with its thread state attached.
+    let captured = unsafe { interheap_cpython::stack::capture() };
+    // SAFETY: (whole block) C API calls with a thread state attached; each
+    // code object is borrowed from a frame that is still on the stack.
+    unsafe {
+        let list = PyList_New(0);
+        if list.is_null() {
+            return list;
+        }
+        for frame in captured.frames() {
+            let filename = PyObject_GetAttrString(frame.code, c"co_filename".as_ptr());
+            let name = PyObject_GetAttrString(frame.code, c"co_qualname".as_ptr());
+            let line = PyLong_FromLong(frame.line.into());
+            let item = if filename.is_null() || name.is_null() || line.is_null() {
+                ptr::null_mut()
+            } else {
+                PyTuple_Pack(3, filename, name, line)
+            };
+            for o in [filename, name, line] {
+                if !o.is_null() {
+                    Py_DecRef(o);
+                }
+            }
+            if item.is_null() || PyList_Append(list, item) < 0 {
+                if !item.is_null() {
+                    Py_DecRef(item);
+                }
+                Py_DecRef(list);
+                return ptr::null_mut();
+            }
+            Py_DecRef(item);
+        }
+        list
+    }
+}
+
+static mut METHODS: [PyMethodDef; 5] = [
     PyMethodDef {
         ml_name: c"interpreter_id".as_ptr(),
         ml_meth: PyMethodDefPointer { PyCFunction: interpreter_id },
@@ -233,6 +275,15 @@ static mut METHODS: [PyMethodDef; 4] = [
         ml_doc: c"lower_limit(size)\n--\n\nLowers this interpreter's limit (bytes, or text such as '64 MB') \
                   in every back end; ValueError if that would raise it."
             .as_ptr(),
+    },
+    PyMethodDef {
+        ml_name: c"stack".as_ptr(),
+        ml_meth: PyMethodDefPointer { PyCFunction: stack },
+        ml_flags: METH_NOARGS,
+        ml_doc:
+            c"stack()\n--\n\nThe calling thread's Python stack as interheap reads it inside an \
+                  allocator call, without running Python code: [(filename, qualname, line)], innermost first."
+                .as_ptr(),
     },
     PyMethodDef::zeroed(),
 ];

@@ -51,8 +51,11 @@ _core = _load_core()
 figures = _core.figures
 interpreter_id = _core.interpreter_id
 lower_limit = _core.lower_limit
+#: The calling thread's Python stack as interheap reads it inside an allocator
+#: call (without running Python code): [(filename, qualname, line)], innermost first.
+stack = _core.stack
 
-__all__ = ["figures", "interpreter_id", "limit", "live_bytes", "lower_limit", "refused"]
+__all__ = ["figures", "interpreter_id", "limit", "live_bytes", "lower_limit", "refused", "stack"]
 
 
 def _back_ends() -> list[dict[str, Any]]:
