@@ -5,11 +5,12 @@ the same kind of process (interheap imported in both), once without the hooks
 and once with them, and prints (Ir(hooks) - Ir(none)) / pairs. Instruction
 counts are repeatable on a noisy shared machine, unlike times.
 
-    python bench/hook_instructions.py [--pairs N] [--kind list|bytes|dict] [--limited]
+    python bench/hook_instructions.py [--pairs N] [--kind list|bytes|dict] [--limited] [--sites]
 
 With ``--limited`` it also measures the hooks with a memory limit set on the
 looping interpreter (far above what it uses, so nothing is refused): the
-cost of the limit check, side by side in the same run.
+cost of the limit check, side by side in the same run. With ``--sites``,
+the hooks with allocation sites sampled at the default rate.
 
 The loop creates and drops a one-element list (one object-domain block and
 one mem-domain block per iteration, freed at once: the nursery path), or
@@ -31,7 +32,7 @@ CHILD = r"""
 import sys
 import interheap
 mode, n, kind = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-hooks = mode in ("hooks", "limited")
+hooks = mode in ("hooks", "limited", "sites")
 make = {"list": lambda i: [i], "bytes": lambda i: bytes(40), "dict": lambda i: {"k": i}}[kind]
 def work(n):
     for i in range(n):
@@ -42,6 +43,8 @@ if hooks:
     interheap.install()
 if mode == "limited":
     interheap.set_limit(0, "1 TB")
+if mode == "sites":
+    interheap.start_sites(seed=1)   # the default rate, 512 KiB
 work(n)
 if hooks:
     s = interheap.stats()
@@ -65,6 +68,9 @@ def main() -> None:
     parser.add_argument(
         "--limited", action="store_true", help="also measure with a memory limit set (nothing refused)"
     )
+    parser.add_argument(
+        "--sites", action="store_true", help="also measure with allocation sites sampled (512 KiB)"
+    )
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         sys.exit("error: valgrind is not installed")
@@ -74,6 +80,9 @@ def main() -> None:
         limited = None
         if args.limited:
             limited, _ = instructions(args.python, "limited", args.pairs, args.kind, workdir)
+        sites = None
+        if args.sites:
+            sites, _ = instructions(args.python, "sites", args.pairs, args.kind, workdir)
     match = re.search(r"PAIRS (\d+)", out)
     pairs = int(match.group(1)) if match else 0
     if pairs <= 0:
@@ -86,6 +95,9 @@ def main() -> None:
     if limited is not None:
         print(f"instructions with hooks and a limit set: {limited:,}")
         print(f"the limit check adds per pair: {(limited - hooks) / pairs:.1f}")
+    if sites is not None:
+        print(f"instructions with hooks and sites sampled: {sites:,}")
+        print(f"sampling sites adds per pair: {(sites - hooks) / pairs:.1f}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@
 //!   the shared table only.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use interheap_engine::Nursery;
 
@@ -27,11 +28,21 @@ struct HookThread {
     nursery: Cell<Option<&'static Nursery>>,
     /// Set when the thread's exit-time destructor has run.
     ended: Cell<bool>,
+    /// Bytes this thread may still allocate before the next sampled one
+    /// (`crate::sites`), and the state of its random gaps (0: not seeded yet).
+    until_sample: Cell<i64>,
+    sample_rng: Cell<u64>,
 }
 
 thread_local! {
     static HOOK_THREAD: HookThread = const {
-        HookThread { in_hook: Cell::new(false), nursery: Cell::new(None), ended: Cell::new(false) }
+        HookThread {
+            in_hook: Cell::new(false),
+            nursery: Cell::new(None),
+            ended: Cell::new(false),
+            until_sample: Cell::new(0),
+            sample_rng: Cell::new(0),
+        }
     };
     static RETIRE_AT_EXIT: RetireAtExit = const { RetireAtExit };
 }
@@ -105,6 +116,38 @@ impl HookEntry {
         Some(nursery)
     }
 
+    /// Counts `size` allocated bytes down from this thread's gap to the next
+    /// sample: true if this allocation is the one to sample (a new gap is
+    /// drawn). Call only while sampling is on.
+    #[inline(always)]
+    pub fn sample_due(&self, size: usize) -> bool {
+        let state = self.state();
+        let left = state.until_sample.get().wrapping_sub(size as i64);
+        if left > 0 {
+            state.until_sample.set(left);
+            return false;
+        }
+        self.next_gap(left)
+    }
+
+    /// The gap ran out (`left` <= 0) or was never drawn: draws the next one.
+    /// True if this allocation is sampled (false only for a thread's first
+    /// allocation, which seeds its gaps).
+    #[cold]
+    #[inline(never)]
+    fn next_gap(&self, _left: i64) -> bool {
+        let state = self.state();
+        let mut rng = state.sample_rng.get();
+        let first = rng == 0;
+        if first {
+            rng = seed_for(self.thread as usize);
+        }
+        let gap = crate::sites::SITES.next_gap(&mut rng);
+        state.sample_rng.set(rng);
+        state.until_sample.set(gap);
+        !first
+    }
+
     /// This thread's nursery if it already has one (frees never adopt one).
     #[inline(always)]
     pub fn existing_nursery(&self) -> Option<&'static Nursery> {
@@ -117,6 +160,32 @@ impl Drop for HookEntry {
     fn drop(&mut self) {
         self.state().in_hook.set(false);
     }
+}
+
+/// A fixed seed for every thread's sample gaps (tests), or 0 for seeds from
+/// the clock and the thread.
+static SAMPLE_SEED: AtomicU64 = AtomicU64::new(0);
+
+/// See [`SAMPLE_SEED`]; threads seeded before keep their gaps.
+pub(crate) fn set_sample_seed(seed: Option<u64>) {
+    SAMPLE_SEED.store(seed.unwrap_or(0), Ordering::Relaxed);
+}
+
+/// A nonzero xorshift seed for the thread whose state is at `thread`.
+fn seed_for(thread: usize) -> u64 {
+    let fixed = SAMPLE_SEED.load(Ordering::Relaxed);
+    let base = if fixed != 0 {
+        fixed
+    } else {
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        (now as u64) ^ (thread as u64).rotate_left(32)
+    };
+    // splitmix64 of the base, so that nearby seeds give unrelated gaps.
+    let mut z = base.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) | 1
 }
 
 /// Sets or clears this thread's flag directly, for the `fork` handlers, which

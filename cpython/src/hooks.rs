@@ -49,6 +49,7 @@ use pyo3_ffi::{PyMemAllocatorDomain, PyMemAllocatorEx, PyMem_GetAllocator, PyMem
 
 use crate::hook_thread::HookEntry;
 use crate::interp::current_interpreter_id;
+use crate::sites::SITES;
 
 type MallocFn = extern "C" fn(*mut c_void, usize) -> *mut c_void;
 type CallocFn = extern "C" fn(*mut c_void, usize, usize) -> *mut c_void;
@@ -162,9 +163,26 @@ extern "C" fn hook_malloc<const D: usize>(_ctx: *mut c_void, size: usize) -> *mu
         TRACKER.failed(entry.existing_nursery(), owner, domain_of::<D>());
     } else {
         TRACKER.allocated(entry.nursery(), owner, domain_of::<D>(), block as usize, size);
+        maybe_sample::<D>(&entry, block, owner, size);
     }
     TRACKER.settle(owner, size, admission);
     block
+}
+
+/// Sampled allocation sites (`crate::sites`): one load while sampling is off.
+#[inline(always)]
+fn maybe_sample<const D: usize>(entry: &HookEntry, block: *mut c_void, owner: BucketId, size: usize) {
+    if SITES.rate() != 0 && entry.sample_due(size) {
+        crate::sites::sample(block as usize, owner, domain_of::<D>(), size);
+    }
+}
+
+/// A block that may have been sampled is going away (freed, or moved by realloc).
+#[inline(always)]
+fn forget_sample(ptr: *mut c_void) {
+    if SITES.may_hold(ptr as usize) {
+        SITES.freed(ptr as usize);
+    }
 }
 
 extern "C" fn hook_calloc<const D: usize>(_ctx: *mut c_void, nelem: usize, elsize: usize) -> *mut c_void {
@@ -182,6 +200,7 @@ extern "C" fn hook_calloc<const D: usize>(_ctx: *mut c_void, nelem: usize, elsiz
         TRACKER.failed(entry.existing_nursery(), owner, domain_of::<D>());
     } else {
         TRACKER.allocated(entry.nursery(), owner, domain_of::<D>(), block as usize, size);
+        maybe_sample::<D>(&entry, block, owner, size);
     }
     TRACKER.settle(owner, size, admission);
     block
@@ -199,6 +218,7 @@ extern "C" fn hook_realloc<const D: usize>(_ctx: *mut c_void, ptr: *mut c_void, 
             TRACKER.failed(entry.existing_nursery(), owner, domain_of::<D>());
         } else {
             TRACKER.allocated(entry.nursery(), owner, domain_of::<D>(), block as usize, size);
+            maybe_sample::<D>(&entry, block, owner, size);
         }
         TRACKER.settle(owner, size, admission);
         return block;
@@ -218,6 +238,12 @@ extern "C" fn hook_realloc<const D: usize>(_ctx: *mut c_void, ptr: *mut c_void, 
     let block = if admission.allowed() { forward.realloc(ptr, size) } else { null_mut() };
     TRACKER.reallocated(local, owner, domain_of::<D>(), ptr as usize, old, block as usize, size);
     TRACKER.settle(charged, growth, admission);
+    if !block.is_null() {
+        // The old block is gone (moved or resized): a sample of it ends, and
+        // the new size counts toward the next sample like an allocation.
+        forget_sample(ptr);
+        maybe_sample::<D>(&entry, block, charged, size);
+    }
     block
 }
 
@@ -227,6 +253,7 @@ extern "C" fn hook_free<const D: usize>(_ctx: *mut c_void, ptr: *mut c_void) {
         if let Some(entry) = HookEntry::enter() {
             // Before forwarding: after the free the address may be reused.
             TRACKER.freeing(entry.existing_nursery(), domain_of::<D>(), ptr as usize);
+            forget_sample(ptr);
         }
     }
     forward.free(ptr)

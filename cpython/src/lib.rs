@@ -44,4 +44,5 @@ pub mod interp_figures;
 #[cfg(all(target_os = "linux", target_pointer_width = "64"))]
 pub mod loaded_object;
 pub mod raw_swap_guard;
+pub mod sites;
 pub mod stack;

@@ -43,3 +43,63 @@ int interheap_stack_capture(PyThreadState *tstate, PyObject **codes, int *lines,
     }
     return n;
 }
+
+/* Copies `s` (a str) into `out` as UTF-8, at most `cap` bytes (whole code
+ * points only), without allocating. Returns the bytes written. */
+static int copy_utf8(PyObject *s, char *out, int cap)
+{
+    if (s == NULL || !PyUnicode_Check(s)) {
+        return 0;
+    }
+    int kind = PyUnicode_KIND(s);
+    const void *data = PyUnicode_DATA(s);
+    Py_ssize_t len = PyUnicode_GET_LENGTH(s);
+    int n = 0;
+    for (Py_ssize_t i = 0; i < len; i++) {
+        Py_UCS4 c = PyUnicode_READ(kind, data, i);
+        char buf[4];
+        int w;
+        if (c < 0x80) {
+            buf[0] = (char)c;
+            w = 1;
+        }
+        else if (c < 0x800) {
+            buf[0] = (char)(0xC0 | (c >> 6));
+            buf[1] = (char)(0x80 | (c & 0x3F));
+            w = 2;
+        }
+        else if (c < 0x10000) {
+            if (c >= 0xD800 && c <= 0xDFFF) {
+                c = 0xFFFD; /* a lone surrogate: U+FFFD */
+            }
+            buf[0] = (char)(0xE0 | (c >> 12));
+            buf[1] = (char)(0x80 | ((c >> 6) & 0x3F));
+            buf[2] = (char)(0x80 | (c & 0x3F));
+            w = 3;
+        }
+        else {
+            buf[0] = (char)(0xF0 | (c >> 18));
+            buf[1] = (char)(0x80 | ((c >> 12) & 0x3F));
+            buf[2] = (char)(0x80 | ((c >> 6) & 0x3F));
+            buf[3] = (char)(0x80 | (c & 0x3F));
+            w = 4;
+        }
+        if (n + w > cap) {
+            break;
+        }
+        for (int k = 0; k < w; k++) {
+            out[n++] = buf[k];
+        }
+    }
+    return n;
+}
+
+/* A code object's file name and qualified name, as UTF-8 into `file` and
+ * `name` (at most `cap` bytes each), without allocating; the lengths go to
+ * `file_len` and `name_len`. `code` is a live code object. */
+void interheap_code_names(PyObject *code, char *file, int *file_len, char *name, int *name_len, int cap)
+{
+    PyCodeObject *co = (PyCodeObject *)code;
+    *file_len = copy_utf8(co->co_filename, file, cap);
+    *name_len = copy_utf8(co->co_qualname, name, cap);
+}

@@ -18,6 +18,9 @@
 //! * [`limits`]: per-interpreter memory limits: the [`Budget`] rule that
 //!   refuses a request which would take an interpreter over its limit, shared
 //!   by the hooks (over the ledger's live bytes) and the allocator.
+//! * [`sites`]: sampled allocation sites: byte sampling, the stacks of the
+//!   sampled blocks while they live, and unbiased estimates per interpreter,
+//!   domain and stack.
 //! * [`heap`]: interheap's own allocator: thread-safe heaps with one owner each
 //!   (a thread, or one interpreter's GIL), remote-free lists, exact figures
 //!   per heap and size class, and heaps that can end while their blocks live on.
@@ -33,6 +36,7 @@ pub mod ledger;
 pub mod limits;
 pub mod nursery;
 pub mod shard_lock;
+pub mod sites;
 pub mod tracker;
 
 pub use block_table::{BlockRecord, BlockTable, TableStats};

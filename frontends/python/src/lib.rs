@@ -429,6 +429,56 @@ fn raw_swap_guard() -> Option<String> {
     interheap_cpython::raw_swap_guard::state().map(|g| g.to_string())
 }
 
+/// Starts sampling allocation sites (one allocation per `rate` bytes on
+/// average; 0 stops), with repeatable gaps from `seed` if given. The hooks
+/// must be installed for anything to be sampled.
+#[pyfunction]
+#[pyo3(signature = (rate, seed=None))]
+fn sites_start(rate: u64, seed: Option<u64>) {
+    interheap_cpython::sites::start(rate, seed);
+}
+
+/// The sampling rate in bytes (0: off).
+#[pyfunction]
+fn sites_rate() -> u64 {
+    interheap_cpython::sites::SITES.rate()
+}
+
+/// Forgets every sample (sampling stays on or off as it is).
+#[pyfunction]
+fn sites_reset() {
+    interheap_cpython::sites::SITES.reset();
+}
+
+/// Every sampled site: a list of dicts with `interp` (an ID, or None for
+/// calls without a thread state), `domain`, `stack` ([(file, name, line)],
+/// innermost first), `samples`, `live_samples`, `allocated_bytes` and
+/// `live_bytes` (estimates).
+#[pyfunction]
+fn sites_snapshot(py: Python<'_>) -> PyResult<Vec<Bound<'_, PyDict>>> {
+    interheap_cpython::sites::SITES
+        .snapshot()
+        .into_iter()
+        .map(|site| {
+            let dict = PyDict::new(py);
+            let interp = match site.bucket.kind() {
+                BucketKind::Interpreter(id) => Some(id),
+                _ => None,
+            };
+            dict.set_item("interp", interp)?;
+            dict.set_item("domain", site.domain.name())?;
+            let stack: Vec<(&str, &str, i32)> =
+                site.stack.iter().map(|f| (f.file.as_ref(), f.name.as_ref(), f.line)).collect();
+            dict.set_item("stack", stack)?;
+            dict.set_item("samples", site.totals.samples)?;
+            dict.set_item("live_samples", site.totals.live_samples)?;
+            dict.set_item("allocated_bytes", site.totals.allocated_bytes)?;
+            dict.set_item("live_bytes", site.totals.live_bytes)?;
+            Ok(dict)
+        })
+        .collect()
+}
+
 #[pymodule(gil_used = false)]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(install, m)?)?;
@@ -452,5 +502,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(allocator_set_limit, m)?)?;
     m.add_function(wrap_pyfunction!(allocator_get_limit, m)?)?;
     m.add_function(wrap_pyfunction!(allocator_set_default_limit, m)?)?;
+    m.add_function(wrap_pyfunction!(sites_start, m)?)?;
+    m.add_function(wrap_pyfunction!(sites_rate, m)?)?;
+    m.add_function(wrap_pyfunction!(sites_reset, m)?)?;
+    m.add_function(wrap_pyfunction!(sites_snapshot, m)?)?;
     Ok(())
 }

@@ -43,6 +43,7 @@ from ._allocator import (
 )
 from ._limits import get_default_limit, get_limit, parse_size, remove_limit, set_default_limit, set_limit
 from ._report import human_bytes
+from ._sites import Frame, SitesSnapshot, SiteStatistic, reset_sites, sites_snapshot, start_sites, stop_sites
 from ._stats import DOMAINS, DomainStats, InterpreterStats, Snapshot, build_snapshot
 from .adapters import AdapterStats
 
@@ -51,10 +52,13 @@ __all__ = [
     "AdapterStats",
     "AllocatorStats",
     "DomainStats",
+    "Frame",
     "HeapStats",
     "Hooks",
     "InterpreterHeaps",
     "InterpreterStats",
+    "SiteStatistic",
+    "SitesSnapshot",
     "Snapshot",
     "adapters",
     "allocator_domains",
@@ -71,9 +75,13 @@ __all__ = [
     "parse_size",
     "raw_swap_guard",
     "remove_limit",
+    "reset_sites",
     "set_default_limit",
     "set_limit",
+    "sites_snapshot",
+    "start_sites",
     "stats",
+    "stop_sites",
     "uninstall",
 ]
 

@@ -1,6 +1,6 @@
 """``python -m interheap``: run a program under the hooks, or show a saved report.
 
-    python -m interheap run [--json FILE] [--no-report] (SCRIPT | -m MODULE | -c CODE) [ARGS...]
+    python -m interheap run [--json FILE] [--no-report] [--sites [RATE]] (SCRIPT | -m MODULE | -c CODE) ...
     python -m interheap report FILE.json
 
 ``run`` installs the hooks before the program starts, runs it the way
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 RUN_USAGE = (
     "python -m interheap run [--json FILE] [--no-report] [--limit SIZE] [--main-limit SIZE] "
-    "(SCRIPT | -m MODULE | -c CODE) [ARGS...]"
+    "[--sites [RATE]] (SCRIPT | -m MODULE | -c CODE) [ARGS...]"
 )
 RUN_DESCRIPTION = """\
 Run a Python program with interheap's hooks installed before it starts, and
@@ -54,6 +54,8 @@ class RunRequest:
     report: bool = True
     limit: str | None = None
     main_limit: str | None = None
+    #: Sample allocation sites at this mean rate (text such as "512KiB"), or not at all.
+    sites: str | None = None
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -72,6 +74,14 @@ def _run_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--main-limit", metavar="SIZE", help="limit the main interpreter")
     parser.add_argument(
+        "--sites",
+        metavar="RATE",
+        nargs="?",
+        const="512KiB",
+        help="sample allocation sites, one per RATE bytes on average (default 512KiB); "
+        "the report shows each interpreter's top sites",
+    )
+    parser.add_argument(
         "program", nargs="*", metavar="SCRIPT | -m MODULE | -c CODE", help="what to run, then its arguments"
     )
     return parser
@@ -85,13 +95,14 @@ def parse_run_args(argv: list[str]) -> RunRequest:
     """
     json_path: str | None = None
     report = True
+    sites: str | None = None
     limits: dict[str, str | None] = {
         "limit": os.environ.get("INTERHEAP_LIMIT") or None,
         "main_limit": os.environ.get("INTERHEAP_MAIN_LIMIT") or None,
     }
 
     def request(kind: str, target: str, args: list[str]) -> RunRequest:
-        return RunRequest(kind, target, args, json_path, report, **limits)
+        return RunRequest(kind, target, args, json_path, report, **limits, sites=sites)
 
     i = 0
     while i < len(argv):
@@ -119,6 +130,13 @@ def parse_run_args(argv: list[str]) -> RunRequest:
         elif arg == "--no-report":
             report = False
             i += 1
+        elif arg == "--sites":
+            # The rate is optional: a following word is the rate only if it is a size.
+            sites, i = "512KiB", i + 1
+            if i < len(argv) and argv[i][:1].isdigit():
+                sites, i = argv[i], i + 1
+        elif arg.startswith("--sites="):
+            sites, i = arg[len("--sites=") :], i + 1
         elif arg in ("-m", "-c"):
             if i + 1 >= len(argv):
                 what = "a MODULE" if arg == "-m" else "a CODE"
@@ -151,6 +169,7 @@ def _check_request(req: RunRequest) -> None:
     for name, value in (
         ("--limit / INTERHEAP_LIMIT", req.limit),
         ("--main-limit / INTERHEAP_MAIN_LIMIT", req.main_limit),
+        ("--sites", req.sites),
     ):
         if value is not None:
             try:
@@ -171,10 +190,16 @@ def _report_at_exit(req: RunRequest) -> None:
     import interheap
 
     snap = interheap.stats()
+    sites = interheap.sites_snapshot() if req.sites is not None else None
     if req.report:
         print(snap.format_table(), file=sys.stderr, flush=True)
+        if sites is not None:
+            print(sites.format_table(), file=sys.stderr, flush=True)
     if req.json_path is not None:
-        text = json.dumps(snap.to_dict(), indent=2) + "\n"
+        document = snap.to_dict()
+        if sites is not None:
+            document["sites"] = sites.to_dict()
+        text = json.dumps(document, indent=2) + "\n"
         if req.json_path == "-":
             sys.stdout.write(text)
             sys.stdout.flush()
@@ -206,6 +231,8 @@ def run(req: RunRequest) -> None:
         interheap.set_limit(0, req.main_limit)
     if req.limit is not None:
         interheap.set_default_limit(req.limit)
+    if req.sites is not None:
+        interheap.start_sites(req.sites)
     atexit.register(_report_at_exit, req)
     if req.kind == "script":
         sys.argv = [req.target, *req.args]
@@ -222,16 +249,20 @@ def run(req: RunRequest) -> None:
 
 
 def report(path: str) -> int:
+    from ._sites import SitesSnapshot
     from ._stats import Snapshot
 
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
         snap = Snapshot.from_dict(data)
+        sites = SitesSnapshot.from_dict(data["sites"]) if "sites" in data else None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"interheap report: cannot read {path}: {exc}", file=sys.stderr)
         return 2
     print(snap.format_table())
+    if sites is not None:
+        print(sites.format_table())
     return 0
 
 
