@@ -179,6 +179,8 @@ impl Sites {
 
     /// Records the sampled block at `address` (`size` bytes, allocated in
     /// `bucket`'s `domain` by `stack`).
+    #[cold]
+    #[inline(never)]
     pub fn record(
         &self,
         address: usize,
@@ -232,6 +234,8 @@ impl Sites {
     }
 
     /// The block at `address` is freed: if it was sampled, it is live no more.
+    #[cold]
+    #[inline(never)]
     pub fn freed(&self, address: usize) {
         let mut guard = self.inner.lock();
         let Some(inner) = guard.as_mut() else { return };
