@@ -22,7 +22,10 @@
 //!   design discussion).
 //! * [`stack`]: the calling thread's Python stack, read from CPython's frame
 //!   structs without running Python code or allocating (for allocation sites
-//!   and the checker's findings).
+//!   and the checker's findings); [`sites`]: the hooks' sampled allocation
+//!   sites (the rule and figures are `interheap_engine::sites`).
+//! * [`timeline`]: each interpreter's live bytes over time, read by a
+//!   background thread from the hooks' counters.
 //!
 //! * [`raw_swap_guard`]: keeps CPython 3.12 from swapping the raw domain back
 //!   to `malloc` while other interpreters run (gh-111924);
@@ -46,3 +49,4 @@ pub mod loaded_object;
 pub mod raw_swap_guard;
 pub mod sites;
 pub mod stack;
+pub mod timeline;

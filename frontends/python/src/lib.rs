@@ -479,6 +479,41 @@ fn sites_snapshot(py: Python<'_>) -> PyResult<Vec<Bound<'_, PyDict>>> {
         .collect()
 }
 
+/// Starts recording the timeline: each interpreter's live bytes per domain
+/// every `interval` seconds (a running timeline is replaced).
+#[pyfunction]
+fn timeline_start(interval: f64) -> PyResult<()> {
+    if !(interval.is_finite() && interval > 0.0) {
+        return Err(PyValueError::new_err(format!(
+            "the interval must be a positive number of seconds, not {interval}"
+        )));
+    }
+    interheap_cpython::timeline::start(std::time::Duration::from_secs_f64(interval));
+    Ok(())
+}
+
+/// Stops recording the timeline (its points stay).
+#[pyfunction]
+fn timeline_stop(py: Python<'_>) {
+    py.detach(interheap_cpython::timeline::stop);
+}
+
+/// Whether the timeline is being recorded.
+#[pyfunction]
+fn timeline_running() -> bool {
+    interheap_cpython::timeline::is_running()
+}
+
+/// The timeline's points: (nanoseconds since start, interpreter ID or -1,
+/// raw, mem, object live bytes, refused requests so far).
+#[pyfunction]
+fn timeline_points() -> Vec<(u64, i64, i64, i64, i64, u64)> {
+    interheap_cpython::timeline::points()
+        .into_iter()
+        .map(|p| (p.nanos, p.interp, p.live[0], p.live[1], p.live[2], p.refused))
+        .collect()
+}
+
 #[pymodule(gil_used = false)]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(install, m)?)?;
@@ -506,5 +541,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sites_rate, m)?)?;
     m.add_function(wrap_pyfunction!(sites_reset, m)?)?;
     m.add_function(wrap_pyfunction!(sites_snapshot, m)?)?;
+    m.add_function(wrap_pyfunction!(timeline_start, m)?)?;
+    m.add_function(wrap_pyfunction!(timeline_stop, m)?)?;
+    m.add_function(wrap_pyfunction!(timeline_running, m)?)?;
+    m.add_function(wrap_pyfunction!(timeline_points, m)?)?;
     Ok(())
 }

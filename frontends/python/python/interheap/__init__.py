@@ -45,6 +45,7 @@ from ._limits import get_default_limit, get_limit, parse_size, remove_limit, set
 from ._report import human_bytes
 from ._sites import Frame, SitesSnapshot, SiteStatistic, reset_sites, sites_snapshot, start_sites, stop_sites
 from ._stats import DOMAINS, DomainStats, InterpreterStats, Snapshot, build_snapshot
+from ._timeline import Timeline, TimelinePoint, start_timeline, stop_timeline, timeline
 from .adapters import AdapterStats
 
 __all__ = [
@@ -60,6 +61,8 @@ __all__ = [
     "SiteStatistic",
     "SitesSnapshot",
     "Snapshot",
+    "Timeline",
+    "TimelinePoint",
     "adapters",
     "allocator_domains",
     "allocator_installed",
@@ -80,8 +83,11 @@ __all__ = [
     "set_limit",
     "sites_snapshot",
     "start_sites",
+    "start_timeline",
     "stats",
     "stop_sites",
+    "stop_timeline",
+    "timeline",
     "uninstall",
 ]
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 RUN_USAGE = (
     "python -m interheap run [--json FILE] [--no-report] [--limit SIZE] [--main-limit SIZE] "
-    "[--sites [RATE]] (SCRIPT | -m MODULE | -c CODE) [ARGS...]"
+    "[--sites [RATE]] [--timeline [MS]] (SCRIPT | -m MODULE | -c CODE) [ARGS...]"
 )
 RUN_DESCRIPTION = """\
 Run a Python program with interheap's hooks installed before it starts, and
@@ -56,6 +56,8 @@ class RunRequest:
     main_limit: str | None = None
     #: Sample allocation sites at this mean rate (text such as "512KiB"), or not at all.
     sites: str | None = None
+    #: Record the timeline every this many milliseconds, or not at all.
+    timeline_ms: float | None = None
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -82,6 +84,14 @@ def _run_parser() -> argparse.ArgumentParser:
         "the report shows each interpreter's top sites",
     )
     parser.add_argument(
+        "--timeline",
+        metavar="MS",
+        nargs="?",
+        const="10",
+        help="record each interpreter's live bytes every MS milliseconds (default 10); "
+        "the report gives each one's peak and when, the JSON every point",
+    )
+    parser.add_argument(
         "program", nargs="*", metavar="SCRIPT | -m MODULE | -c CODE", help="what to run, then its arguments"
     )
     return parser
@@ -96,13 +106,16 @@ def parse_run_args(argv: list[str]) -> RunRequest:
     json_path: str | None = None
     report = True
     sites: str | None = None
+    timeline_ms: float | None = None
     limits: dict[str, str | None] = {
         "limit": os.environ.get("INTERHEAP_LIMIT") or None,
         "main_limit": os.environ.get("INTERHEAP_MAIN_LIMIT") or None,
     }
 
     def request(kind: str, target: str, args: list[str]) -> RunRequest:
-        return RunRequest(kind, target, args, json_path, report, **limits, sites=sites)
+        return RunRequest(
+            kind, target, args, json_path, report, **limits, sites=sites, timeline_ms=timeline_ms
+        )
 
     i = 0
     while i < len(argv):
@@ -137,6 +150,22 @@ def parse_run_args(argv: list[str]) -> RunRequest:
                 sites, i = argv[i], i + 1
         elif arg.startswith("--sites="):
             sites, i = arg[len("--sites=") :], i + 1
+        elif arg == "--timeline" or arg.startswith("--timeline="):
+            # The interval is optional: a following word is it only if it starts with a digit.
+            if arg.startswith("--timeline="):
+                text, i = arg[len("--timeline=") :], i + 1
+            else:
+                text, i = "10", i + 1
+                if i < len(argv) and argv[i][:1].isdigit():
+                    text, i = argv[i], i + 1
+            try:
+                timeline_ms = float(text)
+            except ValueError:
+                raise UsageError(f"--timeline: {text!r} is not a number of milliseconds") from None
+            if not timeline_ms > 0 or timeline_ms != timeline_ms or timeline_ms == float("inf"):
+                raise UsageError(
+                    f"--timeline: the interval must be a positive number of milliseconds, not {text!r}"
+                )
         elif arg in ("-m", "-c"):
             if i + 1 >= len(argv):
                 what = "a MODULE" if arg == "-m" else "a CODE"
@@ -191,14 +220,22 @@ def _report_at_exit(req: RunRequest) -> None:
 
     snap = interheap.stats()
     sites = interheap.sites_snapshot() if req.sites is not None else None
+    timeline = None
+    if req.timeline_ms is not None:
+        interheap.stop_timeline()
+        timeline = interheap.timeline()
     if req.report:
         print(snap.format_table(), file=sys.stderr, flush=True)
         if sites is not None:
             print(sites.format_table(), file=sys.stderr, flush=True)
+        if timeline is not None:
+            print(timeline.format_summary(), file=sys.stderr, flush=True)
     if req.json_path is not None:
         document = snap.to_dict()
         if sites is not None:
             document["sites"] = sites.to_dict()
+        if timeline is not None:
+            document["timeline"] = timeline.to_dict()
         text = json.dumps(document, indent=2) + "\n"
         if req.json_path == "-":
             sys.stdout.write(text)
@@ -233,6 +270,8 @@ def run(req: RunRequest) -> None:
         interheap.set_default_limit(req.limit)
     if req.sites is not None:
         interheap.start_sites(req.sites)
+    if req.timeline_ms is not None:
+        interheap.start_timeline(req.timeline_ms / 1000)
     atexit.register(_report_at_exit, req)
     if req.kind == "script":
         sys.argv = [req.target, *req.args]
@@ -251,18 +290,22 @@ def run(req: RunRequest) -> None:
 def report(path: str) -> int:
     from ._sites import SitesSnapshot
     from ._stats import Snapshot
+    from ._timeline import Timeline
 
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
         snap = Snapshot.from_dict(data)
         sites = SitesSnapshot.from_dict(data["sites"]) if "sites" in data else None
+        timeline = Timeline.from_dict(data["timeline"]) if "timeline" in data else None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"interheap report: cannot read {path}: {exc}", file=sys.stderr)
         return 2
     print(snap.format_table())
     if sites is not None:
         print(sites.format_table())
+    if timeline is not None:
+        print(timeline.format_summary())
     return 0
 
 

@@ -1,0 +1,116 @@
+//! A timeline of each interpreter's exact live bytes per domain, as the hooks
+//! count them: a background thread reads the tracker's figures every
+//! interval and keeps a point whenever an interpreter's figures changed.
+//!
+//! The thread only reads atomics (the ledger's counters, through
+//! [`interheap_engine::Tracker::snapshot`]); it never calls Python or holds a
+//! GIL, so it reads while every interpreter runs and costs the program
+//! nothing but its own CPU time. A point also marks when an interpreter first
+//! appeared and when its limit refused a request (the budget's count grew).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use interheap_engine::ledger::BucketKind;
+use interheap_engine::Domain;
+
+use crate::hooks::TRACKER;
+
+/// One reading of one interpreter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Point {
+    /// Nanoseconds since the timeline started.
+    pub nanos: u64,
+    /// The interpreter's ID (-1: calls made without a thread state).
+    pub interp: i64,
+    /// Live bytes per domain, indexed by [`Domain::index`].
+    pub live: [i64; Domain::COUNT],
+    /// Requests its limit has refused so far.
+    pub refused: u64,
+}
+
+struct Recorder {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    points: Arc<Mutex<Vec<Point>>>,
+}
+
+static RECORDER: Mutex<Option<Recorder>> = Mutex::new(None);
+
+/// Longest timeline kept, in points (about 100 MB); later points are dropped.
+const MAX_POINTS: usize = 4_000_000;
+
+/// Starts recording every `interval` (a timeline already running is
+/// replaced, and its points dropped).
+pub fn start(interval: Duration) {
+    stop();
+    let stop_flag = Arc::new(AtomicBool::new(false));
+    let points = Arc::new(Mutex::new(Vec::new()));
+    let (flag, sink) = (stop_flag.clone(), points.clone());
+    let thread = std::thread::Builder::new()
+        .name("interheap-timeline".into())
+        .spawn(move || record(interval, &flag, &sink))
+        .ok();
+    *RECORDER.lock().unwrap_or_else(|e| e.into_inner()) = Some(Recorder { stop: stop_flag, thread, points });
+}
+
+/// Stops recording; the points stay readable through [`points`].
+pub fn stop() {
+    let mut guard = RECORDER.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(recorder) = guard.as_mut() {
+        recorder.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = recorder.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Whether a timeline is being recorded.
+pub fn is_running() -> bool {
+    RECORDER.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|r| r.thread.is_some())
+}
+
+/// The points recorded so far (of the running timeline, or the last one).
+pub fn points() -> Vec<Point> {
+    let guard = RECORDER.lock().unwrap_or_else(|e| e.into_inner());
+    guard.as_ref().map_or_else(Vec::new, |r| r.points.lock().unwrap_or_else(|e| e.into_inner()).clone())
+}
+
+fn record(interval: Duration, stop: &AtomicBool, sink: &Mutex<Vec<Point>>) {
+    let start = Instant::now();
+    let mut last: Vec<(i64, [i64; Domain::COUNT], u64)> = Vec::new();
+    loop {
+        let nanos = start.elapsed().as_nanos() as u64;
+        let snap = TRACKER.snapshot();
+        let mut fresh = Vec::new();
+        for bucket in &snap.buckets {
+            let interp = match bucket.kind {
+                BucketKind::Interpreter(id) => id,
+                BucketKind::NoInterpreter => -1,
+                BucketKind::OverflowInterpreters => continue,
+            };
+            let live = Domain::ALL.map(|d| bucket.domains[d.index()].live_bytes);
+            let refused = bucket.budget.refused;
+            let changed =
+                last.iter().find(|(i, ..)| *i == interp).is_none_or(|&(_, l, r)| l != live || r != refused);
+            if changed {
+                fresh.push(Point { nanos, interp, live, refused });
+                match last.iter_mut().find(|(i, ..)| *i == interp) {
+                    Some(entry) => *entry = (interp, live, refused),
+                    None => last.push((interp, live, refused)),
+                }
+            }
+        }
+        if !fresh.is_empty() {
+            let mut points = sink.lock().unwrap_or_else(|e| e.into_inner());
+            let room = MAX_POINTS.saturating_sub(points.len());
+            points.extend(fresh.into_iter().take(room));
+        }
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        std::thread::sleep(interval);
+    }
+}
