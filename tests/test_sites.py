@@ -171,3 +171,42 @@ def test_bad_input_is_refused_and_changes_nothing():
     assert {out[k] for k in ("zero", "negative", "text", "float")} == {"ValueError"}, out
     assert "unknown key_type 'bogus'" in out["key"]
     assert out["still off"] == 0
+
+
+def test_forked_children_sample_and_free_while_threads_sample_in_the_parent():
+    # Two threads sample all the time (a sample every 4 KiB) while the main
+    # thread forks; each child frees the parent's sampled blocks, samples its
+    # own and reads the sites. CPython stops its other threads at a fork
+    # (the GIL, or stop-the-world on 3.14t), so a Python thread is never
+    # inside a hook then; the fork handlers also take the sites' lock for
+    # threads CPython does not stop (C threads making raw calls).
+    out = scenario(
+        r"""
+        import os, threading, interheap
+        from scenario_support import result
+        interheap.install()
+        interheap.start_sites(rate=4096, seed=3)
+        stop = False
+        def churn():
+            while not stop:
+                keep = [bytearray(200) for _ in range(2000)]
+                del keep
+        ts = [threading.Thread(target=churn) for _ in range(2)]
+        [t.start() for t in ts]
+        statuses = []
+        held = [bytearray(300) for _ in range(5000)]   # sampled in the parent, freed in the child
+        for _ in range(20):
+            pid = os.fork()
+            if pid == 0:
+                del held[:]
+                more = [bytearray(300) for _ in range(5000)]
+                ok = bool(interheap.sites_snapshot().statistics("lineno"))
+                os._exit(0 if ok else 1)
+            statuses.append(os.waitpid(pid, 0)[1])
+        stop = True
+        [t.join() for t in ts]
+        result(statuses=statuses)
+        """,
+        timeout=240,
+    )
+    assert out["statuses"] == [0] * 20

@@ -103,3 +103,29 @@ def test_bad_input_is_refused():
     assert "call interheap.install() first" in out["no hooks"]
     assert {out[k] for k in ("zero", "negative", "text", "bool", "nan")} == {"ValueError"}, out
     assert out["running"] is False
+
+
+def test_a_forked_child_exits_cleanly_with_the_timeline_on():
+    # The child has no recorder thread: stopping the timeline there (as
+    # `run`'s report at exit does) must not wait for it.
+    out = scenario(
+        r"""
+        import os, interheap
+        from scenario_support import result
+        interheap.install()
+        interheap.start_timeline(0.001)
+        keep = [bytes(1000) for _ in range(10_000)]
+        pid = os.fork()
+        if pid == 0:
+            interheap.stop_timeline()
+            ok = interheap._native.timeline_running() is False
+            interheap.timeline()
+            os._exit(0 if ok else 1)
+        status = os.waitpid(pid, 0)[1]
+        running = interheap._native.timeline_running()
+        interheap.stop_timeline()
+        result(status=status, running=running, points=len(interheap.timeline().points))
+        """,
+        timeout=120,
+    )
+    assert out["status"] == 0 and out["running"] is True and out["points"] > 0, out

@@ -364,18 +364,25 @@ fn lock_control() -> std::sync::MutexGuard<'static, Option<Installation>> {
 extern "C" fn before_fork() {
     crate::hook_thread::set_in_hook(true);
     TRACKER.lock_for_fork();
+    SITES.lock_for_fork();
 }
 
 extern "C" fn after_fork_in_parent() {
     // SAFETY: runs right after `before_fork` took the locks on this thread.
-    unsafe { TRACKER.unlock_after_fork() };
+    unsafe {
+        SITES.unlock_after_fork();
+        TRACKER.unlock_after_fork();
+    }
     crate::hook_thread::set_in_hook(false);
 }
 
 extern "C" fn after_fork_in_child() {
     // SAFETY: runs right after `before_fork` took the locks on this thread,
     // which is the child's only thread.
-    unsafe { TRACKER.unlock_after_fork() };
+    unsafe {
+        SITES.unlock_after_fork();
+        TRACKER.unlock_after_fork();
+    }
     // The other threads are gone: move their young blocks to the table.
     TRACKER.after_fork_in_child(crate::hook_thread::current_nursery());
     crate::hook_thread::set_in_hook(false);

@@ -7,6 +7,8 @@
 //! GIL, so it reads while every interpreter runs and costs the program
 //! nothing but its own CPU time. A point also marks when an interpreter first
 //! appeared and when its limit refused a request (the budget's count grew).
+//! A `fork` child has no recorder thread: there the timeline reads as
+//! stopped, with the points the parent had (if it can take them at once).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,6 +37,15 @@ struct Recorder {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     points: Arc<Mutex<Vec<Point>>>,
+    /// The process that started the thread: a `fork` child has no such
+    /// thread (and must not join it, nor wait for a lock it held).
+    pid: u32,
+}
+
+impl Recorder {
+    fn forked(&self) -> bool {
+        self.pid != std::process::id()
+    }
 }
 
 static RECORDER: Mutex<Option<Recorder>> = Mutex::new(None);
@@ -53,7 +64,8 @@ pub fn start(interval: Duration) {
         .name("interheap-timeline".into())
         .spawn(move || record(interval, &flag, &sink))
         .ok();
-    *RECORDER.lock().unwrap_or_else(|e| e.into_inner()) = Some(Recorder { stop: stop_flag, thread, points });
+    *RECORDER.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some(Recorder { stop: stop_flag, thread, points, pid: std::process::id() });
 }
 
 /// Stops recording; the points stay readable through [`points`].
@@ -62,20 +74,31 @@ pub fn stop() {
     if let Some(recorder) = guard.as_mut() {
         recorder.stop.store(true, Ordering::Relaxed);
         if let Some(thread) = recorder.thread.take() {
-            let _ = thread.join();
+            // In a fork child the thread does not exist: forget it.
+            if !recorder.forked() {
+                let _ = thread.join();
+            }
         }
     }
 }
 
 /// Whether a timeline is being recorded.
 pub fn is_running() -> bool {
-    RECORDER.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|r| r.thread.is_some())
+    let guard = RECORDER.lock().unwrap_or_else(|e| e.into_inner());
+    guard.as_ref().is_some_and(|r| r.thread.is_some() && !r.forked())
 }
 
 /// The points recorded so far (of the running timeline, or the last one).
 pub fn points() -> Vec<Point> {
     let guard = RECORDER.lock().unwrap_or_else(|e| e.into_inner());
-    guard.as_ref().map_or_else(Vec::new, |r| r.points.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    let Some(recorder) = guard.as_ref() else { return Vec::new() };
+    if recorder.forked() {
+        // The parent's thread may have held the lock at the fork: never wait.
+        let found = recorder.points.try_lock().map(|p| p.clone()).unwrap_or_default();
+        return found;
+    }
+    let points = recorder.points.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    points
 }
 
 fn record(interval: Duration, stop: &AtomicBool, sink: &Mutex<Vec<Point>>) {

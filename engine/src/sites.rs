@@ -251,6 +251,24 @@ impl Sites {
         }
     }
 
+    /// For a `fork` prepare handler: takes the lock, so that the child does
+    /// not inherit it held by a thread that does not exist there. Undo with
+    /// [`Sites::unlock_after_fork`].
+    pub fn lock_for_fork(&self) {
+        std::mem::forget(self.inner.lock());
+    }
+
+    /// Releases what [`Sites::lock_for_fork`] took.
+    ///
+    /// # Safety
+    ///
+    /// Must follow [`Sites::lock_for_fork`] on the same thread, in the parent
+    /// or in the child.
+    pub unsafe fn unlock_after_fork(&self) {
+        // SAFETY: lock_for_fork holds the lock and forgot its guard.
+        unsafe { self.inner.force_unlock() };
+    }
+
     /// Every site, with its totals.
     pub fn snapshot(&self) -> Vec<SiteSnapshot> {
         let guard = self.inner.lock();
