@@ -79,8 +79,12 @@ impl Watchdog {
     pub fn new(what: &'static str, limit: Duration) -> Self {
         // Shared, not leaked, and joined on drop: LeakSanitizer sees every byte freed.
         let done = std::sync::Arc::new(AtomicBool::new(false));
-        let flag = done.clone();
+        let started = std::sync::Arc::new(AtomicBool::new(false));
+        let (flag, up) = (done.clone(), started.clone());
         let thread = std::thread::spawn(move || {
+            // The thread's start-up (std's own allocations and frees, and
+            // freeing the boxed closure) is over once this body runs.
+            up.store(true, Ordering::Release);
             let start = Instant::now();
             while !flag.load(Ordering::Acquire) {
                 if start.elapsed() > limit {
@@ -90,6 +94,12 @@ impl Watchdog {
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
+        // Callers measure allocations right after this returns: wait until
+        // the thread no longer allocates or frees concurrently (without it,
+        // embedded.rs's "before init" delta once saw the thread's 24-byte free).
+        while !started.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         Watchdog { done, thread: Some(thread) }
     }
 }
