@@ -532,7 +532,7 @@ fn cached_interpreter_heap(part: usize) -> Option<&'static Heap> {
         if !cache_is_current(cache) {
             return None;
         }
-        // SAFETY: a keyed entry has both its heaps (leaked, so never null),
+        // SAFETY: a keyed entry has all its heaps (leaked, so never null),
         // and `part` is below PARTS.
         Some(unsafe {
             let heap = *cache.heaps.get().get_unchecked(part);

@@ -127,15 +127,16 @@ impl HookEntry {
             state.until_sample.set(left);
             return false;
         }
-        self.next_gap(left)
+        self.next_gap()
     }
 
-    /// The gap ran out (`left` <= 0) or was never drawn: draws the next one.
+    /// The gap ran out or was never drawn: draws the next one (gaps are
+    /// exponential, so what this allocation overshot need not carry over).
     /// True if this allocation is sampled (false only for a thread's first
     /// allocation, which seeds its gaps).
     #[cold]
     #[inline(never)]
-    fn next_gap(&self, _left: i64) -> bool {
+    fn next_gap(&self) -> bool {
         let state = self.state();
         let mut rng = state.sample_rng.get();
         let first = rng == 0;

@@ -10,6 +10,7 @@
 //! A `fork` child has no recorder thread: there the timeline reads as
 //! stopped, with the points the parent had (if it can take them at once).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -90,20 +91,23 @@ pub fn is_running() -> bool {
 
 /// The points recorded so far (of the running timeline, or the last one).
 pub fn points() -> Vec<Point> {
-    let guard = RECORDER.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(recorder) = guard.as_ref() else { return Vec::new() };
-    if recorder.forked() {
+    let recorder = RECORDER.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((sink, forked)) = recorder.as_ref().map(|r| (r.points.clone(), r.forked())) else {
+        return Vec::new();
+    };
+    drop(recorder);
+    if forked {
         // The parent's thread may have held the lock at the fork: never wait.
-        let found = recorder.points.try_lock().map(|p| p.clone()).unwrap_or_default();
-        return found;
+        return sink.try_lock().map(|p| p.clone()).unwrap_or_default();
     }
-    let points = recorder.points.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let points = sink.lock().unwrap_or_else(|e| e.into_inner()).clone();
     points
 }
 
 fn record(interval: Duration, stop: &AtomicBool, sink: &Mutex<Vec<Point>>) {
     let start = Instant::now();
-    let mut last: Vec<(i64, [i64; Domain::COUNT], u64)> = Vec::new();
+    // Per interpreter, its figures at its last point.
+    let mut last: HashMap<i64, ([i64; Domain::COUNT], u64)> = HashMap::new();
     loop {
         let nanos = start.elapsed().as_nanos() as u64;
         let snap = TRACKER.snapshot();
@@ -116,14 +120,8 @@ fn record(interval: Duration, stop: &AtomicBool, sink: &Mutex<Vec<Point>>) {
             };
             let live = Domain::ALL.map(|d| bucket.domains[d.index()].live_bytes);
             let refused = bucket.budget.refused;
-            let changed =
-                last.iter().find(|(i, ..)| *i == interp).is_none_or(|&(_, l, r)| l != live || r != refused);
-            if changed {
+            if last.insert(interp, (live, refused)) != Some((live, refused)) {
                 fresh.push(Point { nanos, interp, live, refused });
-                match last.iter_mut().find(|(i, ..)| *i == interp) {
-                    Some(entry) => *entry = (interp, live, refused),
-                    None => last.push((interp, live, refused)),
-                }
             }
         }
         if !fresh.is_empty() {

@@ -63,13 +63,22 @@ class SiteStatistic:
     count: int
     samples: int
 
+    @property
+    def where(self) -> str:
+        """The innermost frame as ``file:line``."""
+        return str(self.traceback[0]) if self.traceback else "(no Python frame)"
+
     def __str__(self) -> str:
-        where = str(self.traceback[0]) if self.traceback else "(no Python frame)"
-        who = "no thread state" if self.interp is None else f"interp {self.interp}"
         return (
-            f"{who} {'+'.join(self.domains)}  {where}  {self.size / 2**20:.1f} MiB live "
+            f"{interp_label(self.interp)} {'+'.join(self.domains)}  {self.where}  "
+            f"{self.size / 2**20:.1f} MiB live "
             f"({self.allocated / 2**20:.1f} MiB allocated) in {self.count} of {self.samples} samples"
         )
+
+
+def interp_label(interp: int | None) -> str:
+    """How reports name a bucket: ``interp 3``, or ``no thread state``."""
+    return "no thread state" if interp is None else f"interp {interp}"
 
 
 def _frames(stack: list[Any]) -> tuple[Frame, ...]:
@@ -149,14 +158,12 @@ class SitesSnapshot:
         """The top sites (by live estimate) of each interpreter, as text."""
         lines = [f"allocation sites (sampled: one per {self.rate / 1024:.0f} KiB on average)"]
         for interp in self.interpreters():
-            who = "no thread state" if interp is None else f"interp {interp}"
-            lines.append(f"  {who}:")
+            lines.append(f"  {interp_label(interp)}:")
             for stat in self.statistics("lineno", interp=interp)[:top]:
-                where = str(stat.traceback[0]) if stat.traceback else "(no Python frame)"
                 name = stat.traceback[0].name if stat.traceback else ""
                 lines.append(
                     f"    {stat.size / 2**20:8.1f} MiB live {stat.allocated / 2**20:8.1f} MiB allocated  "
-                    f"{'+'.join(stat.domains):<10} {where} ({name})"
+                    f"{'+'.join(stat.domains):<10} {stat.where} ({name})"
                 )
         return "\n".join(lines)
 
@@ -165,7 +172,7 @@ def start_sites(rate: int | str = DEFAULT_RATE, *, seed: int | None = None) -> N
     """Starts sampling allocation sites: one allocation per ``rate`` bytes on
     average (an int, or text such as "512 KiB"). ``seed`` makes the samples
     repeatable. Needs the hooks (:func:`interheap.install`)."""
-    if _native.is_installed() is False:
+    if not _native.is_installed():
         raise RuntimeError(
             "allocation sites are sampled by interheap's hooks: call interheap.install() first "
             "(or run the program with python -m interheap run --sites)"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _native
+from ._sites import interp_label
 
 DOMAINS = ("raw", "mem", "object")
 
@@ -97,11 +98,11 @@ class Timeline:
             s = self.series(interp)
             peak = self.peak(interp)
             assert peak is not None
-            who = "no thread state" if interp is None else f"interp {interp}"
             refusal = self.first_refusal(interp)
             limit = f", limit first hit at {refusal:.3f} s" if refusal is not None else ""
             lines.append(
-                f"  {who:<16} from {s['t'][0]:8.3f} s  peak {peak[1] / 2**20:8.1f} MiB at {peak[0]:8.3f} s  "
+                f"  {interp_label(interp):<16} from {s['t'][0]:8.3f} s  "
+                f"peak {peak[1] / 2**20:8.1f} MiB at {peak[0]:8.3f} s  "
                 f"last {s['total'][-1] / 2**20:8.1f} MiB at {s['t'][-1]:8.3f} s{limit}"
             )
         return "\n".join(lines)
