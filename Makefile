@@ -6,12 +6,14 @@ PYTHON := .venv/bin/python
 setup:
 	scripts/setup.sh
 
-# The main job: four isolated subinterpreters in parallel threads, under the hooks.
+# The main job: four isolated subinterpreters in parallel threads, under the hooks,
+# with sampled sites and the timeline; out/demo.html is the report to open.
 # Prepares only what it runs on: the default interpreter (3.14), .venv, interheap.
 demo:
 	scripts/setup.sh --demo
 	@mkdir -p out
-	$(PYTHON) -m interheap run --json out/demo.json examples/parallel_interpreters.py
+	$(PYTHON) -m interheap run --sites --timeline --json out/demo.json --html out/demo.html examples/parallel_interpreters.py
+	@echo "demo: the report to open in a browser is out/demo.html (figures: out/demo.json)"
 
 # Every check and test, on every interpreter of the matrix (3.12, 3.13, 3.14, 3.14t).
 test: setup

@@ -40,6 +40,28 @@ if [ "$demo" = 0 ] && cargo +nightly --version >/dev/null 2>&1 && ! cargo fuzz -
         || { tail -20 "$CACHE/cargo-fuzz-install.log" >&2; exit 1; }
 fi
 
+# Tools the tests drive as a user would: Debian's chromium loads the HTML
+# report (tests/test_html_report.py) and tmux shows the live view
+# (tests/test_live.py). Installed with apt-get once (root, or sudo).
+if [ "$demo" = 0 ]; then
+    missing=()
+    command -v chromium >/dev/null || missing+=(chromium)
+    command -v tmux >/dev/null || missing+=(tmux)
+    if [ ${#missing[@]} -gt 0 ]; then
+        SUDO=()
+        if [ "$(id -u)" != 0 ]; then
+            command -v sudo >/dev/null || { log "not root and no sudo: install ${missing[*]} and rerun"; exit 1; }
+            SUDO=(sudo)
+        fi
+        log "installing ${missing[*]} with apt-get (once)"
+        "${SUDO[@]}" apt-get update -q >"$CACHE/apt-test-tools.log" 2>&1 \
+            || log "warning: apt-get update reported errors; trying to continue"
+        "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+            "${missing[@]}" >>"$CACHE/apt-test-tools.log" 2>&1 \
+            || { tail -20 "$CACHE/apt-test-tools.log" >&2; log "apt-get install ${missing[*]} failed"; exit 1; }
+    fi
+fi
+
 wanted=("$@")
 if [ ${#wanted[@]} -eq 1 ]; then
     # One interpreter: find (or build) only that one.

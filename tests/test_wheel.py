@@ -99,6 +99,20 @@ def test_wheel_carries_the_launcher(wheel):
     assert any(n.startswith("interheap/_native.") for n in names)
     # The in-interpreter module (its native part is a second module in _native).
     assert "interheap_interp/__init__.py" in names, names
+    # The HTML report's charting library, inlined into every report.
+    assert "interheap/_vendor/chart.min.js" in names, names
+
+
+def test_the_installed_wheel_writes_the_html_report(venv, tmp_path):
+    out = tmp_path / "report.html"
+    proc = run(
+        [venv / "bin" / "python", "-m", "interheap", "run", "--no-report", "--sites", "--timeline",
+         "--html", out, "-c", "keep = [bytearray(1000) for _ in range(20_000)]"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert "Chart.js v3.9.1" in text and '"flame"' in text and "main (0)" in text
 
 
 def test_the_in_interpreter_module_imports_in_an_isolated_interpreter(venv, tmp_path):

@@ -1,7 +1,7 @@
 """``python -m interheap``: run a program under the hooks, or show a saved report.
 
     python -m interheap run [--json FILE] [--no-report] [--sites [RATE]] (SCRIPT | -m MODULE | -c CODE) ...
-    python -m interheap report FILE.json
+    python -m interheap report [--html OUT.html] FILE.json
 
 ``run`` installs the hooks before the program starts, runs it the way
 ``python`` would (``sys.argv``, ``sys.path[0]``, ``__main__``), passes its
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 RUN_USAGE = (
     "python -m interheap run [--json FILE] [--no-report] [--limit SIZE] [--main-limit SIZE] "
-    "[--sites [RATE]] [--timeline [MS]] (SCRIPT | -m MODULE | -c CODE) [ARGS...]"
+    "[--sites [RATE]] [--timeline [MS]] [--html FILE] [--live] (SCRIPT | -m MODULE | -c CODE) [ARGS...]"
 )
 RUN_DESCRIPTION = """\
 Run a Python program with interheap's hooks installed before it starts, and
@@ -58,6 +58,10 @@ class RunRequest:
     sites: str | None = None
     #: Record the timeline every this many milliseconds, or not at all.
     timeline_ms: float | None = None
+    #: Also write the HTML report here.
+    html_path: str | None = None
+    #: Show the live view in the terminal while the program runs.
+    live: bool = False
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -92,6 +96,17 @@ def _run_parser() -> argparse.ArgumentParser:
         "the report gives each one's peak and when, the JSON every point",
     )
     parser.add_argument(
+        "--html",
+        metavar="FILE",
+        help="also write the HTML report (timeline chart, flame graph, sites) to FILE",
+    )
+    parser.add_argument(
+        "--live",
+        action="store_true",
+        help="show a live view in the terminal every second (interpreters, limits, top sites; "
+        "turns on --sites); needs the 'rich' package",
+    )
+    parser.add_argument(
         "program", nargs="*", metavar="SCRIPT | -m MODULE | -c CODE", help="what to run, then its arguments"
     )
     return parser
@@ -104,6 +119,8 @@ def parse_run_args(argv: list[str]) -> RunRequest:
     starts the program, and nothing after it is interpreted by interheap.
     """
     json_path: str | None = None
+    html_path: str | None = None
+    live = False
     report = True
     sites: str | None = None
     timeline_ms: float | None = None
@@ -114,7 +131,16 @@ def parse_run_args(argv: list[str]) -> RunRequest:
 
     def request(kind: str, target: str, args: list[str]) -> RunRequest:
         return RunRequest(
-            kind, target, args, json_path, report, **limits, sites=sites, timeline_ms=timeline_ms
+            kind,
+            target,
+            args,
+            json_path,
+            report,
+            **limits,
+            sites=sites,
+            timeline_ms=timeline_ms,
+            html_path=html_path,
+            live=live,
         )
 
     i = 0
@@ -140,6 +166,17 @@ def parse_run_args(argv: list[str]) -> RunRequest:
         elif arg.startswith("--json="):
             json_path = arg[len("--json=") :]
             i += 1
+        elif arg == "--html" or arg.startswith("--html="):
+            if "=" in arg:
+                html_path, i = arg.split("=", 1)[1], i + 1
+            elif i + 1 < len(argv):
+                html_path, i = argv[i + 1], i + 2
+            else:
+                raise UsageError("--html needs a FILE argument")
+        elif arg == "--live":
+            live, i = True, i + 1
+            # The view shows top sites: sample them unless a rate was given.
+            sites = sites or "512KiB"
         elif arg == "--no-report":
             report = False
             i += 1
@@ -206,18 +243,37 @@ def _check_request(req: RunRequest) -> None:
             except ValueError as exc:
                 raise UsageError(f"{name}: {exc}") from None
     if req.json_path not in (None, "-"):
-        directory = os.path.dirname(os.path.abspath(req.json_path))
-        if not os.path.isdir(directory):
-            raise UsageError(f"--json: directory {directory!r} does not exist")
-        if os.path.isdir(req.json_path):
-            raise UsageError(f"--json: {req.json_path!r} is a directory")
-        if not os.access(directory, os.W_OK):
-            raise UsageError(f"--json: directory {directory!r} is not writable")
+        check_output_path("--json", req.json_path)
+    if req.html_path is not None:
+        check_output_path("--html", req.html_path)
+    if req.live:
+        from ._live import require_rich
+
+        try:
+            require_rich()
+        except ImportError as exc:
+            raise UsageError(str(exc)) from None
+
+
+def check_output_path(option: str, path: str) -> None:
+    """Refuses a file that could not be written, before anything runs."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UsageError(f"{option}: directory {directory!r} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"{option}: {path!r} is a directory")
+    if not os.access(directory, os.W_OK):
+        raise UsageError(f"{option}: directory {directory!r} is not writable")
+
+
+_live_view = None
 
 
 def _report_at_exit(req: RunRequest) -> None:
     import interheap
 
+    if _live_view is not None:
+        _live_view.stop()
     snap = interheap.stats()
     sites = interheap.sites_snapshot() if req.sites is not None else None
     timeline = None
@@ -246,6 +302,20 @@ def _report_at_exit(req: RunRequest) -> None:
                     fh.write(text)
             except OSError as exc:
                 print(f"interheap: could not write {req.json_path}: {exc}", file=sys.stderr)
+    if req.html_path is not None:
+        from ._html import render_html
+
+        try:
+            with open(req.html_path, "w", encoding="utf-8") as fh:
+                fh.write(render_html(snap, sites, timeline, _program_title(req)))
+        except OSError as exc:
+            print(f"interheap: could not write {req.html_path}: {exc}", file=sys.stderr)
+
+
+def _program_title(req: RunRequest) -> str:
+    """The program as its command line names it, for the HTML report's title."""
+    head = {"script": req.target, "module": f"-m {req.target}", "code": "-c ..."}[req.kind]
+    return " ".join([head, *req.args])[:200]
 
 
 def _fresh_main(filename: str | None) -> dict:
@@ -273,6 +343,12 @@ def run(req: RunRequest) -> None:
     if req.timeline_ms is not None:
         interheap.start_timeline(req.timeline_ms / 1000)
     atexit.register(_report_at_exit, req)
+    if req.live:
+        from ._live import LiveView
+
+        global _live_view
+        _live_view = LiveView()
+        _live_view.start()
     if req.kind == "script":
         sys.argv = [req.target, *req.args]
         sys.path[0] = os.path.dirname(os.path.abspath(req.target))
@@ -287,7 +363,9 @@ def run(req: RunRequest) -> None:
         exec(compile(req.target, "<string>", "exec"), _fresh_main(None))
 
 
-def report(path: str) -> int:
+def report(path: str, html_path: str | None = None) -> int:
+    """Prints the tables of a JSON file written by ``run --json``, or writes
+    its HTML report to ``html_path``."""
     from ._sites import SitesSnapshot
     from ._stats import Snapshot
     from ._timeline import Timeline
@@ -301,6 +379,17 @@ def report(path: str) -> int:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"interheap report: cannot read {path}: {exc}", file=sys.stderr)
         return 2
+    if html_path is not None:
+        from ._html import render_html
+
+        try:
+            with open(html_path, "w", encoding="utf-8") as fh:
+                fh.write(render_html(snap, sites, timeline, os.path.basename(path)))
+        except OSError as exc:
+            print(f"interheap report: cannot write {html_path}: {exc}", file=sys.stderr)
+            return 2
+        print(f"interheap report: wrote {html_path}", file=sys.stderr)
+        return 0
     print(snap.format_table())
     if sites is not None:
         print(sites.format_table())
@@ -309,13 +398,42 @@ def report(path: str) -> int:
     return 0
 
 
+def parse_report_args(argv: list[str]) -> tuple[str, str | None]:
+    """``report [--html OUT.html] FILE.json`` -> (FILE.json, OUT.html or None)."""
+    html_path: str | None = None
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--html":
+            if i + 1 >= len(argv):
+                raise UsageError("--html needs an OUT.html argument")
+            html_path, i = argv[i + 1], i + 2
+        elif arg.startswith("--html="):
+            html_path, i = arg[len("--html=") :], i + 1
+        elif arg.startswith("-") and arg != "-":
+            raise UsageError(f"unknown option {arg!r}")
+        else:
+            rest.append(arg)
+            i += 1
+    if len(rest) != 1:
+        raise UsageError("give exactly one FILE.json")
+    if html_path is not None:
+        check_output_path("--html", html_path)
+    return rest[0], html_path
+
+
+REPORT_USAGE = "usage: python -m interheap report [--html OUT.html] FILE.json"
+
+
 MAIN_DESCRIPTION = """\
 interheap: exact memory per interpreter and per allocator domain.
 
 commands:
   run      run a program under the hooks and report at exit
            (python -m interheap run --help)
-  report   print the table of a JSON file written by `run --json`"""
+  report   print the tables of a JSON file written by `run --json`,
+           or write its HTML report (report --html OUT.html FILE.json)"""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -335,12 +453,15 @@ def main(argv: list[str] | None = None) -> None:
             req = parse_run_args(rest)
             _check_request(req)
         elif command == "report":
-            if len(rest) != 1 or rest[0].startswith("-"):
-                raise UsageError("usage: python -m interheap report FILE.json")
-            raise SystemExit(report(rest[0]))
+            if rest and rest[0] in ("-h", "--help"):
+                print(REPORT_USAGE)
+                raise SystemExit(0)
+            path, html_path = parse_report_args(rest)
+            raise SystemExit(report(path, html_path))
         else:
             raise UsageError(f"unknown command {command!r}; expected 'run' or 'report'")
     except UsageError as exc:
-        print(f"{prog}: error: {exc}\nusage: {RUN_USAGE}", file=sys.stderr)
+        usage = REPORT_USAGE if command == "report" else f"usage: {RUN_USAGE}"
+        print(f"{prog}: error: {exc}\n{usage}", file=sys.stderr)
         raise SystemExit(2) from None
     run(req)

@@ -258,6 +258,10 @@ class Snapshot:
                 own_gil=i.get("own_gil"),
                 own_obmalloc=i.get("own_obmalloc"),
                 origin=i.get("origin") or _origin_label(i.get("whence"), data["python"]),
+                limit=i.get("limit"),
+                refused=i.get("refused", 0),
+                largest_refused=i.get("largest_refused", 0),
+                total_peak=i.get("total_peak", 0),
             )
             for i in data["interpreters"]
         )
