@@ -220,3 +220,26 @@ def test_chromium_screenshot(report):
     assert (width, height) == (1280, 1600)
     # A blank page of that size compresses to a few KB; charts and text do not.
     assert len(png) > 60_000, len(png)
+
+
+def test_long_timelines_are_cut_to_size_and_keep_their_peaks():
+    from interheap._html import MAX_CHART_POINTS, _group, _timeline_data
+    from interheap._timeline import Timeline, TimelinePoint
+
+    points = []
+    for k in range(10_000):
+        # Interpreter 1 spikes once, for one reading; interpreter 2 ramps.
+        points.append(TimelinePoint(k * 0.001, 1, 0, 0, 5_000_000 if k == 6_789 else 1_000, 0))
+        points.append(TimelinePoint(k * 0.001, 2, 10, k, 0, 0))
+    timeline = Timeline(points, 0.001)
+    grouped = _group(timeline)
+    rows = [{"key": "1", "peak": 5_000_000}, {"key": "2", "peak": 9_999}]
+    data = _timeline_data(timeline, grouped, rows)
+    one, two = data["interpreters"]["1"], data["interpreters"]["2"]
+    assert len(one["t"]) <= MAX_CHART_POINTS + 1 and len(two["t"]) <= MAX_CHART_POINTS + 1
+    assert max(one["object"]) == 5_000_000, "the one-reading spike survives"
+    assert two["mem"][-1] == 9_999 and two["t"][-1] == round(9_999 * 0.001, 4), "the last reading is kept"
+    combined = dict(data["combined"]["series"])
+    assert len(data["combined"]["t"]) == MAX_CHART_POINTS
+    assert max(combined["1"]) == 5_000_000 and combined["2"][-1] == 10 + 9_999
+    assert list(combined) == ["1", "2"], "largest peak first"

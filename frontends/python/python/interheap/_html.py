@@ -29,7 +29,7 @@ from typing import Any
 from ._report import human_bytes
 from ._sites import SitesSnapshot, interp_label
 from ._stats import Snapshot
-from ._timeline import DOMAINS, Timeline
+from ._timeline import DOMAINS, Timeline, TimelinePoint
 
 #: Most points a chart gets: longer series keep each bin's highest reading.
 MAX_CHART_POINTS = 1200
@@ -37,6 +37,9 @@ MAX_CHART_POINTS = 1200
 MAX_INTERPRETER_CHARTS = 16
 #: Rows of each interpreter's table of sites.
 TOP_SITES = 30
+
+#: A timeline's points per interpreter, in time order.
+ByInterp = dict[int | None, list[TimelinePoint]]
 
 
 def _downsample(times: list[float], rows: list[list[int]], limit: int) -> tuple[list[float], list[list[int]]]:
@@ -54,7 +57,7 @@ def _downsample(times: list[float], rows: list[list[int]], limit: int) -> tuple[
     return [times[i] for i in keep], [rows[i] for i in keep]
 
 
-def _interpreter_rows(snap: Snapshot, timeline: Timeline | None) -> list[dict[str, Any]]:
+def _interpreter_rows(snap: Snapshot, by_interp: ByInterp) -> list[dict[str, Any]]:
     rows = []
     for entry in snap.interpreters:
         if entry.kind == "overflow":
@@ -70,18 +73,16 @@ def _interpreter_rows(snap: Snapshot, timeline: Timeline | None) -> list[dict[st
             "limit": entry.limit,
             "refused": entry.refused,
         }
-        if timeline is not None:
-            series = timeline.series(interp)
-            if series["t"]:
-                peak = timeline.peak(interp)
-                assert peak is not None
-                row.update(
-                    first_seen=series["t"][0],
-                    last_change=series["t"][-1],
-                    peak_t=peak[0],
-                    peak=peak[1],
-                    first_refusal=timeline.first_refusal(interp),
-                )
+        mine = by_interp.get(interp)
+        if mine:
+            peak = max(mine, key=lambda p: p.total)
+            row.update(
+                first_seen=mine[0].t,
+                last_change=mine[-1].t,
+                peak_t=peak.t,
+                peak=peak.total,
+                first_refusal=next((p.t for p in mine if p.refused), None),
+            )
         rows.append(row)
     return rows
 
@@ -90,53 +91,66 @@ def _key(interp: int | None) -> str:
     return "none" if interp is None else str(interp)
 
 
-def _timeline_data(timeline: Timeline, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _group(timeline: Timeline | None) -> ByInterp:
+    """The timeline's points per interpreter, in time order (one pass)."""
+    grouped: ByInterp = {}
+    for p in timeline.points if timeline is not None else ():
+        grouped.setdefault(p.interp, []).append(p)
+    return grouped
+
+
+def _timeline_data(timeline: Timeline, by_interp: ByInterp, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Series per interpreter (stacked by domain) and one grid of every
     interpreter's total (stacked by interpreter), downsampled."""
     per_interp: dict[str, Any] = {}
-    for interp in timeline.interpreters():
-        s = timeline.series(interp)
-        rows_of = [[s[d][i] for d in DOMAINS] for i in range(len(s["t"]))]
-        t, values = _downsample(s["t"], rows_of, MAX_CHART_POINTS)
+    for interp, mine in by_interp.items():
+        values = [[p.raw, p.mem, p.object] for p in mine]
+        t, values = _downsample([p.t for p in mine], values, MAX_CHART_POINTS)
         per_interp[_key(interp)] = {
             "t": [round(x, 4) for x in t],
             **{d: [v[j] for v in values] for j, d in enumerate(DOMAINS)},
         }
     # The combined chart needs one x for every series: each interpreter's
-    # last reading held until its next (the timeline keeps only changes).
-    grid = sorted({p.t for p in timeline.points})
+    # reading held until its next (the timeline keeps only changes). Past
+    # MAX_CHART_POINTS distinct times, the x are equal bins and each
+    # interpreter shows its highest reading in the bin.
+    times = sorted({p.t for p in timeline.points})
+    if len(times) > MAX_CHART_POINTS:
+        start, width = times[0], (times[-1] - times[0]) / MAX_CHART_POINTS
+        grid = [start + i * width for i in range(MAX_CHART_POINTS)]
+
+        def bin_of(t: float) -> int:
+            return min(MAX_CHART_POINTS - 1, int((t - start) / width))
+    else:
+        grid = times
+        bin_of = {t: i for i, t in enumerate(times)}.__getitem__
+
     order = [r["key"] for r in sorted(rows, key=lambda r: -(r.get("peak") or 0)) if r["key"] in per_interp]
-    totals: dict[str, list[int]] = {}
+    series = []
     for key in order:
-        interp = None if key == "none" else int(key)
-        mine = [(p.t, p.total) for p in timeline.points if p.interp == interp]
-        column, i, current = [], 0, 0
-        for t in grid:
-            while i < len(mine) and mine[i][0] <= t:
-                current = mine[i][1]
-                i += 1
-            column.append(current)
-        totals[key] = column
-    grid_rows = [[totals[k][i] for k in order] for i in range(len(grid))]
-    grid_t, grid_rows = _downsample(grid, grid_rows, MAX_CHART_POINTS)
+        column: list[int | None] = [None] * len(grid)
+        for p in by_interp[None if key == "none" else int(key)]:
+            b = bin_of(p.t)
+            column[b] = p.total if column[b] is None else max(column[b] or 0, p.total)
+        held, filled = 0, []
+        for value in column:
+            held = held if value is None else value
+            filled.append(held)
+        series.append([key, filled])
     return {
         "interval": timeline.interval,
         "interpreters": per_interp,
-        "combined": {
-            "t": [round(x, 4) for x in grid_t],
-            # A list, not an object: JavaScript orders numeric keys itself.
-            "series": [[k, [r[j] for r in grid_rows]] for j, k in enumerate(order)],
-        },
+        # A list, not an object: JavaScript orders numeric keys itself.
+        "combined": {"t": [round(x, 4) for x in grid], "series": series},
     }
 
 
-def _flame_tree(sites: SitesSnapshot, interp: int | None) -> dict[str, Any]:
-    """The sampled stacks of one interpreter as a tree, outermost frame at
-    the root's children: ``[name, where, live, allocated, children]``."""
+def _flame_tree(sites: SitesSnapshot, interp: int | None) -> list[Any]:
+    """The sampled stacks of one interpreter (``sites`` holds only its own)
+    as a tree, outermost frame at the root's children:
+    ``[name, where, live, allocated, children]``."""
     root: list[Any] = [interp_label(interp), "", 0, 0, {}]
     for site in sites.sites:
-        if site["interp"] != interp:
-            continue
         live, allocated = site["live_bytes"], site["allocated_bytes"]
         node = root
         node[2] += live
@@ -207,28 +221,31 @@ def _summary_table(rows: list[dict[str, Any]], has_timeline: bool) -> str:
 
 def render_html(snap: Snapshot, sites: SitesSnapshot | None, timeline: Timeline | None, title: str) -> str:
     """The report as one HTML document (str)."""
-    rows = _interpreter_rows(snap, timeline)
+    by_interp = _group(timeline)
+    rows = _interpreter_rows(snap, by_interp)
     data: dict[str, Any] = {"interpreters": rows, "timeline": None, "flame": {}}
     charted: list[str] = []
     if timeline is not None and timeline.points:
-        data["timeline"] = _timeline_data(timeline, rows)
+        data["timeline"] = _timeline_data(timeline, by_interp, rows)
         ranked = sorted((r for r in rows if "peak" in r), key=lambda r: -r["peak"])
         charted = [r["key"] for r in ranked[:MAX_INTERPRETER_CHARTS]]
     data["charted"] = charted
     choices: list[tuple[str, str]] = []
     tables = []
     if sites is not None:
-        ranked_interps = sorted(
-            sites.interpreters(),
-            key=lambda i: -sum(s["allocated_bytes"] for s in sites.sites if s["interp"] == i),
-        )
-        for interp in ranked_interps:
-            key = _key(interp)
-            label = next((r["label"] for r in rows if r["key"] == key), interp_label(interp))
-            choices.append((key, label))
-            data["flame"][key] = _flame_tree(sites, interp)
+        # One pass to split the samples by interpreter; the menu lists the
+        # interpreters by bytes allocated, largest first.
+        grouped: dict[int | None, list[dict[str, Any]]] = {}
+        for site in sites.sites:
+            grouped.setdefault(site["interp"], []).append(site)
+        labels = {r["key"]: r["label"] for r in rows}
+        ranked = sorted(grouped.items(), key=lambda kv: -sum(s["allocated_bytes"] for s in kv[1]))
+        for interp, own in ranked:
+            key, mine = _key(interp), SitesSnapshot(own, sites.rate)
+            choices.append((key, labels.get(key, interp_label(interp))))
+            data["flame"][key] = _flame_tree(mine, interp)
             hidden = "" if len(tables) == 0 else " hidden"
-            tables.append(f'<div class=sites data-interp="{key}"{hidden}>{_sites_table(sites, interp)}</div>')
+            tables.append(f'<div class=sites data-interp="{key}"{hidden}>{_sites_table(mine, interp)}</div>')
         data["rate"] = sites.rate
 
     payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
