@@ -120,6 +120,14 @@ while read -r tag python; do
         # The demo runs python -m interheap only: skip the launcher that
         # frontends/python/build.rs builds for the wheel (a minute more).
         log "$tag: building interheap (release)"
+        # wheel-data/ holds the launcher of whichever interpreter a full
+        # setup built last; maturin would install it into this venv. Hide it
+        # for this build (this venv then has no launcher until a full setup).
+        launcher_bin="$ROOT/frontends/python/wheel-data/scripts/interheap-python-bin"
+        if [ -e "$launcher_bin" ]; then
+            mv "$launcher_bin" "$launcher_bin.demo-hidden.tmp"
+            trap 'mv "$launcher_bin.demo-hidden.tmp" "$launcher_bin"' EXIT
+        fi
         INTERHEAP_WHEEL_LAUNCHER=0 develop "$tag" "$venv" frontends/python "$CACHE/build-$tag.log"
         "$venv/bin/python" -c "import interheap; interheap.stats()" \
             || { log "$tag: interheap does not import in $venv"; exit 1; }

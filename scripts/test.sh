@@ -10,7 +10,9 @@
 #   2. Python: ruff
 #   3. pytest on each venv listed in .venvs.list (3.12, 3.13, 3.14, 3.14t)
 #   4. interheap-python built with AddressSanitizer, running 4 isolated
-#      interpreters that exchange objects (examples/interpreters_exchange.py)
+#      interpreters that exchange objects (examples/interpreters_exchange.py),
+#      then the same under `python -m interheap run --sites --timeline` with
+#      interheap._native built with AddressSanitizer too
 #   5. CPython's own regression tests under interheap-python (scripts/regrtest.sh)
 # Prints one closing line "N passed, N failed" over all pytest runs.
 set -uo pipefail
@@ -153,14 +155,44 @@ if cargo +nightly --version >/dev/null 2>&1; then
         fi
         step "interheap-python under AddressSanitizer on $tag: examples/interpreters_exchange.py"
         asan_target=$CACHE/target/asan-launcher-$tag
-        if env PYO3_PYTHON="$venv/bin/python" RUSTFLAGS="-Zsanitizer=address" CARGO_TARGET_DIR="$asan_target" \
-            cargo +nightly build --profile asan --quiet -p interheap-launcher --target "$(rustc -vV | sed -n 's/^host: //p')"; then
-            install -m 755 "$asan_target/$(rustc -vV | sed -n 's/^host: //p')/asan/interheap-python" \
-                "$venv/bin/interheap-python-asan"
+        host=$(rustc -vV | sed -n 's/^host: //p')
+        # --export-dynamic: the launcher carries the ASan runtime, and the
+        # ASan build of interheap._native loaded into it below resolves the
+        # runtime's symbols from it (rustc links the runtime into executables
+        # only). One RUSTFLAGS for both builds, so they share one target dir.
+        asan_flags="-Zsanitizer=address -Clink-arg=-Wl,--export-dynamic"
+        if env PYO3_PYTHON="$venv/bin/python" RUSTFLAGS="$asan_flags" CARGO_TARGET_DIR="$asan_target" \
+            cargo +nightly build --profile asan --quiet -p interheap-launcher --target "$host"; then
+            install -m 755 "$asan_target/$host/asan/interheap-python" "$venv/bin/interheap-python-asan"
             run env ASAN_OPTIONS=halt_on_error=1 timeout 600 "$venv/bin/interheap-python-asan" \
                 examples/interpreters_exchange.py --seconds 3
         else
             failures+=("AddressSanitizer build of interheap-python for $tag")
+            continue
+        fi
+        # The hooks, sampled sites (stacks read in every interpreter) and the
+        # timeline, all built with ASan, over the ASan allocator: the
+        # interpreters exchange objects, so blocks sampled in one are freed
+        # in another. A high rate (4 KiB) samples about 20,000 blocks.
+        step "python -m interheap run --sites --timeline under AddressSanitizer on $tag"
+        asan_package=$venv/interheap-asan
+        if env PYO3_PYTHON="$venv/bin/python" RUSTFLAGS="$asan_flags" CARGO_TARGET_DIR="$asan_target" \
+            INTERHEAP_WHEEL_LAUNCHER=0 \
+            cargo +nightly build --profile asan --quiet -p interheap-python --target "$host"; then
+            rm -rf "$asan_package" && mkdir -p "$asan_package"
+            cp -r "$ROOT/frontends/python/python/interheap" "$ROOT/frontends/python/python/interheap_interp" \
+                "$asan_package/"
+            rm -f "$asan_package"/interheap/_native*.so
+            suffix=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+            cp "$asan_target/$host/asan/lib_native.so" "$asan_package/interheap/_native$suffix"
+            run env ASAN_OPTIONS=halt_on_error=1 PYTHONPATH="$asan_package" timeout 600 \
+                "$venv/bin/interheap-python-asan" -c \
+                "import interheap._native as n, sys; sys.exit(0 if n.__file__.startswith('$asan_package') else 1)"
+            run env ASAN_OPTIONS=halt_on_error=1 PYTHONPATH="$asan_package" timeout 600 \
+                "$venv/bin/interheap-python-asan" -m interheap run --no-report --sites 4KiB --timeline 2 \
+                examples/interpreters_exchange.py --seconds 3
+        else
+            failures+=("AddressSanitizer build of interheap._native for $tag")
         fi
     done < .venvs.list
 else

@@ -56,7 +56,8 @@ def check_interpreter(stats: list, k: int, truth: dict) -> None:
     assert not [s for s in stats for f in s.traceback if f.name in others], "another interpreter's site"
 
 
-def test_each_interpreter_top_site_is_its_own_line():
+@pytest.mark.parametrize("back_end", ["hooks over CPython's allocator", "hooks over interheap-python"])
+def test_each_interpreter_top_site_is_its_own_line(back_end):
     out = scenario(
         r"""
         import json, os, tempfile, threading
@@ -81,6 +82,7 @@ def test_each_interpreter_top_site_is_its_own_line():
         result(ids=ids, truth=truth, sites=sites)
         """.replace("WORK", repr(WORK)),
         timeout=300,
+        launcher=back_end.endswith("interheap-python"),
     )
     from interheap import SitesSnapshot
 
