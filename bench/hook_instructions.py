@@ -32,7 +32,7 @@ CHILD = r"""
 import sys
 import interheap
 mode, n, kind = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-hooks = mode in ("hooks", "limited", "sites")
+hooks = mode in ("hooks", "limited", "sites", "check")
 make = {"list": lambda i: [i], "bytes": lambda i: bytes(40), "dict": lambda i: {"k": i}}[kind]
 def work(n):
     for i in range(n):
@@ -40,7 +40,7 @@ def work(n):
         del x
 work(2000)                      # warm up caches, free lists, the nursery
 if hooks:
-    interheap.install()
+    interheap.install(check=mode == "check")
 if mode == "limited":
     interheap.set_limit(0, "1 TB")
 if mode == "sites":
@@ -71,6 +71,9 @@ def main() -> None:
     parser.add_argument(
         "--sites", action="store_true", help="also measure with allocation sites sampled (512 KiB)"
     )
+    parser.add_argument(
+        "--check", action="store_true", help="also measure the checking hooks (python -m interheap check)"
+    )
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         sys.exit("error: valgrind is not installed")
@@ -83,6 +86,9 @@ def main() -> None:
         sites = None
         if args.sites:
             sites, _ = instructions(args.python, "sites", args.pairs, args.kind, workdir)
+        check = None
+        if args.check:
+            check, _ = instructions(args.python, "check", args.pairs, args.kind, workdir)
     match = re.search(r"PAIRS (\d+)", out)
     pairs = int(match.group(1)) if match else 0
     if pairs <= 0:
@@ -98,6 +104,9 @@ def main() -> None:
     if sites is not None:
         print(f"instructions with hooks and sites sampled: {sites:,}")
         print(f"sampling sites adds per pair: {(sites - hooks) / pairs:.1f}")
+    if check is not None:
+        print(f"instructions with the checking hooks: {check:,}")
+        print(f"checking adds per pair: {(check - hooks) / pairs:.1f}")
 
 
 if __name__ == "__main__":

@@ -153,9 +153,18 @@ fn current_bucket() -> BucketId {
     BucketId::for_interpreter(current_interpreter_id())
 }
 
-extern "C" fn hook_malloc<const D: usize>(_ctx: *mut c_void, size: usize) -> *mut c_void {
+extern "C" fn hook_malloc<const D: usize, const CHECK: bool>(_ctx: *mut c_void, size: usize) -> *mut c_void {
     let forward = &FORWARD[D];
-    let Some(entry) = HookEntry::enter() else { return forward.malloc(size) };
+    let Some(entry) = HookEntry::enter() else {
+        let block = forward.malloc(size);
+        if CHECK {
+            crate::checker::allocated_nested(block);
+        }
+        return block;
+    };
+    // The checker may send a call without a thread state to the raw allocator.
+    let raw_served = CHECK && crate::checker::on_call::<D>(size);
+    let forward = if raw_served { &FORWARD[Domain::Raw.index()] } else { forward };
     let owner = current_bucket();
     let admission = TRACKER.admit(owner, size);
     let block = if admission.allowed() { forward.malloc(size) } else { null_mut() };
@@ -164,6 +173,9 @@ extern "C" fn hook_malloc<const D: usize>(_ctx: *mut c_void, size: usize) -> *mu
     } else {
         TRACKER.allocated(entry.nursery(), owner, domain_of::<D>(), block as usize, size);
         maybe_sample::<D>(&entry, block, owner, size);
+        if CHECK {
+            crate::checker::allocated::<D>(block, raw_served);
+        }
     }
     TRACKER.settle(owner, size, admission);
     block
@@ -179,15 +191,27 @@ fn maybe_sample<const D: usize>(entry: &HookEntry, block: *mut c_void, owner: Bu
 
 /// A block that may have been sampled is going away (freed, or moved by realloc).
 #[inline(always)]
-fn forget_sample(ptr: *mut c_void) {
+pub(crate) fn forget_sample(ptr: *mut c_void) {
     if SITES.may_hold(ptr as usize) {
         SITES.freed(ptr as usize);
     }
 }
 
-extern "C" fn hook_calloc<const D: usize>(_ctx: *mut c_void, nelem: usize, elsize: usize) -> *mut c_void {
+extern "C" fn hook_calloc<const D: usize, const CHECK: bool>(
+    _ctx: *mut c_void,
+    nelem: usize,
+    elsize: usize,
+) -> *mut c_void {
     let forward = &FORWARD[D];
-    let Some(entry) = HookEntry::enter() else { return forward.calloc(nelem, elsize) };
+    let Some(entry) = HookEntry::enter() else {
+        let block = forward.calloc(nelem, elsize);
+        if CHECK {
+            crate::checker::allocated_nested(block);
+        }
+        return block;
+    };
+    let raw_served = CHECK && crate::checker::on_call::<D>(nelem.saturating_mul(elsize));
+    let forward = if raw_served { &FORWARD[Domain::Raw.index()] } else { forward };
     let owner = current_bucket();
     // Fact 8: refuse an overflowing nelem * elsize before forwarding.
     let Some(size) = nelem.checked_mul(elsize) else {
@@ -201,16 +225,31 @@ extern "C" fn hook_calloc<const D: usize>(_ctx: *mut c_void, nelem: usize, elsiz
     } else {
         TRACKER.allocated(entry.nursery(), owner, domain_of::<D>(), block as usize, size);
         maybe_sample::<D>(&entry, block, owner, size);
+        if CHECK {
+            crate::checker::allocated::<D>(block, raw_served);
+        }
     }
     TRACKER.settle(owner, size, admission);
     block
 }
 
-extern "C" fn hook_realloc<const D: usize>(_ctx: *mut c_void, ptr: *mut c_void, size: usize) -> *mut c_void {
+extern "C" fn hook_realloc<const D: usize, const CHECK: bool>(
+    _ctx: *mut c_void,
+    ptr: *mut c_void,
+    size: usize,
+) -> *mut c_void {
     let forward = &FORWARD[D];
-    let Some(entry) = HookEntry::enter() else { return forward.realloc(ptr, size) };
+    let Some(entry) = HookEntry::enter() else {
+        let block = forward.realloc(ptr, size);
+        if CHECK {
+            crate::checker::allocated_nested(block);
+        }
+        return block;
+    };
     let owner = current_bucket();
     if ptr.is_null() {
+        let raw_served = CHECK && crate::checker::on_call::<D>(size);
+        let forward = if raw_served { &FORWARD[Domain::Raw.index()] } else { forward };
         // realloc(NULL, n) is an allocation.
         let admission = TRACKER.admit(owner, size);
         let block = if admission.allowed() { forward.realloc(ptr, size) } else { null_mut() };
@@ -219,6 +258,9 @@ extern "C" fn hook_realloc<const D: usize>(_ctx: *mut c_void, ptr: *mut c_void, 
         } else {
             TRACKER.allocated(entry.nursery(), owner, domain_of::<D>(), block as usize, size);
             maybe_sample::<D>(&entry, block, owner, size);
+            if CHECK {
+                crate::checker::allocated::<D>(block, raw_served);
+            }
         }
         TRACKER.settle(owner, size, admission);
         return block;
@@ -227,6 +269,16 @@ extern "C" fn hook_realloc<const D: usize>(_ctx: *mut c_void, ptr: *mut c_void, 
     // another thread may be handed the old address and record it.
     let local = entry.nursery();
     let old = TRACKER.reallocating(local, ptr as usize);
+    // The checker may answer itself, or send the call to the block's own domain.
+    let mut target = domain_of::<D>();
+    if CHECK {
+        let malloc_in = |d: Domain, n: usize| FORWARD[d.index()].malloc(n);
+        match crate::checker::realloc::<D>(local, ptr, size, old, owner, malloc_in) {
+            crate::checker::ReallocVerdict::Return(block) => return block,
+            crate::checker::ReallocVerdict::Forward(domain) => target = domain,
+        }
+    }
+    let forward = &FORWARD[target.index()];
     // Growth is charged to the block's owner (whose live bytes grow); a block
     // we never saw counts as a new one of the caller's.
     let (charged, growth) = match old {
@@ -244,13 +296,21 @@ extern "C" fn hook_realloc<const D: usize>(_ctx: *mut c_void, ptr: *mut c_void, 
         forget_sample(ptr);
         maybe_sample::<D>(&entry, block, charged, size);
     }
+    if CHECK {
+        crate::checker::reallocated::<D>(ptr, block, target);
+    }
     block
 }
 
-extern "C" fn hook_free<const D: usize>(_ctx: *mut c_void, ptr: *mut c_void) {
+extern "C" fn hook_free<const D: usize, const CHECK: bool>(_ctx: *mut c_void, ptr: *mut c_void) {
     let forward = &FORWARD[D];
     if !ptr.is_null() {
         if let Some(entry) = HookEntry::enter() {
+            if CHECK {
+                // The checker forwards (to the block's own domain) or keeps it.
+                let forward_free = |d: Domain| FORWARD[d.index()].free(ptr);
+                return crate::checker::free::<D>(entry.existing_nursery(), ptr, forward_free);
+            }
             // Before forwarding: after the free the address may be reused.
             TRACKER.freeing(entry.existing_nursery(), domain_of::<D>(), ptr as usize);
             forget_sample(ptr);
@@ -259,13 +319,13 @@ extern "C" fn hook_free<const D: usize>(_ctx: *mut c_void, ptr: *mut c_void) {
     forward.free(ptr)
 }
 
-fn hooks_for<const D: usize>(ctx: *mut c_void) -> PyMemAllocatorEx {
+fn hooks_for<const D: usize, const CHECK: bool>(ctx: *mut c_void) -> PyMemAllocatorEx {
     PyMemAllocatorEx {
         ctx,
-        malloc: Some(hook_malloc::<D>),
-        calloc: Some(hook_calloc::<D>),
-        realloc: Some(hook_realloc::<D>),
-        free: Some(hook_free::<D>),
+        malloc: Some(hook_malloc::<D, CHECK>),
+        calloc: Some(hook_calloc::<D, CHECK>),
+        realloc: Some(hook_realloc::<D, CHECK>),
+        free: Some(hook_free::<D, CHECK>),
     }
 }
 
@@ -365,11 +425,15 @@ extern "C" fn before_fork() {
     crate::hook_thread::set_in_hook(true);
     TRACKER.lock_for_fork();
     SITES.lock_for_fork();
+    crate::checker::FREED.lock_for_fork();
+    crate::checker::RAW_SERVED.lock_for_fork();
 }
 
 extern "C" fn after_fork_in_parent() {
     // SAFETY: runs right after `before_fork` took the locks on this thread.
     unsafe {
+        crate::checker::RAW_SERVED.unlock_after_fork();
+        crate::checker::FREED.unlock_after_fork();
         SITES.unlock_after_fork();
         TRACKER.unlock_after_fork();
     }
@@ -380,6 +444,8 @@ extern "C" fn after_fork_in_child() {
     // SAFETY: runs right after `before_fork` took the locks on this thread,
     // which is the child's only thread.
     unsafe {
+        crate::checker::RAW_SERVED.unlock_after_fork();
+        crate::checker::FREED.unlock_after_fork();
         SITES.unlock_after_fork();
         TRACKER.unlock_after_fork();
     }
@@ -405,6 +471,11 @@ fn register_fork_handlers() {
 /// Call while no other thread allocates (CPython's own rule for
 /// `PyMem_SetAllocator`), from a thread attached to the main interpreter.
 pub fn install() -> Result<(), HookError> {
+    install_with(false)
+}
+
+/// [`install`], with the checker's hooks (`crate::checker`) when `checking`.
+pub fn install_with(checking: bool) -> Result<(), HookError> {
     let mut control = lock_control();
     if control.is_some() {
         return Err(HookError::AlreadyInstalled);
@@ -430,9 +501,22 @@ pub fn install() -> Result<(), HookError> {
     TRACKER.require_start_signal(!crate::interp::records_whence());
     // The installing interpreter is listed from the start, even before it allocates.
     TRACKER.ledger().touch(current_bucket());
+    crate::checker::reset();
+    crate::checker::CHECKING.store(checking, std::sync::atomic::Ordering::Relaxed);
     let previous = Domain::ALL.map(get_allocator);
-    let ours =
-        [hooks_for::<0>(previous[0].ctx), hooks_for::<1>(previous[1].ctx), hooks_for::<2>(previous[2].ctx)];
+    let ours = if checking {
+        [
+            hooks_for::<0, true>(previous[0].ctx),
+            hooks_for::<1, true>(previous[1].ctx),
+            hooks_for::<2, true>(previous[2].ctx),
+        ]
+    } else {
+        [
+            hooks_for::<0, false>(previous[0].ctx),
+            hooks_for::<1, false>(previous[1].ctx),
+            hooks_for::<2, false>(previous[2].ctx),
+        ]
+    };
     for domain in Domain::ALL {
         FORWARD[domain.index()].store(&previous[domain.index()]);
         set_allocator(domain, ours[domain.index()]);

@@ -40,6 +40,7 @@ pub mod adapters;
 pub mod allocator;
 #[cfg(feature = "c-api")]
 pub mod c_api;
+pub mod checker;
 pub mod hook_thread;
 pub mod hooks;
 pub mod interp;

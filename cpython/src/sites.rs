@@ -46,14 +46,21 @@ pub fn start(rate: u64, seed: Option<u64>) {
 pub fn sample(address: usize, owner: BucketId, domain: Domain, size: usize) {
     // SAFETY: called from a hook, where a current thread state is attached
     // (CPython calls the allocator with it), so its frames hold still.
-    let captured = unsafe { stack::capture() };
+    let frames = frames_text(&unsafe { stack::capture() });
+    SITES.record(address, owner, domain, size, frames);
+}
+
+/// A captured stack as text: each frame's file, function and line, copied
+/// out of its code object (UTF-8, cut at 512 bytes per name).
+pub(crate) fn frames_text(captured: &stack::Stack) -> Vec<FrameText> {
     let mut frames = Vec::with_capacity(captured.len());
     let mut file = [0u8; NAME_CAP];
     let mut name = [0u8; NAME_CAP];
     for frame in captured.frames() {
         let (mut file_len, mut name_len) = (0, 0);
-        // SAFETY: the code object is borrowed from a frame still on this
-        // thread's stack; the buffers hold NAME_CAP bytes each.
+        // SAFETY: the code object is borrowed from a frame that holds still
+        // while the stack is read (capture's contract); the buffers hold
+        // NAME_CAP bytes each.
         unsafe {
             interheap_code_names(
                 frame.code,
@@ -69,5 +76,5 @@ pub fn sample(address: usize, owner: BucketId, domain: Domain, size: usize) {
         };
         frames.push(FrameText { file: text(&file, file_len), name: text(&name, name_len), line: frame.line });
     }
-    SITES.record(address, owner, domain, size, frames);
+    frames
 }

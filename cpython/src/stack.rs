@@ -79,14 +79,26 @@ impl Stack {
 /// caller is inside a call CPython made with it, or holds the GIL), so its
 /// frames cannot change during the call.
 pub unsafe fn capture() -> Stack {
-    let mut stack = Stack { codes: [std::ptr::null_mut(); MAX_FRAMES], lines: [0; MAX_FRAMES], len: 0 };
     // SAFETY: PyThreadState_GetUnchecked only reads a thread-local.
     let tstate = unsafe { ffi::compat::PyThreadState_GetUnchecked() };
+    // SAFETY: the caller's contract is this function's.
+    unsafe { capture_from(tstate) }
+}
+
+/// The stack of `tstate` (null: empty), up to [`MAX_FRAMES`] innermost frames.
+///
+/// # Safety
+///
+/// `tstate` is null or a live thread state whose frames cannot change during
+/// the call: the calling thread's own, attached or detached (a thread that
+/// released the GIL is running C code, so its Python frames hold still).
+pub unsafe fn capture_from(tstate: *mut ffi::PyThreadState) -> Stack {
+    let mut stack = Stack { codes: [std::ptr::null_mut(); MAX_FRAMES], lines: [0; MAX_FRAMES], len: 0 };
     if tstate.is_null() {
         return stack;
     }
-    // SAFETY: `tstate` is this thread's attached thread state (the contract);
-    // the arrays hold MAX_FRAMES entries each.
+    // SAFETY: `tstate` is live and its frames hold still (the contract); the
+    // arrays hold MAX_FRAMES entries each.
     let n = unsafe {
         interheap_stack_capture(
             tstate,

@@ -484,6 +484,14 @@ impl Ledger {
         bucket.state.load(Relaxed) & SETTLED != 0
     }
 
+    /// What the describer said about a bucket's interpreter (0: nothing
+    /// yet). Does not mark it used.
+    pub fn info(&self, id: BucketId) -> InterpreterInfo {
+        let index = id.0 as usize;
+        let bucket = &self.chunk(index / CHUNK_BUCKETS).buckets[index % CHUNK_BUCKETS];
+        (bucket.state.load(Relaxed) >> INFO_SHIFT) as InterpreterInfo
+    }
+
     /// A bucket's live bytes over every domain (negative sums, which exact
     /// accounting never produces, read as 0).
     #[inline]

@@ -21,6 +21,10 @@
 //! * [`sites`]: sampled allocation sites: byte sampling, the stacks of the
 //!   sampled blocks while they live, and unbiased estimates per interpreter,
 //!   domain and stack.
+//! * [`checker`]: the checker's findings (cross-interpreter frees, domain
+//!   mismatches, calls without a thread state, double frees, foreign
+//!   pointers), grouped by call site and rate-limited, its quarantine, and
+//!   the freed addresses that tell a double free from an old block's free.
 //! * [`heap`]: interheap's own allocator: thread-safe heaps with one owner each
 //!   (a thread, or one interpreter's GIL), remote-free lists, exact figures
 //!   per heap and size class, and heaps that can end while their blocks live on.
@@ -30,6 +34,7 @@
 //! (arithmetic is wrapping, no `unwrap` on hot paths), and locks are sharded.
 
 pub mod block_table;
+pub mod checker;
 pub mod domain;
 pub mod heap;
 pub mod ledger;

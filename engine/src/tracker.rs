@@ -413,12 +413,31 @@ impl Tracker {
     #[inline(always)]
     pub fn freeing(&self, local: Option<&Nursery>, domain: Domain, addr: usize) {
         match self.forget(local, addr) {
-            Some(rec) => {
-                self.sub_live(rec.owner, rec.domain, rec.size);
-                self.count(local, rec.owner, rec.domain, Count::Frees);
-            }
+            Some(rec) => self.account_free(local, rec),
             None => self.ledger.on_untracked_free(domain),
         }
+    }
+
+    /// The checker's free, in two steps: takes the record of `addr` (the
+    /// block leaves the figures' view only with [`Tracker::account_free`]),
+    /// so the checker can look at it before deciding what to forward.
+    #[inline]
+    pub fn take(&self, local: Option<&Nursery>, addr: usize) -> Option<BlockRecord> {
+        self.forget(local, addr)
+    }
+
+    /// Counts the free of a block whose record [`Tracker::take`] returned
+    /// (whether the allocator got it back or the checker kept it).
+    #[inline(always)]
+    pub fn account_free(&self, local: Option<&Nursery>, rec: BlockRecord) {
+        self.sub_live(rec.owner, rec.domain, rec.size);
+        self.count(local, rec.owner, rec.domain, Count::Frees);
+    }
+
+    /// Counts the free of a block the hooks never saw allocated.
+    #[inline]
+    pub fn account_untracked_free(&self, domain: Domain) {
+        self.ledger.on_untracked_free(domain);
     }
 
     /// The block at `addr` (non-zero) is about to be reallocated. Call before

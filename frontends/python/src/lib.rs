@@ -23,10 +23,74 @@ fn control_error(e: hooks::HookError) -> PyErr {
 }
 
 /// Wrap the raw, mem and object allocators with interheap's hooks and start
-/// counting from zero. Call while no other thread allocates.
+/// counting from zero. Call while no other thread allocates. With `check`,
+/// the hooks also look for misuse (`interheap check`).
 #[pyfunction]
-fn install() -> PyResult<()> {
-    hooks::install().map_err(control_error)
+#[pyo3(signature = (check = false))]
+fn install(check: bool) -> PyResult<()> {
+    hooks::install_with(check).map_err(control_error)
+}
+
+/// Whether the installed hooks are the checking ones.
+#[pyfunction]
+fn check_enabled() -> bool {
+    interheap_cpython::checker::CHECKING.load(std::sync::atomic::Ordering::Relaxed) && hooks::is_installed()
+}
+
+fn bucket_interp(bucket: interheap_engine::BucketId) -> Option<i64> {
+    match bucket.kind() {
+        BucketKind::Interpreter(id) => Some(id),
+        _ => None,
+    }
+}
+
+/// The checker's findings, grouped by call site: dicts with `kind`,
+/// `domain`, `allocated_in`, `owner` and `caller` (interpreter IDs or None),
+/// `size`, `stack` ((file, function, line), innermost first), `note`,
+/// `count`, `bytes` and `pairs` ((owner, caller) interpreter pairs seen).
+#[pyfunction]
+fn check_findings(py: Python<'_>) -> PyResult<Vec<Bound<'_, PyDict>>> {
+    interheap_cpython::checker::FINDINGS
+        .snapshot()
+        .into_iter()
+        .map(|group| {
+            let f = &group.first;
+            let dict = PyDict::new(py);
+            dict.set_item("kind", f.kind.name())?;
+            dict.set_item("domain", f.domain.name())?;
+            dict.set_item("allocated_in", f.allocated_in.map(|d| d.name()))?;
+            dict.set_item("owner", f.owner.and_then(bucket_interp))?;
+            dict.set_item("caller", bucket_interp(f.caller))?;
+            dict.set_item("size", f.size)?;
+            let stack: Vec<(&str, &str, i32)> =
+                f.stack.iter().map(|fr| (fr.file.as_ref(), fr.name.as_ref(), fr.line)).collect();
+            dict.set_item("stack", stack)?;
+            dict.set_item("note", f.note.as_ref())?;
+            dict.set_item("count", group.count)?;
+            dict.set_item("bytes", group.bytes)?;
+            let pairs: Vec<(Option<i64>, Option<i64>)> =
+                group.pairs.iter().map(|(o, c)| (o.and_then(bucket_interp), bucket_interp(*c))).collect();
+            dict.set_item("pairs", pairs)?;
+            Ok(dict)
+        })
+        .collect()
+}
+
+/// The checker's totals: findings per kind, findings counted without
+/// details (rate limit), and the blocks and bytes kept in quarantine.
+#[pyfunction]
+fn check_totals(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let totals = interheap_cpython::checker::FINDINGS.totals();
+    let dict = PyDict::new(py);
+    let per_kind = PyDict::new(py);
+    for (kind, n) in interheap_engine::checker::FindingKind::ALL.iter().zip(totals.per_kind) {
+        per_kind.set_item(kind.name(), n)?;
+    }
+    dict.set_item("per_kind", per_kind)?;
+    dict.set_item("undetailed", totals.undetailed)?;
+    dict.set_item("quarantined_blocks", totals.quarantined_blocks)?;
+    dict.set_item("quarantined_bytes", totals.quarantined_bytes)?;
+    Ok(dict)
 }
 
 /// Remove the hooks, restoring the allocators they wrapped. Refuses if
@@ -517,6 +581,9 @@ fn timeline_points() -> Vec<(u64, i64, i64, i64, i64, u64)> {
 #[pymodule(gil_used = false)]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(install, m)?)?;
+    m.add_function(wrap_pyfunction!(check_enabled, m)?)?;
+    m.add_function(wrap_pyfunction!(check_findings, m)?)?;
+    m.add_function(wrap_pyfunction!(check_totals, m)?)?;
     m.add_function(wrap_pyfunction!(uninstall, m)?)?;
     m.add_function(wrap_pyfunction!(is_installed, m)?)?;
     m.add_function(wrap_pyfunction!(on_top, m)?)?;

@@ -41,6 +41,7 @@ from ._allocator import (
     parse_report,
     raw_swap_guard,
 )
+from ._check import CheckReport, Finding, check_enabled, check_report
 from ._limits import get_default_limit, get_limit, parse_size, remove_limit, set_default_limit, set_limit
 from ._report import human_bytes
 from ._sites import Frame, SitesSnapshot, SiteStatistic, reset_sites, sites_snapshot, start_sites, stop_sites
@@ -52,7 +53,9 @@ __all__ = [
     "DOMAINS",
     "AdapterStats",
     "AllocatorStats",
+    "CheckReport",
     "DomainStats",
+    "Finding",
     "Frame",
     "HeapStats",
     "Hooks",
@@ -67,6 +70,8 @@ __all__ = [
     "allocator_domains",
     "allocator_installed",
     "allocator_stats",
+    "check_enabled",
+    "check_report",
     "get_default_limit",
     "get_limit",
     "hooks",
@@ -94,15 +99,20 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def install() -> None:
+def install(*, check: bool = False) -> None:
     """Wrap the raw, mem and object allocators and start counting from zero.
 
     The hooks forward every call to the allocators installed before them
     (pymalloc, mimalloc, tracemalloc, ...). Call it while no other thread is
     allocating, ideally at start-up (``python -m interheap run`` does).
     Raises RuntimeError if the hooks are already installed.
+
+    With ``check=True`` the hooks also look for misuse (cross-interpreter
+    frees, domain mismatches, calls without a thread state, double frees,
+    foreign pointers): see :func:`check_report` and ``python -m interheap
+    check``. Without it they carry no checking code at all.
     """
-    _native.install()
+    _native.install(check)
 
 
 def uninstall() -> None:

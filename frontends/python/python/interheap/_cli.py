@@ -2,6 +2,7 @@
 
     python -m interheap run [--json FILE] [--no-report] [--sites [RATE]] (SCRIPT | -m MODULE | -c CODE) ...
     python -m interheap report [--html OUT.html] FILE.json
+    python -m interheap check [--json FILE] (SCRIPT | -m MODULE | -c CODE) ...
 
 ``run`` installs the hooks before the program starts, runs it the way
 ``python`` would (``sys.argv``, ``sys.path[0]``, ``__main__``), passes its
@@ -62,6 +63,8 @@ class RunRequest:
     html_path: str | None = None
     #: Show the live view in the terminal while the program runs.
     live: bool = False
+    #: `check`: install the checking hooks, print findings, exit non-zero on any.
+    check: bool = False
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -275,12 +278,15 @@ def _report_at_exit(req: RunRequest) -> None:
     if _live_view is not None:
         _live_view.stop()
     snap = interheap.stats()
+    findings = interheap.check_report() if req.check else None
     sites = interheap.sites_snapshot() if req.sites is not None else None
     timeline = None
     if req.timeline_ms is not None:
         interheap.stop_timeline()
         timeline = interheap.timeline()
-    if req.report:
+    if findings is not None:
+        print(findings.format(), file=sys.stderr, flush=True)
+    elif req.report:
         print(snap.format_table(), file=sys.stderr, flush=True)
         if sites is not None:
             print(sites.format_table(), file=sys.stderr, flush=True)
@@ -288,6 +294,8 @@ def _report_at_exit(req: RunRequest) -> None:
             print(timeline.format_summary(), file=sys.stderr, flush=True)
     if req.json_path is not None:
         document = snap.to_dict()
+        if findings is not None:
+            document["check"] = findings.to_dict()
         if sites is not None:
             document["sites"] = sites.to_dict()
         if timeline is not None:
@@ -310,6 +318,18 @@ def _report_at_exit(req: RunRequest) -> None:
                 fh.write(render_html(snap, sites, timeline, _program_title(req)))
         except OSError as exc:
             print(f"interheap: could not write {req.html_path}: {exc}", file=sys.stderr)
+    if findings is not None and findings.total and _program_status in (0, None):
+        # The program succeeded but has findings: exit 1. atexit handlers
+        # cannot change the status, so end here, everything flushed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(CHECK_FINDINGS_STATUS)
+
+
+#: `check`'s exit status when the program succeeded but has findings.
+CHECK_FINDINGS_STATUS = 1
+#: The program's exit status once it ended (None: still running, or 0).
+_program_status: int | str | None = None
 
 
 def _program_title(req: RunRequest) -> str:
@@ -333,7 +353,7 @@ def run(req: RunRequest) -> None:
     import interheap
 
     _check_request(req)
-    interheap.install()
+    interheap.install(check=req.check)
     if req.main_limit is not None:
         interheap.set_limit(0, req.main_limit)
     if req.limit is not None:
@@ -349,6 +369,18 @@ def run(req: RunRequest) -> None:
         global _live_view
         _live_view = LiveView()
         _live_view.start()
+    global _program_status
+    try:
+        _run_program(req)
+    except SystemExit as exc:
+        _program_status = exc.code
+        raise
+    except BaseException:
+        _program_status = 1
+        raise
+
+
+def _run_program(req: RunRequest) -> None:
     if req.kind == "script":
         sys.argv = [req.target, *req.args]
         sys.path[0] = os.path.dirname(os.path.abspath(req.target))
@@ -432,6 +464,9 @@ interheap: exact memory per interpreter and per allocator domain.
 commands:
   run      run a program under the hooks and report at exit
            (python -m interheap run --help)
+  check    run a program under the checking hooks; print the memory bugs
+           found (cross-interpreter frees, domain mismatches, calls without
+           a thread state, double frees, foreign pointers) and exit 1 if any
   report   print the tables of a JSON file written by `run --json`,
            or write its HTML report (report --html OUT.html FILE.json)"""
 
@@ -440,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = "python -m interheap"
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: {prog} {{run,report,--version}} ...\n\n{MAIN_DESCRIPTION}")
+        print(f"usage: {prog} {{run,check,report,--version}} ...\n\n{MAIN_DESCRIPTION}")
         raise SystemExit(0 if argv else 2)
     command, rest = argv[0], argv[1:]
     if command == "--version":
@@ -449,8 +484,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"interheap {__version__}")
         return
     try:
-        if command == "run":
+        if command in ("run", "check"):
             req = parse_run_args(rest)
+            req.check = command == "check"
             _check_request(req)
         elif command == "report":
             if rest and rest[0] in ("-h", "--help"):
@@ -459,7 +495,7 @@ def main(argv: list[str] | None = None) -> None:
             path, html_path = parse_report_args(rest)
             raise SystemExit(report(path, html_path))
         else:
-            raise UsageError(f"unknown command {command!r}; expected 'run' or 'report'")
+            raise UsageError(f"unknown command {command!r}; expected 'run', 'check' or 'report'")
     except UsageError as exc:
         usage = REPORT_USAGE if command == "report" else f"usage: {RUN_USAGE}"
         print(f"{prog}: error: {exc}\n{usage}", file=sys.stderr)

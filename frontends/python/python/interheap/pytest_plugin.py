@@ -22,6 +22,12 @@ the hooks when the first marked test runs. The ini option ``interheap = true``
 allocated by earlier tests are known too (a block allocated before the hooks
 were installed does not count as freed when it is freed).
 
+``--interheap-check`` installs the checking hooks (``python -m interheap
+check``) when the session starts and fails every test during which the
+checker found something (a cross-interpreter free, a domain mismatch, a call
+without a thread state, a double free, a foreign pointer), with the
+findings' kinds, interpreters and Python stacks in the failure message.
+
 Compared with pytest-memray's ``limit_memory`` (active with ``--memray``):
 memray intercepts every allocation of the process, native ones included,
 with its stack, and fails a test whose high-water mark of memory allocated
@@ -49,6 +55,7 @@ from ._report import human_bytes
 
 MARKER = "interheap_limit"
 _INSTALLED_BY_US = pytest.StashKey[bool]()
+_CHECKING = pytest.StashKey[bool]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -64,6 +71,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="install interheap's hooks when the session starts (same as the ini option interheap = true)",
     )
+    parser.getgroup("interheap").addoption(
+        "--interheap-check",
+        action="store_true",
+        default=False,
+        help="install interheap's checking hooks when the session starts and fail each test during "
+        "which they found a memory bug (cross-interpreter free, domain mismatch, no thread state, "
+        "double free, foreign pointer)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -73,7 +88,17 @@ def pytest_configure(config: pytest.Config) -> None:
         "exactly by interheap's hooks) rise more than size (bytes, or text such as '24 MB') above "
         "where they were when the test started; interpreters the test starts count from zero",
     )
-    if config.getoption("interheap") or config.getini("interheap"):
+    if config.getoption("interheap_check"):
+        if _native.is_installed() and not _native.check_enabled():
+            raise pytest.UsageError(
+                "--interheap-check: interheap's hooks are already installed without checking; "
+                "they cannot be switched to the checking ones while the process runs"
+            )
+        if not _native.is_installed():
+            interheap.install(check=True)
+            config.stash[_INSTALLED_BY_US] = True
+        config.stash[_CHECKING] = True
+    elif config.getoption("interheap") or config.getini("interheap"):
         _ensure_hooks(config)
 
 
@@ -97,8 +122,29 @@ def _marker_limit(marker: pytest.Mark) -> int:
     return parse_size(marker.args[0])
 
 
+def _finding_counts() -> dict[tuple[str, str, str], int]:
+    return {(f.kind, f.where, f.interpreters): f.count for f in interheap.check_report().findings}
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
+    if not item.config.stash.get(_CHECKING, False):
+        return (yield from _limited_call(item))
+    before, undetailed = _finding_counts(), interheap.check_report().undetailed
+    result = yield from _limited_call(item)
+    report = interheap.check_report()
+    new = [f for f in report.findings if f.count > before.get((f.kind, f.where, f.interpreters), 0)]
+    if new or report.undetailed > undetailed:
+        text = "\n\n".join(str(f) for f in new)
+        more = report.undetailed - undetailed
+        if more:
+            text += f"\n\n{more} more findings were counted without a stack (rate limit)"
+        pytest.fail(f"interheap check: memory bugs found during this test:\n\n{text}", pytrace=False)
+    return result
+
+
+def _limited_call(item: pytest.Item) -> Generator[None, Any, Any]:
+    """The test call under its ``interheap_limit`` marker, if it has one."""
     marker = item.get_closest_marker(MARKER)
     if marker is None:
         return (yield)
