@@ -250,6 +250,18 @@ def test_the_examples_have_no_findings():
         )
 
 
+def test_a_third_party_c_extension_test_suite_has_no_findings():
+    # simplejson (from PyPI, requirements-dev.txt): its C speedups and its own
+    # 568 tests, which run with the speedups on and off.
+    code = (
+        "import simplejson.scanner as s, simplejson.tests as t; "
+        "assert s.c_make_scanner is not None, 'the C speedups did not load'; t.main()"
+    )
+    proc = run_python(["-m", "interheap", "check", "-c", code], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OK" in proc.stderr and "interheap check: no findings" in proc.stderr
+
+
 def test_check_options_are_refused_clearly():
     proc = run_python(["-m", "interheap", "check"])
     assert proc.returncode == 2 and "nothing to run" in proc.stderr
