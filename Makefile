@@ -1,5 +1,5 @@
 # interheap: the two commands a fresh machine needs are `make demo` and `make test`.
-.PHONY: setup demo test wheel bench bench-instructions bench-allocator bench-allocator-instructions bench-allocator-callgrind bench-scaling bench-pyalloc bench-adapters fuzz regrtest torture fmt clean
+.PHONY: setup demo test wheel bench bench-sites bench-instructions bench-allocator bench-allocator-instructions bench-allocator-callgrind bench-scaling bench-pyalloc bench-adapters fuzz regrtest torture fmt clean
 
 PYTHON := .venv/bin/python
 
@@ -31,6 +31,11 @@ wheel: setup
 bench: setup
 	$(PYTHON) -m pip install -q --disable-pip-version-check pyperformance
 	$(PYTHON) bench/pyperformance_hooks.py $(BENCH_ARGS)
+
+# What sampling allocation sites (--sites) and the timeline (--timeline) add to the hooks, interleaved.
+bench-sites: setup
+	$(PYTHON) -m pip install -q --disable-pip-version-check pyperformance
+	$(PYTHON) bench/pyperformance_hooks.py --configs none,hooks,sites,timeline $(BENCH_ARGS)
 
 # Instructions the hooks add per allocation + free pair (callgrind, repeatable).
 bench-instructions: setup

@@ -1,15 +1,19 @@
 """Cost of interheap's hooks on pyperformance, side by side with tracemalloc.
 
 Runs pyperformance's benchmark scripts in pyperf worker mode, one process per run, under
-three configurations, interleaved in one session:
+these configurations (by default the first five), interleaved in one session:
 
     none         python -u run_benchmark.py [ARGS] --worker ...   (pymalloc)
     hooks        python -u -m interheap run run_benchmark.py [ARGS] --worker ...
     tracemalloc  python -u -X tracemalloc=1 run_benchmark.py [ARGS] --worker ...
     mimalloc     PYTHONMALLOC=mimalloc python -u run_benchmark.py ...   (3.13+)
     interheap    interheap-python -u run_benchmark.py ...   (the interheap allocator)
+    sites        python -u -m interheap run --sites run_benchmark.py ...   (hooks + sampling)
+    timeline     python -u -m interheap run --timeline run_benchmark.py ...   (hooks + timeline)
 
-(``--configs none,mimalloc,interheap`` compares allocators: ``make bench-allocator``.)
+(``--configs none,mimalloc,interheap`` compares allocators: ``make bench-allocator``;
+``--configs none,hooks,sites,timeline`` what allocation-site sampling at the default rate
+and the timeline at the default interval add to the hooks: ``make bench-sites``.)
 
 Every run uses the same fixed ``--loops`` (calibrated once with ``none`` at the start),
 ``--warmups`` and ``--values`` and writes its values to a pyperf JSON file. Each round runs
@@ -17,19 +21,21 @@ every benchmark under the configurations in a shuffled order. The report gives, 
 benchmark, the median time of ``none`` and median(config) / median(none) for the others,
 then the geometric means of those ratios, for time and for the child's peak RSS
 (``ru_maxrss`` from ``os.wait4``). Absolute times on a shared machine mean little; the
-ratios, measured interleaved, are the result.
+ratios, measured interleaved, are the result. When ``sites`` or ``timeline`` runs with
+``hooks``, a second table gives their ratios against ``hooks`` (``--vs`` picks another
+second baseline, or ``--vs none`` drops it).
 
 Usage (from a venv with interheap, pyperformance and pyperf installed):
 
     python bench/pyperformance_hooks.py [--benchmarks a,b,c] [--rounds N] [--quick]
-        [--configs none,hooks,tracemalloc] [--json OUT] [--python PATH]
+        [--configs none,hooks,tracemalloc] [--vs hooks] [--json OUT] [--python PATH]
 
 On a shared 2-core machine the default (16 benchmarks, 3 rounds) takes about 6 minutes
 and ``--quick`` (4 benchmarks, 1 round) about 10 seconds.
 
 ``--python`` benchmarks another interpreter, which needs pyperf (and, for ``hooks``,
-interheap) installed; the benchmark scripts are read from this interpreter's
-pyperformance.
+``sites`` and ``timeline``, interheap) installed; the benchmark scripts are read from
+this interpreter's pyperformance.
 """
 
 from __future__ import annotations
@@ -57,7 +63,12 @@ try:
 except ImportError:
     sys.exit("error: pyperf is not installed (pip install pyperformance pyperf)")
 
-CONFIGS = ("none", "hooks", "tracemalloc", "mimalloc", "interheap")
+CONFIGS = ("none", "hooks", "tracemalloc", "mimalloc", "interheap", "sites", "timeline")
+DEFAULT_CONFIGS = CONFIGS[:5]
+# Configurations that run interheap's hooks (``python -m interheap run``).
+HOOKED = ("hooks", "sites", "timeline")
+# Configurations measured against hooks as well when both run (--vs by default).
+ON_HOOKS = ("sites", "timeline")
 
 # Benchmarks known to run in worker mode: name -> (bm_ directory, extra script args).
 # All are pure Python, need nothing beyond pyperf and run on 3.12 to 3.15 and 3.14t; each
@@ -147,9 +158,14 @@ def command(
     warmups: int,
     output: Path,
 ) -> list[str]:
+    hooks = [python, "-u", "-m", "interheap", "run"]
     prefix = {
         "none": [python, "-u"],
-        "hooks": [python, "-u", "-m", "interheap", "run"],
+        "hooks": hooks,
+        # The hooks plus sampled allocation sites (default rate, 512 KiB), or plus the
+        # timeline (default interval, 10 ms): each one feature on top of the hooks.
+        "sites": [*hooks, "--sites"],
+        "timeline": [*hooks, "--timeline"],
         "tracemalloc": [python, "-u", "-X", "tracemalloc=1"],
         # CPython's own mimalloc (3.13+), and the interheap allocator via the launcher.
         "mimalloc": ["env", "PYTHONMALLOC=mimalloc", python, "-u"],
@@ -286,7 +302,7 @@ def check_interheap(python: str) -> None:
     )
     if proc.returncode != 0:
         sys.exit(
-            f"error: config 'hooks' needs interheap importable by {python}:\n"
+            f"error: configs {', '.join(HOOKED)} need interheap importable by {python}:\n"
             f"{proc.stderr.strip()}\n(use --configs none,tracemalloc to skip it)"
         )
 
@@ -304,8 +320,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke test: 4 benchmarks, 1 round")
     p.add_argument(
         "--configs",
-        default=",".join(CONFIGS),
-        help="comma-separated subset of none,hooks,tracemalloc (none is always run)",
+        default=",".join(DEFAULT_CONFIGS),
+        help=f"comma-separated subset of {','.join(CONFIGS)} (none is always run; "
+        f"default {','.join(DEFAULT_CONFIGS)})",
+    )
+    p.add_argument(
+        "--vs",
+        metavar="CONFIG",
+        help="also give every other config's ratios against CONFIG in a second table "
+        "(default: hooks when sites or timeline runs with hooks; 'none' for no second table)",
     )
     p.add_argument("--values", type=int, help="values per run (default 5; quick 3)")
     p.add_argument("--warmups", type=int, default=1, help="warmup values per run")
@@ -338,6 +361,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown config(s): {', '.join(sorted(unknown))}")
     args.configs = [c for c in CONFIGS if c == "none" or c in configs]
+    if args.vs is None:
+        on_hooks = "hooks" in args.configs and any(c in args.configs for c in ON_HOOKS)
+        args.vs = "hooks" if on_hooks else "none"
+    elif args.vs not in args.configs:
+        p.error(f"--vs {args.vs}: not among the configs ({', '.join(args.configs)})")
     if args.rounds < 1 or args.values < 1 or args.warmups < 0:
         p.error("--rounds and --values must be >= 1, --warmups >= 0")
     if args.seed is None:
@@ -351,6 +379,8 @@ def report(args: argparse.Namespace, runs: list[Run], loops: dict[str, int]) -> 
     summary: dict = {"benchmarks": {}, "geomean": {}}
     time_ratios: dict[str, list[float]] = {c: [] for c in others}
     rss_ratios: dict[str, list[float]] = {c: [] for c in others}
+    medians_of: dict[str, dict[str, float]] = {}  # benchmark -> config -> median
+    rss_of: dict[str, dict[str, float]] = {}
 
     head = f"{'benchmark':<22} {'loops':>6} {'none (ms)':>11}"
     head += "".join(f" {c + ' ratio':>17}" for c in others)
@@ -377,6 +407,7 @@ def report(args: argparse.Namespace, runs: list[Run], loops: dict[str, int]) -> 
                 "median_maxrss_kib": rss.get(c),
                 "failed_runs": failed,
             }
+        medians_of[name], rss_of[name] = medians, rss
         line = f"{name:<22} {loops.get(name, 0):>6} "
         line += f"{medians['none'] * 1e3:>11.4g}" if "none" in medians else f"{'FAILED':>11}"
         for c in others:
@@ -410,7 +441,69 @@ def report(args: argparse.Namespace, runs: list[Run], loops: dict[str, int]) -> 
                 "rss_ratio": geomean(rss_ratios[c]),
                 "benchmarks": len(time_ratios[c]),
             }
+    if args.vs != "none":
+        summary["vs"] = report_vs(args, loops, medians_of, rss_of)
     return summary
+
+
+def report_vs(
+    args: argparse.Namespace,
+    loops: dict[str, int],
+    medians_of: dict[str, dict[str, float]],
+    rss_of: dict[str, dict[str, float]],
+) -> dict:
+    """The second table: every config but none and the baseline, against the baseline
+    (``--vs``), from the same medians as the first."""
+    base = args.vs
+    others = [c for c in args.configs if c not in ("none", base)]
+    doc: dict = {"baseline": base, "benchmarks": {}, "geomean": {}}
+    time_ratios: dict[str, list[float]] = {c: [] for c in others}
+    rss_ratios: dict[str, list[float]] = {c: [] for c in others}
+    head = f"{'benchmark':<22} {'loops':>6} {base[:8] + ' (ms)':>13}"
+    head += "".join(f" {c[:8] + '/' + base[:8]:>17}" for c in others)
+    head += f" {base[:5] + ' RSS MiB':>13}"
+    head += "".join(f" {c[:5] + '/' + base[:5] + ' RSS':>16}" for c in others)
+    print()
+    print(f"against {base}: median(config) / median({base}), same runs as above")
+    print(head)
+    print("-" * len(head))
+    for name in args.benchmarks:
+        medians, rss = medians_of.get(name, {}), rss_of.get(name, {})
+        entry: dict = {c: {} for c in others}
+        line = f"{name:<22} {loops.get(name, 0):>6} "
+        line += f"{medians[base] * 1e3:>13.4g}" if base in medians else f"{'FAILED':>13}"
+        for c in others:
+            if base in medians and c in medians:
+                ratio = medians[c] / medians[base]
+                time_ratios[c].append(ratio)
+                entry[c]["time_ratio"] = ratio
+                line += f" {ratio:>17.3f}"
+            else:
+                line += f" {'FAILED' if c not in medians else '-':>17}"
+        line += f" {rss[base] / 1024:>13.1f}" if base in rss else f" {'-':>13}"
+        for c in others:
+            if base in rss and c in rss:
+                ratio = rss[c] / rss[base]
+                rss_ratios[c].append(ratio)
+                entry[c]["rss_ratio"] = ratio
+                line += f" {ratio:>16.3f}"
+            else:
+                line += f" {'-':>16}"
+        print(line)
+        doc["benchmarks"][name] = entry
+    print()
+    if others:
+        parts = [f"{c}/{base} = {geomean(time_ratios[c]):.3f}" for c in others]
+        print("geomean " + "   ".join(parts))
+        parts = [f"{c}/{base} = {geomean(rss_ratios[c]):.3f}" for c in others]
+        print("geomean peak RSS " + "   ".join(parts))
+        for c in others:
+            doc["geomean"][c] = {
+                "time_ratio": geomean(time_ratios[c]),
+                "rss_ratio": geomean(rss_ratios[c]),
+                "benchmarks": len(time_ratios[c]),
+            }
+    return doc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_dir = find_benchmarks_dir()
     for name in args.benchmarks:
         resolve(name, bench_dir)  # fail early on unknown names
-    if "hooks" in args.configs:
+    if any(c in args.configs for c in HOOKED):
         check_interheap(args.python)
     info = python_info(args.python)
     rng = random.Random(args.seed)

@@ -6,8 +6,14 @@ each benchmark and configuration, the pyperformance worker runs twice under
 callgrind, with ``L`` and ``2 L`` loops (one value, no warmup); the difference
 of the two totals over ``L`` is the instructions of one loop of the benchmark
 alone (start-up, imports and pyperf's own work cancel). Configurations as in
-``bench/pyperformance_hooks.py``: ``none`` (pymalloc), ``mimalloc``
-(``PYTHONMALLOC=mimalloc``, 3.13+) and ``interheap`` (the launcher).
+``bench/pyperformance_hooks.py``: by default ``none`` (pymalloc), ``mimalloc``
+(``PYTHONMALLOC=mimalloc``, 3.13+) and ``interheap`` (the launcher);
+``--configs`` picks others among them, such as ``none,hooks,sites,timeline``
+(``python -m interheap run``, plus ``--sites`` or ``--timeline``). When
+``sites`` or ``timeline`` runs with ``hooks``, a second table gives their
+ratios against ``hooks``. The timeline's recorder thread wakes every 10 ms
+of wall time, and under callgrind a loop lasts ~50 times longer: its
+instructions here are ~50 times what they are per loop outside callgrind.
 
 Instructions are not time: cache misses and branch mispredictions are not
 counted, and an allocator that saves instructions but spreads memory can
@@ -28,7 +34,7 @@ of pymalloc is the instruction ratio that an allocator costing nothing at
 all would reach: no allocator can beat it by saving instructions.
 
     python bench/pyperformance_instructions.py [--benchmarks a,b] [--jobs 2] [--cache-sim]
-        [--allocator-share] [--json OUT]
+        [--allocator-share] [--configs none,hooks,sites,timeline] [--json OUT]
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from callgrind import allocator_instructions, estimated_cycles, events_of
-from pyperformance_hooks import child_env, command, find_benchmarks_dir, geomean, resolve
+from pyperformance_hooks import CONFIGS, ON_HOOKS, child_env, command, find_benchmarks_dir, geomean, resolve
 
 # Benchmarks whose loop takes at most about 0.3 s (callgrind runs ~50x slower).
 DEFAULT_BENCHMARKS = [
@@ -96,24 +102,27 @@ def per_loop(
 
 
 def print_table(
-    title: str, metric: str, names: list[str], configs: list[str], figures: dict
+    title: str, metric: str, names: list[str], configs: list[str], figures: dict, base: str = "none"
 ) -> dict[str, float]:
-    """One table of ratios against ``none``; returns the geometric means."""
+    """One table of ratios against ``base`` (``none`` unless given); returns the
+    geometric means."""
     print(title)
-    header = f"{'benchmark':<20}{'none (M)':>12}" + "".join(f"{c + ' ratio':>18}" for c in configs[1:])
+    others = [c for c in configs if c != base]
+    labels = [f"{c} ratio" if base == "none" else f"{c}/{base}" for c in others]
+    header = f"{'benchmark':<20}{base[:8] + ' (M)':>12}" + "".join(f"{label:>18}" for label in labels)
     print(header)
     print("-" * len(header))
-    ratios: dict[str, list[float]] = {c: [] for c in configs[1:]}
+    ratios: dict[str, list[float]] = {c: [] for c in others}
     for n in names:
-        base = figures[(n, "none")][metric]
-        row = f"{n:<20}{base / 1e6:>12.1f}"
-        for c in configs[1:]:
-            ratio = figures[(n, c)][metric] / base
+        reference = figures[(n, base)][metric]
+        row = f"{n:<20}{reference / 1e6:>12.1f}"
+        for c in others:
+            ratio = figures[(n, c)][metric] / reference
             ratios[c].append(ratio)
             row += f"{ratio:>18.3f}"
         print(row)
     geo = {c: geomean(rs) for c, rs in ratios.items()}
-    print("geomean " + "   ".join(f"{c}/none = {g:.3f}" for c, g in geo.items()))
+    print("geomean " + "   ".join(f"{c}/{base} = {g:.3f}" for c, g in geo.items()))
     print()
     return geo
 
@@ -148,10 +157,23 @@ def main() -> None:
     parser.add_argument(
         "--allocator-share", action="store_true", help="also the instructions spent under allocator functions"
     )
+    parser.add_argument(
+        "--configs",
+        help=f"comma-separated subset of {','.join(CONFIGS)} (none is always run; "
+        "default none,mimalloc,interheap, without mimalloc before 3.13)",
+    )
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     python = sys.executable
-    configs = ["none", *(["mimalloc"] if sys.version_info >= (3, 13) else []), "interheap"]
+    if args.configs:
+        chosen = {c.strip() for c in args.configs.split(",") if c.strip()}
+        if chosen - set(CONFIGS):
+            parser.error(f"unknown config(s): {', '.join(sorted(chosen - set(CONFIGS)))}")
+        configs = [c for c in CONFIGS if c == "none" or c in chosen]
+    else:
+        configs = ["none", *(["mimalloc"] if sys.version_info >= (3, 13) else []), "interheap"]
+    # sites and timeline are the hooks plus one feature: also give them against the hooks.
+    on_hooks = ["hooks", *(c for c in configs if c in ON_HOOKS)] if "hooks" in configs else []
     names = [b for b in args.benchmarks.split(",") if b]
     bench_dir = find_benchmarks_dir()
     with tempfile.TemporaryDirectory() as workdir, ThreadPoolExecutor(args.jobs) as pool:
@@ -169,6 +191,10 @@ def main() -> None:
             f"instructions per benchmark loop (callgrind), Python {version}", "Ir", names, configs, figures
         )
     }
+    if len(on_hooks) > 1:
+        geomeans["Ir vs hooks"] = print_table(
+            "instructions per loop against the hooks alone", "Ir", names, on_hooks, figures, base="hooks"
+        )
     if args.cache_sim:
         geomeans["cycles"] = print_table(
             "estimated cycles per loop (Ir + 10 x L1 misses + 100 x last-level misses)",
@@ -178,6 +204,9 @@ def main() -> None:
             figures,
         )
         geomeans["D1m"] = print_table("L1 data-cache misses per loop", "D1m", names, configs, figures)
+        if len(on_hooks) > 1:
+            title = "estimated cycles per loop against the hooks alone"
+            geomeans["cycles vs hooks"] = print_table(title, "cycles", names, on_hooks, figures, "hooks")
     if args.allocator_share:
         geomeans["floor"] = print_shares(names, configs, figures)
     if args.json:
