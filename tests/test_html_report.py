@@ -137,6 +137,9 @@ def test_the_page_is_self_contained_and_small(report):
     data = page_data(text)
     grow, limited = (r for r in data["interpreters"] if r["id"] not in (0, None))
     assert grow["alive"] is False and limited["alive"] is False
+    # Each one's end, as the hooks saw its state freed, marks its life.
+    assert grow["ended"] is not None and limited["ended"] is not None
+    assert grow["first_seen"] < grow["ended"] and limited["first_seen"] < limited["ended"]
     # The limit's first refusal and each one's life are in the data the charts mark.
     assert limited["first_refusal"] is not None and grow.get("first_refusal") is None
     assert limited["first_seen"] <= limited["first_refusal"] <= limited["last_change"]

@@ -129,3 +129,37 @@ def test_a_forked_child_exits_cleanly_with_the_timeline_on():
         timeout=120,
     )
     assert out["status"] == 0 and out["running"] is True and out["points"] > 0, out
+
+
+def test_the_timeline_marks_when_each_interpreter_was_destroyed():
+    out = scenario(
+        r"""
+        import time, interheap
+        from scenario_support import create, run, destroy, result
+        interheap.install()
+        interheap.start_timeline(0.002)
+        first, second, kept = create("isolated"), create("isolated"), create("isolated")
+        for i in (first, second, kept):
+            run(i, "x = [bytes(100) for _ in range(1000)]")
+        destroy(first)
+        time.sleep(0.3)
+        destroy(second)
+        time.sleep(0.05)
+        interheap.stop_timeline()
+        tl = interheap.timeline()
+        again = interheap.Timeline.from_dict(tl.to_dict())
+        result(ids=[first, second, kept], ends={str(k): v for k, v in tl.ends.items()},
+               starts={str(i): tl.series(i)["t"][0] for i in (first, second, kept)},
+               again={str(k): v for k, v in again.ends.items()}, summary=tl.format_summary())
+        destroy(kept)
+        """,
+        timeout=240,
+    )
+    first, second, kept = out["ids"]
+    ends = {int(k): v for k, v in out["ends"].items()}
+    assert first in ends and second in ends, out
+    assert kept not in ends, "an interpreter still alive has no end"
+    assert 0.25 < ends[second] - ends[first] < 2.0, ends
+    assert ends[first] > out["starts"][str(first)]
+    assert out["again"] == out["ends"], "the ends survive the JSON round trip"
+    assert f"destroyed at {ends[first]:.3f} s" in out["summary"]

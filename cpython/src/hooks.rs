@@ -314,6 +314,9 @@ extern "C" fn hook_free<const D: usize, const CHECK: bool>(_ctx: *mut c_void, pt
             // Before forwarding: after the free the address may be reused.
             TRACKER.freeing(entry.existing_nursery(), domain_of::<D>(), ptr as usize);
             forget_sample(ptr);
+            if D == Domain::Raw.index() {
+                crate::interp_end::raw_freeing(ptr as usize);
+            }
         }
     }
     forward.free(ptr)
@@ -427,11 +430,13 @@ extern "C" fn before_fork() {
     SITES.lock_for_fork();
     crate::checker::FREED.lock_for_fork();
     crate::checker::RAW_SERVED.lock_for_fork();
+    crate::interp_end::lock_for_fork();
 }
 
 extern "C" fn after_fork_in_parent() {
     // SAFETY: runs right after `before_fork` took the locks on this thread.
     unsafe {
+        crate::interp_end::unlock_after_fork();
         crate::checker::RAW_SERVED.unlock_after_fork();
         crate::checker::FREED.unlock_after_fork();
         SITES.unlock_after_fork();
@@ -444,6 +449,7 @@ extern "C" fn after_fork_in_child() {
     // SAFETY: runs right after `before_fork` took the locks on this thread,
     // which is the child's only thread.
     unsafe {
+        crate::interp_end::unlock_after_fork();
         crate::checker::RAW_SERVED.unlock_after_fork();
         crate::checker::FREED.unlock_after_fork();
         SITES.unlock_after_fork();
@@ -502,6 +508,7 @@ pub fn install_with(checking: bool) -> Result<(), HookError> {
     // The installing interpreter is listed from the start, even before it allocates.
     TRACKER.ledger().touch(current_bucket());
     crate::checker::reset();
+    crate::interp_end::reset();
     crate::checker::CHECKING.store(checking, std::sync::atomic::Ordering::Relaxed);
     let previous = Domain::ALL.map(get_allocator);
     let ours = if checking {

@@ -470,6 +470,8 @@ pub fn describe_current(bucket: interheap_engine::BucketId) -> interheap_engine:
     if BucketId::for_interpreter(Some(id)) != bucket {
         return Description::NotCurrent;
     }
+    // Its state's address, to see it freed when the interpreter ends.
+    crate::interp_end::register(id, interp as usize);
     let whence = if id == 0 {
         Some(Whence::Runtime)
     } else {

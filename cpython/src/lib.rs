@@ -44,6 +44,7 @@ pub mod checker;
 pub mod hook_thread;
 pub mod hooks;
 pub mod interp;
+pub mod interp_end;
 pub mod interp_figures;
 #[cfg(all(target_os = "linux", target_pointer_width = "64"))]
 pub mod loaded_object;

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use interheap_engine::ledger::BucketKind;
 use interheap_engine::Domain;
@@ -34,10 +34,18 @@ pub struct Point {
     pub refused: u64,
 }
 
+/// What the recorder thread shares: the points, and each ended
+/// interpreter's end (nanoseconds since the timeline started).
+#[derive(Default)]
+struct Recorded {
+    points: Vec<Point>,
+    ends: Vec<(i64, u64)>,
+}
+
 struct Recorder {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
-    points: Arc<Mutex<Vec<Point>>>,
+    points: Arc<Mutex<Recorded>>,
     /// The process that started the thread: a `fork` child has no such
     /// thread (and must not join it, nor wait for a lock it held).
     pid: u32,
@@ -59,7 +67,7 @@ const MAX_POINTS: usize = 4_000_000;
 pub fn start(interval: Duration) {
     stop();
     let stop_flag = Arc::new(AtomicBool::new(false));
-    let points = Arc::new(Mutex::new(Vec::new()));
+    let points = Arc::new(Mutex::new(Recorded::default()));
     let (flag, sink) = (stop_flag.clone(), points.clone());
     let thread = std::thread::Builder::new()
         .name("interheap-timeline".into())
@@ -89,29 +97,33 @@ pub fn is_running() -> bool {
     guard.as_ref().is_some_and(|r| r.thread.is_some() && !r.forked())
 }
 
-/// The points recorded so far (of the running timeline, or the last one).
-pub fn points() -> Vec<Point> {
+/// The points recorded so far (of the running timeline, or the last one),
+/// and the ends of interpreters: (interpreter ID, nanoseconds since start).
+pub fn points() -> (Vec<Point>, Vec<(i64, u64)>) {
     let recorder = RECORDER.lock().unwrap_or_else(|e| e.into_inner());
     let Some((sink, forked)) = recorder.as_ref().map(|r| (r.points.clone(), r.forked())) else {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     };
     drop(recorder);
+    let read = |r: &Recorded| (r.points.clone(), r.ends.clone());
     if forked {
         // The parent's thread may have held the lock at the fork: never wait.
-        return sink.try_lock().map(|p| p.clone()).unwrap_or_default();
+        return sink.try_lock().map(|r| read(&r)).unwrap_or_default();
     }
-    let points = sink.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    points
+    let recorded = sink.lock().unwrap_or_else(|e| e.into_inner());
+    read(&recorded)
 }
 
-fn record(interval: Duration, stop: &AtomicBool, sink: &Mutex<Vec<Point>>) {
-    let start = Instant::now();
+fn record(interval: Duration, stop: &AtomicBool, sink: &Mutex<Recorded>) {
+    let start = crate::interp_end::monotonic_ns();
     // Per interpreter, its figures at its last point.
     let mut last: HashMap<i64, ([i64; Domain::COUNT], u64)> = HashMap::new();
+    let mut ended: HashMap<i64, u64> = HashMap::new();
     loop {
-        let nanos = start.elapsed().as_nanos() as u64;
+        let nanos = crate::interp_end::monotonic_ns().saturating_sub(start);
         let snap = TRACKER.snapshot();
         let mut fresh = Vec::new();
+        let mut fresh_ends = Vec::new();
         for bucket in &snap.buckets {
             let interp = match bucket.kind {
                 BucketKind::Interpreter(id) => id,
@@ -123,11 +135,17 @@ fn record(interval: Duration, stop: &AtomicBool, sink: &Mutex<Vec<Point>>) {
             if last.insert(interp, (live, refused)) != Some((live, refused)) {
                 fresh.push(Point { nanos, interp, live, refused });
             }
+            // An end before the timeline started is not on it.
+            if bucket.ended_at > start && !ended.contains_key(&interp) {
+                ended.insert(interp, bucket.ended_at);
+                fresh_ends.push((interp, bucket.ended_at - start));
+            }
         }
-        if !fresh.is_empty() {
-            let mut points = sink.lock().unwrap_or_else(|e| e.into_inner());
-            let room = MAX_POINTS.saturating_sub(points.len());
-            points.extend(fresh.into_iter().take(room));
+        if !fresh.is_empty() || !fresh_ends.is_empty() {
+            let mut recorded = sink.lock().unwrap_or_else(|e| e.into_inner());
+            let room = MAX_POINTS.saturating_sub(recorded.points.len());
+            recorded.points.extend(fresh.into_iter().take(room));
+            recorded.ends.extend(fresh_ends);
         }
         if stop.load(Ordering::Relaxed) {
             return;

@@ -214,6 +214,8 @@ struct Bucket {
     /// The interpreter's memory limit (all-zero: none), checked against the
     /// sum of `domains`' live bytes.
     budget: Budget,
+    /// When the interpreter ended (the glue's monotonic clock, ns; 0: not seen).
+    ended_at: AtomicU64,
 }
 
 struct Chunk {
@@ -266,6 +268,8 @@ pub struct BucketSnapshot {
     pub settled: bool,
     /// The interpreter's memory limit and what it refused.
     pub budget: BudgetSnapshot,
+    /// When the glue saw the interpreter end ([`Ledger::mark_ended`]; 0: not seen).
+    pub ended_at: u64,
 }
 
 /// Figures of every bucket that has been used, plus ledger-wide counters.
@@ -294,6 +298,7 @@ impl LedgerSnapshot {
                     info: 0,
                     settled: false,
                     budget: BudgetSnapshot::default(),
+                    ended_at: 0,
                 };
                 self.buckets.insert(i, empty);
                 i
@@ -484,6 +489,14 @@ impl Ledger {
         bucket.state.load(Relaxed) & SETTLED != 0
     }
 
+    /// The glue saw the bucket's interpreter end at `at` (its monotonic
+    /// clock, ns, non-zero); the first mark stays.
+    pub fn mark_ended(&self, id: BucketId, at: u64) {
+        let index = id.0 as usize;
+        let bucket = &self.chunk(index / CHUNK_BUCKETS).buckets[index % CHUNK_BUCKETS];
+        let _ = bucket.ended_at.compare_exchange(0, at.max(1), Relaxed, Relaxed);
+    }
+
     /// What the describer said about a bucket's interpreter (0: nothing
     /// yet). Does not mark it used.
     pub fn info(&self, id: BucketId) -> InterpreterInfo {
@@ -560,8 +573,8 @@ impl Ledger {
     pub fn bucket_snapshot(&self, id: BucketId) -> BucketSnapshot {
         let index = id.0 as usize;
         let chunk = self.chunks[index / CHUNK_BUCKETS].load(std::sync::atomic::Ordering::Acquire);
-        let (domains, state, budget) = if chunk.is_null() {
-            ([DomainSnapshot::default(); Domain::COUNT], 0, BudgetSnapshot::default())
+        let (domains, state, budget, ended_at) = if chunk.is_null() {
+            ([DomainSnapshot::default(); Domain::COUNT], 0, BudgetSnapshot::default(), 0)
         } else {
             // SAFETY: published chunks live as long as the ledger (module docs).
             let bucket = unsafe { &(*chunk).buckets[index % CHUNK_BUCKETS] };
@@ -569,6 +582,7 @@ impl Ledger {
                 std::array::from_fn(|d| bucket.domains[d].snapshot()),
                 bucket.state.load(Relaxed),
                 bucket.budget.snapshot(),
+                bucket.ended_at.load(Relaxed),
             )
         };
         BucketSnapshot {
@@ -578,6 +592,7 @@ impl Ledger {
             info: (state >> INFO_SHIFT) as InterpreterInfo,
             settled: state & SETTLED != 0,
             budget,
+            ended_at,
         }
     }
 
@@ -634,6 +649,7 @@ impl Ledger {
                 bucket.domains.iter().for_each(DomainCounters::reset);
                 // The limit is a setting, not a figure: it stays.
                 bucket.budget.reset();
+                bucket.ended_at.store(0, Relaxed);
             }
         }
         for c in self.untracked_frees.iter().chain(&self.missed_frees) {

@@ -572,10 +572,14 @@ fn timeline_running() -> bool {
 /// raw, mem, object live bytes, refused requests so far).
 #[pyfunction]
 fn timeline_points() -> Vec<(u64, i64, i64, i64, i64, u64)> {
-    interheap_cpython::timeline::points()
-        .into_iter()
-        .map(|p| (p.nanos, p.interp, p.live[0], p.live[1], p.live[2], p.refused))
-        .collect()
+    let (points, _) = interheap_cpython::timeline::points();
+    points.into_iter().map(|p| (p.nanos, p.interp, p.live[0], p.live[1], p.live[2], p.refused)).collect()
+}
+
+/// When interpreters ended on the timeline: (interpreter ID, nanoseconds since start).
+#[pyfunction]
+fn timeline_ends() -> Vec<(i64, u64)> {
+    interheap_cpython::timeline::points().1
 }
 
 #[pymodule(gil_used = false)]
@@ -612,5 +616,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(timeline_stop, m)?)?;
     m.add_function(wrap_pyfunction!(timeline_running, m)?)?;
     m.add_function(wrap_pyfunction!(timeline_points, m)?)?;
+    m.add_function(wrap_pyfunction!(timeline_ends, m)?)?;
     Ok(())
 }

@@ -57,7 +57,7 @@ def _downsample(times: list[float], rows: list[list[int]], limit: int) -> tuple[
     return [times[i] for i in keep], [rows[i] for i in keep]
 
 
-def _interpreter_rows(snap: Snapshot, by_interp: ByInterp) -> list[dict[str, Any]]:
+def _interpreter_rows(snap: Snapshot, by_interp: ByInterp, timeline: Timeline | None) -> list[dict[str, Any]]:
     rows = []
     for entry in snap.interpreters:
         if entry.kind == "overflow":
@@ -82,6 +82,7 @@ def _interpreter_rows(snap: Snapshot, by_interp: ByInterp) -> list[dict[str, Any
                 peak_t=peak.t,
                 peak=peak.total,
                 first_refusal=next((p.t for p in mine if p.refused), None),
+                ended=timeline.ended(interp) if timeline is not None else None,
             )
         rows.append(row)
     return rows
@@ -197,7 +198,7 @@ def _sites_table(sites: SitesSnapshot, interp: int | None) -> str:
 def _summary_table(rows: list[dict[str, Any]], has_timeline: bool) -> str:
     head = ["interpreter", "state", "live at exit", "peak"]
     if has_timeline:
-        head += ["first seen", "last change"]
+        head += ["first seen", "destroyed at", "last change"]
     head += ["limit", "refused"]
     out = ["<table><thead><tr>", *(f"<th>{h}</th>" for h in head), "</tr></thead><tbody>"]
     for r in rows:
@@ -211,6 +212,7 @@ def _summary_table(rows: list[dict[str, Any]], has_timeline: bool) -> str:
         if has_timeline:
             cells += [
                 f"{r['first_seen']:.3f} s" if "first_seen" in r else "-",
+                f"{r['ended']:.3f} s" if r.get("ended") is not None else "-",
                 f"{r['last_change']:.3f} s" if "last_change" in r else "-",
             ]
         cells += [human_bytes(r["limit"]) if r["limit"] is not None else "-", f"{r['refused']:,}"]
@@ -222,7 +224,7 @@ def _summary_table(rows: list[dict[str, Any]], has_timeline: bool) -> str:
 def render_html(snap: Snapshot, sites: SitesSnapshot | None, timeline: Timeline | None, title: str) -> str:
     """The report as one HTML document (str)."""
     by_interp = _group(timeline)
-    rows = _interpreter_rows(snap, by_interp)
+    rows = _interpreter_rows(snap, by_interp, timeline)
     data: dict[str, Any] = {"interpreters": rows, "timeline": None, "flame": {}}
     charted: list[str] = []
     if timeline is not None and timeline.points:
@@ -256,7 +258,7 @@ def render_html(snap: Snapshot, sites: SitesSnapshot | None, timeline: Timeline 
         timeline_html = (
             f"<p class=note>Exact live bytes, read every {timeline.interval * 1000:g} ms "
             "(a point is kept when an interpreter's figures change). "
-            "Dashed lines: first seen and last change of a destroyed interpreter; "
+            "Dashed lines: first seen, and destroyed (when the hooks saw its state freed); "
             "dot: peak; red line: its limit's first refusal.</p>"
             '<div class="chart wide"><canvas id=combined></canvas></div><div id=per-interp></div>'
         )

@@ -3,7 +3,9 @@
 A background thread (native, holding no GIL) reads the hooks' counters every
 ``interval`` seconds and keeps a point whenever an interpreter's figures
 changed, so a quiet interpreter costs nothing. A point also shows when an
-interpreter first appeared and how many requests its limit had refused.
+interpreter first appeared and how many requests its limit had refused;
+``ended(interp)`` is when the hooks saw the interpreter's state freed, the
+last step of destroying it.
 
     interheap.install()
     interheap.start_timeline(0.01)
@@ -11,6 +13,7 @@ interpreter first appeared and how many requests its limit had refused.
     tl = interheap.timeline()
     tl.peak(3)          # (seconds since start, total live bytes) of interpreter 3's peak
     tl.series(3)        # {"t": [...], "raw": [...], "mem": [...], "object": [...], "refused": [...]}
+    tl.ended(3)         # seconds since start when interpreter 3 was destroyed (None: not seen)
 """
 
 from __future__ import annotations
@@ -44,9 +47,17 @@ class TimelinePoint:
 class Timeline:
     """The points of a timeline (see :func:`timeline`)."""
 
-    def __init__(self, points: list[TimelinePoint], interval: float) -> None:
+    def __init__(
+        self, points: list[TimelinePoint], interval: float, ends: dict[int, float] | None = None
+    ) -> None:
         self.points = points
         self.interval = interval
+        #: Interpreter ID -> seconds since start when it was destroyed.
+        self.ends = dict(ends or {})
+
+    def ended(self, interp: int | None) -> float | None:
+        """When ``interp`` was destroyed (seconds since start; None: not while recorded)."""
+        return None if interp is None else self.ends.get(interp)
 
     def interpreters(self) -> list[int | None]:
         """The interpreters with points, in the order they first appeared."""
@@ -84,12 +95,14 @@ class Timeline:
         return {
             "interval": self.interval,
             "points": [[p.t, p.interp, p.raw, p.mem, p.object, p.refused] for p in self.points],
+            "ends": {str(k): v for k, v in self.ends.items()},
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Timeline:
         points = [TimelinePoint(*row) for row in data["points"]]
-        return cls(points, float(data["interval"]))
+        ends = {int(k): float(v) for k, v in data.get("ends", {}).items()}
+        return cls(points, float(data["interval"]), ends)
 
     def format_summary(self) -> str:
         """One line per interpreter: when it appeared, its peak and when, where it ended."""
@@ -100,6 +113,8 @@ class Timeline:
             assert peak is not None
             refusal = self.first_refusal(interp)
             limit = f", limit first hit at {refusal:.3f} s" if refusal is not None else ""
+            end = self.ended(interp)
+            limit += f", destroyed at {end:.3f} s" if end is not None else ""
             lines.append(
                 f"  {interp_label(interp):<16} from {s['t'][0]:8.3f} s  "
                 f"peak {peak[1] / 2**20:8.1f} MiB at {peak[0]:8.3f} s  "
@@ -137,4 +152,5 @@ def timeline() -> Timeline:
         TimelinePoint(nanos / 1e9, None if interp < 0 else interp, raw, mem, obj, refused)
         for nanos, interp, raw, mem, obj, refused in _native.timeline_points()
     ]
-    return Timeline(points, _interval)
+    ends = {interp: nanos / 1e9 for interp, nanos in _native.timeline_ends()}
+    return Timeline(points, _interval, ends)

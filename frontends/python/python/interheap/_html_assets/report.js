@@ -32,7 +32,8 @@ const lifeMarks = {
       ctx.textAlign = atRight ? "right" : "left"; ctx.fillText(label, px + (atRight ? -3 : 3), a.top + 11); ctx.restore();
     };
     vline(r.first_seen, "#555", [4, 3], "first seen");
-    if (r.alive === false) vline(r.last_change, "#555", [4, 3], "last change");
+    if (r.ended !== null && r.ended !== undefined) vline(r.ended, "#555", [4, 3], "destroyed");
+    else if (r.alive === false) vline(r.last_change, "#555", [4, 3], "last change");
     if (r.first_refusal !== null && r.first_refusal !== undefined) vline(r.first_refusal, "#cc0000", [], "limit hit");
     const px = x.getPixelForValue(r.peak_t), py = y.getPixelForValue(r.peak);
     ctx.save(); ctx.fillStyle = "#cc0000"; ctx.beginPath(); ctx.arc(px, py, 4, 0, 2 * Math.PI); ctx.fill();
@@ -84,8 +85,9 @@ function drawTimeline() {
     if (!s || !row) continue;
     const wrap = document.createElement("div");
     const h = document.createElement("h3");
-    const life = row.alive === false ? "destroyed, last change " + row.last_change.toFixed(3) + " s"
-                                     : (row.alive ? "alive at exit" : "");
+    const life = row.ended !== null && row.ended !== undefined ? "destroyed at " + row.ended.toFixed(3) + " s"
+               : row.alive === false ? "destroyed, last change " + row.last_change.toFixed(3) + " s"
+               : (row.alive ? "alive at exit" : "");
     h.textContent = row.label + " (first seen " + row.first_seen.toFixed(3) + " s" + (life ? ", " + life : "") + ")";
     const div = document.createElement("div"); div.className = "chart";
     const canvas = document.createElement("canvas"); canvas.dataset.interp = key;
