@@ -265,6 +265,9 @@ def test_a_third_party_c_extension_test_suite_has_no_findings():
 def test_check_options_are_refused_clearly():
     proc = run_python(["-m", "interheap", "check"])
     assert proc.returncode == 2 and "nothing to run" in proc.stderr
+    assert "usage: python -m interheap check" in proc.stderr
+    proc = run_python(["-m", "interheap", "check", "--help"])
+    assert proc.returncode == 0 and "checking hooks" in proc.stdout
     proc = run_python(["-m", "interheap", "check", "--json", os.devnull + "/x/y.json", "-c", "pass"])
     assert proc.returncode == 2 and "--json" in proc.stderr
 

@@ -67,11 +67,22 @@ class RunRequest:
     check: bool = False
 
 
-def _run_parser() -> argparse.ArgumentParser:
+CHECK_DESCRIPTION = """\
+Run a Python program under interheap's checking hooks and report the memory
+bugs that isolated interpreters and free-threading turn into corruption:
+cross-interpreter frees and reallocs (the block is kept out of the wrong
+obmalloc state), domain mismatches, mem/object calls without a thread
+state, double frees and foreign pointers. Each is printed once per call
+site with the interpreters involved and its Python stack; the program keeps
+running. The exit status is 1 if anything was found and the program
+succeeded, else the program's own. Takes the same options as `run`."""
+
+
+def _run_parser(command: str = "run") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m interheap run",
-        usage=RUN_USAGE,
-        description=RUN_DESCRIPTION,
+        prog=f"python -m interheap {command}",
+        usage=RUN_USAGE.replace(" run ", f" {command} ", 1),
+        description=CHECK_DESCRIPTION if command == "check" else RUN_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -115,7 +126,7 @@ def _run_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_run_args(argv: list[str]) -> RunRequest:
+def parse_run_args(argv: list[str], command: str = "run") -> RunRequest:
     """Splits ``run``'s own options from the program and its arguments.
 
     interheap's options come first; the first ``-m``, ``-c`` or non-option word
@@ -150,7 +161,7 @@ def parse_run_args(argv: list[str]) -> RunRequest:
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            _run_parser().print_help()
+            _run_parser(command).print_help()
             raise SystemExit(0)
         option = arg.split("=", 1)[0]
         if option in ("--limit", "--main-limit"):
@@ -485,7 +496,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         if command in ("run", "check"):
-            req = parse_run_args(rest)
+            req = parse_run_args(rest, command)
             req.check = command == "check"
             _check_request(req)
         elif command == "report":
@@ -497,7 +508,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             raise UsageError(f"unknown command {command!r}; expected 'run', 'check' or 'report'")
     except UsageError as exc:
-        usage = REPORT_USAGE if command == "report" else f"usage: {RUN_USAGE}"
+        run_usage = RUN_USAGE.replace(" run ", f" {command} ", 1)
+        usage = REPORT_USAGE if command == "report" else f"usage: {run_usage}"
         print(f"{prog}: error: {exc}\n{usage}", file=sys.stderr)
         raise SystemExit(2) from None
     run(req)
