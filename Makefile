@@ -1,5 +1,5 @@
 # interheap: the two commands a fresh machine needs are `make demo` and `make test`.
-.PHONY: setup demo test wheel bench bench-sites bench-instructions bench-allocator bench-allocator-instructions bench-allocator-callgrind bench-scaling bench-pyalloc bench-adapters fuzz regrtest torture fmt clean
+.PHONY: setup demo test wheel bench bench-sites bench-check bench-instructions bench-allocator bench-allocator-instructions bench-allocator-callgrind bench-scaling bench-pyalloc bench-adapters fuzz regrtest torture fmt clean
 
 PYTHON := .venv/bin/python
 
@@ -36,6 +36,11 @@ bench: setup
 bench-sites: setup
 	$(PYTHON) -m pip install -q --disable-pip-version-check pyperformance
 	$(PYTHON) bench/pyperformance_hooks.py --configs none,hooks,sites,timeline $(BENCH_ARGS)
+
+# What the checking hooks (python -m interheap check) cost against the hooks and against PYTHONMALLOC=debug, interleaved.
+bench-check: setup
+	$(PYTHON) -m pip install -q --disable-pip-version-check pyperformance
+	$(PYTHON) bench/pyperformance_hooks.py --configs none,hooks,check,debug --vs hooks $(BENCH_ARGS)
 
 # Instructions the hooks add per allocation + free pair (callgrind, repeatable).
 bench-instructions: setup

@@ -10,10 +10,14 @@ these configurations (by default the first five), interleaved in one session:
     interheap    interheap-python -u run_benchmark.py ...   (the interheap allocator)
     sites        python -u -m interheap run --sites run_benchmark.py ...   (hooks + sampling)
     timeline     python -u -m interheap run --timeline run_benchmark.py ...   (hooks + timeline)
+    check        python -u -m interheap check run_benchmark.py ...   (the checking hooks)
+    debug        PYTHONMALLOC=debug python -u run_benchmark.py ...   (CPython's debug hooks)
 
 (``--configs none,mimalloc,interheap`` compares allocators: ``make bench-allocator``;
 ``--configs none,hooks,sites,timeline`` what allocation-site sampling at the default rate
-and the timeline at the default interval add to the hooks: ``make bench-sites``.)
+and the timeline at the default interval add to the hooks: ``make bench-sites``;
+``--configs none,hooks,check,debug --vs hooks`` what the checking hooks cost, against the
+hooks and against CPython's debug hooks: ``make bench-check``.)
 
 Every run uses the same fixed ``--loops`` (calibrated once with ``none`` at the start),
 ``--warmups`` and ``--values`` and writes its values to a pyperf JSON file. Each round runs
@@ -21,9 +25,9 @@ every benchmark under the configurations in a shuffled order. The report gives, 
 benchmark, the median time of ``none`` and median(config) / median(none) for the others,
 then the geometric means of those ratios, for time and for the child's peak RSS
 (``ru_maxrss`` from ``os.wait4``). Absolute times on a shared machine mean little; the
-ratios, measured interleaved, are the result. When ``sites`` or ``timeline`` runs with
-``hooks``, a second table gives their ratios against ``hooks`` (``--vs`` picks another
-second baseline, or ``--vs none`` drops it).
+ratios, measured interleaved, are the result. When ``sites``, ``timeline`` or ``check``
+runs with ``hooks``, a second table gives their ratios against ``hooks`` (``--vs`` picks
+another second baseline, or ``--vs none`` drops it).
 
 Usage (from a venv with interheap, pyperformance and pyperf installed):
 
@@ -34,8 +38,8 @@ On a shared 2-core machine the default (16 benchmarks, 3 rounds) takes about 6 m
 and ``--quick`` (4 benchmarks, 1 round) about 10 seconds.
 
 ``--python`` benchmarks another interpreter, which needs pyperf (and, for ``hooks``,
-``sites`` and ``timeline``, interheap) installed; the benchmark scripts are read from
-this interpreter's pyperformance.
+``sites``, ``timeline`` and ``check``, interheap) installed; the benchmark scripts are read
+from this interpreter's pyperformance.
 """
 
 from __future__ import annotations
@@ -63,12 +67,22 @@ try:
 except ImportError:
     sys.exit("error: pyperf is not installed (pip install pyperformance pyperf)")
 
-CONFIGS = ("none", "hooks", "tracemalloc", "mimalloc", "interheap", "sites", "timeline")
+CONFIGS = (
+    "none",
+    "hooks",
+    "tracemalloc",
+    "mimalloc",
+    "interheap",
+    "sites",
+    "timeline",
+    "check",
+    "debug",
+)
 DEFAULT_CONFIGS = CONFIGS[:5]
-# Configurations that run interheap's hooks (``python -m interheap run``).
-HOOKED = ("hooks", "sites", "timeline")
+# Configurations that run interheap's hooks (``python -m interheap run`` or ``check``).
+HOOKED = ("hooks", "sites", "timeline", "check")
 # Configurations measured against hooks as well when both run (--vs by default).
-ON_HOOKS = ("sites", "timeline")
+ON_HOOKS = ("sites", "timeline", "check")
 
 # Benchmarks known to run in worker mode: name -> (bm_ directory, extra script args).
 # All are pure Python, need nothing beyond pyperf and run on 3.12 to 3.15 and 3.14t; each
@@ -166,9 +180,13 @@ def command(
         # timeline (default interval, 10 ms): each one feature on top of the hooks.
         "sites": [*hooks, "--sites"],
         "timeline": [*hooks, "--timeline"],
+        # The checking hooks: the hooks plus the memory-bug checks (exit 1 on findings).
+        "check": [python, "-u", "-m", "interheap", "check"],
         "tracemalloc": [python, "-u", "-X", "tracemalloc=1"],
         # CPython's own mimalloc (3.13+), and the interheap allocator via the launcher.
         "mimalloc": ["env", "PYTHONMALLOC=mimalloc", python, "-u"],
+        # CPython's debug hooks on its allocators (pymalloc underneath), no interheap.
+        "debug": ["env", "PYTHONMALLOC=debug", python, "-u"],
         "interheap": [str(Path(python).with_name("interheap-python")), "-u"],
     }[config]
     worker = [
@@ -328,7 +346,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--vs",
         metavar="CONFIG",
         help="also give every other config's ratios against CONFIG in a second table "
-        "(default: hooks when sites or timeline runs with hooks; 'none' for no second table)",
+        "(default: hooks when sites, timeline or check runs with hooks; 'none' for no second table)",
     )
     p.add_argument("--values", type=int, help="values per run (default 5; quick 3)")
     p.add_argument("--warmups", type=int, default=1, help="warmup values per run")
