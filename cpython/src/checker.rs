@@ -399,13 +399,11 @@ pub(crate) fn free<const D: usize>(local: Option<&Nursery>, ptr: *mut c_void, fo
     let caller = current_bucket();
     // A block the raw allocator served goes back to it, whoever frees it.
     let raw_served = D != Domain::Raw.index() && RAW_SERVED.remove(addr).is_some();
-    if D == Domain::Raw.index() {
-        crate::interp_end::raw_freeing(addr);
-    }
     match TRACKER.take(local, addr) {
         Some(rec) => {
             if rec.domain == Domain::Raw {
                 THREAD_STATES.freeing(addr, rec.size);
+                crate::interp_end::raw_freeing(addr, rec.size);
             }
             crate::hooks::forget_sample(ptr);
             if raw_served {

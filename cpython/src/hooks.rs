@@ -312,10 +312,12 @@ extern "C" fn hook_free<const D: usize, const CHECK: bool>(_ctx: *mut c_void, pt
                 return crate::checker::free::<D>(entry.existing_nursery(), ptr, forward_free);
             }
             // Before forwarding: after the free the address may be reused.
-            TRACKER.freeing(entry.existing_nursery(), domain_of::<D>(), ptr as usize);
+            let size = TRACKER.freeing(entry.existing_nursery(), domain_of::<D>(), ptr as usize);
             forget_sample(ptr);
             if D == Domain::Raw.index() {
-                crate::interp_end::raw_freeing(ptr as usize);
+                if let Some(size) = size {
+                    crate::interp_end::raw_freeing(ptr as usize, size);
+                }
             }
         }
     }

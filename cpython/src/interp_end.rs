@@ -10,9 +10,13 @@
 //! state address marks that interpreter ended, with the time, in the ledger
 //! (`Ledger::mark_ended`). The timeline shows it; the snapshot carries it.
 //!
-//! Cost on the hooks: a raw free compares its address with the lowest and
-//! highest known state address (two loads); only a free within that span
-//! takes the lock. The main interpreter's state is static and never listed.
+//! Only a block the hooks saw allocated counts, with its exact size: a state
+//! inside it is the freed interpreter's, never a neighbour's (an untracked
+//! block's size is unknown, so a state allocated before the hooks were
+//! installed is not seen freed). Cost on the hooks: a tracked raw free
+//! compares its span with the lowest and highest known state address (two
+//! loads); only a free that overlaps takes the lock. The main interpreter's
+//! state is static and never listed.
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
@@ -26,9 +30,6 @@ use crate::hooks::TRACKER;
 static STATES: ShardLock<Vec<(usize, i64)>> = ShardLock::new(Vec::new());
 static LOW: AtomicUsize = AtomicUsize::new(usize::MAX);
 static HIGH: AtomicUsize = AtomicUsize::new(0);
-
-/// How far into its raw block an interpreter state may start (3.13+ align it).
-const STATE_OFFSET_MAX: usize = 64;
 
 fn lock() -> ShardGuard<'static, Vec<(usize, i64)>> {
     STATES.lock()
@@ -78,22 +79,24 @@ pub fn register(id: i64, state: usize) {
     }
 }
 
-/// The raw block at `addr` is about to be freed.
+/// The raw block of `size` bytes at `addr`, allocated under the hooks, is
+/// about to be freed.
 #[inline(always)]
-pub fn raw_freeing(addr: usize) {
-    if HIGH.load(Relaxed) < addr || LOW.load(Relaxed) >= addr.saturating_add(STATE_OFFSET_MAX) {
+pub fn raw_freeing(addr: usize, size: usize) {
+    let end = addr.saturating_add(size);
+    if HIGH.load(Relaxed) < addr || LOW.load(Relaxed) >= end {
         return;
     }
-    ended_within(addr);
+    ended_within(addr, end);
 }
 
 #[cold]
 #[inline(never)]
-fn ended_within(addr: usize) {
+fn ended_within(addr: usize, end: usize) {
     let mut states = lock();
     let mut ended = Vec::new();
     states.retain(|&(state, id)| {
-        let inside = state >= addr && state - addr < STATE_OFFSET_MAX;
+        let inside = (addr..end).contains(&state);
         if inside {
             ended.push(id);
         }

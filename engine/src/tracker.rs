@@ -409,12 +409,18 @@ impl Tracker {
     }
 
     /// The block at `addr` (non-zero) is about to be freed through `domain`.
-    /// Call before forwarding the free.
+    /// Call before forwarding the free. Returns its size, if it was tracked.
     #[inline(always)]
-    pub fn freeing(&self, local: Option<&Nursery>, domain: Domain, addr: usize) {
+    pub fn freeing(&self, local: Option<&Nursery>, domain: Domain, addr: usize) -> Option<usize> {
         match self.forget(local, addr) {
-            Some(rec) => self.account_free(local, rec),
-            None => self.ledger.on_untracked_free(domain),
+            Some(rec) => {
+                self.account_free(local, rec);
+                Some(rec.size)
+            }
+            None => {
+                self.ledger.on_untracked_free(domain);
+                None
+            }
         }
     }
 
