@@ -319,6 +319,9 @@ extern "C" fn hook_free<const D: usize, const CHECK: bool>(_ctx: *mut c_void, pt
                     crate::interp_end::raw_freeing(ptr as usize, size);
                 }
             }
+        } else {
+            // Untracked, but a sample or a cached code object must not outlive it.
+            forget_sample(ptr);
         }
     }
     forward.free(ptr)
@@ -490,6 +493,8 @@ pub fn install_with(checking: bool) -> Result<(), HookError> {
     }
     register_fork_handlers();
     TRACKER.reset();
+    // Frees went unseen while no hooks were on: cached code objects may be gone.
+    crate::sites::forget_code();
     // On a default build CPython calls the mem and object allocators only with
     // the GIL of the interpreter that owns the block, which serialises their
     // figures: no locked read-modify-write is needed (see
@@ -567,6 +572,7 @@ pub fn uninstall() -> Result<(), HookError> {
     *control = None;
     // Blocks still live will be freed unseen; their records are useless now.
     TRACKER.forget_blocks();
+    crate::sites::forget_code();
     Ok(())
 }
 

@@ -111,6 +111,8 @@ fn ended_within(addr: usize, end: usize) {
     for id in ended {
         TRACKER.ledger().mark_ended(BucketId::for_interpreter(Some(id)), now);
     }
+    // Its arenas may have gone without a free of each code object in them.
+    crate::sites::forget_code();
 }
 
 /// Forgets every known state (a fresh install).

@@ -4,13 +4,21 @@
 //! A hook that allocated a block counts its size down from this thread's gap
 //! ([`crate::hook_thread::HookEntry::sample_due`]); when the gap runs out it
 //! reads the calling thread's Python stack ([`crate::stack`]: from the
-//! frames, without running Python code or allocating through CPython),
-//! turns it into text and records the block. A free first asks the engine's
-//! filter whether the block may be a sample. Sampling is off until
-//! [`start`]; the hooks then pay one load per allocation and per free.
+//! frames, without running Python code or allocating through CPython) as
+//! code locations, and records the block; the engine's code cache asks
+//! [`CodeNames`] for the text of locations it has not seen. A free first
+//! asks the engine's filter whether the block may be a sample or a cached
+//! code object. Sampling is off until [`start`]; the hooks then pay one load
+//! per allocation and per free.
+//!
+//! The code cache is told of every free the hooks see (`hooks::forget_sample`),
+//! and emptied ([`forget_code`]) when the hooks are removed or installed
+//! again, and when an interpreter ends: see the engine's module docs.
 
 use interheap_engine::ledger::BucketId;
-use interheap_engine::sites::{FrameText, Sites};
+use std::sync::Arc;
+
+use interheap_engine::sites::{CodeLocation, CodeReader, FrameText, Sites};
 use interheap_engine::Domain;
 
 use crate::stack;
@@ -39,6 +47,12 @@ pub fn start(rate: u64, seed: Option<u64>) {
     SITES.set_rate(rate);
 }
 
+/// Empties the sites' code cache: frees may go unseen (hooks removed or
+/// replaced), or an interpreter's memory went away without them.
+pub fn forget_code() {
+    SITES.forget_code();
+}
+
 /// Records the block a hook just allocated as a sample: `size` bytes at
 /// `address`, in `owner`'s `domain`, with the calling thread's stack.
 #[cold]
@@ -46,35 +60,71 @@ pub fn start(rate: u64, seed: Option<u64>) {
 pub fn sample(address: usize, owner: BucketId, domain: Domain, size: usize) {
     // SAFETY: called from a hook, where a current thread state is attached
     // (CPython calls the allocator with it), so its frames hold still.
-    let frames = frames_text(&unsafe { stack::capture() });
-    SITES.record(address, owner, domain, size, frames);
+    let captured = unsafe { stack::capture() };
+    let mut locations = [CodeLocation { code: 0, stamp: 0, offset: 0 }; stack::MAX_FRAMES];
+    let mut n = 0;
+    for frame in captured.frames() {
+        locations[n] = CodeLocation { code: frame.code as usize, stamp: frame.stamp, offset: frame.offset };
+        n += 1;
+    }
+    SITES.record_located(address, owner, domain, size, &locations[..n], &mut CodeNames);
+}
+
+/// Reads a code object's names and lines for the engine's code cache. The
+/// engine calls it, under its lock, only with the locations [`sample`] just
+/// captured, whose code objects are live (their frames are on the stack).
+struct CodeNames;
+
+impl CodeReader for CodeNames {
+    fn names(&mut self, code: usize) -> (Arc<str>, Arc<str>) {
+        // SAFETY: a live code object (see the type's docs).
+        unsafe { code_names(code as *mut pyo3_ffi::PyObject) }
+    }
+
+    fn line(&mut self, code: usize, offset: i32) -> i32 {
+        // SAFETY: a live code object (see the type's docs).
+        unsafe { stack::code_line(code as *mut pyo3_ffi::PyObject, offset) }
+    }
+}
+
+/// A code object's file name and qualified name, as text (UTF-8, cut at
+/// 512 bytes each).
+///
+/// # Safety
+///
+/// `code` is a live code object.
+unsafe fn code_names(code: *mut pyo3_ffi::PyObject) -> (Arc<str>, Arc<str>) {
+    let mut file = [0u8; NAME_CAP];
+    let mut name = [0u8; NAME_CAP];
+    let (mut file_len, mut name_len) = (0, 0);
+    // SAFETY: `code` is live (the contract); the buffers hold NAME_CAP bytes each.
+    unsafe {
+        interheap_code_names(
+            code,
+            file.as_mut_ptr(),
+            &mut file_len,
+            name.as_mut_ptr(),
+            &mut name_len,
+            NAME_CAP as std::ffi::c_int,
+        )
+    };
+    let text = |buf: &[u8], len: std::ffi::c_int| -> Arc<str> {
+        String::from_utf8_lossy(&buf[..(len.max(0) as usize).min(NAME_CAP)]).into()
+    };
+    (text(&file, file_len), text(&name, name_len))
 }
 
 /// A captured stack as text: each frame's file, function and line, copied
-/// out of its code object (UTF-8, cut at 512 bytes per name).
+/// out of its code object (for callers that keep the text, such as the
+/// checker's findings; sampling goes through the code cache instead).
 pub(crate) fn frames_text(captured: &stack::Stack) -> Vec<FrameText> {
-    let mut frames = Vec::with_capacity(captured.len());
-    let mut file = [0u8; NAME_CAP];
-    let mut name = [0u8; NAME_CAP];
-    for frame in captured.frames() {
-        let (mut file_len, mut name_len) = (0, 0);
-        // SAFETY: the code object is borrowed from a frame that holds still
-        // while the stack is read (capture's contract); the buffers hold
-        // NAME_CAP bytes each.
-        unsafe {
-            interheap_code_names(
-                frame.code,
-                file.as_mut_ptr(),
-                &mut file_len,
-                name.as_mut_ptr(),
-                &mut name_len,
-                NAME_CAP as std::ffi::c_int,
-            )
-        };
-        let text = |buf: &[u8], len: std::ffi::c_int| -> Box<str> {
-            String::from_utf8_lossy(&buf[..(len.max(0) as usize).min(NAME_CAP)]).into()
-        };
-        frames.push(FrameText { file: text(&file, file_len), name: text(&name, name_len), line: frame.line });
-    }
-    frames
+    captured
+        .frames()
+        .map(|frame| {
+            // SAFETY: the code object is borrowed from a frame that holds
+            // still while the stack is read (capture's contract).
+            let ((file, name), line) = unsafe { (code_names(frame.code), frame.line()) };
+            FrameText { file, name, line }
+        })
+        .collect()
 }

@@ -12,8 +12,13 @@
 //!   `tstate->current_frame` (3.13+);
 //! * each frame's code: `frame->f_code` (3.12), `_PyFrame_GetCode` (3.13+,
 //!   `f_executable`, a stack reference on 3.14);
-//! * its line: `PyUnstable_InterpreterFrame_GetLine` (public unstable API,
-//!   3.12+), which reads the code's line table and allocates nothing;
+//! * its instruction's byte offset: `_PyInterpreterFrame_LASTI` (what
+//!   `PyUnstable_InterpreterFrame_GetLine` reads), and the line, when asked
+//!   for, from `PyCode_Addr2Line` (public API), which reads the code's line
+//!   table and allocates nothing ([`Frame::line`]);
+//! * a stamp of the code object (its file name, qualified name and line
+//!   table objects' addresses and its first line), which the sites' code
+//!   cache compares to tell a code object from a later one at its address;
 //! * frames owned by the C stack (entry shims) and frames not started yet
 //!   are skipped (`_PyFrame_IsIncomplete`), as tracemalloc does.
 //!
@@ -29,9 +34,11 @@ extern "C" {
     fn interheap_stack_capture(
         tstate: *mut ffi::PyThreadState,
         codes: *mut *mut ffi::PyObject,
-        lines: *mut c_int,
+        offsets: *mut c_int,
+        stamps: *mut u64,
         max: c_int,
     ) -> c_int;
+    fn interheap_code_line(code: *mut ffi::PyObject, offset: c_int) -> c_int;
 }
 
 /// One frame of a captured stack.
@@ -39,8 +46,34 @@ extern "C" {
 pub struct Frame {
     /// The frame's code object (borrowed; see the module docs).
     pub code: *mut ffi::PyObject,
+    /// The byte offset of the instruction being run.
+    pub offset: i32,
+    /// A stamp of the code object (nonzero; see the module docs).
+    pub stamp: u64,
+}
+
+impl Frame {
     /// The line being run, or -1 if CPython cannot tell.
-    pub line: i32,
+    ///
+    /// # Safety
+    ///
+    /// The frame's code object is still live: its frame is still on the
+    /// stack (the capture's contract), or the caller holds a reference.
+    pub unsafe fn line(&self) -> i32 {
+        // SAFETY: the code object is live (the contract); the call reads its
+        // line table and allocates nothing.
+        unsafe { code_line(self.code, self.offset) }
+    }
+}
+
+/// The line of the instruction at byte `offset` in `code`, or -1.
+///
+/// # Safety
+///
+/// `code` is a live code object.
+pub unsafe fn code_line(code: *mut ffi::PyObject, offset: i32) -> i32 {
+    // SAFETY: the caller's contract.
+    unsafe { interheap_code_line(code, offset) }
 }
 
 /// The most frames a capture keeps (the innermost ones).
@@ -49,14 +82,16 @@ pub const MAX_FRAMES: usize = 64;
 /// A captured stack, innermost frame first; no heap allocation.
 pub struct Stack {
     codes: [*mut ffi::PyObject; MAX_FRAMES],
-    lines: [c_int; MAX_FRAMES],
+    offsets: [c_int; MAX_FRAMES],
+    stamps: [u64; MAX_FRAMES],
     len: usize,
 }
 
 impl Stack {
     /// The frames, innermost first.
     pub fn frames(&self) -> impl Iterator<Item = Frame> + '_ {
-        self.codes[..self.len].iter().zip(&self.lines[..self.len]).map(|(&code, &line)| Frame { code, line })
+        let n = self.len;
+        (0..n).map(|i| Frame { code: self.codes[i], offset: self.offsets[i], stamp: self.stamps[i] })
     }
 
     /// How many frames were captured.
@@ -93,7 +128,12 @@ pub unsafe fn capture() -> Stack {
 /// the call: the calling thread's own, attached or detached (a thread that
 /// released the GIL is running C code, so its Python frames hold still).
 pub unsafe fn capture_from(tstate: *mut ffi::PyThreadState) -> Stack {
-    let mut stack = Stack { codes: [std::ptr::null_mut(); MAX_FRAMES], lines: [0; MAX_FRAMES], len: 0 };
+    let mut stack = Stack {
+        codes: [std::ptr::null_mut(); MAX_FRAMES],
+        offsets: [0; MAX_FRAMES],
+        stamps: [0; MAX_FRAMES],
+        len: 0,
+    };
     if tstate.is_null() {
         return stack;
     }
@@ -103,7 +143,8 @@ pub unsafe fn capture_from(tstate: *mut ffi::PyThreadState) -> Stack {
         interheap_stack_capture(
             tstate,
             stack.codes.as_mut_ptr(),
-            stack.lines.as_mut_ptr(),
+            stack.offsets.as_mut_ptr(),
+            stack.stamps.as_mut_ptr(),
             MAX_FRAMES as c_int,
         )
     };

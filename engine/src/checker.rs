@@ -136,7 +136,7 @@ pub struct FindingGroup {
     pub pairs: Vec<(Option<BucketId>, BucketId)>,
 }
 
-type GroupKey = (FindingKind, Domain, Option<Domain>, Box<str>, i32);
+type GroupKey = (FindingKind, Domain, Option<Domain>, std::sync::Arc<str>, i32);
 
 struct Window {
     start: Instant,

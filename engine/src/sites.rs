@@ -11,18 +11,34 @@
 //! of the bytes allocated, and of the bytes still live, per site.
 //!
 //! A sample is kept, with the stack that allocated it, until its block is
-//! freed. The stacks come from the caller (the CPython glue reads them from
-//! the interpreter's frames, `interheap_cpython::stack`) as plain text, so
-//! nothing here refers to a Python object. A site is (interpreter bucket,
-//! domain, stack).
+//! freed. The caller (the CPython glue, `interheap_cpython::sites`) gives a
+//! stack as [`CodeLocation`]s: a code object's address, a stamp of what it
+//! is, and an instruction offset. What a location means (file, function,
+//! line) is read once, through a [`CodeReader`], and kept in a code cache,
+//! so a sample of a known stack costs hash lookups, not text. Nothing here
+//! refers to a Python object. A site is (interpreter bucket, domain, stack).
+//!
+//! # The code cache, and why it never answers for a dead code object
+//!
+//! A code object's address is only its own while it is live. The cache is
+//! keyed by address and checked three ways: (1) the glue reports every free
+//! it sees ([`Sites::freed`]): a cached code address is in the free filter
+//! like a live sample, so its free drops its entry before the address can
+//! be handed out again; (2) each entry keeps the stamp it was read with
+//! (the code's file, name and line-table object addresses and first line),
+//! and an entry whose stamp differs is read again, which covers memory that
+//! goes away without a free (an isolated interpreter's arenas, dropped
+//! whole when it ends); (3) [`Sites::forget_code`] drops every entry, for
+//! the glue to call when it stops seeing frees (hooks removed) or an
+//! interpreter ends.
 //!
 //! # Cost
 //!
 //! Off (rate 0, nothing sampled), one load per allocation and per free. On,
 //! the glue's allocation path subtracts the size from a thread-local
-//! countdown; a free loads one byte of a filter (a count of live samples per
-//! address hash) and takes the lock only when that byte is nonzero. Sampling
-//! itself (one per `rate` bytes) takes the lock.
+//! countdown; a free loads one byte of a filter (a count of live samples and
+//! cached code objects per address hash) and takes the lock only when that
+//! byte is nonzero. Sampling itself (one per `rate` bytes) takes the lock.
 //!
 //! # Concurrency
 //!
@@ -30,11 +46,13 @@
 //! rare paths only (a sample, the free of a block whose filter byte is set, a
 //! snapshot). A filter byte is only changed under the lock; a free reads it
 //! without: a block is sampled (its byte set) before the allocation returns
-//! it, so any later free of it sees the byte.
+//! it, and a code object is cached while a frame of the sampling thread
+//! holds it, so any later free of either sees the byte.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
+
+use rustc_hash::FxHashMap;
 
 use crate::domain::Domain;
 use crate::ledger::BucketId;
@@ -50,15 +68,36 @@ const FILTER_SLOTS: usize = 1 << FILTER_BITS;
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct FrameText {
     /// The code's file name.
-    pub file: Box<str>,
+    pub file: Arc<str>,
     /// The code's qualified name.
-    pub name: Box<str>,
+    pub name: Arc<str>,
     /// The line being run (-1: unknown).
     pub line: i32,
 }
 
 /// A sampled stack, innermost frame first (empty: no Python frame).
 pub type StackText = Arc<[FrameText]>;
+
+/// Where a frame of a stack is, as the glue reads it without looking at text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CodeLocation {
+    /// The code object's address: the code cache's key.
+    pub code: usize,
+    /// A stamp of what the code object is (nonzero), compared on each use of
+    /// a cached entry: see the module docs.
+    pub stamp: u64,
+    /// The instruction's byte offset in the code.
+    pub offset: i32,
+}
+
+/// Reads what the code cache does not know yet. Called with the sites' lock
+/// held, so it must not allocate through an allocator that samples.
+pub trait CodeReader {
+    /// The code object's file name and qualified name.
+    fn names(&mut self, code: usize) -> (Arc<str>, Arc<str>);
+    /// The line of the instruction at `offset` in the code object (-1: unknown).
+    fn line(&mut self, code: usize, offset: i32) -> i32;
+}
 
 /// What one site's samples add up to.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -93,12 +132,54 @@ struct LiveSample {
     weight: u64,
 }
 
+/// What the code cache knows of one live code object.
+struct CodeEntry {
+    stamp: u64,
+    file: Arc<str>,
+    name: Arc<str>,
+    /// (instruction offset, frame id): the offsets sampled so far (a few per
+    /// code object: a linear scan beats a map).
+    frames: Vec<(i32, u32)>,
+}
+
 #[derive(Default)]
 struct Inner {
+    /// Distinct frames, by id, and their ids.
+    frames: Vec<FrameText>,
+    frame_ids: FxHashMap<FrameText, u32>,
+    /// Distinct stacks (as text, and as frame ids), by id.
     stacks: Vec<StackText>,
-    stack_ids: HashMap<StackText, u32>,
-    live: HashMap<usize, LiveSample>,
-    totals: HashMap<SiteKey, SiteTotals>,
+    stack_ids: FxHashMap<Box<[u32]>, u32>,
+    /// The code cache: live code objects by address.
+    codes: FxHashMap<usize, CodeEntry>,
+    /// Scratch for the stack being recorded (its frame ids).
+    scratch: Vec<u32>,
+    live: FxHashMap<usize, LiveSample>,
+    totals: FxHashMap<SiteKey, SiteTotals>,
+}
+
+impl Inner {
+    fn frame_id(&mut self, frame: FrameText) -> u32 {
+        if let Some(&id) = self.frame_ids.get(&frame) {
+            return id;
+        }
+        let id = self.frames.len() as u32;
+        self.frames.push(frame.clone());
+        self.frame_ids.insert(frame, id);
+        id
+    }
+
+    /// The id of the stack in `scratch`, interned.
+    fn scratch_stack_id(&mut self) -> u32 {
+        if let Some(&id) = self.stack_ids.get(self.scratch.as_slice()) {
+            return id;
+        }
+        let id = self.stacks.len() as u32;
+        let text: StackText = self.scratch.iter().map(|&f| self.frames[f as usize].clone()).collect();
+        self.stacks.push(text);
+        self.stack_ids.insert(self.scratch.as_slice().into(), id);
+        id
+    }
 }
 
 /// The sampled sites of a process. See the module docs.
@@ -154,6 +235,21 @@ impl Sites {
         }
     }
 
+    /// Empties the code cache (samples and sites stay): for when frees may
+    /// go unseen from now on, or memory went away without them.
+    pub fn forget_code(&self) {
+        let mut guard = self.inner.lock();
+        let Some(inner) = guard.as_mut() else { return };
+        for (code, _) in inner.codes.drain() {
+            self.unmark(code);
+        }
+    }
+
+    /// How many code objects the code cache holds (for tests and figures).
+    pub fn cached_code_objects(&self) -> usize {
+        self.inner.lock().as_ref().map_or(0, |inner| inner.codes.len())
+    }
+
     /// The next gap in bytes, drawn from `rng` (a thread's xorshift state,
     /// never 0): exponential with mean [`rate`](Self::rate), at least 1.
     pub fn next_gap(&self, rng: &mut u64) -> i64 {
@@ -177,8 +273,50 @@ impl Sites {
         (size / p).round() as u64
     }
 
+    /// One more live sample or cached code object hashes to `address`'s slot.
+    fn mark(&self, address: usize) {
+        let slot = &self.filter[filter_slot(address)];
+        slot.store(slot.load(Relaxed).saturating_add(1), Relaxed);
+    }
+
+    /// One fewer. Saturated slots (255 sharing one byte) stay set: only a
+    /// lock is wasted on frees there.
+    fn unmark(&self, address: usize) {
+        let slot = &self.filter[filter_slot(address)];
+        let count = slot.load(Relaxed);
+        if count != u8::MAX && count != 0 {
+            slot.store(count - 1, Relaxed);
+        }
+    }
+
     /// Records the sampled block at `address` (`size` bytes, allocated in
-    /// `bucket`'s `domain` by `stack`).
+    /// `bucket`'s `domain` by the stack at `locations`, innermost first),
+    /// reading through `reader` what the code cache does not know.
+    #[cold]
+    #[inline(never)]
+    pub fn record_located(
+        &self,
+        address: usize,
+        bucket: BucketId,
+        domain: Domain,
+        size: usize,
+        locations: &[CodeLocation],
+        reader: &mut impl CodeReader,
+    ) {
+        let mut guard = self.inner.lock();
+        let inner = guard.get_or_insert_with(Inner::default);
+        let mut scratch = std::mem::take(&mut inner.scratch);
+        scratch.clear();
+        for location in locations {
+            scratch.push(self.located_frame_id(inner, location, reader));
+        }
+        inner.scratch = scratch;
+        let stack = inner.scratch_stack_id();
+        self.add_sample(inner, address, (bucket, domain, stack), size);
+    }
+
+    /// Records the sampled block at `address` with its stack as text
+    /// (`record_located` is the cheap way, for callers that can).
     #[cold]
     #[inline(never)]
     pub fn record(
@@ -189,23 +327,58 @@ impl Sites {
         size: usize,
         stack: Vec<FrameText>,
     ) {
-        let weight = self.weight(size);
         let mut guard = self.inner.lock();
+        let inner = guard.get_or_insert_with(Inner::default);
+        let ids: Vec<u32> = stack.into_iter().map(|frame| inner.frame_id(frame)).collect();
+        inner.scratch = ids;
+        let stack = inner.scratch_stack_id();
+        self.add_sample(inner, address, (bucket, domain, stack), size);
+    }
+
+    /// The frame id of `location`, from the code cache, or read and cached.
+    fn located_frame_id(
+        &self,
+        inner: &mut Inner,
+        location: &CodeLocation,
+        reader: &mut impl CodeReader,
+    ) -> u32 {
+        if let Some(entry) = inner.codes.get(&location.code) {
+            if entry.stamp == location.stamp {
+                if let Some(&(_, id)) = entry.frames.iter().find(|(offset, _)| *offset == location.offset) {
+                    return id;
+                }
+            }
+        }
+        let (file, name) = match inner.codes.get(&location.code) {
+            Some(entry) if entry.stamp == location.stamp => (entry.file.clone(), entry.name.clone()),
+            _ => {
+                let (file, name) = reader.names(location.code);
+                let entry = CodeEntry {
+                    stamp: location.stamp,
+                    file: file.clone(),
+                    name: name.clone(),
+                    frames: Vec::new(),
+                };
+                // A stale entry (another code object, same address) is replaced.
+                if inner.codes.insert(location.code, entry).is_none() {
+                    self.mark(location.code);
+                }
+                (file, name)
+            }
+        };
+        let line = reader.line(location.code, location.offset);
+        let id = inner.frame_id(FrameText { file, name, line });
+        if let Some(entry) = inner.codes.get_mut(&location.code) {
+            entry.frames.push((location.offset, id));
+        }
+        id
+    }
+
+    fn add_sample(&self, inner: &mut Inner, address: usize, site: SiteKey, size: usize) {
+        let weight = self.weight(size);
         if !self.active.load(Relaxed) {
             self.active.store(true, Relaxed);
         }
-        let inner = guard.get_or_insert_with(Inner::default);
-        let stack: StackText = stack.into();
-        let id = match inner.stack_ids.get(&stack) {
-            Some(&id) => id,
-            None => {
-                let id = inner.stacks.len() as u32;
-                inner.stacks.push(stack.clone());
-                inner.stack_ids.insert(stack, id);
-                id
-            }
-        };
-        let site = (bucket, domain, id);
         let totals = inner.totals.entry(site).or_default();
         totals.samples += 1;
         totals.live_samples += 1;
@@ -215,8 +388,7 @@ impl Sites {
             // A block we never saw freed (freed behind our back): it is gone.
             Self::forget(inner, old);
         } else {
-            let slot = &self.filter[filter_slot(address)];
-            slot.store(slot.load(Relaxed).saturating_add(1), Relaxed);
+            self.mark(address);
         }
     }
 
@@ -227,13 +399,15 @@ impl Sites {
         }
     }
 
-    /// Whether the block at `address` may be a live sample (false: surely not).
+    /// Whether the block at `address` may be a live sample or a cached code
+    /// object (false: surely neither).
     #[inline(always)]
     pub fn may_hold(&self, address: usize) -> bool {
         self.active.load(Relaxed) && self.filter[filter_slot(address)].load(Relaxed) != 0
     }
 
-    /// The block at `address` is freed: if it was sampled, it is live no more.
+    /// The block at `address` is freed: if it was sampled, it is live no
+    /// more; if it was a cached code object, its entry goes.
     #[cold]
     #[inline(never)]
     pub fn freed(&self, address: usize) {
@@ -241,13 +415,10 @@ impl Sites {
         let Some(inner) = guard.as_mut() else { return };
         if let Some(sample) = inner.live.remove(&address) {
             Self::forget(inner, sample);
-            let slot = &self.filter[filter_slot(address)];
-            // Saturated slots (255 samples sharing one byte) stay set: only
-            // a lock is wasted on frees there.
-            let count = slot.load(Relaxed);
-            if count != u8::MAX {
-                slot.store(count - 1, Relaxed);
-            }
+            self.unmark(address);
+        }
+        if inner.codes.remove(&address).is_some() {
+            self.unmark(address);
         }
     }
 
@@ -318,6 +489,81 @@ mod tests {
         assert_eq!((g.domain, g.totals.live_bytes), (Domain::Object, 5034));
         sites.reset();
         assert!(sites.snapshot().is_empty() && !sites.may_hold(0x3000));
+    }
+
+    /// A reader over made-up code objects: code `c` is in file `c.py`, named
+    /// `f<c>`, its line is its offset / 2, and every read is counted.
+    #[derive(Default)]
+    struct CountingReader {
+        names_read: usize,
+        lines_read: usize,
+    }
+
+    impl CodeReader for CountingReader {
+        fn names(&mut self, code: usize) -> (Arc<str>, Arc<str>) {
+            self.names_read += 1;
+            (format!("{code:x}.py").into(), format!("f{code:x}").into())
+        }
+        fn line(&mut self, _code: usize, offset: i32) -> i32 {
+            self.lines_read += 1;
+            offset / 2
+        }
+    }
+
+    fn at(code: usize, offset: i32) -> CodeLocation {
+        CodeLocation { code, stamp: 7, offset }
+    }
+
+    #[test]
+    fn the_code_cache_reads_each_location_once_and_forgets_a_freed_code_object() {
+        let sites = Sites::new();
+        sites.set_rate(1000);
+        let b = BucketId::for_interpreter(Some(2));
+        let mut reader = CountingReader::default();
+        let stack = [at(0xa0, 10), at(0xb0, 4)];
+        sites.record_located(0x1000, b, Domain::Object, 10_000, &stack, &mut reader);
+        sites.record_located(0x2000, b, Domain::Object, 10_000, &stack, &mut reader);
+        assert_eq!((reader.names_read, reader.lines_read), (2, 2), "the second sample reads nothing");
+        // Another line of a known code object: its line only.
+        sites.record_located(0x3000, b, Domain::Object, 10_000, &[at(0xa0, 12), at(0xb0, 4)], &mut reader);
+        assert_eq!((reader.names_read, reader.lines_read), (2, 3));
+        let snap = sites.snapshot();
+        assert_eq!(snap.len(), 2, "two distinct stacks");
+        let first = snap.iter().find(|s| s.stack[0].line == 5).unwrap();
+        assert_eq!(first.totals.samples, 2);
+        assert_eq!((&*first.stack[0].file, &*first.stack[0].name), ("a0.py", "fa0"));
+        assert_eq!(first.stack[1].line, 2);
+        assert_eq!(sites.cached_code_objects(), 2);
+
+        // The code object at 0xa0 is freed: its entry goes (the filter knew it),
+        // and a new code object at that address is read afresh.
+        assert!(sites.may_hold(0xa0));
+        sites.freed(0xa0);
+        assert_eq!(sites.cached_code_objects(), 1);
+        sites.record_located(0x4000, b, Domain::Object, 10_000, &stack, &mut reader);
+        assert_eq!((reader.names_read, reader.lines_read), (3, 4));
+        // The samples' stacks stay as they were read.
+        assert_eq!(sites.snapshot().iter().map(|s| s.totals.samples).sum::<u64>(), 4);
+    }
+
+    #[test]
+    fn a_stale_stamp_or_forget_code_makes_the_cache_read_again() {
+        let sites = Sites::new();
+        sites.set_rate(1000);
+        let b = BucketId::for_interpreter(Some(0));
+        let mut reader = CountingReader::default();
+        sites.record_located(0x1000, b, Domain::Mem, 100, &[at(0xa0, 2)], &mut reader);
+        // Same address, another code object (memory that went away unseen).
+        let other = CodeLocation { code: 0xa0, stamp: 8, offset: 2 };
+        sites.record_located(0x2000, b, Domain::Mem, 100, &[other], &mut reader);
+        assert_eq!((reader.names_read, reader.lines_read), (2, 2));
+        sites.record_located(0x3000, b, Domain::Mem, 100, &[other], &mut reader);
+        assert_eq!((reader.names_read, reader.lines_read), (2, 2));
+        sites.forget_code();
+        assert_eq!(sites.cached_code_objects(), 0);
+        assert!(!sites.may_hold(0xa0), "its filter count went with it");
+        sites.record_located(0x4000, b, Domain::Mem, 100, &[other], &mut reader);
+        assert_eq!((reader.names_read, reader.lines_read), (3, 3));
     }
 
     #[test]

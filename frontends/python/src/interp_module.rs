@@ -228,7 +228,7 @@ unsafe extern "C" fn stack(_module: *mut PyObject, _unused: *mut PyObject) -> *m
         for frame in captured.frames() {
             let filename = PyObject_GetAttrString(frame.code, c"co_filename".as_ptr());
             let name = PyObject_GetAttrString(frame.code, c"co_qualname".as_ptr());
-            let line = PyLong_FromLong(frame.line.into());
+            let line = PyLong_FromLong(frame.line().into());
             let item = if filename.is_null() || name.is_null() || line.is_null() {
                 ptr::null_mut()
             } else {
