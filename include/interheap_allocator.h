@@ -35,6 +35,20 @@ unsigned interheap_allocator_installed(void);
 char *interheap_allocator_report_json(void);
 void interheap_allocator_free_string(char *s);
 
+/* Whether the allocator runs its checking layer (INTERHEAP_CHECK=1 in
+ * interheap-python): buffer overruns and uses after free in mem and object. */
+unsigned interheap_allocator_checks_on(void);
+
+/* Sends the checking layer's findings to sink (NULL: the library's own
+ * checker). kind indexes the checker's kinds (7: use after free, 8: buffer
+ * overrun), domain is 0 raw, 1 mem, 2 object; note is valid during the
+ * call; file and name are NULL (the calling thread's stack applies), or the
+ * Python frame where the block was freed. The sink runs inside an allocator call: it must not call Python's
+ * allocator. */
+typedef void (*interheap_finding_sink)(unsigned kind, unsigned domain, size_t size, const char *note,
+                                       const char *file, const char *name, int line);
+void interheap_allocator_check_sink(interheap_finding_sink sink);
+
 /* Memory limits (mem, object, and raw calls made with a thread state; not
  * on free-threaded builds).
  * An interpreter's live bytes may not grow past its limit: the allocation

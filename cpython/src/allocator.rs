@@ -167,6 +167,13 @@ static PREVIOUS: OnceLock<Previous> = OnceLock::new();
 /// for example from `PYTHONMALLOC`) and before `Py_Initialize*()`. To keep
 /// CPython's debug hooks, call `PyMem_SetupDebugHooks()` afterwards.
 pub fn install_before_init(domains: Domains) -> Result<(), InstallError> {
+    install_before_init_checked(domains, false)
+}
+
+/// [`install_before_init`], with the checking layer (`crate::allocator_check`:
+/// buffer overruns and uses after free) over the mem and object domains
+/// when `checking`.
+pub fn install_before_init_checked(domains: Domains, checking: bool) -> Result<(), InstallError> {
     if domains.0 == 0 || domains.0 & !Domains::ALL.0 != 0 {
         return Err(InstallError::NoDomains);
     }
@@ -190,7 +197,13 @@ pub fn install_before_init(domains: Domains) -> Result<(), InstallError> {
     }
     for domain in Domain::ALL {
         if domains.contains(domain) {
-            set_allocator(domain, our_allocator(domain, domains));
+            let ours = our_allocator(domain, domains);
+            let ours = if checking && domain != Domain::Raw {
+                crate::allocator_check::wrap(domain, ours)
+            } else {
+                ours
+            };
+            set_allocator(domain, ours);
         }
     }
     INSTALLED.store(domains.0, Ordering::Release);
@@ -204,6 +217,7 @@ pub fn install_before_init(domains: Domains) -> Result<(), InstallError> {
 /// interpreter registry, then heaps (`end_interpreters_in` ends heaps while
 /// holding the registry; nothing takes the registry while holding a heap).
 extern "C" fn fork_prepare() {
+    crate::allocator_check::lock_for_fork();
     THREAD_POOL.lock_for_fork();
     std::mem::forget(EXITING.lock());
     std::mem::forget(INTERPRETERS.lock());
@@ -234,6 +248,7 @@ extern "C" fn fork_finish() {
         INTERPRETERS.force_unlock();
         EXITING.force_unlock();
         THREAD_POOL.unlock_after_fork();
+        crate::allocator_check::unlock_after_fork();
     }
 }
 

@@ -112,6 +112,23 @@ pub extern "C" fn interheap_allocator_report_json() -> *mut c_char {
     CString::new(report_json()).map_or(ptr::null_mut(), CString::into_raw)
 }
 
+/// Whether the allocator runs its checking layer (`INTERHEAP_CHECK=1`:
+/// buffer overruns and uses after free in the mem and object domains).
+#[no_mangle]
+pub extern "C" fn interheap_allocator_checks_on() -> c_uint {
+    crate::allocator_check::is_on() as c_uint
+}
+
+/// Sends the checking layer's findings to `sink` (NULL: back to this
+/// library's own checker): `kind` is an index into the engine's
+/// `FindingKind::ALL`, `domain` into `Domain::ALL`, `note` a NUL-terminated
+/// UTF-8 string valid during the call. The sink runs inside an allocator
+/// call, on the thread that made it.
+#[no_mangle]
+pub extern "C" fn interheap_allocator_check_sink(sink: Option<crate::allocator_check::FindingSink>) {
+    crate::allocator_check::set_sink(sink);
+}
+
 /// Frees a string returned by this API.
 ///
 /// # Safety

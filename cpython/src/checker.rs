@@ -35,6 +35,16 @@
 //!   never saw is a block allocated before they were installed: forwarded,
 //!   and not a finding (the hooks cannot tell it from a foreign heap
 //!   pointer; `interheap-python` can).
+//! * **leak at interpreter end**: when an interpreter with its own obmalloc
+//!   state ends (`interp_end` sees its state freed, CPython's last step),
+//!   the mem and object blocks its figures still hold: they outlive the
+//!   state that made them. One finding per sampled allocation site of those
+//!   blocks when sites are sampled (`check --sites RATE`; `--sites 1`
+//!   samples every allocation), else one per domain with the exact blocks
+//!   and bytes. Not a finding: raw blocks (the raw domain is process-wide;
+//!   keeping one is allowed) and blocks of an interpreter that shares
+//!   main's state (a legacy interpreter's interned strings and caches are
+//!   main's to keep).
 
 use std::cell::Cell;
 use std::ffi::c_void;
@@ -42,6 +52,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 
 use interheap_engine::checker::{AddressMap, Finding, FindingKind, Findings};
+use interheap_engine::sites::FrameText;
 use interheap_engine::{BlockRecord, BucketId, BucketKind, Domain, Nursery};
 use pyo3_ffi as ffi;
 
@@ -59,6 +70,11 @@ pub static FREED: AddressMap = AddressMap::new();
 pub static RAW_SERVED: AddressMap = AddressMap::new();
 /// Whether the installed hooks are the checking ones.
 pub static CHECKING: AtomicBool = AtomicBool::new(false);
+/// Whether leaks at interpreter end are findings (`check --leaks`): off by
+/// default, because CPython itself leaves blocks behind in isolated
+/// interpreters (3.14: thousands of object blocks in each interpreter that
+/// used `concurrent.interpreters` queues), which would bury an extension's own.
+pub static LEAKS: AtomicBool = AtomicBool::new(false);
 
 /// A raw free of an address the hooks never saw (so of unknown size) drops
 /// every thread state registered this far above it: the largest block that
@@ -175,6 +191,7 @@ fn report(
     caller: BucketId,
     size: usize,
     note: String,
+    allocated_at: Vec<FrameText>,
 ) {
     if !FINDINGS.admit_details() {
         FINDINGS.count_only(kind);
@@ -183,7 +200,17 @@ fn report(
     // SAFETY: called from a checked hook: a current thread state, if any, is
     // attached (CPython called the allocator with it).
     let stack = crate::sites::frames_text(&unsafe { crate::stack::capture() });
-    FINDINGS.report(Finding { kind, domain, allocated_in, owner, caller, size, stack, note: note.into() });
+    FINDINGS.report(Finding {
+        kind,
+        domain,
+        allocated_in,
+        owner,
+        caller,
+        size,
+        stack,
+        note: note.into(),
+        allocated_at,
+    });
 }
 
 /// Every checked call first: notes the thread state, or reports a mem or
@@ -239,6 +266,7 @@ fn no_thread_state(domain: Domain, size: usize) {
         size,
         stack,
         note: note.into(),
+        allocated_at: Vec::new(),
     });
 }
 
@@ -405,6 +433,14 @@ pub(crate) fn free<const D: usize>(local: Option<&Nursery>, ptr: *mut c_void, fo
                 THREAD_STATES.freeing(addr, rec.size);
                 crate::interp_end::raw_freeing(addr, rec.size);
             }
+            let crosses = crosses_states(&rec, caller);
+            // Where the block was made, if sampled (all of them with --sites 1),
+            // read before its sample ends with it.
+            let allocated_at = if crosses || rec.domain != domain {
+                crate::sites::allocation_stack(addr)
+            } else {
+                Vec::new()
+            };
             crate::hooks::forget_sample(ptr);
             if raw_served {
                 TRACKER.account_free(local, rec);
@@ -417,22 +453,22 @@ pub(crate) fn free<const D: usize>(local: Option<&Nursery>, ptr: *mut c_void, fo
                 FINDINGS.quarantine(rec.size);
                 return;
             }
-            if crosses_states(&rec, caller) {
+            if crosses {
                 TRACKER.account_free(local, rec);
                 if cfg!(Py_GIL_DISABLED) {
                     let note = "forwarded: mimalloc frees across interpreters on free-threaded builds";
-                    report_cross(FindingKind::CrossInterpreterFree, domain, &rec, caller, note);
+                    report_cross(FindingKind::CrossInterpreterFree, domain, &rec, caller, note, allocated_at);
                     FREED.insert(addr, rec.domain);
                     forward_free(rec.domain);
                 } else {
                     let note = "quarantined: not freed, so the other interpreter's pools stay intact";
-                    report_cross(FindingKind::CrossInterpreterFree, domain, &rec, caller, note);
+                    report_cross(FindingKind::CrossInterpreterFree, domain, &rec, caller, note, allocated_at);
                     FINDINGS.quarantine(rec.size);
                 }
                 return;
             }
             if rec.domain != domain {
-                report_mismatch(domain, &rec, caller, "freed");
+                report_mismatch(domain, &rec, caller, "freed", allocated_at);
             }
             TRACKER.account_free(local, rec);
             // Before forwarding: once freed, another thread may get the address.
@@ -442,11 +478,11 @@ pub(crate) fn free<const D: usize>(local: Option<&Nursery>, ptr: *mut c_void, fo
         None => {
             if let Some(freed_in) = FREED.get(addr) {
                 let note = "freed before and not allocated since; not freed again".into();
-                report(FindingKind::DoubleFree, domain, Some(freed_in), None, caller, 0, note);
+                report(FindingKind::DoubleFree, domain, Some(freed_in), None, caller, 0, note, Vec::new());
                 return;
             }
             if let Some(note) = foreign(addr) {
-                report(FindingKind::ForeignPointer, domain, None, None, caller, 0, note);
+                report(FindingKind::ForeignPointer, domain, None, None, caller, 0, note, Vec::new());
                 return;
             }
             if no_thread_state {
@@ -466,14 +502,28 @@ pub(crate) fn free<const D: usize>(local: Option<&Nursery>, ptr: *mut c_void, fo
 }
 
 #[cold]
-fn report_mismatch(domain: Domain, rec: &BlockRecord, caller: BucketId, done: &str) {
+fn report_mismatch(
+    domain: Domain,
+    rec: &BlockRecord,
+    caller: BucketId,
+    done: &str,
+    allocated_at: Vec<FrameText>,
+) {
     let note = format!("{done} through {}'s allocator instead", rec.domain.name());
-    report(FindingKind::DomainMismatch, domain, Some(rec.domain), Some(rec.owner), caller, rec.size, note);
+    let (owner, size) = (Some(rec.owner), rec.size);
+    report(FindingKind::DomainMismatch, domain, Some(rec.domain), owner, caller, size, note, allocated_at);
 }
 
 #[cold]
-fn report_cross(kind: FindingKind, domain: Domain, rec: &BlockRecord, caller: BucketId, note: &str) {
-    report(kind, domain, Some(rec.domain), Some(rec.owner), caller, rec.size, note.into());
+fn report_cross(
+    kind: FindingKind,
+    domain: Domain,
+    rec: &BlockRecord,
+    caller: BucketId,
+    note: &str,
+    allocated_at: Vec<FrameText>,
+) {
+    report(kind, domain, Some(rec.domain), Some(rec.owner), caller, rec.size, note.into(), allocated_at);
 }
 
 /// What a checked realloc of a block must do instead of the plain path.
@@ -507,16 +557,19 @@ pub(crate) fn realloc<const D: usize>(
         }
         Some(rec) if crosses_states(&rec, caller) && !cfg!(Py_GIL_DISABLED) => {
             let note = "moved to a new block of the caller's; the old one is quarantined";
-            report_cross(FindingKind::CrossInterpreterRealloc, domain, &rec, caller, note);
+            let allocated_at = crate::sites::allocation_stack(ptr as usize);
+            report_cross(FindingKind::CrossInterpreterRealloc, domain, &rec, caller, note, allocated_at);
             move_out(local, ptr, size, rec, caller, domain, &malloc_in)
         }
         Some(rec) => {
             if crosses_states(&rec, caller) {
                 let note = "forwarded: mimalloc reallocates across interpreters on free-threaded builds";
-                report_cross(FindingKind::CrossInterpreterRealloc, domain, &rec, caller, note);
+                let allocated_at = crate::sites::allocation_stack(ptr as usize);
+                report_cross(FindingKind::CrossInterpreterRealloc, domain, &rec, caller, note, allocated_at);
             }
             if rec.domain != domain {
-                report_mismatch(domain, &rec, caller, "reallocated");
+                let allocated_at = crate::sites::allocation_stack(ptr as usize);
+                report_mismatch(domain, &rec, caller, "reallocated", allocated_at);
             }
             ReallocVerdict::Forward(rec.domain)
         }
@@ -524,12 +577,12 @@ pub(crate) fn realloc<const D: usize>(
             let addr = ptr as usize;
             if let Some(freed_in) = FREED.get(addr) {
                 let note = "realloc of a freed block: refused (NULL)".into();
-                report(FindingKind::DoubleFree, domain, Some(freed_in), None, caller, size, note);
+                report(FindingKind::DoubleFree, domain, Some(freed_in), None, caller, size, note, Vec::new());
                 return ReallocVerdict::Return(std::ptr::null_mut());
             }
             if let Some(note) = foreign(addr) {
                 let note = note.replace("not freed", "refused (NULL)");
-                report(FindingKind::ForeignPointer, domain, None, None, caller, size, note);
+                report(FindingKind::ForeignPointer, domain, None, None, caller, size, note, Vec::new());
                 return ReallocVerdict::Return(std::ptr::null_mut());
             }
             if no_thread_state {
@@ -587,8 +640,88 @@ pub(crate) fn reallocated<const D: usize>(ptr: *mut c_void, block: *mut c_void, 
     }
 }
 
+/// A finding of the allocator's checking layer (`crate::allocator_check`):
+/// a use after free or a buffer overrun of a `domain` block of `size` bytes,
+/// with `at` as its stack when given (where the block was freed), else the
+/// calling thread's.
+#[cold]
+pub fn report_memory_error(
+    kind: FindingKind,
+    domain: Domain,
+    size: usize,
+    note: String,
+    at: Option<FrameText>,
+) {
+    let caller = current_bucket();
+    match at {
+        Some(frame) if FINDINGS.admit_details() => FINDINGS.report(Finding {
+            kind,
+            domain,
+            allocated_in: Some(domain),
+            owner: Some(caller),
+            caller,
+            size,
+            stack: vec![frame],
+            note: note.into(),
+            allocated_at: Vec::new(),
+        }),
+        _ => report(kind, domain, Some(domain), Some(caller), caller, size, note, Vec::new()),
+    }
+}
+
+/// An interpreter ended (`crate::interp_end`): if it had its own obmalloc
+/// state, the mem and object blocks its figures still hold are leaked (see
+/// the module docs). Reported per sampled site of those blocks where there
+/// are samples, else once per domain with no stack.
+pub(crate) fn interpreter_ended(bucket: BucketId) {
+    let BucketKind::Interpreter(id) = bucket.kind() else { return };
+    if !CHECKING.load(Relaxed) || !LEAKS.load(Relaxed) || obmalloc_state(bucket) != Some(id) || id == 0 {
+        return;
+    }
+    // The census merges what threads' nurseries have not folded yet.
+    let census = TRACKER.snapshot();
+    let Some(figures) = census.buckets.iter().find(|b| b.bucket == bucket) else { return };
+    let sites = crate::sites::SITES.snapshot();
+    for domain in [Domain::Mem, Domain::Object] {
+        let held = &figures.domains[domain.index()];
+        if held.live_bytes <= 0 && held.live_blocks <= 0 {
+            continue;
+        }
+        let in_all = format!(
+            "{} block(s), {} B still held by the interpreter in its {} domain when it ended",
+            held.live_blocks,
+            held.live_bytes,
+            domain.name()
+        );
+        let leaked = |size: u64, stack: Vec<FrameText>, note: String| Finding {
+            kind: FindingKind::LeakAtInterpreterEnd,
+            domain,
+            allocated_in: Some(domain),
+            owner: Some(bucket),
+            caller: bucket,
+            size: size as usize,
+            stack,
+            note: note.into(),
+            allocated_at: Vec::new(),
+        };
+        let mut sampled = false;
+        for site in
+            sites.iter().filter(|s| s.bucket == bucket && s.domain == domain && s.totals.live_samples > 0)
+        {
+            let note = format!("about {} B allocated here (sampled sites); {in_all}", site.totals.live_bytes);
+            FINDINGS.report(leaked(site.totals.live_bytes, site.stack.to_vec(), note));
+            sampled = true;
+        }
+        if !sampled {
+            let note = format!("{in_all}; run with --sites RATE (--sites 1: every allocation) to see where");
+            FINDINGS.report(leaked(held.live_bytes.max(0) as u64, Vec::new(), note));
+        }
+    }
+}
+
 /// Forgets every finding and remembered address (a fresh install).
 pub fn reset() {
+    LEAKS.store(false, Relaxed);
     FINDINGS.reset();
     FREED.clear();
     RAW_SERVED.clear();

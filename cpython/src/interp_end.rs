@@ -109,7 +109,9 @@ fn ended_within(addr: usize, end: usize) {
     drop(states);
     let now = monotonic_ns();
     for id in ended {
-        TRACKER.ledger().mark_ended(BucketId::for_interpreter(Some(id)), now);
+        let bucket = BucketId::for_interpreter(Some(id));
+        TRACKER.ledger().mark_ended(bucket, now);
+        crate::checker::interpreter_ended(bucket);
     }
     // Its arenas may have gone without a free of each code object in them.
     crate::sites::forget_code();

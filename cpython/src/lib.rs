@@ -38,6 +38,7 @@
 
 pub mod adapters;
 pub mod allocator;
+pub mod allocator_check;
 #[cfg(feature = "c-api")]
 pub mod c_api;
 pub mod checker;

@@ -53,6 +53,12 @@ pub fn forget_code() {
     SITES.forget_code();
 }
 
+/// Where the live block at `address` was allocated, if it was sampled
+/// (empty otherwise): for the checker's findings.
+pub fn allocation_stack(address: usize) -> Vec<FrameText> {
+    SITES.live_stack(address).map(|stack| stack.to_vec()).unwrap_or_default()
+}
+
 /// Records the block a hook just allocated as a sample: `size` bytes at
 /// `address`, in `owner`'s `domain`, with the calling thread's stack.
 #[cold]
@@ -112,6 +118,19 @@ unsafe fn code_names(code: *mut pyo3_ffi::PyObject) -> (Arc<str>, Arc<str>) {
         String::from_utf8_lossy(&buf[..(len.max(0) as usize).min(NAME_CAP)]).into()
     };
     (text(&file, file_len), text(&name, name_len))
+}
+
+/// The calling thread's innermost Python frame as text (None: no attached
+/// thread state, or no frame). Reads the code object each time (about a
+/// thousand instructions): for the checker, which keeps where a block was
+/// freed.
+pub fn innermost_frame_text() -> Option<FrameText> {
+    // SAFETY: called inside an allocator call: a current thread state, if
+    // any, is attached, so its frames hold still during the call.
+    let frame = unsafe { stack::innermost() }?;
+    // SAFETY: the frame is on the stack, so its code object is live.
+    let ((file, name), line) = unsafe { (code_names(frame.code), frame.line()) };
+    Some(FrameText { file, name, line })
 }
 
 /// A captured stack as text: each frame's file, function and line, copied

@@ -151,3 +151,22 @@ pub unsafe fn capture_from(tstate: *mut ffi::PyThreadState) -> Stack {
     stack.len = n.clamp(0, MAX_FRAMES as c_int) as usize;
     stack
 }
+
+/// The calling thread's innermost Python frame, if it has an attached
+/// thread state and a frame.
+///
+/// # Safety
+///
+/// As for [`capture`].
+pub unsafe fn innermost() -> Option<Frame> {
+    // SAFETY: PyThreadState_GetUnchecked only reads a thread-local.
+    let tstate = unsafe { ffi::compat::PyThreadState_GetUnchecked() };
+    if tstate.is_null() {
+        return None;
+    }
+    let (mut code, mut offset, mut stamp) = (std::ptr::null_mut(), 0, 0);
+    // SAFETY: `tstate` is the calling thread's attached state (the contract);
+    // one slot each is room for the one frame asked for.
+    let n = unsafe { interheap_stack_capture(tstate, &mut code, &mut offset, &mut stamp, 1) };
+    (n == 1).then_some(Frame { code, offset, stamp })
+}

@@ -73,17 +73,26 @@ pub enum FindingKind {
     /// A pointer that no allocator handed out was freed (or reallocated):
     /// it points into a loaded program or library, or into a thread's stack.
     ForeignPointer,
+    /// An interpreter ended still holding blocks it allocated.
+    LeakAtInterpreterEnd,
+    /// A block was written after its free (`interheap-python`'s checking layer).
+    UseAfterFree,
+    /// A block was written past its end (`interheap-python`'s checking layer).
+    BufferOverrun,
 }
 
 impl FindingKind {
     /// Every kind, in report order.
-    pub const ALL: [FindingKind; 6] = [
+    pub const ALL: [FindingKind; 9] = [
         FindingKind::CrossInterpreterFree,
         FindingKind::CrossInterpreterRealloc,
         FindingKind::DomainMismatch,
         FindingKind::NoThreadState,
         FindingKind::DoubleFree,
         FindingKind::ForeignPointer,
+        FindingKind::LeakAtInterpreterEnd,
+        FindingKind::UseAfterFree,
+        FindingKind::BufferOverrun,
     ];
 
     /// The name reports use.
@@ -95,6 +104,9 @@ impl FindingKind {
             FindingKind::NoThreadState => "no thread state",
             FindingKind::DoubleFree => "double free",
             FindingKind::ForeignPointer => "foreign pointer",
+            FindingKind::LeakAtInterpreterEnd => "leak at interpreter end",
+            FindingKind::UseAfterFree => "use after free",
+            FindingKind::BufferOverrun => "buffer overrun",
         }
     }
 
@@ -121,6 +133,9 @@ pub struct Finding {
     pub stack: Vec<FrameText>,
     /// What the glue did about it, or more about the pointer.
     pub note: Box<str>,
+    /// Where the block was allocated, innermost frame first, when it is a
+    /// sampled block (empty: not sampled, or not a block's finding).
+    pub allocated_at: Vec<FrameText>,
 }
 
 /// A group of findings at one call site, as [`Findings::snapshot`] gives it.
@@ -147,7 +162,7 @@ struct Window {
 pub struct Findings {
     groups: Mutex<Option<HashMap<GroupKey, FindingGroup>>>,
     window: Mutex<Option<Window>>,
-    per_kind: [AtomicU64; 6],
+    per_kind: [AtomicU64; FindingKind::ALL.len()],
     /// Findings counted without details (rate limit, or too many groups).
     undetailed: AtomicU64,
     quarantined_blocks: AtomicU64,
@@ -164,7 +179,7 @@ impl Default for Findings {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FindingTotals {
     /// Findings per kind, in [`FindingKind::ALL`] order.
-    pub per_kind: [u64; 6],
+    pub per_kind: [u64; FindingKind::ALL.len()],
     /// Findings counted without details (see [`BURST`]).
     pub undetailed: u64,
     /// Blocks kept out of the allocator, and their bytes.
@@ -178,7 +193,7 @@ impl Findings {
         Findings {
             groups: Mutex::new(None),
             window: Mutex::new(None),
-            per_kind: [const { AtomicU64::new(0) }; 6],
+            per_kind: [const { AtomicU64::new(0) }; FindingKind::ALL.len()],
             undetailed: AtomicU64::new(0),
             quarantined_blocks: AtomicU64::new(0),
             quarantined_bytes: AtomicU64::new(0),
@@ -407,6 +422,7 @@ mod tests {
             size,
             stack: vec![frame("app.py", line), frame("main.py", 1)],
             note: "".into(),
+            allocated_at: Vec::new(),
         }
     }
 

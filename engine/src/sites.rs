@@ -406,6 +406,19 @@ impl Sites {
         self.active.load(Relaxed) && self.filter[filter_slot(address)].load(Relaxed) != 0
     }
 
+    /// The stack that allocated the block at `address`, if it is a live
+    /// sample (with a rate of 1 byte, every block is).
+    #[cold]
+    pub fn live_stack(&self, address: usize) -> Option<StackText> {
+        if !self.may_hold(address) {
+            return None;
+        }
+        let guard = self.inner.lock();
+        let inner = guard.as_ref()?;
+        let sample = inner.live.get(&address)?;
+        Some(inner.stacks[sample.site.2 as usize].clone())
+    }
+
     /// The block at `address` is freed: if it was sampled, it is live no
     /// more; if it was a cached code object, its entry goes.
     #[cold]

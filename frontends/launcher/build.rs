@@ -17,6 +17,8 @@ fn main() {
         "interheap_allocator_set_default_limit",
         "interheap_allocator_interp_figures",
         "interheap_allocator_lower_limit",
+        "interheap_allocator_checks_on",
+        "interheap_allocator_check_sink",
     ] {
         println!("cargo:rustc-link-arg-bins=-Wl,--export-dynamic-symbol={symbol}");
     }

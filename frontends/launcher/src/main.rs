@@ -26,6 +26,13 @@
 //!   gets `INTERHEAP_MAIN_LIMIT`. Crossing one raises MemoryError in that
 //!   interpreter only. A bad size, or a limit on a build where the allocator
 //!   cannot serve mem and object (free-threaded), exits with status 2.
+//! * `INTERHEAP_CHECK=1`: runs the program as `python -m interheap check
+//!   --memory-errors` would (every finding of `interheap check`), with the
+//!   allocator's checking layer under it (`interheap_cpython::allocator_check`:
+//!   buffer overruns and uses after free, which need every block made by
+//!   the allocator from the start). The program comes first (`SCRIPT | -m
+//!   MODULE | -c CODE`); Python's own options go in `PYTHON*` variables.
+//!   Free-threaded builds refuse it (mem and object stay CPython's mimalloc).
 
 mod report;
 mod text;
@@ -33,15 +40,26 @@ mod text;
 use std::ffi::{c_char, c_int, CString};
 use std::os::unix::ffi::OsStrExt;
 
-use interheap_cpython::allocator::{self, install_before_init, Domains};
+use interheap_cpython::allocator::{self, install_before_init_checked, Domains};
 use interheap_engine::limits::parse_size;
 use interheap_engine::Domain;
 use pyo3_ffi as ffi;
 
 fn main() {
-    let args: Vec<CString> = std::env::args_os()
+    let mut args: Vec<CString> = std::env::args_os()
         .map(|a| CString::new(a.as_bytes()).unwrap_or_else(|_| CString::new("?").unwrap()))
         .collect();
+    let checking = match requested_checking(&args) {
+        Ok(checking) => checking,
+        Err(message) => {
+            eprintln!("interheap-python: {message}");
+            std::process::exit(2);
+        }
+    };
+    if checking {
+        let check = ["-m", "interheap", "check", "--memory-errors"].map(|a| CString::new(a).unwrap());
+        args.splice(1..1, check);
+    }
     let mut argv: Vec<*mut c_char> = args.iter().map(|a| a.as_ptr() as *mut c_char).collect();
     argv.push(std::ptr::null_mut());
     let argc = args.len() as c_int;
@@ -83,8 +101,15 @@ fn main() {
             ffi::Py_ExitStatusException(status);
         }
     }
+    if checking && !(wants_ours && domains.contains(Domain::Mem) && domains.contains(Domain::Object)) {
+        eprintln!(
+            "interheap-python: INTERHEAP_CHECK=1 needs the interheap allocator to serve the mem and object \
+             domains (INTERHEAP_ALLOCATOR or PYTHONMALLOC chose otherwise)"
+        );
+        std::process::exit(2);
+    }
     if wants_ours {
-        if let Err(e) = install_before_init(domains) {
+        if let Err(e) = install_before_init_checked(domains, checking) {
             eprintln!("interheap-python: the interheap allocator was not installed: {e}");
             std::process::exit(2);
         }
@@ -120,6 +145,33 @@ fn requested_limits() -> Result<Limits, String> {
         }
     };
     Ok(Limits { each: read("INTERHEAP_LIMIT")?, main: read("INTERHEAP_MAIN_LIMIT")? })
+}
+
+/// Whether `INTERHEAP_CHECK` asks for checking, and whether it can be done
+/// with this command line and this build (see the module docs).
+fn requested_checking(args: &[CString]) -> Result<bool, String> {
+    match std::env::var("INTERHEAP_CHECK").ok().as_deref() {
+        None | Some("") | Some("0") => return Ok(false),
+        Some("1") => {}
+        Some(other) => return Err(format!("INTERHEAP_CHECK={other:?}: use 1 (check) or 0 (do not)")),
+    }
+    if !Domains::supported().contains(Domain::Mem) {
+        return Err("INTERHEAP_CHECK=1: this is a free-threaded build: the mem and object domains stay \
+             CPython's mimalloc, so the use-after-free and buffer-overrun checks (the interheap allocator \
+             must make every block) cannot run here; python -m interheap check runs the other checks"
+            .into());
+    }
+    let first = args.get(1).map(|a| a.to_bytes());
+    match first {
+        Some(b"-m") | Some(b"-c") => Ok(true),
+        Some(a) if a.starts_with(b"-m") || a.starts_with(b"-c") || !a.starts_with(b"-") => Ok(true),
+        _ => Err(
+            "INTERHEAP_CHECK=1 runs interheap-python -m interheap check --memory-errors PROGRAM: give the \
+             program first (SCRIPT | -m MODULE | -c CODE) and Python's own options in PYTHON* environment \
+             variables"
+                .into(),
+        ),
+    }
 }
 
 /// Sets the limits once the allocator is installed (before initialization).

@@ -44,10 +44,78 @@ fn bucket_interp(bucket: interheap_engine::BucketId) -> Option<i64> {
     }
 }
 
+/// Whether interheap-python's allocator runs with its checking layer
+/// (`INTERHEAP_CHECK=1`: buffer overruns and uses after free). If it does,
+/// its findings are sent to this module's checker from now on: the
+/// launcher's copy of the glue is another library than this module's.
+#[pyfunction]
+fn allocator_checks_on() -> bool {
+    type ChecksOn = extern "C" fn() -> std::ffi::c_uint;
+    type SetSink = extern "C" fn(Option<interheap_cpython::allocator_check::FindingSink>);
+    // SAFETY: dlsym with RTLD_DEFAULT only searches the global symbol scope.
+    let (on, sink) = unsafe {
+        (
+            libc::dlsym(libc::RTLD_DEFAULT, c"interheap_allocator_checks_on".as_ptr()),
+            libc::dlsym(libc::RTLD_DEFAULT, c"interheap_allocator_check_sink".as_ptr()),
+        )
+    };
+    if on.is_null() || sink.is_null() {
+        return false;
+    }
+    // SAFETY: the C API of include/interheap_allocator.h, with these signatures.
+    let (on, sink) = unsafe {
+        (
+            std::mem::transmute::<*mut std::ffi::c_void, ChecksOn>(on),
+            std::mem::transmute::<*mut std::ffi::c_void, SetSink>(sink),
+        )
+    };
+    if on() == 0 {
+        return false;
+    }
+    sink(Some(memory_error_sink));
+    true
+}
+
+/// Receives a finding of the launcher's allocator checking layer (see
+/// `allocator_checks_on`) into this module's checker.
+extern "C" fn memory_error_sink(
+    kind: std::ffi::c_uint,
+    domain: std::ffi::c_uint,
+    size: usize,
+    note: *const std::ffi::c_char,
+    file: *const std::ffi::c_char,
+    name: *const std::ffi::c_char,
+    line: std::ffi::c_int,
+) {
+    use interheap_engine::checker::FindingKind;
+    let kind = FindingKind::ALL.get(kind as usize).copied().unwrap_or(FindingKind::UseAfterFree);
+    let domain =
+        interheap_engine::Domain::ALL.get(domain as usize).copied().unwrap_or(interheap_engine::Domain::Mem);
+    // SAFETY: the caller passes NUL-terminated strings valid during the call
+    // (file and name are read only when not NULL).
+    let text =
+        |s: *const std::ffi::c_char| unsafe { std::ffi::CStr::from_ptr(s) }.to_string_lossy().into_owned();
+    let note = text(note);
+    let at = (!file.is_null() && !name.is_null()).then(|| interheap_engine::sites::FrameText {
+        file: text(file).into(),
+        name: text(name).into(),
+        line,
+    });
+    interheap_cpython::checker::report_memory_error(kind, domain, size, note, at);
+}
+
+/// Whether blocks an isolated interpreter still holds when it ends are
+/// findings (`python -m interheap check --leaks`); off after each install.
+#[pyfunction]
+fn set_check_leaks(on: bool) {
+    interheap_cpython::checker::LEAKS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The checker's findings, grouped by call site: dicts with `kind`,
 /// `domain`, `allocated_in`, `owner` and `caller` (interpreter IDs or None),
 /// `size`, `stack` ((file, function, line), innermost first), `note`,
-/// `count`, `bytes` and `pairs` ((owner, caller) interpreter pairs seen).
+/// `count`, `bytes`, `pairs` ((owner, caller) interpreter pairs seen) and
+/// `allocated_at` (the block's allocation stack when it was sampled).
 #[pyfunction]
 fn check_findings(py: Python<'_>) -> PyResult<Vec<Bound<'_, PyDict>>> {
     interheap_cpython::checker::FINDINGS
@@ -62,9 +130,11 @@ fn check_findings(py: Python<'_>) -> PyResult<Vec<Bound<'_, PyDict>>> {
             dict.set_item("owner", f.owner.and_then(bucket_interp))?;
             dict.set_item("caller", bucket_interp(f.caller))?;
             dict.set_item("size", f.size)?;
-            let stack: Vec<(&str, &str, i32)> =
-                f.stack.iter().map(|fr| (fr.file.as_ref(), fr.name.as_ref(), fr.line)).collect();
-            dict.set_item("stack", stack)?;
+            let frames = |stack: &[interheap_engine::sites::FrameText]| -> Vec<(String, String, i32)> {
+                stack.iter().map(|fr| (fr.file.to_string(), fr.name.to_string(), fr.line)).collect()
+            };
+            dict.set_item("stack", frames(&f.stack))?;
+            dict.set_item("allocated_at", frames(&f.allocated_at))?;
             dict.set_item("note", f.note.as_ref())?;
             dict.set_item("count", group.count)?;
             dict.set_item("bytes", group.bytes)?;
@@ -587,6 +657,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(install, m)?)?;
     m.add_function(wrap_pyfunction!(check_enabled, m)?)?;
     m.add_function(wrap_pyfunction!(check_findings, m)?)?;
+    m.add_function(wrap_pyfunction!(set_check_leaks, m)?)?;
+    m.add_function(wrap_pyfunction!(allocator_checks_on, m)?)?;
     m.add_function(wrap_pyfunction!(check_totals, m)?)?;
     m.add_function(wrap_pyfunction!(uninstall, m)?)?;
     m.add_function(wrap_pyfunction!(is_installed, m)?)?;

@@ -21,6 +21,13 @@ allocator call, before forwarding; see ``cpython/src/checker.rs``):
   since; not freed again.
 * ``foreign pointer``: a free of an address inside a loaded program or
   library, or inside the thread's stack; not freed.
+* ``use after free`` and ``buffer overrun`` (``INTERHEAP_CHECK=1
+  interheap-python``, which runs ``check --memory-errors``): a mem or object
+  block written after its free (it is poisoned and kept out of use for a
+  while) or past its end (a guard after it, checked on free).
+* ``leak at interpreter end``: blocks an interpreter still holds when it is
+  destroyed, per sampled allocation site (``check --sites RATE``; ``--sites
+  1`` samples every allocation), else per domain with no stack.
 
 A finding never stops the program. Findings are grouped by kind and call
 site; at most 2,000 per second get their Python stack taken, the rest are
@@ -41,6 +48,9 @@ KINDS = (
     "no thread state",
     "double free",
     "foreign pointer",
+    "leak at interpreter end",
+    "use after free",
+    "buffer overrun",
 )
 
 
@@ -64,6 +74,9 @@ class Finding:
     count: int
     bytes: int
     pairs: tuple[tuple[int | None, int | None], ...] = field(default=())
+    #: Where the block was allocated, when it was a sampled block (``check
+    #: --sites RATE``; ``--sites 1`` samples every block); else empty.
+    allocated_at: tuple[tuple[str, str, int], ...] = field(default=())
 
     @property
     def where(self) -> str:
@@ -85,11 +98,17 @@ class Finding:
         domains = f"{self.allocated_in} -> {self.domain}" if mixed else self.domain
         times = f" ({self.count} times)" if self.count > 1 else ""
         size = f" of {self.size} B" if self.size else ""
-        lines = [f"{self.kind}: {domains} block{size}, {self.interpreters}{times}", f"  {self.note}"]
+        leak = self.kind == "leak at interpreter end"
+        what = f"{domains} blocks, {self.size} B" if leak else f"{domains} block{size}"
+        lines = [f"{self.kind}: {what}, {self.interpreters}{times}", f"  {self.note}"]
         for file, name, line in self.stack[:8]:
             lines.append(f'    File "{file}", line {line}, in {name}')
         if len(self.stack) > 8:
             lines.append(f"    ... {len(self.stack) - 8} more frames")
+        if self.allocated_at:
+            lines.append("  allocated at:")
+            for file, name, line in self.allocated_at[:8]:
+                lines.append(f'    File "{file}", line {line}, in {name}')
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,6 +124,7 @@ class Finding:
             "count": self.count,
             "bytes": self.bytes,
             "pairs": [list(p) for p in self.pairs],
+            "allocated_at": [list(f) for f in self.allocated_at],
         }
 
     @classmethod
@@ -121,6 +141,7 @@ class Finding:
             count=d["count"],
             bytes=d["bytes"],
             pairs=tuple(tuple(p) for p in d.get("pairs", ())),  # type: ignore[misc]
+            allocated_at=tuple(tuple(f) for f in d.get("allocated_at", ())),  # type: ignore[misc]
         )
 
 

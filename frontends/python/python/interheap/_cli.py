@@ -65,6 +65,10 @@ class RunRequest:
     live: bool = False
     #: `check`: install the checking hooks, print findings, exit non-zero on any.
     check: bool = False
+    #: `check --leaks`: blocks an isolated interpreter holds when it ends are findings.
+    leaks: bool = False
+    #: `check --memory-errors`: buffer overruns and uses after free (interheap-python only).
+    memory_errors: bool = False
 
 
 CHECK_DESCRIPTION = """\
@@ -72,10 +76,15 @@ Run a Python program under interheap's checking hooks and report the memory
 bugs that isolated interpreters and free-threading turn into corruption:
 cross-interpreter frees and reallocs (the block is kept out of the wrong
 obmalloc state), domain mismatches, mem/object calls without a thread
-state, double frees and foreign pointers. Each is printed once per call
-site with the interpreters involved and its Python stack; the program keeps
-running. The exit status is 1 if anything was found and the program
-succeeded, else the program's own. Takes the same options as `run`."""
+state, double frees, foreign pointers, and with --leaks the mem and object
+blocks an isolated interpreter still holds when it ends (off by default:
+CPython itself leaves blocks behind in interpreters that used
+concurrent.interpreters queues). With --sites RATE, findings about sampled
+blocks also say where the block was allocated (--sites 1 samples every
+allocation). Each is printed once per call site with the interpreters
+involved and its Python stack; the program keeps running. The exit status
+is 1 if anything was found and the program succeeded, else the program's
+own. Takes the same options as `run`."""
 
 
 def _run_parser(command: str = "run") -> argparse.ArgumentParser:
@@ -120,6 +129,19 @@ def _run_parser(command: str = "run") -> argparse.ArgumentParser:
         help="show a live view in the terminal every second (interpreters, limits, top sites; "
         "turns on --sites); needs the 'rich' package",
     )
+    if command == "check":
+        parser.add_argument(
+            "--memory-errors",
+            action="store_true",
+            help="buffer overruns and uses after free: only under interheap-python, which "
+            "INTERHEAP_CHECK=1 interheap-python PROGRAM runs with this option",
+        )
+        parser.add_argument(
+            "--leaks",
+            action="store_true",
+            help="report the mem and object blocks an isolated interpreter still holds when it ends "
+            "(with --sites RATE: per allocation site)",
+        )
     parser.add_argument(
         "program", nargs="*", metavar="SCRIPT | -m MODULE | -c CODE", help="what to run, then its arguments"
     )
@@ -138,6 +160,8 @@ def parse_run_args(argv: list[str], command: str = "run") -> RunRequest:
     report = True
     sites: str | None = None
     timeline_ms: float | None = None
+    leaks = False
+    memory_errors = False
     limits: dict[str, str | None] = {
         "limit": os.environ.get("INTERHEAP_LIMIT") or None,
         "main_limit": os.environ.get("INTERHEAP_MAIN_LIMIT") or None,
@@ -155,6 +179,8 @@ def parse_run_args(argv: list[str], command: str = "run") -> RunRequest:
             timeline_ms=timeline_ms,
             html_path=html_path,
             live=live,
+            leaks=leaks,
+            memory_errors=memory_errors,
         )
 
     i = 0
@@ -191,6 +217,14 @@ def parse_run_args(argv: list[str], command: str = "run") -> RunRequest:
             live, i = True, i + 1
             # The view shows top sites: sample them unless a rate was given.
             sites = sites or "512KiB"
+        elif arg in ("--leaks", "--memory-errors"):
+            if command != "check":
+                raise UsageError(f"{arg} is an option of 'check' (python -m interheap check {arg} ...)")
+            if arg == "--leaks":
+                leaks = True
+            else:
+                memory_errors = True
+            i += 1
         elif arg == "--no-report":
             report = False
             i += 1
@@ -256,6 +290,17 @@ def _check_request(req: RunRequest) -> None:
                 parse_size(value)
             except ValueError as exc:
                 raise UsageError(f"{name}: {exc}") from None
+    if req.memory_errors:
+        from . import _native
+
+        if not _native.allocator_checks_on():
+            raise UsageError(
+                "--memory-errors (buffer overruns and uses after free) needs every block to be made by "
+                "interheap's allocator from the start, with a guard after it and a quarantine after its "
+                "free; interheap's hooks are installed after start-up, over blocks CPython already holds, "
+                "so they cannot. Run INTERHEAP_CHECK=1 interheap-python PROGRAM (it runs this check with "
+                "--memory-errors) on a default (not free-threaded) build"
+            )
     if req.json_path not in (None, "-"):
         check_output_path("--json", req.json_path)
     if req.html_path is not None:
@@ -365,6 +410,8 @@ def run(req: RunRequest) -> None:
 
     _check_request(req)
     interheap.install(check=req.check)
+    if req.leaks:
+        interheap._native.set_check_leaks(True)
     if req.main_limit is not None:
         interheap.set_limit(0, req.main_limit)
     if req.limit is not None:
