@@ -23,7 +23,14 @@ heap (a thread state is current), ``raw-only`` is ``INTERHEAP_ALLOCATOR=raw``
 (no interpreter heaps: the calling thread's part of the shared heap), and
 pymalloc's row is CPython's raw allocator, glibc's ``malloc``.
 
-    python bench/allocator_instructions.py [--pairs N] [--size 32] [--domain object|mem|raw]
+With ``--hooks`` each row is measured a second time with interheap's hooks
+installed (``interheap.install()``, what ``python -m interheap run`` does)
+before the loop, and the instructions the hooks add per pair are printed
+beside it: the cost issue 16 bounds. Both runs then import interheap, since
+loading any extension module makes libpython's own thread-local lookups
+dearer (about 17 instructions per pair under pymalloc here).
+
+    python bench/allocator_instructions.py [--pairs N] [--size 32] [--domain object|mem|raw] [--hooks]
 """
 
 from __future__ import annotations
@@ -51,6 +58,10 @@ __attribute__((noinline)) void interheap_bench_pairs(long n, size_t size) {
 
 CHILD = r"""
 import ctypes, sys
+if sys.argv[4] != "none":
+    import interheap
+if sys.argv[4] == "hooks":
+    interheap.install()
 lib = ctypes.PyDLL(sys.argv[3])
 lib.interheap_bench_pairs.argtypes = [ctypes.c_long, ctypes.c_size_t]
 lib.interheap_bench_pairs(int(sys.argv[1]), int(sys.argv[2]))
@@ -103,6 +114,9 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=200_000)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--domain", choices=sorted(DOMAIN_CALLS), default="object")
+    parser.add_argument(
+        "--hooks", action="store_true", help="also measure each row under interheap's hooks, side by side"
+    )
     args = parser.parse_args()
     if not shutil.which("valgrind"):
         sys.exit("valgrind is required (apt-get install valgrind)")
@@ -114,31 +128,47 @@ def main() -> None:
     modes = [("pymalloc", python, {"PYTHONMALLOC": "pymalloc"})]
     if sys.version_info >= (3, 13):
         modes.append(("mimalloc", python, {"PYTHONMALLOC": "mimalloc"}))
+    has_launcher = Path(launcher).exists() and Path(launcher).with_name("interheap-python-bin").exists()
+    if not has_launcher:
+        print(f"note: no interheap-python beside {python} (make setup builds it): its rows are left out")
     modes.append(("interheap", launcher, {}))
     if args.domain == "raw":
         # Raw alone: no interpreter heaps, so raw calls use the per-thread heap.
         modes.append(("raw-only", launcher, {"INTERHEAP_ALLOCATOR": "raw"}))
     if sysconfig.get_config_var("Py_GIL_DISABLED") != 1:
         modes.append(("limited", launcher, {"INTERHEAP_MAIN_LIMIT": "1GB"}))
+    if not has_launcher:
+        modes = [m for m in modes if m[1] != launcher]
     results = {}
+    hooked = {}
     with tempfile.TemporaryDirectory() as workdir:
         library = build_loop(workdir, args.domain)
+
+        def per_pair(name: str, exe: str, env: dict[str, str], hooks: str) -> float:
+            # Two loop lengths: the difference cancels start-up, install and warm-up calls.
+            runs = []
+            for label, pairs in (("s", args.pairs // 4), ("l", args.pairs)):
+                cmd = [exe, "-c", CHILD, str(pairs), str(args.size), library, hooks]
+                runs.append(count(cmd, env, workdir, f"{name}.{hooks}.{label}"))
+            return (runs[1] - runs[0]) / (args.pairs - args.pairs // 4)
+
         for name, exe, extra in modes:
             env = {**base_env, **extra}
-            # Two loop lengths: the difference cancels start-up and warm-up calls.
-            short = count(
-                [exe, "-c", CHILD, str(args.pairs // 4), str(args.size), library], env, workdir, name + ".s"
-            )
-            long = count(
-                [exe, "-c", CHILD, str(args.pairs), str(args.size), library], env, workdir, name + ".l"
-            )
-            results[name] = (long - short) / (args.pairs - args.pairs // 4)
+            # With --hooks, the bare run imports interheap too: loading an
+            # extension module changes the cost of libpython's own thread-local
+            # lookups (glibc's TLS generation), which is not the hooks' cost.
+            results[name] = per_pair(name, exe, env, "imported" if args.hooks else "none")
+            if args.hooks and name != "limited":
+                hooked[name] = per_pair(name, exe, env, "hooks")
     malloc, free = DOMAIN_CALLS[args.domain]
     version = sys.version.split()[0]
     print(f"instructions per {malloc}({args.size}) + {free} pair (callgrind), Python {version}")
-    for name, per_pair in results.items():
-        ratio = per_pair / results["pymalloc"]
-        print(f"  {name:<10} {per_pair:7.1f}   ({ratio:.2f}x pymalloc)")
+    for name, pair in results.items():
+        ratio = pair / results["pymalloc"]
+        line = f"  {name:<10} {pair:7.1f}   ({ratio:.2f}x pymalloc)"
+        if name in hooked:
+            line += f"   under the hooks {hooked[name]:7.1f}   (the hooks add {hooked[name] - pair:+.1f})"
+        print(line)
     if "limited" in results:
         extra = results["limited"] - results["interheap"]
         print(f"  a limit set costs {extra:+.1f} instructions per pair")

@@ -6,6 +6,9 @@ use std::process::Command;
 
 fn main() {
     pyo3_build_config::use_pyo3_cfgs();
+    // The hooks' per-thread pointer (initial-exec TLS, which Rust cannot ask for).
+    println!("cargo:rerun-if-changed=src/thread_slot.c");
+    cc::Build::new().file("src/thread_slot.c").warnings_into_errors(true).compile("interheap_thread_slot");
     println!("cargo:rerun-if-changed=src/stack.c");
     println!("cargo:rerun-if-env-changed=PYO3_PYTHON");
     let config = pyo3_build_config::get();

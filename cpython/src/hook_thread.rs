@@ -19,33 +19,113 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use interheap_engine::Nursery;
+use interheap_engine::{BucketId, Nursery};
 
 use crate::hooks::TRACKER;
 
 struct HookThread {
     in_hook: Cell<bool>,
     nursery: Cell<Option<&'static Nursery>>,
+    /// `nursery`, or [`EMPTY_NURSERY`] while there is none: what the fast
+    /// paths use, so that they test no option.
+    fast_nursery: Cell<&'static Nursery>,
     /// Set when the thread's exit-time destructor has run.
     ended: Cell<bool>,
     /// Bytes this thread may still allocate before the next sampled one
     /// (`crate::sites`), and the state of its random gaps (0: not seeded yet).
     until_sample: Cell<i64>,
     sample_rng: Cell<u64>,
+    /// This thread's instance of libpython's current-thread-state variable
+    /// (`crate::interp::fast_tstate`), or its `no_slot` until found: the
+    /// interpreter lookup then costs two loads and no call.
+    tstate_slot: Cell<*const *mut pyo3_ffi::PyThreadState>,
 }
+
+/// A null thread state read through [`HookThread::tstate_slot`] before the
+/// slot is found (`fast_tstate::no_slot` is not const).
+struct NullSlot(*mut pyo3_ffi::PyThreadState);
+// SAFETY: never written; a null pointer read from any thread.
+unsafe impl Sync for NullSlot {}
+static NULL_SLOT: NullSlot = NullSlot(std::ptr::null_mut());
 
 thread_local! {
     static HOOK_THREAD: HookThread = const {
         HookThread {
             in_hook: Cell::new(false),
             nursery: Cell::new(None),
+            fast_nursery: Cell::new(&EMPTY_NURSERY),
             ended: Cell::new(false),
             until_sample: Cell::new(0),
             sample_rng: Cell::new(0),
+            tstate_slot: Cell::new(&NULL_SLOT.0),
         }
     };
     static RETIRE_AT_EXIT: RetireAtExit = const { RetireAtExit };
 }
+
+extern "C" {
+    /// `thread_slot.c`: this thread's pointer in initial-exec TLS (one load,
+    /// where a Rust thread-local in a shared library calls `__tls_get_addr`).
+    #[cfg_attr(all(target_arch = "x86_64", target_os = "linux"), allow(dead_code))]
+    fn interheap_thread_slot_get() -> *const std::ffi::c_void;
+    fn interheap_thread_slot_set(thread: *const std::ffi::c_void);
+}
+
+/// This thread's value of `thread_slot.c`'s initial-exec variable: two
+/// instructions (the variable's offset from the thread pointer, from the
+/// GOT, then a load through `%fs`), inlined.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[inline(always)]
+fn read_thread_slot() -> *const std::ffi::c_void {
+    extern "C" {
+        static interheap_thread_slot: *const std::ffi::c_void;
+    }
+    let value: *const std::ffi::c_void;
+    // SAFETY: the initial-exec access sequence of the x86-64 TLS ABI for a
+    // variable defined with that model in this object (thread_slot.c); it
+    // reads this thread's instance, which exists for the thread's life.
+    unsafe {
+        std::arch::asm!(
+            "mov {value}, qword ptr [rip + {slot}@GOTTPOFF]",
+            "mov {value}, qword ptr fs:[{value}]",
+            slot = sym interheap_thread_slot,
+            value = out(reg) value,
+            options(nostack, readonly, preserves_flags),
+        );
+    }
+    value
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+#[inline(always)]
+fn read_thread_slot() -> *const std::ffi::c_void {
+    // SAFETY: reads this thread's own slot; no preconditions.
+    unsafe { interheap_thread_slot_get() }
+}
+
+/// This thread's [`HookThread`], through the initial-exec slot once set.
+#[inline(always)]
+fn this_thread() -> *const HookThread {
+    let thread = read_thread_slot();
+    if thread.is_null() {
+        return this_thread_first();
+    }
+    thread as *const HookThread
+}
+
+/// The thread's first hook call: remembers its state's address in the slot.
+/// `HOOK_THREAD` has no destructor, so the address is good for the thread's life.
+#[cold]
+#[inline(never)]
+fn this_thread_first() -> *const HookThread {
+    let thread = HOOK_THREAD.with(|t| t as *const HookThread);
+    // SAFETY: writes this thread's own slot; no preconditions.
+    unsafe { interheap_thread_slot_set(thread as *const std::ffi::c_void) };
+    thread
+}
+
+/// See `Nursery::empty`: matches no fast path, never written.
+static EMPTY_NURSERY: Nursery = Nursery::empty();
 
 struct RetireAtExit;
 
@@ -53,6 +133,7 @@ impl Drop for RetireAtExit {
     fn drop(&mut self) {
         HOOK_THREAD.with(|t| {
             t.ended.set(true);
+            t.fast_nursery.set(&EMPTY_NURSERY);
             if let Some(nursery) = t.nursery.take() {
                 TRACKER.retire_nursery(nursery);
             }
@@ -66,7 +147,24 @@ impl Drop for RetireAtExit {
 /// needs another thread-local lookup. The raw pointer also makes the guard
 /// `!Send`: it is dropped on the thread that created it, while that thread runs.
 pub struct HookEntry {
+    thread: InHook,
+}
+
+/// This thread's hook state, as seen from inside a hook: a copyable view of
+/// a [`HookEntry`] (one register), so that out-of-line paths can take it by
+/// value. The raw pointer makes it `!Send`: it is used on its own thread.
+#[derive(Clone, Copy)]
+pub struct InHook {
     thread: *const HookThread,
+}
+
+impl std::ops::Deref for HookEntry {
+    type Target = InHook;
+
+    #[inline(always)]
+    fn deref(&self) -> &InHook {
+        &self.thread
+    }
 }
 
 impl HookEntry {
@@ -74,7 +172,7 @@ impl HookEntry {
     /// already inside a hook.
     #[inline(always)]
     pub fn enter() -> Option<HookEntry> {
-        let thread = HOOK_THREAD.with(|t| t as *const HookThread);
+        let thread = this_thread();
         // SAFETY: `thread` points to this thread's own thread-local, which has
         // no destructor and lives as long as the thread; only this thread
         // accesses it.
@@ -83,12 +181,21 @@ impl HookEntry {
             return None;
         }
         state.in_hook.set(true);
-        Some(HookEntry { thread })
+        Some(HookEntry { thread: InHook { thread } })
     }
 
+    /// The view of this entry to pass by value.
+    #[inline(always)]
+    pub fn view(&self) -> InHook {
+        self.thread
+    }
+}
+
+impl InHook {
     #[inline(always)]
     fn state(&self) -> &HookThread {
-        // SAFETY: see `enter`; the guard is !Send, so this is the owning thread.
+        // SAFETY: see `HookEntry::enter`; the view is !Send, so this is the
+        // owning thread, and the state lives as long as the thread.
         unsafe { &*self.thread }
     }
 
@@ -113,6 +220,7 @@ impl HookEntry {
         }
         let nursery = TRACKER.adopt_nursery();
         state.nursery.set(Some(nursery));
+        state.fast_nursery.set(nursery);
         Some(nursery)
     }
 
@@ -149,6 +257,74 @@ impl HookEntry {
         !first
     }
 
+    /// The ID of the interpreter whose thread state is current on this
+    /// thread, or -1 without one: two loads and `PyInterpreterState_GetID`
+    /// once the thread's slot is known (see [`HookEntry::bucket`]).
+    #[inline(always)]
+    pub fn interpreter_id(&self) -> i64 {
+        // SAFETY: as in `bucket`.
+        let tstate = unsafe { *self.state().tstate_slot.get() };
+        if tstate.is_null() {
+            return match self.bucket_slow().kind() {
+                interheap_engine::BucketKind::Interpreter(id) => id,
+                _ => -1,
+            };
+        }
+        // SAFETY: as in `bucket`.
+        unsafe { pyo3_ffi::PyInterpreterState_GetID(crate::interp::thread_state_interpreter(tstate)) }
+    }
+
+    /// The bucket of the interpreter whose thread state is current on this
+    /// thread (`NO_INTERPRETER` without one): two loads and
+    /// `PyInterpreterState_GetID` once the thread's slot is known, else the
+    /// public API, which finds the slot when it can.
+    #[inline(always)]
+    pub fn bucket(&self) -> BucketId {
+        // SAFETY: the cell holds this thread's libpython slot or NULL_SLOT,
+        // both readable for the thread's life.
+        let tstate = unsafe { *self.state().tstate_slot.get() };
+        if tstate.is_null() {
+            return self.bucket_slow();
+        }
+        // SAFETY: `tstate` is this thread's current thread state (it cannot
+        // be freed while current), whose head layout `fast_tstate` verified;
+        // its interpreter outlives it, and for a non-null argument
+        // PyInterpreterState_GetID only reads the ID.
+        let id =
+            unsafe { pyo3_ffi::PyInterpreterState_GetID(crate::interp::thread_state_interpreter(tstate)) };
+        BucketId::for_interpreter((id >= 0).then_some(id))
+    }
+
+    /// No thread state in the slot: there is none, or the slot is not known
+    /// yet (then the public API answers and the slot is looked for).
+    #[cold]
+    #[inline(never)]
+    fn bucket_slow(&self) -> BucketId {
+        let state = self.state();
+        if !std::ptr::eq(state.tstate_slot.get(), &NULL_SLOT.0) {
+            return BucketId::NO_INTERPRETER;
+        }
+        let interp = crate::interp::fast_tstate::current_interpreter_slow();
+        let slot = crate::interp::fast_tstate::slot();
+        if !std::ptr::eq(slot, crate::interp::fast_tstate::no_slot()) {
+            state.tstate_slot.set(slot);
+        }
+        if interp.is_null() {
+            return BucketId::NO_INTERPRETER;
+        }
+        // SAFETY: `interp` is the current thread state's interpreter, alive
+        // while it is current; for a non-null argument the call only reads the ID.
+        let id = unsafe { pyo3_ffi::PyInterpreterState_GetID(interp) };
+        BucketId::for_interpreter((id >= 0).then_some(id))
+    }
+
+    /// This thread's nursery, or one that no fast path matches (see
+    /// `Nursery::empty`) while it has none.
+    #[inline(always)]
+    pub fn fast_nursery(&self) -> &'static Nursery {
+        self.state().fast_nursery.get()
+    }
+
     /// This thread's nursery if it already has one (frees never adopt one).
     #[inline(always)]
     pub fn existing_nursery(&self) -> Option<&'static Nursery> {
@@ -159,7 +335,7 @@ impl HookEntry {
 impl Drop for HookEntry {
     #[inline(always)]
     fn drop(&mut self) {
-        self.state().in_hook.set(false);
+        self.thread.state().in_hook.set(false);
     }
 }
 

@@ -47,7 +47,7 @@ use std::sync::{Mutex, Once};
 use interheap_engine::{Admission, BucketId, Domain, Tracker};
 use pyo3_ffi::{PyMemAllocatorDomain, PyMemAllocatorEx, PyMem_GetAllocator, PyMem_SetAllocator};
 
-use crate::hook_thread::HookEntry;
+use crate::hook_thread::{HookEntry, InHook};
 use crate::interp::current_interpreter_id;
 use crate::sites::SITES;
 
@@ -69,15 +69,31 @@ struct Forward {
     free: AtomicPtr<()>,
 }
 
+/// Never null, so that forwarding tests nothing: until install stores the
+/// wrapped allocator (before CPython can call a hook), allocations fail.
 static FORWARD: [Forward; Domain::COUNT] = [const {
     Forward {
         ctx: AtomicPtr::new(null_mut()),
-        malloc: AtomicPtr::new(null_mut()),
-        calloc: AtomicPtr::new(null_mut()),
-        realloc: AtomicPtr::new(null_mut()),
-        free: AtomicPtr::new(null_mut()),
+        malloc: AtomicPtr::new(refuse_malloc as MallocFn as *mut ()),
+        calloc: AtomicPtr::new(refuse_calloc as CallocFn as *mut ()),
+        realloc: AtomicPtr::new(refuse_realloc as ReallocFn as *mut ()),
+        free: AtomicPtr::new(ignore_free as FreeFn as *mut ()),
     }
 }; Domain::COUNT];
+
+extern "C" fn refuse_malloc(_ctx: *mut c_void, _size: usize) -> *mut c_void {
+    null_mut()
+}
+
+extern "C" fn refuse_calloc(_ctx: *mut c_void, _nelem: usize, _elsize: usize) -> *mut c_void {
+    null_mut()
+}
+
+extern "C" fn refuse_realloc(_ctx: *mut c_void, _ptr: *mut c_void, _size: usize) -> *mut c_void {
+    null_mut()
+}
+
+extern "C" fn ignore_free(_ctx: *mut c_void, _ptr: *mut c_void) {}
 
 pub(crate) fn fn_addr<F: Copy>(f: Option<F>) -> *mut () {
     const { assert!(std::mem::size_of::<F>() == std::mem::size_of::<*mut ()>()) };
@@ -89,20 +105,21 @@ pub(crate) fn fn_addr<F: Copy>(f: Option<F>) -> *mut () {
 
 impl Forward {
     fn store(&self, a: &PyMemAllocatorEx) {
+        // An allocator struct with a missing function (CPython never has
+        // one) gets the refusing stand-in, which keeps FORWARD non-null.
+        let or = |f: *mut (), stand_in: *mut ()| if f.is_null() { stand_in } else { f };
         self.ctx.store(a.ctx, Release);
-        self.malloc.store(fn_addr(a.malloc), Release);
-        self.calloc.store(fn_addr(a.calloc), Release);
-        self.realloc.store(fn_addr(a.realloc), Release);
-        self.free.store(fn_addr(a.free), Release);
+        self.malloc.store(or(fn_addr(a.malloc), refuse_malloc as MallocFn as *mut ()), Release);
+        self.calloc.store(or(fn_addr(a.calloc), refuse_calloc as CallocFn as *mut ()), Release);
+        self.realloc.store(or(fn_addr(a.realloc), refuse_realloc as ReallocFn as *mut ()), Release);
+        self.free.store(or(fn_addr(a.free), ignore_free as FreeFn as *mut ()), Release);
     }
 
     #[inline]
     fn malloc(&self, size: usize) -> *mut c_void {
         let f = self.malloc.load(Acquire);
-        if f.is_null() {
-            return null_mut();
-        }
-        // SAFETY: a non-null value was stored by `store` from a `MallocFn`.
+        // SAFETY: the value is never null: a `MallocFn` stored by `store`, or
+        // the stand-in FORWARD starts with.
         let f: MallocFn = unsafe { std::mem::transmute::<*mut (), MallocFn>(f) };
         f(self.ctx.load(Acquire), size)
     }
@@ -110,10 +127,8 @@ impl Forward {
     #[inline]
     fn calloc(&self, nelem: usize, elsize: usize) -> *mut c_void {
         let f = self.calloc.load(Acquire);
-        if f.is_null() {
-            return null_mut();
-        }
-        // SAFETY: a non-null value was stored by `store` from a `CallocFn`.
+        // SAFETY: the value is never null: a `CallocFn` stored by `store`, or
+        // the stand-in FORWARD starts with.
         let f: CallocFn = unsafe { std::mem::transmute::<*mut (), CallocFn>(f) };
         f(self.ctx.load(Acquire), nelem, elsize)
     }
@@ -121,10 +136,8 @@ impl Forward {
     #[inline]
     fn realloc(&self, ptr: *mut c_void, size: usize) -> *mut c_void {
         let f = self.realloc.load(Acquire);
-        if f.is_null() {
-            return null_mut();
-        }
-        // SAFETY: a non-null value was stored by `store` from a `ReallocFn`.
+        // SAFETY: the value is never null: a `ReallocFn` stored by `store`, or
+        // the stand-in FORWARD starts with.
         let f: ReallocFn = unsafe { std::mem::transmute::<*mut (), ReallocFn>(f) };
         f(self.ctx.load(Acquire), ptr, size)
     }
@@ -132,10 +145,8 @@ impl Forward {
     #[inline]
     fn free(&self, ptr: *mut c_void) {
         let f = self.free.load(Acquire);
-        if f.is_null() {
-            return;
-        }
-        // SAFETY: a non-null value was stored by `store` from a `FreeFn`.
+        // SAFETY: the value is never null: a `FreeFn` stored by `store`, or
+        // the stand-in FORWARD starts with.
         let f: FreeFn = unsafe { std::mem::transmute::<*mut (), FreeFn>(f) };
         f(self.ctx.load(Acquire), ptr)
     }
@@ -148,12 +159,96 @@ const fn domain_of<const D: usize>() -> Domain {
     }
 }
 
-#[inline]
 fn current_bucket() -> BucketId {
     BucketId::for_interpreter(current_interpreter_id())
 }
 
-extern "C" fn hook_malloc<const D: usize, const CHECK: bool>(_ctx: *mut c_void, size: usize) -> *mut c_void {
+/// Whether CPython serialises every update of `D`'s figures for one bucket
+/// (see `Tracker::set_serialized`, which install sets to the same).
+const fn serialized<const D: usize>() -> bool {
+    D != Domain::Raw.index() && !cfg!(Py_GIL_DISABLED)
+}
+
+/// The allocation fast path, entered when no limit is set, no peak is
+/// watched, the hooks are not checking, and the thread was not inside a hook
+/// (`entry`). Then an allocation needs only the thread's own state
+/// (`Tracker::allocated_fast`) unless the block says otherwise. `SAMPLE`:
+/// sites are sampled too (a separate copy, so that the common one tests
+/// nothing for it).
+#[inline(always)]
+fn fast_allocate<const D: usize, const SAMPLE: bool>(
+    entry: HookEntry,
+    size: usize,
+    forward: impl FnOnce() -> *mut c_void,
+) -> *mut c_void {
+    // Forward first: fewer values then live across the two calls (the
+    // interpreter cannot change inside the allocator).
+    let block = forward();
+    let id = entry.interpreter_id();
+    let nursery = entry.fast_nursery();
+    if block.is_null()
+        || !TRACKER.allocated_fast(nursery, id, domain_of::<D>(), serialized::<D>(), block as usize, size)
+    {
+        allocated_general::<D>(entry.view(), id, block, size);
+    }
+    if SAMPLE && !block.is_null() && entry.sample_due(size) {
+        crate::sites::sample(block as usize, bucket_of(id), domain_of::<D>(), size);
+    }
+    block
+}
+
+/// The bucket of interpreter `id` (negative: none).
+#[inline(always)]
+fn bucket_of(id: i64) -> BucketId {
+    BucketId::for_interpreter((id >= 0).then_some(id))
+}
+
+/// An allocation on the fast path came back, but the fast record could not
+/// take it (a failure, another bucket, a busy nursery slot): the general one.
+#[cold]
+#[inline(never)]
+fn allocated_general<const D: usize>(thread: InHook, id: i64, block: *mut c_void, size: usize) {
+    let owner = bucket_of(id);
+    if block.is_null() {
+        TRACKER.failed(thread.existing_nursery(), owner, domain_of::<D>());
+    } else {
+        TRACKER.allocated(thread.nursery(), owner, domain_of::<D>(), block as usize, size);
+    }
+}
+
+/// [`fast_allocate`] with sampling, out of line; `None`: the call is nested
+/// in a hook (the general path takes it).
+#[inline(never)]
+fn fast_allocate_sampled<const D: usize>(
+    size: usize,
+    forward: impl FnOnce() -> *mut c_void,
+) -> Option<*mut c_void> {
+    Some(fast_allocate::<D, true>(HookEntry::enter()?, size, forward))
+}
+
+extern "C" fn hook_malloc<const D: usize, const CHECK: bool>(ctx: *mut c_void, size: usize) -> *mut c_void {
+    // The fast path unless limits, watched peaks, checking or nesting say
+    // otherwise; the no-sampling case decided by one test.
+    if !CHECK {
+        match TRACKER.fast_path() {
+            Some(false) => {
+                if let Some(entry) = HookEntry::enter() {
+                    return fast_allocate::<D, false>(entry, size, || FORWARD[D].malloc(size));
+                }
+            }
+            Some(true) => {
+                if let Some(block) = fast_allocate_sampled::<D>(size, || FORWARD[D].malloc(size)) {
+                    return block;
+                }
+            }
+            None => {}
+        }
+    }
+    hook_malloc_general::<D, CHECK>(ctx, size)
+}
+
+#[inline(never)]
+fn hook_malloc_general<const D: usize, const CHECK: bool>(_ctx: *mut c_void, size: usize) -> *mut c_void {
     let forward = &FORWARD[D];
     let Some(entry) = HookEntry::enter() else {
         let block = forward.malloc(size);
@@ -165,7 +260,7 @@ extern "C" fn hook_malloc<const D: usize, const CHECK: bool>(_ctx: *mut c_void, 
     // The checker may send a call without a thread state to the raw allocator.
     let raw_served = CHECK && crate::checker::on_call::<D>(size);
     let forward = if raw_served { &FORWARD[Domain::Raw.index()] } else { forward };
-    let owner = current_bucket();
+    let owner = entry.bucket();
     let admission = TRACKER.admit(owner, size);
     let block = if admission.allowed() { forward.malloc(size) } else { null_mut() };
     if block.is_null() {
@@ -198,6 +293,34 @@ pub(crate) fn forget_sample(ptr: *mut c_void) {
 }
 
 extern "C" fn hook_calloc<const D: usize, const CHECK: bool>(
+    ctx: *mut c_void,
+    nelem: usize,
+    elsize: usize,
+) -> *mut c_void {
+    // Fact 8: an overflowing nelem * elsize is refused before forwarding (general path).
+    let Some(size) = nelem.checked_mul(elsize) else {
+        return hook_calloc_general::<D, CHECK>(ctx, nelem, elsize);
+    };
+    if !CHECK {
+        match TRACKER.fast_path() {
+            Some(false) => {
+                if let Some(entry) = HookEntry::enter() {
+                    return fast_allocate::<D, false>(entry, size, || FORWARD[D].calloc(nelem, elsize));
+                }
+            }
+            Some(true) => {
+                if let Some(block) = fast_allocate_sampled::<D>(size, || FORWARD[D].calloc(nelem, elsize)) {
+                    return block;
+                }
+            }
+            None => {}
+        }
+    }
+    hook_calloc_general::<D, CHECK>(ctx, nelem, elsize)
+}
+
+#[inline(never)]
+fn hook_calloc_general<const D: usize, const CHECK: bool>(
     _ctx: *mut c_void,
     nelem: usize,
     elsize: usize,
@@ -212,7 +335,7 @@ extern "C" fn hook_calloc<const D: usize, const CHECK: bool>(
     };
     let raw_served = CHECK && crate::checker::on_call::<D>(nelem.saturating_mul(elsize));
     let forward = if raw_served { &FORWARD[Domain::Raw.index()] } else { forward };
-    let owner = current_bucket();
+    let owner = entry.bucket();
     // Fact 8: refuse an overflowing nelem * elsize before forwarding.
     let Some(size) = nelem.checked_mul(elsize) else {
         TRACKER.failed(entry.existing_nursery(), owner, domain_of::<D>());
@@ -246,7 +369,7 @@ extern "C" fn hook_realloc<const D: usize, const CHECK: bool>(
         }
         return block;
     };
-    let owner = current_bucket();
+    let owner = entry.bucket();
     if ptr.is_null() {
         let raw_served = CHECK && crate::checker::on_call::<D>(size);
         let forward = if raw_served { &FORWARD[Domain::Raw.index()] } else { forward };
@@ -302,7 +425,34 @@ extern "C" fn hook_realloc<const D: usize, const CHECK: bool>(
     block
 }
 
-extern "C" fn hook_free<const D: usize, const CHECK: bool>(_ctx: *mut c_void, ptr: *mut c_void) {
+extern "C" fn hook_free<const D: usize, const CHECK: bool>(ctx: *mut c_void, ptr: *mut c_void) {
+    // Raw frees also tell interpreter ends apart, and free(NULL) does
+    // nothing: both take the general path.
+    if D != Domain::Raw.index() && !ptr.is_null() && !CHECK {
+        // Limits and sampling rates do not matter to a free.
+        if let Some(entry) = HookEntry::enter() {
+            let nursery = entry.fast_nursery();
+            // Before forwarding: after the free the address may be reused.
+            if !TRACKER.freeing_fast(nursery, domain_of::<D>(), serialized::<D>(), ptr as usize) {
+                freeing_general::<D>(entry.view(), ptr);
+            }
+            forget_sample(ptr);
+            FORWARD[D].free(ptr);
+            return;
+        }
+    }
+    hook_free_general::<D, CHECK>(ctx, ptr)
+}
+
+/// A free on the fast path that the fast bookkeeping could not take.
+#[cold]
+#[inline(never)]
+fn freeing_general<const D: usize>(thread: InHook, ptr: *mut c_void) {
+    TRACKER.freeing(thread.existing_nursery(), domain_of::<D>(), ptr as usize);
+}
+
+#[inline(never)]
+fn hook_free_general<const D: usize, const CHECK: bool>(_ctx: *mut c_void, ptr: *mut c_void) {
     let forward = &FORWARD[D];
     if !ptr.is_null() {
         if let Some(entry) = HookEntry::enter() {

@@ -61,6 +61,18 @@ pub fn current_thread_state_fast() -> *mut ffi::PyThreadState {
     unsafe { *fast_tstate::slot() }
 }
 
+/// The interpreter of `tstate`, read from its head (layout verified by
+/// [`fast_tstate`], the only source of the thread states passed here).
+///
+/// # Safety
+///
+/// `tstate` is a live thread state read from a slot [`fast_tstate`] found.
+#[inline(always)]
+pub unsafe fn thread_state_interpreter(tstate: *mut ffi::PyThreadState) -> *mut ffi::PyInterpreterState {
+    // SAFETY: per the contract.
+    unsafe { (*(tstate as *const ThreadStateHead)).interp }
+}
+
 /// The fast half of [`current_thread_interpreter`]: null when this thread's
 /// slot holds no thread state, or its slot is not found (yet); the caller
 /// then takes its slow path, which calls [`current_thread_interpreter`].
@@ -143,6 +155,12 @@ pub mod fast_tstate {
     #[inline(always)]
     pub fn slot() -> Slot {
         SLOT.with(Cell::get)
+    }
+
+    /// What [`slot`] returns on a thread whose slot is not found: a null
+    /// thread state that is not this thread's answer.
+    pub fn no_slot() -> Slot {
+        &NO_SLOT.0
     }
 
     fn has_slot() -> bool {

@@ -45,6 +45,8 @@ extern "C" {
 pub fn start(rate: u64, seed: Option<u64>) {
     crate::hook_thread::set_sample_seed(seed);
     SITES.set_rate(rate);
+    // Sampling takes the hooks off their fast path (one flag tells them).
+    crate::hooks::TRACKER.set_glue_work(rate != 0);
 }
 
 /// Empties the sites' code cache: frees may go unseen (hooks removed or

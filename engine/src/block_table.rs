@@ -74,6 +74,31 @@ impl BlockRecord {
             | ((self.domain as u64) << (SIZE_BITS + OWNER_BITS))
     }
 
+    /// The packed record's top bits (owner and domain, above the size): a
+    /// fast path compares them with one instruction.
+    #[inline(always)]
+    pub(crate) const fn packed_tag(owner: BucketId, domain: Domain) -> u64 {
+        (owner.index() as u64 & OWNER_MASK) | ((domain as u64) << OWNER_BITS)
+    }
+
+    /// The tag of a packed record (see [`BlockRecord::packed_tag`]).
+    #[inline(always)]
+    pub(crate) const fn tag_of(packed: u64) -> u64 {
+        packed >> SIZE_BITS
+    }
+
+    /// The size field of a packed record (exact below [`BlockRecord::packable`]'s bound).
+    #[inline(always)]
+    pub(crate) const fn size_of(packed: u64) -> u64 {
+        packed & SIZE_MASK
+    }
+
+    /// Packs a record from its tag and a packable size.
+    #[inline(always)]
+    pub(crate) const fn pack_tagged(tag: u64, size: u64) -> u64 {
+        size | (tag << SIZE_BITS)
+    }
+
     /// Unpacks a record; `size` is the packed size field, which the caller
     /// replaces for huge blocks.
     pub(crate) fn unpack(packed: u64) -> BlockRecord {

@@ -50,9 +50,10 @@ impl BucketId {
     /// The bucket of interpreter `id` (`None`: no interpreter).
     pub fn for_interpreter(id: Option<i64>) -> BucketId {
         match id {
-            None => BucketId::NO_INTERPRETER,
-            Some(id) if id >= 0 && (id as u64) < (MAX_BUCKETS as u64 - 2) => BucketId(id as u32 + 1),
+            // One unsigned comparison for the common case (a negative ID is huge).
+            Some(id) if (id as u64) < (MAX_BUCKETS as u64 - 2) => BucketId(id as u32 + 1),
             Some(_) => BucketId::OVERFLOW,
+            None => BucketId::NO_INTERPRETER,
         }
     }
 
@@ -96,7 +97,7 @@ pub enum BucketKind {
 /// One domain's counters in one bucket. Padded to its own cache lines so
 /// that interpreters running in parallel do not share lines.
 #[repr(align(128))]
-struct DomainCounters {
+pub(crate) struct DomainCounters {
     live_bytes: AtomicU64,
     peak_bytes: AtomicU64,
     counts: [AtomicU64; COUNTS],
@@ -121,7 +122,7 @@ pub const COUNTS: usize = 4;
 
 impl DomainCounters {
     #[inline]
-    fn add_live(&self, bytes: u64) {
+    pub(crate) fn add_live(&self, bytes: u64) {
         let now = self.live_bytes.fetch_add(bytes, Relaxed).wrapping_add(bytes);
         // The load filters the common case (no new peak) without a locked RMW.
         // A negative live figure (which exact accounting never produces) must
@@ -132,7 +133,7 @@ impl DomainCounters {
     }
 
     #[inline]
-    fn sub_live(&self, bytes: u64) {
+    pub(crate) fn sub_live(&self, bytes: u64) {
         self.live_bytes.fetch_sub(bytes, Relaxed);
     }
 
@@ -140,7 +141,7 @@ impl DomainCounters {
     /// [`Ledger::add_live_serialized`]): a plain load and store, no locked
     /// read-modify-write.
     #[inline(always)]
-    fn add_live_serialized(&self, bytes: u64) {
+    pub(crate) fn add_live_serialized(&self, bytes: u64) {
         let now = self.live_bytes.load(Relaxed).wrapping_add(bytes);
         self.live_bytes.store(now, Relaxed);
         if (now as i64) >= 0 && now > self.peak_bytes.load(Relaxed) {
@@ -149,7 +150,7 @@ impl DomainCounters {
     }
 
     #[inline(always)]
-    fn sub_live_serialized(&self, bytes: u64) {
+    pub(crate) fn sub_live_serialized(&self, bytes: u64) {
         self.live_bytes.store(self.live_bytes.load(Relaxed).wrapping_sub(bytes), Relaxed);
     }
 
@@ -203,7 +204,7 @@ const USED: u32 = 1;
 const SETTLED: u32 = 2;
 const INFO_SHIFT: u32 = 16;
 
-struct Bucket {
+pub(crate) struct Bucket {
     /// [`USED`] | [`SETTLED`] | info << [`INFO_SHIFT`]. The hot path tests
     /// SETTLED with the one load that used to test "used": until a bucket is
     /// settled its uses take the cold path ([`Ledger::unsettled_use`]).
@@ -216,6 +217,14 @@ struct Bucket {
     budget: Budget,
     /// When the interpreter ended (the glue's monotonic clock, ns; 0: not seen).
     ended_at: AtomicU64,
+}
+
+impl Bucket {
+    /// One domain's counters.
+    #[inline(always)]
+    pub(crate) fn domain(&self, domain: Domain) -> &DomainCounters {
+        &self.domains[domain.index()]
+    }
 }
 
 struct Chunk {
@@ -431,6 +440,15 @@ impl Ledger {
                 bucket.state.store(USED | SETTLED | (u32::from(info) << INFO_SHIFT), Relaxed);
             }
         }
+    }
+
+    /// The bucket `id`, counting this as a use (which may settle it), if it
+    /// is settled: from then on its uses need not go through the ledger, so a
+    /// thread's nursery may keep the reference (see `Nursery::cached_bucket`)
+    /// until the ledger is reset.
+    pub(crate) fn settled_bucket(&self, id: BucketId) -> Option<&Bucket> {
+        let bucket = self.bucket(id);
+        (bucket.state.load(Relaxed) & SETTLED != 0).then_some(bucket)
     }
 
     #[inline]

@@ -55,11 +55,11 @@
 //! retired one. Scans therefore cost one load per nursery ever
 //! created, which stays small (threads reuse retired nurseries).
 
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::block_table::{BlockRecord, BlockTable};
 use crate::domain::Domain;
-use crate::ledger::{BucketId, Count, Ledger, COUNTS};
+use crate::ledger::{Bucket, BucketId, Count, Ledger, COUNTS};
 
 /// Slots per nursery (a power of two): 16 bytes each, 16 KiB per thread.
 pub const NURSERY_SLOTS: usize = 1024;
@@ -78,7 +78,25 @@ struct LocalCounts {
     /// bucket 0 with zero counts, which is harmless.
     bucket: AtomicU32,
     counts: [[AtomicU64; COUNTS]; Domain::COUNT],
+    /// `bucket`'s counters in the ledger once that bucket is settled (null
+    /// before), so that the owner's updates of them skip the ledger's lookup.
+    /// Cleared with `bucket`; valid until the ledger is reset, which clears
+    /// every nursery first ([`Nurseries::clear`]).
+    counters: AtomicPtr<Bucket>,
+    /// While `counters` is set: the interpreter ID whose bucket it is
+    /// ([`NO_FAST_ID`] if the bucket is not one interpreter's) and, per
+    /// domain, the high bits of the bucket's packed records (a record is its
+    /// size ORed with them). Else values no call matches, so that one
+    /// comparison both finds the bucket and proves `counters` set.
+    fast_id: AtomicI64,
+    fast_tags: [AtomicU64; Domain::COUNT],
 }
+
+/// `LocalCounts::fast_id` when no interpreter ID may take the fast path.
+const NO_FAST_ID: i64 = i64::MIN;
+/// `LocalCounts::fast_tags` when no record may take the fast path: its
+/// domain bits are 3, which no record has.
+const NO_FAST_TAG: u64 = u64::MAX;
 
 /// One thread's cache of young blocks. See the module docs.
 pub struct Nursery {
@@ -88,6 +106,29 @@ pub struct Nursery {
     active: AtomicBool,
     /// Next nursery in the global list (set once, before publication).
     next: *const Nursery,
+}
+
+impl Nursery {
+    /// A nursery that no fast path matches: no slot holds a block, and it
+    /// keeps no bucket's counters (see `LocalCounts::fast_id`), so
+    /// [`Tracker::allocated_fast`](crate::Tracker::allocated_fast) and
+    /// [`Tracker::freeing_fast`](crate::Tracker::freeing_fast) return false
+    /// without writing to it. A thread without a nursery of its own passes
+    /// this one to the fast path, which then needs no null test.
+    pub const fn empty() -> Nursery {
+        Nursery {
+            slots: [const { Slot { key: AtomicUsize::new(0), packed: AtomicU64::new(0) } }; NURSERY_SLOTS],
+            local: LocalCounts {
+                bucket: AtomicU32::new(NO_BUCKET),
+                counts: [const { [const { AtomicU64::new(0) }; COUNTS] }; Domain::COUNT],
+                counters: AtomicPtr::new(std::ptr::null_mut()),
+                fast_id: AtomicI64::new(NO_FAST_ID),
+                fast_tags: [const { AtomicU64::new(NO_FAST_TAG) }; Domain::COUNT],
+            },
+            active: AtomicBool::new(false),
+            next: std::ptr::null(),
+        }
+    }
 }
 
 // SAFETY: all shared fields are atomics; `next` is written once before the
@@ -118,7 +159,14 @@ pub fn cacheable(addr: usize) -> bool {
 impl Nursery {
     #[inline(always)]
     fn slot(&self, addr: usize) -> &Slot {
-        &self.slots[slot_index(addr)]
+        const { assert!(std::mem::size_of::<Slot>() == 1 << 4) };
+        // The slot's byte offset is the address bits that `slot_index` uses,
+        // in place: one AND.
+        let offset = addr & ((NURSERY_SLOTS - 1) << 4);
+        debug_assert_eq!(offset / std::mem::size_of::<Slot>(), slot_index(addr));
+        // SAFETY: `offset` is `slot_index(addr)` (below NURSERY_SLOTS) times
+        // the size of a slot, so it addresses one slot of the array.
+        unsafe { &*self.slots.as_ptr().byte_add(offset) }
     }
 
     /// Owner only: counts an event for `bucket`. Allocations move the local
@@ -144,6 +192,58 @@ impl Nursery {
         self.local.bucket.store(bucket.index(), Ordering::Relaxed);
     }
 
+    /// Owner only: `bucket`'s ledger counters, if this nursery keeps them (it
+    /// counts for `bucket`, which was settled when last asked): the fast path.
+    #[inline(always)]
+    pub(crate) fn cached_bucket(&self, bucket: BucketId) -> Option<&Bucket> {
+        if self.local.bucket.load(Ordering::Relaxed) != bucket.index() {
+            return None;
+        }
+        // SAFETY: a non-null pointer came from `ledger.settled_bucket` in
+        // `cache_bucket`; buckets are never freed while the ledger lives,
+        // and the ledger outlives its tracker's nurseries.
+        unsafe { self.local.counters.load(Ordering::Relaxed).as_ref() }
+    }
+
+    /// Owner only: keep `bucket`'s counters if this nursery counts for it and
+    /// the bucket is settled now (the slow path calls this after counting).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn cache_bucket(&self, ledger: &Ledger, bucket: BucketId) {
+        if self.local.bucket.load(Ordering::Relaxed) != bucket.index() {
+            return;
+        }
+        if let Some(counters) = ledger.settled_bucket(bucket) {
+            self.local.counters.store(counters as *const Bucket as *mut Bucket, Ordering::Relaxed);
+            let id = match bucket.kind() {
+                crate::ledger::BucketKind::Interpreter(id) => id,
+                _ => NO_FAST_ID,
+            };
+            self.local.fast_id.store(id, Ordering::Relaxed);
+            for (domain, tags) in Domain::ALL.into_iter().zip(&self.local.fast_tags) {
+                tags.store(
+                    BlockRecord::pack_tagged(BlockRecord::packed_tag(bucket, domain), 0),
+                    Ordering::Relaxed,
+                );
+            }
+        }
+    }
+
+    /// Owner only: forgets the counters kept for the fast path.
+    fn uncache_bucket(&self) {
+        self.local.fast_id.store(NO_FAST_ID, Ordering::Relaxed);
+        self.local.fast_tags.iter().for_each(|t| t.store(NO_FAST_TAG, Ordering::Relaxed));
+        self.local.counters.store(std::ptr::null_mut(), Ordering::Relaxed);
+    }
+
+    /// Owner only: counts an event for the bucket whose counters
+    /// [`Nursery::cached_bucket`] returned.
+    #[inline(always)]
+    pub(crate) fn count_cached(&self, domain: Domain, count: Count) {
+        let c = &self.local.counts[domain.index()][count as usize];
+        c.store(c.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+    }
+
     /// Owner (or single-threaded caller): moves the local counts to the ledger.
     fn flush_counts(&self, ledger: &Ledger) {
         let bucket = self.local.bucket.load(Ordering::Relaxed);
@@ -157,10 +257,11 @@ impl Nursery {
             }
         }
         self.local.bucket.store(NO_BUCKET, Ordering::Relaxed);
+        self.uncache_bucket();
     }
 
     /// The bucket and counts kept here (racy while the owner runs).
-    fn local_counts(&self) -> Option<(BucketId, [[u64; COUNTS]; Domain::COUNT])> {
+    pub(crate) fn local_counts(&self) -> Option<(BucketId, [[u64; COUNTS]; Domain::COUNT])> {
         let bucket = self.local.bucket.load(Ordering::Relaxed);
         (bucket != NO_BUCKET).then(|| {
             let counts = std::array::from_fn(|d| {
@@ -190,6 +291,64 @@ impl Nursery {
         slot.packed.store(rec.pack(), Ordering::Relaxed);
         slot.key.store(addr, Ordering::Release);
         displaced
+    }
+
+    /// Owner only: records a new block allocated in `domain` by interpreter
+    /// `id` if this nursery keeps that interpreter's counters and the block's
+    /// slot is empty (the common case: the slot's last block was freed), and
+    /// returns the counters. `None` changes nothing.
+    #[inline(always)]
+    pub(crate) fn record_fast(&self, id: i64, domain: Domain, addr: usize, size: usize) -> Option<&Bucket> {
+        // A negative ID (none, or the NO_FAST_ID sentinel) never takes it.
+        if id < 0 || self.local.fast_id.load(Ordering::Relaxed) != id {
+            return None;
+        }
+        // One test for both: an odd address (the eviction mark) and a size
+        // of 8 TiB or more (these may not pack; the general path decides).
+        if (addr & EVICTING) | (size >> 43) != 0 {
+            return None;
+        }
+        let slot = self.slot(addr);
+        if slot.key.load(Ordering::Relaxed) != 0 {
+            return None;
+        }
+        let tags = self.local.fast_tags[domain.index()].load(Ordering::Relaxed);
+        slot.packed.store(tags | size as u64, Ordering::Relaxed);
+        slot.key.store(addr, Ordering::Release);
+        let counters = self.local.counters.load(Ordering::Relaxed);
+        // SAFETY: `fast_id` matched, so `counters` is set (`cache_bucket`
+        // stores it first, `uncache_bucket` clears it last): it came from
+        // `ledger.settled_bucket`, and buckets live as long as the ledger,
+        // which outlives its tracker's nurseries.
+        Some(unsafe {
+            std::hint::assert_unchecked(!counters.is_null());
+            &*counters
+        })
+    }
+
+    /// Owner only: forgets `addr` if it is in this nursery as a block
+    /// allocated in `domain` by the bucket whose counters this nursery
+    /// keeps; returns its size and those counters. `None` changes nothing
+    /// (the general path follows). `addr` is not 0 (an empty slot's key).
+    #[inline(always)]
+    pub(crate) fn take_own_fast(&self, domain: Domain, addr: usize) -> Option<(u64, &Bucket)> {
+        debug_assert_ne!(addr, 0);
+        let slot = self.slot(addr);
+        if slot.key.load(Ordering::Relaxed) != addr {
+            return None;
+        }
+        let packed = slot.packed.load(Ordering::Relaxed);
+        let tags = self.local.fast_tags[domain.index()].load(Ordering::Relaxed);
+        if BlockRecord::tag_of(packed ^ tags) != 0 {
+            return None;
+        }
+        slot.key.store(0, Ordering::Release);
+        let counters = self.local.counters.load(Ordering::Relaxed);
+        // SAFETY: as in `record_fast`: the tag matched, so `counters` is set.
+        Some((BlockRecord::size_of(packed), unsafe {
+            std::hint::assert_unchecked(!counters.is_null());
+            &*counters
+        }))
     }
 
     /// Owner only: moves the block `old` out of `slot` into the shared table.
@@ -331,6 +490,8 @@ impl Nurseries {
         let fresh: &mut Nursery = Box::leak(unsafe { Box::<Nursery>::new_zeroed().assume_init() });
         fresh.active.store(true, Ordering::Relaxed);
         fresh.local.bucket.store(NO_BUCKET, Ordering::Relaxed);
+        // Zeroed, fast_id would match interpreter 0 with no counters kept.
+        fresh.uncache_bucket();
         let mut head = self.head.load(Ordering::Acquire);
         loop {
             fresh.next = head;
@@ -381,6 +542,7 @@ impl Nurseries {
             }
             nursery.local.counts.iter().flatten().for_each(|c| c.store(0, Ordering::Relaxed));
             nursery.local.bucket.store(NO_BUCKET, Ordering::Relaxed);
+            nursery.uncache_bucket();
         }
     }
 

@@ -25,7 +25,7 @@
 
 use crate::block_table::{BlockRecord, BlockTable, TableStats};
 use crate::domain::Domain;
-use crate::ledger::{BucketId, Count, Ledger, LedgerSnapshot};
+use crate::ledger::{Bucket, BucketId, Count, Ledger, LedgerSnapshot};
 use crate::limits::{Admission, DefaultLimit};
 use crate::nursery::{cacheable, Nurseries, Nursery};
 use crate::shard_lock::ShardLock;
@@ -36,6 +36,8 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::Relaxed};
 const LIMITS_SET: u8 = 1;
 /// `Tracker::checks`: peaks are watched.
 const WATCHING: u8 = 2;
+/// `Tracker::checks`: the glue does more per allocation (it samples sites).
+const GLUE_WORK: u8 = 4;
 
 /// Block table, nurseries and ledger, with the accounting rules in the module docs.
 ///
@@ -206,7 +208,7 @@ impl Tracker {
     /// refused (it is counted in the budget; count the failure as usual).
     #[inline(always)]
     pub fn admit(&self, owner: BucketId, size: usize) -> Admission {
-        if self.checks.load(Relaxed) == 0 || owner == BucketId::NO_INTERPRETER {
+        if self.checks.load(Relaxed) & (LIMITS_SET | WATCHING) == 0 || owner == BucketId::NO_INTERPRETER {
             return Admission::Unlimited;
         }
         self.admit_limited(owner, size)
@@ -397,9 +399,114 @@ impl Tracker {
         addr: usize,
         size: usize,
     ) {
+        let rec = BlockRecord { size, owner, domain };
+        if let Some(nursery) = local {
+            if let Some(bucket) = nursery.cached_bucket(owner) {
+                self.add_live_to(bucket, domain, size);
+                nursery.count_cached(domain, Count::Allocations);
+                self.record(local, addr, rec);
+                return;
+            }
+        }
         self.add_live(owner, domain, size);
         self.count(local, owner, domain, Count::Allocations);
-        self.record(local, addr, BlockRecord { size, owner, domain });
+        if let Some(nursery) = local {
+            nursery.cache_bucket(&self.ledger, owner);
+        }
+        self.record(local, addr, rec);
+    }
+
+    /// Whether an allocation may take the fast path ([`Tracker::allocated_fast`]
+    /// without [`Tracker::admit`] and [`Tracker::settle`]): `Some` when no
+    /// limit was ever set and no peak is watched, holding whether the glue
+    /// has more per-allocation work ([`Tracker::set_glue_work`]). One load.
+    #[inline(always)]
+    pub fn fast_path(&self) -> Option<bool> {
+        // Ordered for the common case: 0 (no limit, no sampling) is one test.
+        match self.checks.load(Relaxed) {
+            0 => Some(false),
+            GLUE_WORK => Some(true),
+            _ => None,
+        }
+    }
+
+    /// The glue says whether it does more per allocation than this tracker's
+    /// accounting (sampling allocation sites), so that its fast path learns
+    /// it from the same load as [`Tracker::fast_path`].
+    pub fn set_glue_work(&self, on: bool) {
+        if on {
+            self.checks.fetch_or(GLUE_WORK, Relaxed);
+        } else {
+            self.checks.fetch_and(!GLUE_WORK, Relaxed);
+        }
+    }
+
+    /// [`Tracker::allocated`] when it takes only the thread's own state:
+    /// the block was allocated by interpreter `id` (the caller's, as
+    /// `PyInterpreterState_GetID` says: the bucket
+    /// `BucketId::for_interpreter(Some(id))`), which `local` counts for and
+    /// keeps counters of, and the block's nursery slot is free. False
+    /// (nothing changed) sends the caller to [`Tracker::allocated`]. Call
+    /// only where [`Tracker::fast_path`] is `Some`.
+    ///
+    /// `serialized` must be what [`Tracker::set_serialized`] said for
+    /// `domain` (the glue knows it at compile time, which saves a load).
+    #[inline(always)]
+    pub fn allocated_fast(
+        &self,
+        local: &Nursery,
+        id: i64,
+        domain: Domain,
+        serialized: bool,
+        addr: usize,
+        size: usize,
+    ) -> bool {
+        debug_assert_eq!(serialized, self.serialized[domain.index()].load(Relaxed));
+        let Some(bucket) = local.record_fast(id, domain, addr, size) else { return false };
+        if serialized {
+            bucket.domain(domain).add_live_serialized(size as u64);
+        } else {
+            bucket.domain(domain).add_live(size as u64);
+        }
+        local.count_cached(domain, Count::Allocations);
+        true
+    }
+
+    /// [`Tracker::freeing`] when it takes only the thread's own state: the
+    /// block is in `local`, allocated in `domain` by the bucket `local`
+    /// counts for. False (nothing changed) sends the caller to
+    /// [`Tracker::freeing`]. `serialized` as in [`Tracker::allocated_fast`].
+    #[inline(always)]
+    pub fn freeing_fast(&self, local: &Nursery, domain: Domain, serialized: bool, addr: usize) -> bool {
+        debug_assert_eq!(serialized, self.serialized[domain.index()].load(Relaxed));
+        let Some((size, bucket)) = local.take_own_fast(domain, addr) else { return false };
+        if serialized {
+            bucket.domain(domain).sub_live_serialized(size);
+        } else {
+            bucket.domain(domain).sub_live(size);
+        }
+        local.count_cached(domain, Count::Frees);
+        true
+    }
+
+    /// `add_live` on counters a nursery keeps.
+    #[inline(always)]
+    fn add_live_to(&self, bucket: &Bucket, domain: Domain, bytes: usize) {
+        if self.serialized[domain.index()].load(Relaxed) {
+            bucket.domain(domain).add_live_serialized(bytes as u64);
+        } else {
+            bucket.domain(domain).add_live(bytes as u64);
+        }
+    }
+
+    /// `sub_live` on counters a nursery keeps.
+    #[inline(always)]
+    fn sub_live_from(&self, bucket: &Bucket, domain: Domain, bytes: usize) {
+        if self.serialized[domain.index()].load(Relaxed) {
+            bucket.domain(domain).sub_live_serialized(bytes as u64);
+        } else {
+            bucket.domain(domain).sub_live(bytes as u64);
+        }
     }
 
     /// An allocation or reallocation request by `owner` failed.
@@ -436,6 +543,13 @@ impl Tracker {
     /// (whether the allocator got it back or the checker kept it).
     #[inline(always)]
     pub fn account_free(&self, local: Option<&Nursery>, rec: BlockRecord) {
+        if let Some(nursery) = local {
+            if let Some(bucket) = nursery.cached_bucket(rec.owner) {
+                self.sub_live_from(bucket, rec.domain, rec.size);
+                nursery.count_cached(rec.domain, Count::Frees);
+                return;
+            }
+        }
         self.sub_live(rec.owner, rec.domain, rec.size);
         self.count(local, rec.owner, rec.domain, Count::Frees);
     }
@@ -554,6 +668,7 @@ mod tests {
     use super::*;
 
     const A: BucketId = BucketId::NO_INTERPRETER;
+    const NURSERY_SLOTS_FOR_TESTS: usize = crate::nursery::NURSERY_SLOTS;
 
     fn interp(id: i64) -> BucketId {
         BucketId::for_interpreter(Some(id))
@@ -565,6 +680,116 @@ mod tests {
 
     fn mem(t: &Tracker, b: BucketId) -> crate::DomainSnapshot {
         bucket(t, b)[Domain::Mem.index()]
+    }
+
+    /// What a hook does on its fast path, falling back as the glue does.
+    fn fast_alloc(t: &Tracker, n: &Nursery, id: i64, domain: Domain, addr: usize, size: usize) -> bool {
+        let fast = t.allocated_fast(n, id, domain, false, addr, size);
+        if !fast {
+            t.allocated(Some(n), interp(id), domain, addr, size);
+        }
+        fast
+    }
+
+    fn fast_free(t: &Tracker, n: &Nursery, domain: Domain, addr: usize) -> bool {
+        let fast = t.freeing_fast(n, domain, false, addr);
+        if !fast {
+            t.freeing(Some(n), domain, addr);
+        }
+        fast
+    }
+
+    #[test]
+    fn the_fast_paths_keep_the_figures_of_the_general_ones() {
+        let t = Tracker::new();
+        let n = t.adopt_nursery();
+        // The first allocation in a bucket takes the general path (it caches
+        // the bucket's counters); the next ones are fast.
+        assert!(!fast_alloc(&t, n, 3, Domain::Mem, 0x1000, 100));
+        assert!(fast_alloc(&t, n, 3, Domain::Mem, 0x2000, 50));
+        assert!(fast_alloc(&t, n, 3, Domain::Object, 0x3000, 7));
+        // A busy slot (this one evicts 0x2000 to the shared table), a size
+        // that may not pack, and no interpreter: general.
+        let busy = 0x2000 + 16 * NURSERY_SLOTS_FOR_TESTS;
+        assert!(!fast_alloc(&t, n, 3, Domain::Mem, busy, 1));
+        assert!(!fast_alloc(&t, n, 3, Domain::Raw, 0x5100, 1 << 43));
+        assert!(!t.allocated_fast(n, -1, Domain::Raw, false, 0x6000, 8));
+        assert!(!t.allocated_fast(n, i64::MIN, Domain::Raw, false, 0x6000, 8));
+        let m = mem(&t, interp(3));
+        assert_eq!((m.allocations, m.live_bytes, m.peak_bytes), (3, 151, 151));
+        // Frees: fast when the block is in this nursery, of its bucket, and
+        // in the domain the call names; a mixed-up domain takes the general
+        // path and is still charged to the block's own domain.
+        assert!(fast_free(&t, n, Domain::Mem, 0x1000));
+        assert!(!fast_free(&t, n, Domain::Mem, 0x2000));
+        assert!(!fast_free(&t, n, Domain::Mem, 0x3000));
+        assert!(!fast_free(&t, n, Domain::Mem, 0x1234_5670));
+        let [_, m, o] = bucket(&t, interp(3));
+        assert_eq!((m.frees, m.live_bytes, m.peak_bytes), (2, 1, 151));
+        assert_eq!((o.allocations, o.frees, o.live_bytes), (1, 1, 0));
+        assert_eq!(t.ledger().snapshot().untracked_frees[Domain::Mem.index()], 1);
+        // Another interpreter on this thread: the nursery switches bucket,
+        // and a block of the first one is then freed on the general path.
+        assert!(!fast_alloc(&t, n, 4, Domain::Mem, 0x7000, 10));
+        assert!(fast_alloc(&t, n, 4, Domain::Mem, 0x8000, 10));
+        assert!(!fast_free(&t, n, Domain::Mem, busy));
+        assert_eq!(mem(&t, interp(3)).live_bytes, 0);
+        assert_eq!(mem(&t, interp(4)).live_bytes, 20);
+        t.retire_nursery(n);
+    }
+
+    #[test]
+    fn a_fast_block_freed_by_another_thread_is_charged_to_its_owner() {
+        let t = Tracker::new();
+        let n = t.adopt_nursery();
+        assert!(!fast_alloc(&t, n, 1, Domain::Raw, 0x1000, 8));
+        assert!(fast_alloc(&t, n, 1, Domain::Raw, 0x2000, 64));
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let other = t.adopt_nursery();
+                // Not in this thread's nursery: claimed from the owner's.
+                assert!(!fast_free(&t, other, Domain::Raw, 0x2000));
+                t.retire_nursery(other);
+            });
+        });
+        let raw = bucket(&t, interp(1))[Domain::Raw.index()];
+        assert_eq!((raw.allocations, raw.frees, raw.live_bytes, raw.peak_bytes), (2, 1, 8, 72));
+        // The owner's slot is empty again: its next block there is fast.
+        assert!(fast_alloc(&t, n, 1, Domain::Raw, 0x2000, 16));
+        t.retire_nursery(n);
+    }
+
+    #[test]
+    fn a_reset_takes_every_nursery_off_the_fast_path() {
+        let t = Tracker::new();
+        let n = t.adopt_nursery();
+        assert!(!fast_alloc(&t, n, 2, Domain::Mem, 0x1000, 8));
+        assert!(fast_alloc(&t, n, 2, Domain::Mem, 0x2000, 8));
+        t.reset();
+        // The bucket is no longer settled (nor listed): the general path must
+        // see the next allocation, so that it is listed again.
+        assert!(!fast_alloc(&t, n, 2, Domain::Mem, 0x3000, 8));
+        assert!(!fast_free(&t, n, Domain::Mem, 0x2000));
+        let m = mem(&t, interp(2));
+        assert_eq!((m.allocations, m.frees, m.live_bytes), (1, 0, 8));
+        assert!(t.snapshot().buckets.iter().any(|b| b.bucket == interp(2)));
+        t.retire_nursery(n);
+    }
+
+    #[test]
+    fn the_empty_nursery_matches_no_fast_path() {
+        let t = Tracker::new();
+        let real = t.adopt_nursery();
+        assert!(!fast_alloc(&t, real, 0, Domain::Mem, 0x1000, 8));
+        assert!(fast_alloc(&t, real, 0, Domain::Mem, 0x2000, 8));
+        static EMPTY: Nursery = Nursery::empty();
+        // Interpreter 0's bucket is settled and cached elsewhere; the empty
+        // nursery still refuses both paths and is left untouched.
+        assert!(!t.allocated_fast(&EMPTY, 0, Domain::Mem, false, 0x3000, 8));
+        assert!(!t.freeing_fast(&EMPTY, Domain::Mem, false, 0x2000));
+        assert!(!t.allocated_fast(&EMPTY, i64::MIN, Domain::Mem, false, 0x3000, 8));
+        assert_eq!(EMPTY.local_counts(), None);
+        t.retire_nursery(real);
     }
 
     #[test]
