@@ -1,5 +1,5 @@
 # interheap: the two commands a fresh machine needs are `make demo` and `make test`.
-.PHONY: setup demo test wheel bench bench-sites bench-check bench-instructions bench-allocator bench-allocator-instructions bench-allocator-callgrind bench-scaling bench-pyalloc bench-adapters fuzz regrtest torture fmt clean
+.PHONY: setup demo test wheel bench bench-sites bench-check bench-instructions bench-threads bench-allocator bench-allocator-instructions bench-allocator-callgrind bench-scaling bench-pyalloc bench-adapters fuzz regrtest torture fmt clean
 
 PYTHON := .venv/bin/python
 
@@ -42,9 +42,17 @@ bench-check: setup
 	$(PYTHON) -m pip install -q --disable-pip-version-check pyperformance
 	$(PYTHON) bench/pyperformance_hooks.py --configs none,hooks,check,debug --vs hooks $(BENCH_ARGS)
 
-# Instructions the hooks add per allocation + free pair (callgrind, repeatable).
+# Instructions the hooks add per allocation + free pair (callgrind, repeatable): a C loop
+# over pymalloc, mimalloc and the interheap allocator, side by side; then a Python loop,
+# with a limit set and with sites sampled.
 bench-instructions: setup
-	$(PYTHON) bench/hook_instructions.py
+	$(PYTHON) bench/allocator_instructions.py --hooks
+	$(PYTHON) bench/hook_instructions.py --limited --sites
+
+# Free-threaded 3.14t: 8 threads allocating at once, with and without the hooks, interleaved
+# (the hooks' scaling over the scaling without them).
+bench-threads: setup
+	$$(awk '$$1 == "3.14t" { print $$2 "/bin/python" }' .venvs.list) bench/thread_scaling.py $(BENCH_ARGS)
 
 # The interheap allocator (interheap-python) vs pymalloc vs CPython's mimalloc, interleaved.
 bench-allocator: setup

@@ -125,9 +125,14 @@ def main() -> None:
     drop = ("PYTHONMALLOC", "INTERHEAP_ALLOCATOR", "INTERHEAP_LIMIT", "INTERHEAP_MAIN_LIMIT")
     base_env = {k: v for k, v in os.environ.items() if k not in drop}
     base_env["PYTHONHASHSEED"] = "0"
-    modes = [("pymalloc", python, {"PYTHONMALLOC": "pymalloc"})]
-    if sys.version_info >= (3, 13):
-        modes.append(("mimalloc", python, {"PYTHONMALLOC": "mimalloc"}))
+    free_threaded = sysconfig.get_config_var("Py_GIL_DISABLED") == 1
+    if free_threaded:
+        # A free-threaded build has only mimalloc (PYTHONMALLOC=pymalloc is refused).
+        modes = [("mimalloc", python, {})]
+    else:
+        modes = [("pymalloc", python, {"PYTHONMALLOC": "pymalloc"})]
+        if sys.version_info >= (3, 13):
+            modes.append(("mimalloc", python, {"PYTHONMALLOC": "mimalloc"}))
     has_launcher = Path(launcher).exists() and Path(launcher).with_name("interheap-python-bin").exists()
     if not has_launcher:
         print(f"note: no interheap-python beside {python} (make setup builds it): its rows are left out")
@@ -135,7 +140,7 @@ def main() -> None:
     if args.domain == "raw":
         # Raw alone: no interpreter heaps, so raw calls use the per-thread heap.
         modes.append(("raw-only", launcher, {"INTERHEAP_ALLOCATOR": "raw"}))
-    if sysconfig.get_config_var("Py_GIL_DISABLED") != 1:
+    if not free_threaded:
         modes.append(("limited", launcher, {"INTERHEAP_MAIN_LIMIT": "1GB"}))
     if not has_launcher:
         modes = [m for m in modes if m[1] != launcher]
@@ -163,9 +168,10 @@ def main() -> None:
     malloc, free = DOMAIN_CALLS[args.domain]
     version = sys.version.split()[0]
     print(f"instructions per {malloc}({args.size}) + {free} pair (callgrind), Python {version}")
+    base = modes[0][0]
     for name, pair in results.items():
-        ratio = pair / results["pymalloc"]
-        line = f"  {name:<10} {pair:7.1f}   ({ratio:.2f}x pymalloc)"
+        ratio = pair / results[base]
+        line = f"  {name:<10} {pair:7.1f}   ({ratio:.2f}x {base})"
         if name in hooked:
             line += f"   under the hooks {hooked[name]:7.1f}   (the hooks add {hooked[name] - pair:+.1f})"
         print(line)

@@ -122,6 +122,8 @@ struct ShardMap {
     len: usize,
     /// Sizes of blocks too large for the packed field, by address.
     huge: Vec<(usize, usize)>,
+    /// Operations in a row that left the table below 1/16 full (see `maybe_shrink`).
+    quiet_ops: usize,
 }
 
 #[repr(align(128))]
@@ -174,7 +176,7 @@ fn shard_index(key: usize) -> usize {
 
 impl ShardMap {
     const fn new() -> ShardMap {
-        ShardMap { slots: Vec::new(), len: 0, huge: Vec::new() }
+        ShardMap { slots: Vec::new(), len: 0, huge: Vec::new(), quiet_ops: 0 }
     }
 
     /// The slot where `key`'s probe sequence starts: its page's hashed run,
@@ -219,15 +221,28 @@ impl ShardMap {
         self.rehash((self.slots.len() * 2).max(INITIAL_SLOTS));
     }
 
-    /// Gives memory back after a peak: halve when the load falls below 1/16.
-    /// (Growth happens above 5/8, so a halved table sits at 1/8: no thrashing.)
+    /// Gives memory back after a peak, once the table has stayed below 1/16
+    /// full for as many operations as it has slots: then it shrinks to a
+    /// quarter full (growth happens above 5/8). Waiting matters: a program
+    /// that fills and empties the table in cycles (pyperformance's `float`
+    /// keeps 100,000 points, drops them and starts again) would otherwise pay
+    /// a chain of rehashes down and up every cycle, and the rehashes cost more
+    /// than the hooks' other work there. The wait is paid for by the
+    /// operations it counts, so a rehash stays O(1) per operation.
+    #[inline]
     fn maybe_shrink(&mut self) {
-        if self.slots.len() > INITIAL_SLOTS && self.len * 16 < self.slots.len() {
-            self.rehash(self.slots.len() / 2);
+        if self.len * 16 >= self.slots.len() {
+            self.quiet_ops = 0;
+            return;
+        }
+        self.quiet_ops += 1;
+        if self.quiet_ops >= self.slots.len() && self.slots.len() > INITIAL_SLOTS {
+            self.rehash((self.len * 4).next_power_of_two().max(INITIAL_SLOTS));
         }
     }
 
     fn rehash(&mut self, new_len: usize) {
+        self.quiet_ops = 0;
         let old = std::mem::replace(&mut self.slots, vec![Slot::default(); new_len]);
         for slot in old.into_iter().filter(|s| s.key != 0) {
             let i = self.probe(slot.key);
@@ -277,6 +292,7 @@ impl ShardMap {
         if rec.size as u64 >= SIZE_HUGE {
             self.huge.push((key, rec.size));
         }
+        self.maybe_shrink();
         displaced
     }
 
@@ -496,6 +512,15 @@ mod tests {
         let before = t.stats().slots;
         for i in (2..=n).step_by(2) {
             assert!(t.remove(i * 16).is_some());
+        }
+        // Emptied, the table keeps its size until it has stayed nearly empty
+        // for as many operations as it has slots (no rehash chains in programs
+        // that fill and empty it in cycles)...
+        assert_eq!(t.stats().slots, before, "no shrinking right after the peak");
+        // ...and then gives the memory back.
+        for i in 1..=4 * before {
+            t.insert(i * 16, rec(1, 0, Domain::Raw));
+            t.remove(i * 16);
         }
         assert!(t.stats().slots < before, "the table gives memory back after a peak");
         assert_eq!(t.stats().slots, SHARDS * INITIAL_SLOTS);
