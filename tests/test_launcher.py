@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import pytest
@@ -216,3 +217,14 @@ def test_the_raw_swap_guard_follows_the_hooks_under_plain_python():
         assert states == [None, "installed", "installed"]
     else:
         assert states == ["not needed"] * 3
+
+
+def test_the_wrapper_without_its_binary_says_how_to_get_it(tmp_path):
+    # `make demo` installs the package without the launcher binary: the
+    # wrapper script must say so, not fail on exec.
+    wrapper = tmp_path / "interheap-python"
+    wrapper.write_text((ROOT / "frontends/python/wheel-data/scripts/interheap-python").read_text())
+    proc = subprocess.run([sys.executable, str(wrapper), "-c", "pass"], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "launcher binary is not installed beside this script" in proc.stderr
+    assert "make setup" in proc.stderr
