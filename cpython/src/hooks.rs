@@ -44,7 +44,7 @@ use std::ptr::null_mut;
 use std::sync::atomic::{AtomicPtr, Ordering::Acquire, Ordering::Release};
 use std::sync::{Mutex, Once};
 
-use interheap_engine::{Admission, BucketId, Domain, Tracker};
+use interheap_engine::{Admission, BucketId, Domain, FastPath, Tracker};
 use pyo3_ffi::{PyMemAllocatorDomain, PyMemAllocatorEx, PyMem_GetAllocator, PyMem_SetAllocator};
 
 use crate::hook_thread::{HookEntry, InHook};
@@ -216,6 +216,36 @@ fn allocated_general<const D: usize>(thread: InHook, id: i64, block: *mut c_void
     }
 }
 
+/// The fast path with a memory limit set: the general path's order
+/// (admission before forwarding, so that a refused request never reaches the
+/// allocator; settled after the block is counted) around the fast record.
+/// Out of line; `None`: the call is nested in a hook.
+#[inline(never)]
+fn fast_allocate_limited<const D: usize>(
+    size: usize,
+    forward: impl FnOnce() -> *mut c_void,
+) -> Option<*mut c_void> {
+    let entry = HookEntry::enter()?;
+    let id = entry.interpreter_id();
+    let owner = bucket_of(id);
+    let admission = TRACKER.admit(owner, size);
+    let block = if admission.allowed() { forward() } else { null_mut() };
+    if block.is_null()
+        || !TRACKER.allocated_fast(
+            entry.fast_nursery(),
+            id,
+            domain_of::<D>(),
+            serialized::<D>(),
+            block as usize,
+            size,
+        )
+    {
+        allocated_general::<D>(entry.view(), id, block, size);
+    }
+    TRACKER.settle(owner, size, admission);
+    Some(block)
+}
+
 /// [`fast_allocate`] with sampling, out of line; `None`: the call is nested
 /// in a hook (the general path takes it).
 #[inline(never)]
@@ -231,17 +261,22 @@ extern "C" fn hook_malloc<const D: usize, const CHECK: bool>(ctx: *mut c_void, s
     // otherwise; the no-sampling case decided by one test.
     if !CHECK {
         match TRACKER.fast_path() {
-            Some(false) => {
+            FastPath::Plain => {
                 if let Some(entry) = HookEntry::enter() {
                     return fast_allocate::<D, false>(entry, size, || FORWARD[D].malloc(size));
                 }
             }
-            Some(true) => {
+            FastPath::Sampled => {
                 if let Some(block) = fast_allocate_sampled::<D>(size, || FORWARD[D].malloc(size)) {
                     return block;
                 }
             }
-            None => {}
+            FastPath::Limited => {
+                if let Some(block) = fast_allocate_limited::<D>(size, || FORWARD[D].malloc(size)) {
+                    return block;
+                }
+            }
+            FastPath::General => {}
         }
     }
     hook_malloc_general::<D, CHECK>(ctx, size)
@@ -303,17 +338,22 @@ extern "C" fn hook_calloc<const D: usize, const CHECK: bool>(
     };
     if !CHECK {
         match TRACKER.fast_path() {
-            Some(false) => {
+            FastPath::Plain => {
                 if let Some(entry) = HookEntry::enter() {
                     return fast_allocate::<D, false>(entry, size, || FORWARD[D].calloc(nelem, elsize));
                 }
             }
-            Some(true) => {
+            FastPath::Sampled => {
                 if let Some(block) = fast_allocate_sampled::<D>(size, || FORWARD[D].calloc(nelem, elsize)) {
                     return block;
                 }
             }
-            None => {}
+            FastPath::Limited => {
+                if let Some(block) = fast_allocate_limited::<D>(size, || FORWARD[D].calloc(nelem, elsize)) {
+                    return block;
+                }
+            }
+            FastPath::General => {}
         }
     }
     hook_calloc_general::<D, CHECK>(ctx, nelem, elsize)

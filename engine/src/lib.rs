@@ -52,4 +52,4 @@ pub use ledger::{
 };
 pub use limits::{parse_size, Admission, Budget, BudgetSnapshot};
 pub use nursery::{Nurseries, Nursery};
-pub use tracker::Tracker;
+pub use tracker::{FastPath, Tracker};

@@ -39,6 +39,22 @@ const WATCHING: u8 = 2;
 /// `Tracker::checks`: the glue does more per allocation (it samples sites).
 const GLUE_WORK: u8 = 4;
 
+/// Which path an allocation may take, from [`Tracker::fast_path`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FastPath {
+    /// No limit was ever set, no peak is watched, the glue has no other
+    /// work: [`Tracker::allocated_fast`] without [`Tracker::admit`].
+    Plain,
+    /// As `Plain`, and the glue samples allocation sites
+    /// ([`Tracker::set_glue_work`]).
+    Sampled,
+    /// A limit was set (no peak watched, no sampling): [`Tracker::admit`]
+    /// before forwarding, [`Tracker::allocated_fast`], [`Tracker::settle`].
+    Limited,
+    /// Peaks are watched, or a limit and sampling together: the general path.
+    General,
+}
+
 /// Block table, nurseries and ledger, with the accounting rules in the module docs.
 ///
 /// Every method that takes `local: Option<&Nursery>` must be given the
@@ -416,17 +432,15 @@ impl Tracker {
         self.record(local, addr, rec);
     }
 
-    /// Whether an allocation may take the fast path ([`Tracker::allocated_fast`]
-    /// without [`Tracker::admit`] and [`Tracker::settle`]): `Some` when no
-    /// limit was ever set and no peak is watched, holding whether the glue
-    /// has more per-allocation work ([`Tracker::set_glue_work`]). One load.
+    /// Which path an allocation may take (see [`FastPath`]). One load.
     #[inline(always)]
-    pub fn fast_path(&self) -> Option<bool> {
+    pub fn fast_path(&self) -> FastPath {
         // Ordered for the common case: 0 (no limit, no sampling) is one test.
         match self.checks.load(Relaxed) {
-            0 => Some(false),
-            GLUE_WORK => Some(true),
-            _ => None,
+            0 => FastPath::Plain,
+            GLUE_WORK => FastPath::Sampled,
+            LIMITS_SET => FastPath::Limited,
+            _ => FastPath::General,
         }
     }
 
@@ -447,7 +461,8 @@ impl Tracker {
     /// `BucketId::for_interpreter(Some(id))`), which `local` counts for and
     /// keeps counters of, and the block's nursery slot is free. False
     /// (nothing changed) sends the caller to [`Tracker::allocated`]. Call
-    /// only where [`Tracker::fast_path`] is `Some`.
+    /// only where [`Tracker::fast_path`] is not `General`, with [`Tracker::admit`]
+    /// first where it is `Limited`.
     ///
     /// `serialized` must be what [`Tracker::set_serialized`] said for
     /// `domain` (the glue knows it at compile time, which saves a load).
