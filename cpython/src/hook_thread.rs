@@ -259,50 +259,38 @@ impl InHook {
 
     /// The ID of the interpreter whose thread state is current on this
     /// thread, or -1 without one: two loads and `PyInterpreterState_GetID`
-    /// once the thread's slot is known (see [`HookEntry::bucket`]).
+    /// once the thread's slot is known, else the public API, which finds the
+    /// slot when it can.
     #[inline(always)]
     pub fn interpreter_id(&self) -> i64 {
-        // SAFETY: as in `bucket`.
-        let tstate = unsafe { *self.state().tstate_slot.get() };
-        if tstate.is_null() {
-            return match self.bucket_slow().kind() {
-                interheap_engine::BucketKind::Interpreter(id) => id,
-                _ => -1,
-            };
-        }
-        // SAFETY: as in `bucket`.
-        unsafe { pyo3_ffi::PyInterpreterState_GetID(crate::interp::thread_state_interpreter(tstate)) }
-    }
-
-    /// The bucket of the interpreter whose thread state is current on this
-    /// thread (`NO_INTERPRETER` without one): two loads and
-    /// `PyInterpreterState_GetID` once the thread's slot is known, else the
-    /// public API, which finds the slot when it can.
-    #[inline(always)]
-    pub fn bucket(&self) -> BucketId {
         // SAFETY: the cell holds this thread's libpython slot or NULL_SLOT,
         // both readable for the thread's life.
         let tstate = unsafe { *self.state().tstate_slot.get() };
         if tstate.is_null() {
-            return self.bucket_slow();
+            return self.interpreter_id_slow();
         }
         // SAFETY: `tstate` is this thread's current thread state (it cannot
         // be freed while current), whose head layout `fast_tstate` verified;
         // its interpreter outlives it, and for a non-null argument
         // PyInterpreterState_GetID only reads the ID.
-        let id =
-            unsafe { pyo3_ffi::PyInterpreterState_GetID(crate::interp::thread_state_interpreter(tstate)) };
-        BucketId::for_interpreter((id >= 0).then_some(id))
+        unsafe { pyo3_ffi::PyInterpreterState_GetID(crate::interp::thread_state_interpreter(tstate)) }
+    }
+
+    /// The bucket of [`InHook::interpreter_id`]'s interpreter
+    /// (`NO_INTERPRETER` without one).
+    #[inline(always)]
+    pub fn bucket(&self) -> BucketId {
+        bucket_of(self.interpreter_id())
     }
 
     /// No thread state in the slot: there is none, or the slot is not known
     /// yet (then the public API answers and the slot is looked for).
     #[cold]
     #[inline(never)]
-    fn bucket_slow(&self) -> BucketId {
+    fn interpreter_id_slow(&self) -> i64 {
         let state = self.state();
         if !std::ptr::eq(state.tstate_slot.get(), &NULL_SLOT.0) {
-            return BucketId::NO_INTERPRETER;
+            return -1;
         }
         let interp = crate::interp::fast_tstate::current_interpreter_slow();
         let slot = crate::interp::fast_tstate::slot();
@@ -310,12 +298,11 @@ impl InHook {
             state.tstate_slot.set(slot);
         }
         if interp.is_null() {
-            return BucketId::NO_INTERPRETER;
+            return -1;
         }
         // SAFETY: `interp` is the current thread state's interpreter, alive
         // while it is current; for a non-null argument the call only reads the ID.
-        let id = unsafe { pyo3_ffi::PyInterpreterState_GetID(interp) };
-        BucketId::for_interpreter((id >= 0).then_some(id))
+        unsafe { pyo3_ffi::PyInterpreterState_GetID(interp) }
     }
 
     /// This thread's nursery, or one that no fast path matches (see
@@ -337,6 +324,13 @@ impl Drop for HookEntry {
     fn drop(&mut self) {
         self.thread.state().in_hook.set(false);
     }
+}
+
+/// The bucket of the interpreter with ID `id` (negative: no interpreter,
+/// as `PyInterpreterState_GetID` reports an error).
+#[inline(always)]
+pub(crate) fn bucket_of(id: i64) -> BucketId {
+    BucketId::for_interpreter((id >= 0).then_some(id))
 }
 
 /// A fixed seed for every thread's sample gaps (tests), or 0 for seeds from

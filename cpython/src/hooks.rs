@@ -47,7 +47,7 @@ use std::sync::{Mutex, Once};
 use interheap_engine::{Admission, BucketId, Domain, FastPath, Tracker};
 use pyo3_ffi::{PyMemAllocatorDomain, PyMemAllocatorEx, PyMem_GetAllocator, PyMem_SetAllocator};
 
-use crate::hook_thread::{HookEntry, InHook};
+use crate::hook_thread::{bucket_of, HookEntry, InHook};
 use crate::interp::current_interpreter_id;
 use crate::sites::SITES;
 
@@ -185,22 +185,29 @@ fn fast_allocate<const D: usize, const SAMPLE: bool>(
     // interpreter cannot change inside the allocator).
     let block = forward();
     let id = entry.interpreter_id();
-    let nursery = entry.fast_nursery();
-    if block.is_null()
-        || !TRACKER.allocated_fast(nursery, id, domain_of::<D>(), serialized::<D>(), block as usize, size)
-    {
-        allocated_general::<D>(entry.view(), id, block, size);
-    }
+    record_allocation::<D>(entry.view(), id, block, size);
     if SAMPLE && !block.is_null() && entry.sample_due(size) {
         crate::sites::sample(block as usize, bucket_of(id), domain_of::<D>(), size);
     }
     block
 }
 
-/// The bucket of interpreter `id` (negative: none).
+/// Records what an allocation of `size` bytes by interpreter `id` returned:
+/// in the thread's nursery when the fast record takes it, else generally.
 #[inline(always)]
-fn bucket_of(id: i64) -> BucketId {
-    BucketId::for_interpreter((id >= 0).then_some(id))
+fn record_allocation<const D: usize>(thread: InHook, id: i64, block: *mut c_void, size: usize) {
+    if block.is_null()
+        || !TRACKER.allocated_fast(
+            thread.fast_nursery(),
+            id,
+            domain_of::<D>(),
+            serialized::<D>(),
+            block as usize,
+            size,
+        )
+    {
+        allocated_general::<D>(thread, id, block, size);
+    }
 }
 
 /// An allocation on the fast path came back, but the fast record could not
@@ -230,18 +237,7 @@ fn fast_allocate_limited<const D: usize>(
     let owner = bucket_of(id);
     let admission = TRACKER.admit(owner, size);
     let block = if admission.allowed() { forward() } else { null_mut() };
-    if block.is_null()
-        || !TRACKER.allocated_fast(
-            entry.fast_nursery(),
-            id,
-            domain_of::<D>(),
-            serialized::<D>(),
-            block as usize,
-            size,
-        )
-    {
-        allocated_general::<D>(entry.view(), id, block, size);
-    }
+    record_allocation::<D>(entry.view(), id, block, size);
     TRACKER.settle(owner, size, admission);
     Some(block)
 }
@@ -256,9 +252,11 @@ fn fast_allocate_sampled<const D: usize>(
     Some(fast_allocate::<D, true>(HookEntry::enter()?, size, forward))
 }
 
+// The fast path unless checking, limits with sampling, watched peaks or
+// nesting say otherwise; the no-sampling case decided by one test. The match
+// is written out in each hook: a shared helper (returning an `Option`, or
+// taking the general path as a closure) cost 4 more instructions per pair.
 extern "C" fn hook_malloc<const D: usize, const CHECK: bool>(ctx: *mut c_void, size: usize) -> *mut c_void {
-    // The fast path unless limits, watched peaks, checking or nesting say
-    // otherwise; the no-sampling case decided by one test.
     if !CHECK {
         match TRACKER.fast_path() {
             FastPath::Plain => {
