@@ -1,5 +1,5 @@
 # interheap: the two commands a fresh machine needs are `make demo` and `make test`.
-.PHONY: setup demo test wheel bench bench-sites bench-check bench-instructions bench-threads bench-allocator bench-allocator-instructions bench-allocator-callgrind bench-scaling bench-pyalloc bench-adapters fuzz regrtest torture fmt clean
+.PHONY: setup demo test wheel bench bench-sites bench-check bench-instructions bench-threads bench-allocator bench-allocator-run bench-allocator-instructions bench-allocator-callgrind bench-scaling bench-pyalloc bench-adapters fuzz regrtest torture fmt clean
 
 PYTHON := .venv/bin/python
 
@@ -58,6 +58,12 @@ bench-threads: setup
 bench-allocator: setup
 	$(PYTHON) -m pip install -q --disable-pip-version-check pyperformance
 	$(PYTHON) bench/pyperformance_hooks.py --configs none,mimalloc,interheap $(BENCH_ARGS)
+
+# What `interheap-python -m interheap run` costs over interheap-python (figures from the heaps,
+# no hooks), and the hooks over pymalloc, interleaved.
+bench-allocator-run: setup
+	$(PYTHON) -m pip install -q --disable-pip-version-check pyperformance
+	$(PYTHON) bench/pyperformance_hooks.py --configs none,hooks,interheap,interheap-run --vs interheap $(BENCH_ARGS)
 
 # Instructions per PyObject_Malloc(32) + PyObject_Free pair: pymalloc, mimalloc, interheap (callgrind).
 bench-allocator-instructions: setup

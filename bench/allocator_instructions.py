@@ -14,6 +14,8 @@ by side in one run:
 * ``pymalloc``: the venv's python with ``PYTHONMALLOC=pymalloc``
 * ``mimalloc``: the venv's python with ``PYTHONMALLOC=mimalloc`` (3.13+)
 * ``interheap``: ``interheap-python`` (mem and object from the interpreter's heap)
+* ``requested``: ``interheap-python`` with ``INTERHEAP_REQUESTED_SIZES=1``: the
+  heaps keep each block's requested size, as under ``-m interheap``
 * ``limited``: ``interheap-python`` with a memory limit on the main interpreter
   (``INTERHEAP_MAIN_LIMIT=1GB``): the limit is checked on the heaps' slow
   paths only, so the pair should cost what ``interheap`` does
@@ -26,7 +28,10 @@ pymalloc's row is CPython's raw allocator, glibc's ``malloc``.
 With ``--hooks`` each row is measured a second time with interheap's hooks
 installed (``interheap.install()``, what ``python -m interheap run`` does)
 before the loop, and the instructions the hooks add per pair are printed
-beside it: the cost issue 16 bounds. Both runs then import interheap, since
+beside it: the cost issue 16 bounds. The ``requested`` row is measured
+with ``install(figures="heaps")`` instead, what ``interheap-python -m
+interheap run`` does (no hook; the figures come from the heaps), and its
+cost over plain ``interheap-python`` is printed last. Both runs then import interheap, since
 loading any extension module makes libpython's own thread-local lookups
 dearer (about 17 instructions per pair under pymalloc here).
 
@@ -62,6 +67,8 @@ if sys.argv[4] != "none":
     import interheap
 if sys.argv[4] == "hooks":
     interheap.install()
+if sys.argv[4] == "heaps":
+    interheap.install(figures="heaps")
 lib = ctypes.PyDLL(sys.argv[3])
 lib.interheap_bench_pairs.argtypes = [ctypes.c_long, ctypes.c_size_t]
 lib.interheap_bench_pairs(int(sys.argv[1]), int(sys.argv[2]))
@@ -122,7 +129,13 @@ def main() -> None:
         sys.exit("valgrind is required (apt-get install valgrind)")
     python = sys.executable
     launcher = str(Path(python).with_name("interheap-python"))
-    drop = ("PYTHONMALLOC", "INTERHEAP_ALLOCATOR", "INTERHEAP_LIMIT", "INTERHEAP_MAIN_LIMIT")
+    drop = (
+        "PYTHONMALLOC",
+        "INTERHEAP_ALLOCATOR",
+        "INTERHEAP_LIMIT",
+        "INTERHEAP_MAIN_LIMIT",
+        "INTERHEAP_REQUESTED_SIZES",
+    )
     base_env = {k: v for k, v in os.environ.items() if k not in drop}
     base_env["PYTHONHASHSEED"] = "0"
     free_threaded = sysconfig.get_config_var("Py_GIL_DISABLED") == 1
@@ -136,7 +149,9 @@ def main() -> None:
     has_launcher = Path(launcher).exists() and Path(launcher).with_name("interheap-python-bin").exists()
     if not has_launcher:
         print(f"note: no interheap-python beside {python} (make setup builds it): its rows are left out")
-    modes.append(("interheap", launcher, {}))
+    modes.append(("interheap", launcher, {"INTERHEAP_REQUESTED_SIZES": "0"}))
+    # The heaps keeping requested sizes: what `interheap-python -m interheap run` runs on.
+    modes.append(("requested", launcher, {"INTERHEAP_REQUESTED_SIZES": "1"}))
     if args.domain == "raw":
         # Raw alone: no interpreter heaps, so raw calls use the per-thread heap.
         modes.append(("raw-only", launcher, {"INTERHEAP_ALLOCATOR": "raw"}))
@@ -164,7 +179,9 @@ def main() -> None:
             # lookups (glibc's TLS generation), which is not the hooks' cost.
             results[name] = per_pair(name, exe, env, "imported" if args.hooks else "none")
             if args.hooks and name != "limited":
-                hooked[name] = per_pair(name, exe, env, "hooks")
+                # What `interheap-python -m interheap run` does: no hook, the
+                # figures read from heaps that keep requested sizes.
+                hooked[name] = per_pair(name, exe, env, "heaps" if name == "requested" else "hooks")
     malloc, free = DOMAIN_CALLS[args.domain]
     version = sys.version.split()[0]
     print(f"instructions per {malloc}({args.size}) + {free} pair (callgrind), Python {version}")
@@ -175,6 +192,12 @@ def main() -> None:
         if name in hooked:
             line += f"   under the hooks {hooked[name]:7.1f}   (the hooks add {hooked[name] - pair:+.1f})"
         print(line)
+    if "requested" in hooked and "interheap" in results:
+        run_cost = hooked["requested"] - results["interheap"]
+        print(
+            f"  interheap-python -m interheap run (heaps keep requested sizes, figures read from them, "
+            f"no hook): {hooked['requested']:.1f}, {run_cost:+.1f} over interheap-python"
+        )
     if "limited" in results:
         extra = results["limited"] - results["interheap"]
         print(f"  a limit set costs {extra:+.1f} instructions per pair")

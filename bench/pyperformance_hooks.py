@@ -73,6 +73,7 @@ CONFIGS = (
     "tracemalloc",
     "mimalloc",
     "interheap",
+    "interheap-run",
     "sites",
     "timeline",
     "check",
@@ -80,7 +81,7 @@ CONFIGS = (
 )
 DEFAULT_CONFIGS = CONFIGS[:5]
 # Configurations that run interheap's hooks (``python -m interheap run`` or ``check``).
-HOOKED = ("hooks", "sites", "timeline", "check")
+HOOKED = ("hooks", "sites", "timeline", "check", "interheap-run")
 # Configurations measured against hooks as well when both run (--vs by default).
 ON_HOOKS = ("sites", "timeline", "check")
 
@@ -188,6 +189,9 @@ def command(
         # CPython's debug hooks on its allocators (pymalloc underneath), no interheap.
         "debug": ["env", "PYTHONMALLOC=debug", python, "-u"],
         "interheap": [str(Path(python).with_name("interheap-python")), "-u"],
+        # `interheap run` under the launcher: its heaps keep requested sizes and
+        # the figures are read from them, no hook installed.
+        "interheap-run": [str(Path(python).with_name("interheap-python")), "-u", "-m", "interheap", "run"],
     }[config]
     worker = [
         "--worker",

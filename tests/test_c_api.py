@@ -141,6 +141,30 @@ def test_embedding_program_installs_the_interheap_allocator(build_dir):
             [str(exe), "7"], capture_output=True, text=True, timeout=60, env=child_env(embedding_env())
         )
         assert proc.returncode == 3 and "free-threaded build" in proc.stdout
+    assert "unknown option refused: unknown option bits 0x10" in out
+    assert report["requested_sizes"] is False
+
+
+def test_an_embedding_program_can_have_the_heaps_keep_requested_sizes(build_dir):
+    import json
+
+    exe = build_program(ROOT / "tests" / "c" / "embed_allocator.c", build_dir / "embed_allocator")
+    domains = "1" if FREE_THREADED else "7"
+    reports = {
+        options: json.loads(run_program(exe, domains, options).split("REPORT ", 1)[1].splitlines()[0])
+        for options in ("0", "1")
+    }
+    assert reports["1"]["requested_sizes"] is True and reports["0"]["requested_sizes"] is False
+    if not FREE_THREADED:
+
+        def main_object_live(report) -> int:
+            heaps = [h for h in report["heaps"] if h["kind"] == "interpreter" and h["domain"] == "object"]
+            return heaps[0]["live_bytes"]
+
+        # 30,000 bytes(200) objects live: 233 bytes asked for each, in 240-byte blocks.
+        asked, blocks = main_object_live(reports["1"]), main_object_live(reports["0"])
+        assert asked >= 30000 * 233, asked
+        assert blocks - asked >= 30000 * 7, (blocks, asked)
 
 
 @pytest.mark.skipif(FREE_THREADED, reason="free-threaded builds keep CPython's mimalloc for mem and object")

@@ -64,7 +64,7 @@ use std::cell::Cell;
 use std::ffi::c_void;
 use std::fmt;
 use std::ptr;
-use std::sync::atomic::{AtomicPtr, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use interheap_engine::heap::{self, Account, Heap, HeapLabel, HeapPool, HeapSnapshot, Realloc, NO_OWNER};
@@ -150,6 +150,28 @@ impl std::error::Error for InstallError {}
 
 /// Domains the allocator serves (0 until installed).
 static INSTALLED: AtomicU8 = AtomicU8::new(0);
+/// Whether every heap keeps the size each block was asked for (set at install).
+static REQUESTED_SIZES: AtomicBool = AtomicBool::new(false);
+
+/// How [`install_before_init_with`] installs the allocator.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InstallOptions {
+    /// The checking layer (`crate::allocator_check`: buffer overruns and
+    /// uses after free) over the mem and object domains.
+    pub checking: bool,
+    /// Every heap keeps the size each block was asked for
+    /// (`Heap::new_keeping_requested_sizes`), so that the heaps' figures are
+    /// the bytes callers asked for, as the hooks count them, and interheap's
+    /// figures can come from the heaps with no hook installed
+    /// (`crate::figures`). Costs about 14 instructions per allocation and
+    /// free pair, and a byte (two above 512 bytes) per small block.
+    pub requested_sizes: bool,
+}
+
+/// Whether the installed allocator's heaps keep requested sizes.
+pub fn keeps_requested_sizes() -> bool {
+    REQUESTED_SIZES.load(Ordering::Acquire)
+}
 
 /// What each domain had before installation: it frees pointers that are not ours.
 struct Previous([PyMemAllocatorEx; Domain::COUNT]);
@@ -174,6 +196,12 @@ pub fn install_before_init(domains: Domains) -> Result<(), InstallError> {
 /// buffer overruns and uses after free) over the mem and object domains
 /// when `checking`.
 pub fn install_before_init_checked(domains: Domains, checking: bool) -> Result<(), InstallError> {
+    install_before_init_with(domains, InstallOptions { checking, ..InstallOptions::default() })
+}
+
+/// [`install_before_init`] with [`InstallOptions`].
+pub fn install_before_init_with(domains: Domains, options: InstallOptions) -> Result<(), InstallError> {
+    let InstallOptions { checking, requested_sizes } = options;
     if domains.0 == 0 || domains.0 & !Domains::ALL.0 != 0 {
         return Err(InstallError::NoDomains);
     }
@@ -195,6 +223,9 @@ pub fn install_before_init_checked(domains: Domains, checking: bool) -> Result<(
     if PREVIOUS.set(previous).is_err() {
         return Err(InstallError::AlreadyInstalled);
     }
+    // Before any heap exists: every heap has the one mode the fast paths assume.
+    REQUESTED_SIZES.store(requested_sizes, Ordering::Release);
+    THREAD_POOL.keep_requested_sizes(requested_sizes);
     for domain in Domain::ALL {
         if domains.contains(domain) {
             let ours = our_allocator(domain, domains);
@@ -265,8 +296,10 @@ fn our_allocator(domain: Domain, domains: Domains) -> PyMemAllocatorEx {
             raw_allocator::<true>()
         }
         Domain::Raw => raw_allocator::<false>(),
-        Domain::Mem => interp_allocator::<1>(),
-        Domain::Object => interp_allocator::<2>(),
+        Domain::Mem if keeps_requested_sizes() => interp_allocator::<1, true>(),
+        Domain::Object if keeps_requested_sizes() => interp_allocator::<2, true>(),
+        Domain::Mem => interp_allocator::<1, false>(),
+        Domain::Object => interp_allocator::<2, false>(),
     }
 }
 
@@ -280,13 +313,14 @@ fn raw_allocator<const BY_INTERPRETER: bool>() -> PyMemAllocatorEx {
     }
 }
 
-fn interp_allocator<const D: usize>() -> PyMemAllocatorEx {
+/// `R`: whether the heaps keep requested sizes (the fast paths' mode).
+fn interp_allocator<const D: usize, const R: bool>() -> PyMemAllocatorEx {
     PyMemAllocatorEx {
         ctx: ptr::null_mut(),
-        malloc: Some(interp_malloc::<D>),
+        malloc: Some(interp_malloc::<D, R>),
         calloc: Some(interp_calloc::<D>),
         realloc: Some(interp_realloc::<D>),
-        free: Some(interp_free::<D>),
+        free: Some(interp_free::<D, R>),
     }
 }
 
@@ -336,8 +370,17 @@ const EXITING_TOKEN: usize = 2;
 
 fn exiting_heap() -> &'static Heap {
     EXITING_HEAP.get_or_init(|| {
-        Heap::new(HeapLabel { kind: KIND_EXITING, id: 0, part: Domain::Raw as u8 }, EXITING_TOKEN)
+        new_heap(HeapLabel { kind: KIND_EXITING, id: 0, part: Domain::Raw as u8 }, EXITING_TOKEN, None)
     })
+}
+
+/// A heap in the mode chosen at install (see [`InstallOptions::requested_sizes`]).
+fn new_heap(label: HeapLabel, token: usize, account: Option<&'static Account>) -> &'static Heap {
+    match account {
+        _ if keeps_requested_sizes() => Heap::new_keeping_requested_sizes(label, token, account),
+        Some(account) => Heap::new_in_account(label, token, account),
+        None => Heap::new(label, token),
+    }
 }
 
 /// Runs `f` with the heap this thread owns in the shared heap: its own, or
@@ -381,6 +424,12 @@ struct InterpreterHeaps {
     heaps: [&'static Heap; PARTS],
     account: &'static Account,
     ended: Cell<bool>,
+    /// What is known of the interpreter (`interp::Origin::pack`) and whether
+    /// it is final: described when figures are read ([`figures_records`])
+    /// and when it ends, once the figures' reader has resolved the symbols.
+    info: Cell<(interheap_engine::InterpreterInfo, bool)>,
+    /// When the interpreter ended (`interp_end::monotonic_ns`; 0: it has not).
+    ended_at: Cell<u64>,
 }
 
 struct Interpreters(Vec<&'static InterpreterHeaps>);
@@ -683,12 +732,14 @@ fn interpreter_heaps_lookup(id: i64, state: *mut ffi::PyInterpreterState) -> &'s
         id,
         state: state as usize,
         heaps: [
-            Heap::new_in_account(label(Domain::Mem), token, account),
-            Heap::new_in_account(label(Domain::Object), token, account),
-            Heap::new_in_account(label(Domain::Raw), token, account),
+            new_heap(label(Domain::Mem), token, Some(account)),
+            new_heap(label(Domain::Object), token, Some(account)),
+            new_heap(label(Domain::Raw), token, Some(account)),
         ],
         account,
         ended: Cell::new(false),
+        info: Cell::new((0, false)),
+        ended_at: Cell::new(0),
     }));
     all.0.push(entry);
     entry
@@ -701,6 +752,9 @@ fn end_interpreters_in(block: usize, size: usize) {
     let all = INTERPRETERS.lock();
     for entry in all.0.iter() {
         if !entry.ended.get() && entry.id != 0 && (block..block + size).contains(&entry.state) {
+            // Last chance to say what it was: its state is still there.
+            describe_entry(entry);
+            entry.ended_at.set(crate::interp_end::monotonic_ns());
             entry.ended.set(true);
             for heap in entry.heaps {
                 // SAFETY: the interpreter's threads are gone (CPython deletes
@@ -731,11 +785,12 @@ const PARTS: usize = 3;
 /// (see [`raw_malloc`]).
 const RAW_PART: usize = 2;
 
-extern "C" fn interp_malloc<const D: usize>(ctx: *mut c_void, size: usize) -> *mut c_void {
+extern "C" fn interp_malloc<const D: usize, const R: bool>(ctx: *mut c_void, size: usize) -> *mut c_void {
     if let Some(heap) = cached_interpreter_heap(part::<D>()) {
         // SAFETY: mem/object calls hold the GIL of the current interpreter,
-        // which owns that interpreter's heaps (module docs).
-        return unsafe { heap.alloc(size) } as *mut c_void;
+        // which owns that interpreter's heaps (module docs); every heap has
+        // the mode R was chosen for at install.
+        return unsafe { heap.alloc_as::<R>(size) } as *mut c_void;
     }
     interp_malloc_slow::<D>(ctx, size)
 }
@@ -774,11 +829,12 @@ extern "C" fn interp_realloc<const D: usize>(_ctx: *mut c_void, p: *mut c_void, 
     }
 }
 
-extern "C" fn interp_free<const D: usize>(ctx: *mut c_void, p: *mut c_void) {
+extern "C" fn interp_free<const D: usize, const R: bool>(ctx: *mut c_void, p: *mut c_void) {
     // SAFETY: `p` is null (never ours: the segment map has no segment at 0)
     // or a live block that the caller gives up; owns_cached is true only for
-    // the current interpreter's heap, which its GIL (held) owns.
-    if unsafe { heap::free_fast(p as *mut u8, |heap| owns_cached(heap, part::<D>())) } {
+    // the current interpreter's heap, which its GIL (held) owns; every heap
+    // has the mode R was chosen for at install.
+    if unsafe { heap::free_fast::<R>(p as *mut u8, |heap| owns_cached(heap, part::<D>())) } {
         return;
     }
     interp_free_slow::<D>(ctx, p);
@@ -1040,6 +1096,72 @@ fn apply_default_limit(account: &Account) {
 
 // ----- figures -----
 
+/// Set once a reader of the figures has resolved the symbols describing
+/// interpreters needs (`interp::prepare_describe`, which may allocate, so
+/// never from inside the allocator).
+static DESCRIBE_READY: AtomicBool = AtomicBool::new(false);
+
+/// Describes `entry`'s interpreter if it is live and not described for
+/// good yet. Called under the [`INTERPRETERS`] lock, which keeps its state
+/// from being freed (the free ends it under that lock first).
+fn describe_entry(entry: &InterpreterHeaps) {
+    if entry.ended.get() || entry.info.get().1 || !DESCRIBE_READY.load(Ordering::Acquire) {
+        return;
+    }
+    if entry.id != 0 && entry.state == 0 {
+        return;
+    }
+    // SAFETY: the state is live (see above); main's may be null, and is not read.
+    let described = unsafe { crate::interp::describe_interpreter(entry.id, entry.state as *mut _) };
+    entry.info.set(described);
+}
+
+/// Every interpreter's figures from its heaps, and those of calls made
+/// without a thread state (ID -1), for `crate::heap_figures`; `None` unless
+/// the allocator serves every domain this build has and its heaps keep
+/// requested sizes (only then are they the figures the hooks would count).
+pub fn figures_records() -> Option<Vec<crate::heap_figures::FiguresRecord>> {
+    use crate::heap_figures::{DomainRecord, FiguresRecord};
+    if installed() != Domains::ALL || !keeps_requested_sizes() {
+        return None;
+    }
+    if !DESCRIBE_READY.load(Ordering::Acquire) {
+        crate::interp::prepare_describe();
+        DESCRIBE_READY.store(true, Ordering::Release);
+    }
+    let domain_of_part = [Domain::Mem, Domain::Object, Domain::Raw];
+    let mut records: Vec<FiguresRecord> = {
+        let all = INTERPRETERS.lock();
+        all.0
+            .iter()
+            .map(|entry| {
+                describe_entry(entry);
+                let budget = entry.account.budget().snapshot();
+                let mut record = FiguresRecord {
+                    id: entry.id,
+                    info: u32::from(entry.info.get().0),
+                    settled: u32::from(entry.info.get().1),
+                    ended_at: entry.ended_at.get(),
+                    limit: budget.limit.map_or(-1, |l| l.min(i64::MAX as u64) as i64),
+                    refused: budget.refused,
+                    largest_refused: budget.largest_refused,
+                    domains: Default::default(),
+                };
+                for (heap, domain) in entry.heaps.iter().zip(domain_of_part) {
+                    record.domains[domain.index()] = DomainRecord::from_heap(&heap.snapshot());
+                }
+                record
+            })
+            .collect()
+    };
+    let mut shared = FiguresRecord { id: -1, limit: -1, ..FiguresRecord::default() };
+    for heap in heap::heaps().filter(|h| matches!(h.label().kind, KIND_THREAD | KIND_EXITING)) {
+        shared.domains[Domain::Raw.index()].add(&DomainRecord::from_heap(&heap.snapshot()));
+    }
+    records.push(shared);
+    Some(records)
+}
+
 /// Every heap of the interheap allocator, with its figures.
 pub fn heap_snapshots() -> Vec<HeapSnapshot> {
     heap::heaps()
@@ -1054,8 +1176,9 @@ pub fn report_json() -> String {
         format!("\"{}\"", g.to_string().replace('\\', "\\\\").replace('"', "\\\""))
     });
     let mut out = format!(
-        "{{\"version\":1,\"fast_thread_state\":{},\"raw_swap_guard\":{guard},\"installed\":[",
-        crate::interp::fast_tstate::enabled()
+        "{{\"version\":1,\"fast_thread_state\":{},\"raw_swap_guard\":{guard},\"requested_sizes\":{},\"installed\":[",
+        crate::interp::fast_tstate::enabled(),
+        keeps_requested_sizes()
     );
     let names = installed().names();
     out.push_str(&names.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(","));

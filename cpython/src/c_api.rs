@@ -8,7 +8,7 @@
 use std::ffi::{c_char, c_int, c_uint, CString};
 use std::ptr;
 
-use crate::allocator::{self, install_before_init, installed, report_json, Domains};
+use crate::allocator::{self, install_before_init_with, installed, report_json, Domains, InstallOptions};
 use crate::interp_figures::InterpFigures;
 
 /// Installs the interheap allocator for `domains` (raw=1, mem=2, object=4).
@@ -24,9 +24,36 @@ pub unsafe extern "C" fn interheap_allocator_install(
     err: *mut c_char,
     err_len: usize,
 ) -> c_int {
-    let domains = u8::try_from(domains).map(Domains).unwrap_or(Domains(0xFF));
     // SAFETY: per the contract.
-    unsafe { status(install_before_init(domains), err, err_len) }
+    unsafe { interheap_allocator_install_with(domains, 0, err, err_len) }
+}
+
+/// `options` of [`interheap_allocator_install_with`]: the heaps keep requested sizes.
+pub const OPTION_REQUESTED_SIZES: c_uint = 1;
+
+/// [`interheap_allocator_install`] with `options` (a bit mask:
+/// [`OPTION_REQUESTED_SIZES`]); an unknown option bit is refused.
+///
+/// # Safety
+///
+/// `err` is NULL or points to `err_len` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn interheap_allocator_install_with(
+    domains: c_uint,
+    options: c_uint,
+    err: *mut c_char,
+    err_len: usize,
+) -> c_int {
+    if options & !OPTION_REQUESTED_SIZES != 0 {
+        let unknown = format!("unknown option bits {:#x} (INTERHEAP_OPTION_REQUESTED_SIZES is 1)", options);
+        // SAFETY: per the contract.
+        return unsafe { status(Err::<(), _>(unknown), err, err_len) };
+    }
+    let domains = u8::try_from(domains).map(Domains).unwrap_or(Domains(0xFF));
+    let options =
+        InstallOptions { requested_sizes: options & OPTION_REQUESTED_SIZES != 0, ..Default::default() };
+    // SAFETY: per the contract.
+    unsafe { status(install_before_init_with(domains, options), err, err_len) }
 }
 
 /// 0 for `Ok`; -1 with the error's message in `err` otherwise.
@@ -178,4 +205,34 @@ pub unsafe extern "C" fn interheap_allocator_lower_limit(
         // SAFETY: per the contract.
         Err(e) => unsafe { status(Err::<(), _>(e), err, err_len) },
     }
+}
+
+/// The figures of every interpreter, and of calls without a thread state,
+/// from the allocator's heaps (`crate::heap_figures`): for interheap's
+/// Python module, which has its own copy of this crate (the same
+/// `FiguresRecord` layout; `record_size` is checked). Writes up to
+/// `capacity` records to `out` and returns how many there are (call again
+/// with more room if that is more than `capacity`); -1 if the allocator
+/// cannot give them (it does not serve every domain or its heaps do not
+/// keep requested sizes) or `record_size` is not this library's.
+///
+/// # Safety
+///
+/// `out` points to `capacity` writable records (may be NULL if `capacity` is 0).
+#[no_mangle]
+pub unsafe extern "C" fn interheap_allocator_figures(
+    out: *mut crate::heap_figures::FiguresRecord,
+    capacity: usize,
+    record_size: usize,
+) -> isize {
+    if record_size != std::mem::size_of::<crate::heap_figures::FiguresRecord>() {
+        return -1;
+    }
+    let Some(records) = allocator::figures_records() else { return -1 };
+    let n = records.len().min(capacity);
+    if n > 0 {
+        // SAFETY: `out` has room for `capacity >= n` records, per the contract.
+        unsafe { ptr::copy_nonoverlapping(records.as_ptr(), out, n) };
+    }
+    records.len() as isize
 }

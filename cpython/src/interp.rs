@@ -490,11 +490,32 @@ pub fn describe_current(bucket: interheap_engine::BucketId) -> interheap_engine:
     }
     // Its state's address, to see it freed when the interpreter ends.
     crate::interp_end::register(id, interp as usize);
+    // SAFETY: `interp` is the calling thread's live interpreter.
+    let (origin, settled) = unsafe { describe_interpreter(id, interp) };
+    if settled {
+        Description::Final(origin)
+    } else {
+        Description::Provisional(origin)
+    }
+}
+
+/// What is known of interpreter `id` at `interp` (packed), and whether it
+/// is final (see [`describe_current`]). Only reads fields; call
+/// [`prepare_describe`] first.
+///
+/// # Safety
+///
+/// `interp` is live while the call runs (it may be another thread's
+/// interpreter); for `id` 0 it may be null.
+pub unsafe fn describe_interpreter(
+    id: i64,
+    interp: *mut ffi::PyInterpreterState,
+) -> (interheap_engine::InterpreterInfo, bool) {
     let whence = if id == 0 {
         Some(Whence::Runtime)
     } else {
-        // SAFETY: `interp` is the calling thread's live interpreter; the
-        // function only returns a field (Python/pystate.c, 3.13 and 3.14).
+        // SAFETY: `interp` is live (the contract); the function only returns
+        // a field (Python/pystate.c, 3.13 and 3.14).
         get_whence_fn().and_then(|f| Whence::from_code(unsafe { f(interp) }))
     };
     let (own_gil, own_obmalloc, loaded) = if id == 0 {
@@ -503,11 +524,7 @@ pub fn describe_current(bucket: interheap_engine::BucketId) -> interheap_engine:
         crate::adapters::caller::features_and_settings(interp)
     };
     let origin = Origin { whence, own_gil, own_obmalloc }.pack();
-    if whence == Some(Whence::Capi) || !loaded {
-        Description::Provisional(origin)
-    } else {
-        Description::Final(origin)
-    }
+    (origin, whence != Some(Whence::Capi) && loaded)
 }
 
 #[cfg(test)]

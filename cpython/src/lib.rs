@@ -26,6 +26,9 @@
 //!   sites (the rule and figures are `interheap_engine::sites`).
 //! * [`timeline`]: each interpreter's live bytes over time, read by a
 //!   background thread from the hooks' counters.
+//! * [`heap_figures`]: where the figures are read from: the hooks' tracker,
+//!   or, with no hook at all, the allocator's heaps when they keep requested
+//!   sizes (`interheap-python -m interheap run`).
 //!
 //! * [`raw_swap_guard`]: keeps CPython 3.12 from swapping the raw domain back
 //!   to `malloc` while other interpreters run (gh-111924);
@@ -42,6 +45,7 @@ pub mod allocator_check;
 #[cfg(feature = "c-api")]
 pub mod c_api;
 pub mod checker;
+pub mod heap_figures;
 pub mod hook_thread;
 pub mod hooks;
 pub mod interp;

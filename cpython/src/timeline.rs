@@ -19,8 +19,6 @@ use std::time::Duration;
 use interheap_engine::ledger::BucketKind;
 use interheap_engine::Domain;
 
-use crate::hooks::TRACKER;
-
 /// One reading of one interpreter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Point {
@@ -121,7 +119,7 @@ fn record(interval: Duration, stop: &AtomicBool, sink: &Mutex<Recorded>) {
     let mut ended: HashMap<i64, u64> = HashMap::new();
     loop {
         let nanos = crate::interp_end::monotonic_ns().saturating_sub(start);
-        let snap = TRACKER.snapshot();
+        let snap = crate::heap_figures::snapshot();
         let mut fresh = Vec::new();
         let mut fresh_ends = Vec::new();
         for bucket in &snap.buckets {

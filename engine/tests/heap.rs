@@ -481,12 +481,18 @@ fn op() -> impl Strategy<Value = Op> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
-    /// Three heaps, owners simulated by tokens on one thread. The model
-    /// tracks every live block; after every step each heap's live bytes and
-    /// blocks equal the model's, and every block keeps its contents.
+    /// Three heaps, owners simulated by tokens on one thread, keeping
+    /// requested sizes or not. The model tracks every live block; after
+    /// every step each heap's live bytes (block sizes, or the sizes asked
+    /// for) and blocks equal the model's, and every block keeps its contents.
     #[test]
-    fn heaps_match_a_model(ops in proptest::collection::vec(op(), 1..300)) {
-        let heaps: Vec<&'static Heap> = (0..3).map(|i| Heap::new(label(1000 + i), 0x9000 + i as usize * 16)).collect();
+    fn heaps_match_a_model(ops in proptest::collection::vec(op(), 1..300), requested in any::<bool>()) {
+        let heaps: Vec<&'static Heap> = (0..3)
+            .map(|i| {
+                let (l, token) = (label(1000 + i), 0x9000 + i as usize * 16);
+                if requested { Heap::new_keeping_requested_sizes(l, token, None) } else { Heap::new(l, token) }
+            })
+            .collect();
         let token = |i: usize| 0x9000 + i * 16;
         let mut ended = [false; 3];
         // address -> (owning heap, size, seed)
@@ -541,7 +547,14 @@ proptest! {
                 let snap = heap.snapshot();
                 let mine: Vec<_> = live.iter().filter(|b| b.1 == h).collect();
                 // SAFETY: every block in the model is live.
-                let bytes: usize = mine.iter().map(|b| unsafe { heap::usable_size(b.0 as *const u8) }.unwrap()).sum();
+                let usable = |b: &&(usize, usize, usize, u8)| unsafe { heap::usable_size(b.0 as *const u8) }.unwrap();
+                let bytes: usize = mine.iter().map(|b| if requested { b.2 } else { usable(b) }).sum();
+                for b in &mine {
+                    // SAFETY: a live block.
+                    let asked = unsafe { heap::requested_size(b.0 as *const u8) };
+                    prop_assert_eq!(asked, Some(if requested { b.2 } else { usable(b) }));
+                }
+                prop_assert_eq!(snap.requested_sizes, requested);
                 prop_assert_eq!(snap.live_blocks(), mine.len() as u64);
                 prop_assert_eq!(snap.live_bytes, bytes as i64);
                 prop_assert!(snap.peak_bytes >= bytes as u64);
@@ -561,6 +574,159 @@ proptest! {
             prop_assert_eq!(snap.mapped_bytes, 0);
         }
     }
+}
+
+/// A heap that keeps requested sizes counts exactly what callers asked for
+/// through every path: small, large and huge blocks, calloc, realloc that
+/// keeps, grows in place, shrinks or moves, owner and remote frees, and the
+/// peak.
+#[test]
+fn requested_sizes_are_exact_through_every_path() {
+    let owner = 0x4e0;
+    let h = Heap::new_keeping_requested_sizes(label(40), owner, None);
+    assert!(h.keeps_requested_sizes());
+    let live = |h: &Heap| h.snapshot().live_bytes;
+    let mut blocks = Vec::new();
+    let mut asked = 0usize;
+    for &size in SIZES {
+        // SAFETY: this thread owns `h`.
+        let p = unsafe { h.alloc(size) };
+        // SAFETY: a live block.
+        assert_eq!(unsafe { heap::requested_size(p) }, Some(size), "size {size}");
+        // SAFETY: as above.
+        assert!(unsafe { heap::usable_size(p) }.unwrap() >= size);
+        fill(p, size, size as u8);
+        asked += size;
+        blocks.push((p, size));
+        assert_eq!(live(h), asked as i64);
+    }
+    // Every small size, so that every class and both slack widths are written
+    // and read back while neighbours are live.
+    let mut small = Vec::new();
+    for size in 0..=4096usize {
+        // SAFETY: this thread owns `h`.
+        let p = unsafe { h.alloc(size) };
+        small.push((p, size));
+        asked += size;
+    }
+    for &(p, size) in &small {
+        // SAFETY: a live block.
+        assert_eq!(unsafe { heap::requested_size(p) }, Some(size));
+    }
+    assert_eq!(live(h), asked as i64);
+    assert_eq!(h.snapshot().peak_bytes, asked as u64);
+    let peak = asked;
+    for (p, size) in small {
+        // SAFETY: the owner frees a live block.
+        assert!(unsafe { heap::free(p, |_| owner) });
+        asked -= size;
+    }
+    assert_eq!(live(h), asked as i64);
+
+    // calloc counts count * size.
+    // SAFETY: this thread owns `h`.
+    let z = unsafe { h.alloc_zeroed(7, 9) };
+    assert_eq!(live(h), (asked + 63) as i64);
+    // SAFETY: the owner frees it.
+    unsafe { heap::free(z, |_| owner) };
+
+    // Realloc: shrink in place (100 -> 60 keeps the 112-byte block), grow
+    // within the block, grow past it (moves), and huge growth in place.
+    let realloc = |p: *mut u8, size: usize| {
+        // SAFETY: this thread owns `h`; `p` is live.
+        match unsafe { h.realloc(p, size, |_| owner) } {
+            Realloc::Done(q) => q,
+            Realloc::NotOurs => panic!("ours"),
+        }
+    };
+    let (p, size) = blocks[5]; // 100 bytes
+    assert_eq!(size, 100);
+    let q = realloc(p, 60);
+    assert_eq!(q, p, "kept in place");
+    assert!(check(q, 60, 100));
+    asked -= 40;
+    assert_eq!(live(h), asked as i64);
+    let q = realloc(q, 112);
+    assert_eq!(q, p, "grown within its block");
+    asked += 52;
+    assert_eq!(live(h), asked as i64);
+    let before = h.snapshot();
+    let q = realloc(q, 5000);
+    assert_ne!(q, p, "moved");
+    let after = h.snapshot();
+    assert_eq!(after.moves - before.moves, 1);
+    assert_eq!(after.allocations_by_callers(), before.allocations_by_callers(), "a move is no allocation");
+    assert_eq!(after.frees_by_callers(), before.frees_by_callers(), "nor a free");
+    assert_eq!(after.live_blocks(), before.live_blocks());
+    assert!(check(q, 60, 100));
+    asked += 5000 - 112;
+    assert_eq!(live(h), asked as i64);
+    // SAFETY: a live block.
+    assert_eq!(unsafe { heap::requested_size(q) }, Some(5000));
+    blocks[5] = (q, 5000);
+    let (p, size) = *blocks.last().unwrap(); // 5 MiB: huge, with room to grow
+    let q = realloc(p, size + 100_000);
+    assert_eq!(q, p, "huge grows in place");
+    asked += 100_000;
+    assert_eq!(live(h), asked as i64);
+    *blocks.last_mut().unwrap() = (q, size + 100_000);
+    // A huge block shrunk to more than half: kept, counted smaller.
+    let q = realloc(q, size);
+    assert_eq!(q, p);
+    asked -= 100_000;
+    assert_eq!(live(h), asked as i64);
+    *blocks.last_mut().unwrap() = (q, size);
+    assert_eq!(h.snapshot().peak_bytes, peak as u64, "the first peak was the highest");
+
+    // Remote frees count the requested size at once.
+    let (p, size) = blocks.pop().unwrap();
+    let addr = p as usize;
+    thread::spawn(move || {
+        // SAFETY: a live block, freed by a thread that does not own its heap.
+        assert!(unsafe { heap::free(addr as *mut u8, |_| NO_OWNER) })
+    })
+    .join()
+    .unwrap();
+    asked -= size;
+    assert_eq!(live(h), asked as i64);
+    for (p, size) in blocks {
+        assert!(check(p, size.min(60), size as u8) || size == 5000);
+        // SAFETY: the owner frees a live block.
+        unsafe { heap::free(p, |_| owner) };
+    }
+    assert_eq!(live(h), 0);
+    assert_eq!(h.snapshot().live_blocks(), 0);
+}
+
+/// The slack of a heap that keeps requested sizes lives in its pages: a
+/// page of 16-byte blocks holds 6% fewer, one of 128-byte blocks under 1%.
+#[test]
+fn requested_sizes_cost_a_few_blocks_per_page() {
+    let counts = |h: &Heap, size: usize, owner: usize| {
+        // SAFETY: this thread owns `h`; the blocks are freed below.
+        let first = unsafe { h.alloc(size) };
+        let mut blocks = vec![first];
+        loop {
+            // SAFETY: as above.
+            let p = unsafe { h.alloc(size) };
+            blocks.push(p);
+            if (p as usize).abs_diff(first as usize) >= SLOT_SIZE {
+                break;
+            }
+        }
+        let n = blocks.len() - 1;
+        for p in blocks {
+            // SAFETY: the owner frees a live block.
+            unsafe { heap::free(p, |_| owner) };
+        }
+        n
+    };
+    let plain = Heap::new(label(41), 0x4f0);
+    let keeping = Heap::new_keeping_requested_sizes(label(42), 0x500, None);
+    assert_eq!(counts(plain, 16, 0x4f0), 1024);
+    assert_eq!(counts(keeping, 16, 0x500), 963);
+    assert_eq!(counts(plain, 128, 0x4f0), 128);
+    assert_eq!(counts(keeping, 128, 0x500), 127);
 }
 
 #[test]

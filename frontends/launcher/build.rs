@@ -9,6 +9,7 @@ fn main() {
     }
     for symbol in [
         "interheap_allocator_install",
+        "interheap_allocator_install_with",
         "interheap_allocator_installed",
         "interheap_allocator_report_json",
         "interheap_allocator_free_string",
@@ -19,6 +20,7 @@ fn main() {
         "interheap_allocator_lower_limit",
         "interheap_allocator_checks_on",
         "interheap_allocator_check_sink",
+        "interheap_allocator_figures",
     ] {
         println!("cargo:rustc-link-arg-bins=-Wl,--export-dynamic-symbol={symbol}");
     }

@@ -1,7 +1,7 @@
 /* Embeds CPython with the interheap allocator installed through the C API
  * (include/interheap_allocator.h), runs two isolated interpreters' worth of
  * work, and prints the allocator's JSON report. Used by tests/test_c_api.py.
- * Usage: embed_allocator [DOMAINS]   (bit mask, default 7) */
+ * Usage: embed_allocator [DOMAINS [OPTIONS]]   (bit masks, default 7 and 0) */
 #include <Python.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,12 +10,18 @@
 
 int main(int argc, char **argv) {
     unsigned domains = argc > 1 ? (unsigned)strtoul(argv[1], NULL, 0) : INTERHEAP_DOMAIN_ALL;
+    unsigned options = argc > 2 ? (unsigned)strtoul(argv[2], NULL, 0) : 0;
     char err[512];
     PyPreConfig pre;
     PyPreConfig_InitPythonConfig(&pre);
     PyStatus status = Py_PreInitialize(&pre);
     if (PyStatus_Exception(status)) Py_ExitStatusException(status);
-    if (interheap_allocator_install(domains, err, sizeof err) != 0) {
+    if (interheap_allocator_install_with(domains, 0x10, err, sizeof err) == 0) {
+        printf("unknown option accepted\n");
+        return 1;
+    }
+    printf("unknown option refused: %s\n", err);
+    if (interheap_allocator_install_with(domains, options, err, sizeof err) != 0) {
         printf("install refused: %s\n", err);
         return 3;
     }

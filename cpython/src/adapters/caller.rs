@@ -176,7 +176,9 @@ pub(crate) fn features_and_settings(
 ) -> (Option<bool>, Option<bool>, bool) {
     if let Some(f) = config_from_state() {
         let mut config = InterpreterConfig::default();
-        // SAFETY: `interp` is the calling thread's live interpreter and the
+        // SAFETY: `interp` is a live interpreter (the caller's own, or one
+        // whose state the allocator's registry lock keeps from being freed);
+        // CPython only reads its fields (Python/interpconfig.c), and the
         // out-parameter is a writable struct at least as large as CPython's.
         if unsafe { f(&mut config, interp) } == 0 {
             let loaded = [

@@ -129,13 +129,27 @@ fn worker(
 /// Checks `block` and frees it as thread `t` (the owner's free, or a remote one).
 fn free_checked(t: usize, block: Block) {
     check(&block, block.1);
+    // SAFETY: the block is live.
+    if unsafe { heap::heap_of(block.0) }.is_some_and(|h| h.keeps_requested_sizes()) {
+        // SAFETY: as above.
+        assert_eq!(unsafe { heap::requested_size(block.0) }, Some(block.1));
+    }
     // SAFETY: the block is live and nobody uses it after this.
     assert!(unsafe { heap::free(block.0, |_| token(t)) });
 }
 
 fuzz_target!(|data: &[u8]| {
-    let heaps: Vec<&'static Heap> =
-        (0..THREADS).map(|t| Heap::new(HeapLabel { kind: 9, id: t as i64, part: 0 }, token(t))).collect();
+    // Odd threads' heaps keep requested sizes, so both modes meet in remote frees.
+    let heaps: Vec<&'static Heap> = (0..THREADS)
+        .map(|t| {
+            let label = HeapLabel { kind: 9, id: t as i64, part: 0 };
+            if t % 2 == 1 {
+                Heap::new_keeping_requested_sizes(label, token(t), None)
+            } else {
+                Heap::new(label, token(t))
+            }
+        })
+        .collect();
     let share = data.len() / THREADS / 4 * 4;
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..THREADS).map(|_| channel::<Block>()).unzip();
     let barrier = Barrier::new(THREADS);

@@ -28,17 +28,37 @@ impl Heap {
     /// The caller is the heap's owner (see the type docs).
     #[inline(always)]
     pub unsafe fn alloc(&self, size: usize) -> *mut u8 {
+        // SAFETY: the caller is the owner; the mode is the heap's.
+        unsafe {
+            if self.requested {
+                self.alloc_as::<true>(size)
+            } else {
+                self.alloc_as::<false>(size)
+            }
+        }
+    }
+
+    /// [`alloc`](Self::alloc) for a caller that knows whether the heap keeps
+    /// requested sizes (`REQUESTED`): the fast path then tests nothing for it.
+    ///
+    /// # Safety
+    ///
+    /// The caller is the heap's owner, and `REQUESTED` is
+    /// [`keeps_requested_sizes`](Self::keeps_requested_sizes).
+    #[inline(always)]
+    pub unsafe fn alloc_as<const REQUESTED: bool>(&self, size: usize) -> *mut u8 {
+        debug_assert_eq!(REQUESTED, self.requested);
         if size <= MAX_DIRECT_SIZE {
             // SAFETY: the caller is the owner; the index is < DIRECT_SLOTS,
             // and an entry is a live page of ours or EMPTY_PAGE.
             let page = unsafe { &**self.local().direct.get_unchecked(direct_index(size)) };
             // SAFETY: as above; a page with a free block is a live paged page of ours.
-            let block = unsafe { self.take_free_block(page, page.class.get() as usize) };
+            let block = unsafe { self.take_free_block::<REQUESTED>(page, page.class.get() as usize, size) };
             if !block.is_null() {
                 return block;
             }
             // SAFETY: the caller is the owner.
-            unsafe { self.alloc_paged_slow(class_of(size)) }
+            unsafe { self.alloc_paged_slow(class_of(size), size) }
         } else {
             // SAFETY: the caller is the owner.
             unsafe { self.alloc_beyond_direct(size) }
@@ -60,29 +80,52 @@ impl Heap {
             let page = unsafe { *self.local().bins.get_unchecked(class) };
             if !page.is_null() {
                 // SAFETY: a queued page is live and belongs to this heap, which we own.
-                let block = unsafe { self.take_free_block(&*page, class) };
+                let block = unsafe { self.take_free_block_here(&*page, class, size) };
                 if !block.is_null() {
                     return block;
                 }
             }
             // SAFETY: the caller is the owner.
-            unsafe { self.alloc_paged_slow(class) }
+            unsafe { self.alloc_paged_slow(class, size) }
         } else {
             // SAFETY: the caller is the owner.
             unsafe { self.alloc_large(size) }
         }
     }
 
-    /// A block from `page`'s free list (of paged class `class`), counted;
-    /// null if the list is empty (the slow path then extends it from the
-    /// page's never-used blocks, or moves on).
+    /// `take_free_block` in this heap's mode, for paths that are not the fastest.
     ///
     /// # Safety
     ///
-    /// The caller is the owner, and `page` is `EMPTY_PAGE` or a live page of
-    /// this heap for `class`.
+    /// As for `take_free_block`.
+    #[inline]
+    unsafe fn take_free_block_here(&self, page: &Page, class: usize, size: usize) -> *mut u8 {
+        // SAFETY: per the contract; the mode is the heap's.
+        unsafe {
+            if self.requested {
+                self.take_free_block::<true>(page, class, size)
+            } else {
+                self.take_free_block::<false>(page, class, size)
+            }
+        }
+    }
+
+    /// A block for `size` bytes from `page`'s free list (of paged class
+    /// `class`), counted; null if the list is empty (the slow path then
+    /// extends it from the page's never-used blocks, or moves on).
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner, `page` is `EMPTY_PAGE` or a live page of
+    /// this heap for `class`, `size` fits the class, and `REQUESTED` is the
+    /// heap's mode.
     #[inline(always)]
-    unsafe fn take_free_block(&self, page: &Page, class: usize) -> *mut u8 {
+    unsafe fn take_free_block<const REQUESTED: bool>(
+        &self,
+        page: &Page,
+        class: usize,
+        size: usize,
+    ) -> *mut u8 {
         let block = page.free.get();
         if block.is_null() {
             return ptr::null_mut();
@@ -92,8 +135,17 @@ impl Heap {
         page.used.set(page.used.get() + 1);
         // SAFETY: `class` is a paged class, < STAT_CLASSES.
         add_serial(unsafe { self.counters.allocations.get_unchecked(class) }, 1);
+        let bytes = if REQUESTED {
+            let block_size = page.block_size.get();
+            // SAFETY: a paged page of a heap that keeps requested sizes; we
+            // own it; a size of the class leaves less slack than the width holds.
+            unsafe { page.set_slack(block as *const u8, block_size - size) };
+            size
+        } else {
+            page.block_size.get()
+        };
         // SAFETY: the caller is the owner.
-        if unsafe { self.take_room(page.block_size.get()) } {
+        if unsafe { self.take_room(bytes) } {
             return block as *mut u8;
         }
         self.check_peak_then(block as *mut u8)
@@ -174,12 +226,33 @@ impl Heap {
         }
         // SAFETY: `ptr` is a live block, per the contract.
         let Some(old_size) = (unsafe { usable_size(ptr) }) else { return Realloc::NotOurs };
+        // A block of another heap with the same owner (an interpreter's mem
+        // block resized through the object domain) stays in its own heap,
+        // as its figures would have it.
+        // SAFETY: `ptr` is ours (usable_size said so); heaps are never freed.
+        if let Some(heap) = unsafe { heap_of(ptr) } {
+            if !ptr::eq(heap, self) && heap.owner() == self.owner() {
+                // SAFETY: we own `self`, and `heap` has the same owner token: we own it too.
+                return unsafe { heap.realloc(ptr, new_size, token_for) };
+            }
+        }
         add_serial(&self.counters.reallocations, 1);
         let keeps = new_size <= old_size
             && (new_size > old_size / 2
                 || (old_size <= MAX_PAGED_SIZE && class_of(new_size) == class_of(old_size)));
         if keeps {
-            return Realloc::Done(ptr);
+            // SAFETY: `ptr` is a live block of ours; heaps are never freed.
+            match unsafe { heap_of(ptr) } {
+                // Its requested size changes: counted only by its own heap's
+                // owner; for a block of another heap, moving it counts right.
+                Some(heap) if heap.requested => {
+                    // SAFETY: we own this heap, which holds the block, and new_size <= old_size.
+                    if ptr::eq(heap, self) && unsafe { self.resize_requested(ptr, new_size) } {
+                        return Realloc::Done(ptr);
+                    }
+                }
+                _ => return Realloc::Done(ptr),
+            }
         }
         // SAFETY: the caller is the owner. (A growth that fits the budget may
         // still be refused below if the block must move: both copies are live then.)
@@ -189,19 +262,41 @@ impl Heap {
         // SAFETY: `ptr` is a live block of ours (usable_size said so); heaps are never freed.
         if new_size > old_size && unsafe { heap_of(ptr) }.is_some_and(|h| ptr::eq(h, self)) {
             // SAFETY: the caller owns this heap, which owns the block.
-            if unsafe { self.grow_in_place(ptr, old_size, new_size) } {
+            if unsafe { self.grow_in_place(ptr, new_size) } {
                 return Realloc::Done(ptr);
             }
         }
+        // SAFETY: `ptr` is a live block of ours; heaps are never freed.
+        let within = unsafe { heap_of(ptr) }.is_some_and(|h| ptr::eq(h, self));
+        // A move within the heap counts as a profiler counts a reallocation:
+        // one reallocation, from the old size straight to the new, never both
+        // blocks at once (so the peak is what the caller's sizes reach).
+        let old_bytes = if within {
+            // SAFETY: a live block of this heap, whose owner we are.
+            let bytes = unsafe { (*page_of(segment_of(ptr), ptr)).requested_size(ptr, self.requested) };
+            // SAFETY: the caller is the owner.
+            unsafe { self.give_room(bytes) };
+            bytes
+        } else {
+            0
+        };
         // SAFETY: the caller is the owner.
         let new = unsafe { self.alloc(new_size) };
         if new.is_null() {
+            // Nothing moved: the old block counts again.
+            self.add_owner_bytes(old_bytes);
             return Realloc::Done(new);
         }
         // SAFETY: both blocks are live and distinct; we copy what both hold.
         unsafe {
             ptr::copy_nonoverlapping(ptr, new, old_size.min(new_size));
             free(ptr, token_for);
+        }
+        if within {
+            // The free gave the old block's bytes back a second time; the
+            // move's allocation and free are taken back out of the counts.
+            self.add_owner_bytes(old_bytes);
+            add_serial(&self.counters.moves, 1);
         }
         Realloc::Done(new)
     }
@@ -213,9 +308,9 @@ impl Heap {
     ///
     /// # Safety
     ///
-    /// The caller is the owner; `ptr` is a live block of this heap of
-    /// usable size `old_size`, and `new_size > old_size`.
-    unsafe fn grow_in_place(&self, ptr: *mut u8, old_size: usize, new_size: usize) -> bool {
+    /// The caller is the owner; `ptr` is a live block of this heap, and
+    /// `new_size` is more than its usable size.
+    unsafe fn grow_in_place(&self, ptr: *mut u8, new_size: usize) -> bool {
         let seg = segment_of(ptr);
         // SAFETY: (whole body) the block is ours and live, so its segment and
         // page are live, and as the owner we may change them.
@@ -249,9 +344,58 @@ impl Heap {
                 }
                 _ => return false,
             };
+            let old_bytes = page.requested_size(ptr, self.requested);
             page.block_size.set(new_usable);
             // Counted as a reallocation (by the caller), not as an allocation.
-            self.add_big_bytes(new_usable - old_size);
+            let new_bytes = self.record_big_size(page, new_size);
+            self.add_owner_bytes(new_bytes - old_bytes);
+        }
+        true
+    }
+
+    /// Records that the large or huge block of `page` (its block size set)
+    /// was asked for as `size` bytes, and returns the bytes it counts for in
+    /// this heap's unit.
+    fn record_big_size(&self, page: &Page, size: usize) -> usize {
+        let usable = page.block_size.get();
+        if self.requested {
+            // Below u32::MAX: at most a slot or an OS page of rounding, or
+            // what resize_requested checked.
+            page.slack_key.set((usable - size) as u32);
+            size
+        } else {
+            page.slack_key.set(0);
+            usable
+        }
+    }
+
+    /// Realloc keeps `ptr`, a live block of this heap (which keeps requested
+    /// sizes), for `new_size` bytes: records its new slack and counts the
+    /// difference. False (nothing changed) if the slack does not fit its entry.
+    ///
+    /// # Safety
+    ///
+    /// The caller is the owner; `ptr` is a live block of this heap, and
+    /// `new_size` is at most its block size.
+    unsafe fn resize_requested(&self, ptr: *mut u8, new_size: usize) -> bool {
+        // SAFETY: (whole body) the block is ours and live, so its page is, and we own it.
+        unsafe {
+            let page = &*page_of(segment_of(ptr), ptr);
+            let slack = page.block_size.get() - new_size;
+            if !page.slack_fits(slack) {
+                return false;
+            }
+            let old = page.requested_size(ptr, true);
+            if page.class.get() as usize >= LARGE_CLASS {
+                page.slack_key.set(slack as u32);
+            } else {
+                page.set_slack(ptr, slack);
+            }
+            if new_size >= old {
+                self.add_owner_bytes(new_size - old);
+            } else {
+                self.give_room(old - new_size);
+            }
         }
         true
     }
@@ -280,7 +424,7 @@ impl Heap {
     ///
     /// C ABI (cannot unwind), so that the fast path's call is a tail call.
     #[cold]
-    unsafe extern "C" fn alloc_paged_slow(&self, class: usize) -> *mut u8 {
+    unsafe extern "C" fn alloc_paged_slow(&self, class: usize, size: usize) -> *mut u8 {
         // SAFETY: (whole body) the caller is the owner, so `local`, the queued
         // pages and our segments are ours to change.
         unsafe {
@@ -300,7 +444,7 @@ impl Heap {
                     }
                     continue;
                 }
-                let block = self.take_free_block(&*page, class);
+                let block = self.take_free_block_here(&*page, class, size);
                 if !block.is_null() {
                     return block;
                 }
@@ -342,14 +486,15 @@ impl Heap {
             };
             let usable = span * SLOT_SIZE;
             // SAFETY: `take_slots` reserved the span in our segment.
-            unsafe {
+            let bytes = unsafe {
                 let page = &*ptr::addr_of_mut!((*seg).pages[first]);
                 page.block_size.set(usable);
                 page.class.set(LARGE_CLASS as u8);
                 page.used.set(1);
                 page.free.set(ptr::null_mut());
-            }
-            self.count_big_alloc(LARGE_CLASS, usable);
+                self.record_big_size(page, size)
+            };
+            self.count_big_alloc(LARGE_CLASS, bytes);
             return slot_address(seg, first);
         }
         let round = |n: usize| n.checked_add(OS_PAGE - 1).map(|n| n & !(OS_PAGE - 1));
@@ -370,7 +515,7 @@ impl Heap {
         };
         let seg = base as *mut Segment;
         // SAFETY: the mapping is fresh, zeroed, ours and large enough for the header.
-        unsafe {
+        let bytes = unsafe {
             ptr::addr_of_mut!((*seg).heap).write(self);
             ptr::addr_of_mut!((*seg).kind).write(SegmentKind::Huge);
             ptr::addr_of_mut!((*seg).map_size).write(map_size);
@@ -380,10 +525,11 @@ impl Heap {
             page.used.set(1);
             page.span.set(1);
             page.set_first(0);
-        }
+            self.record_big_size(page, size)
+        };
         os::publish_segment(base);
         add_serial(&self.counters.mapped_bytes, map_size as u64);
-        self.count_big_alloc(HUGE_CLASS, usable);
+        self.count_big_alloc(HUGE_CLASS, bytes);
         // SAFETY: the block starts inside the mapping.
         unsafe { base.add(HUGE_BLOCK_OFFSET) }
     }

@@ -21,27 +21,32 @@ impl Heap {
     unsafe fn free_local(&self, page: *mut Page, block: *mut u8) {
         // SAFETY: per the contract.
         unsafe {
-            self.count_owner_free(&*page);
+            if self.requested {
+                self.count_owner_free::<true>(&*page, block);
+            } else {
+                self.count_owner_free::<false>(&*page, block);
+            }
             self.give_back(page, block);
         }
     }
 
-    /// Counts the owner's free of a block of `p`.
+    /// Counts the owner's free of `block`, a block of `p`.
     ///
     /// # Safety
     ///
-    /// The caller is the owner; `p` is a live page of ours.
+    /// The caller is the owner; `p` is a live page of ours and `block` a live
+    /// block of it; `REQUESTED` is the heap's mode.
     #[inline(always)]
-    unsafe fn count_owner_free(&self, p: &Page) {
+    unsafe fn count_owner_free<const REQUESTED: bool>(&self, p: &Page, block: *const u8) {
         let class = p.class.get() as usize;
-        let size = p.block_size.get();
+        // Read before the count is written, which the compiler cannot tell
+        // apart from the page's fields.
+        // SAFETY: per the contract.
+        let bytes = unsafe { p.requested_size(block, REQUESTED) };
         // SAFETY: a page's class is a paged class, LARGE_CLASS or HUGE_CLASS: all < STAT_CLASSES.
         add_serial(unsafe { self.counters.frees.get_unchecked(class) }, 1);
-        if class >= PAGED_CLASSES {
-            add_serial(&self.counters.big_owner_bytes, (size as u64).wrapping_neg());
-        }
         // SAFETY: the caller is the owner.
-        unsafe { self.give_room(size) };
+        unsafe { self.give_room(bytes) };
     }
 
     /// Returns `block` to `page` (no counting): the structural half of a free.
@@ -101,8 +106,10 @@ impl Heap {
     /// `block` is a live block of `page`, a page of this heap; the caller is not the owner.
     #[cold]
     pub(super) unsafe fn free_foreign(&self, page: *mut Page, block: *mut u8) {
-        // SAFETY: `class` and `block_size` do not change while the block is live.
-        let (class, size) = unsafe { ((*page).class.get() as usize, (*page).block_size.get()) };
+        // SAFETY: `class`, `block_size` and the block's slack do not change
+        // while the block is live (only its holder, the caller, may resize it).
+        let (class, size) =
+            unsafe { ((*page).class.get() as usize, (*page).requested_size(block, self.requested)) };
         self.counters.remote_frees[class].fetch_add(1, Ordering::Relaxed);
         self.counters.remote_bytes.fetch_add(size as u64, Ordering::Relaxed);
         loop {
@@ -196,8 +203,11 @@ pub unsafe fn free(ptr: *mut u8, token_for: impl FnOnce(usize) -> usize) -> bool
 /// # Safety
 ///
 /// As for [`free`]; `owns(heap)` returns true only if the caller owns `heap`.
+///
+/// `REQUESTED` must be whether the heaps `owns` accepts keep requested sizes
+/// (see [`Heap::new_keeping_requested_sizes`]).
 #[inline(always)]
-pub unsafe fn free_fast(ptr: *mut u8, owns: impl FnOnce(*const Heap) -> bool) -> bool {
+pub unsafe fn free_fast<const REQUESTED: bool>(ptr: *mut u8, owns: impl FnOnce(*const Heap) -> bool) -> bool {
     let seg = segment_of(ptr);
     if !os::is_segment(seg as usize) {
         return false;
@@ -219,7 +229,8 @@ pub unsafe fn free_fast(ptr: *mut u8, owns: impl FnOnce(*const Heap) -> bool) ->
         // SAFETY (of the hint): only paged pages are ever queued; telling the
         // compiler spares count_owner_free its large-block branch here.
         std::hint::assert_unchecked((p.class.get() as usize) < PAGED_CLASSES);
-        heap.count_owner_free(p);
+        debug_assert_eq!(REQUESTED, heap.requested);
+        heap.count_owner_free::<REQUESTED>(p, ptr);
         if push_free(p, ptr) == 0 {
             heap.after_give_back(page, 0);
         }

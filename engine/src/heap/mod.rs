@@ -73,7 +73,9 @@ pub unsafe fn fork_finish() {
 
 pub use account::{Account, OnUnconfigured};
 pub use free::{free, free_fast, free_with};
-pub use heap::{heap_of, heaps, owns, usable_size, Heap, HeapLabel, Realloc, ENDED_OWNER, NO_OWNER};
+pub use heap::{
+    heap_of, heaps, owns, requested_size, usable_size, Heap, HeapLabel, Realloc, ENDED_OWNER, NO_OWNER,
+};
 pub use pool::HeapPool;
 pub use segment::{HUGE_BLOCK_OFFSET, SLOT_SIZE};
 pub use stats::{ClassSnapshot, HeapSnapshot};

@@ -33,7 +33,13 @@ impl Heap {
         let Some((seg, first)) = (unsafe { self.take_slots(span) }) else { return ptr::null_mut() };
         let size = class_size(class);
         let start = slot_address(seg, first);
-        let capacity = span * SLOT_SIZE / size;
+        // A heap that keeps requested sizes keeps each block's slack after
+        // the last block (see `Page::slack`).
+        let (capacity, slack_key) = if self.requested {
+            (Page::capacity_with_slack(span * SLOT_SIZE, size), Page::slack_reciprocal(size))
+        } else {
+            (span * SLOT_SIZE / size, 0)
+        };
         // SAFETY: `take_slots` reserved the span in our segment.
         unsafe {
             let page_ptr = ptr::addr_of_mut!((*seg).pages[first]);
@@ -44,6 +50,7 @@ impl Heap {
             page.free.set(ptr::null_mut());
             page.bump.set(start);
             page.end.set(start.add(capacity * size));
+            page.slack_key.set(slack_key);
             self.enqueue_head(page_ptr);
             page_ptr
         }

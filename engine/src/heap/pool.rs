@@ -6,6 +6,7 @@
 //! threads alive at once, and a heap's figures keep adding up across owners.
 
 use std::ptr;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::heap::{Heap, HeapLabel};
 use crate::shard_lock::ShardLock;
@@ -18,6 +19,8 @@ unsafe impl Send for Waiting {}
 /// A pool of heaps for short-lived owners. See the module docs.
 pub struct HeapPool {
     waiting: ShardLock<Waiting>,
+    /// Whether the pool's heaps keep requested sizes (set before the first acquire).
+    requested: AtomicBool,
 }
 
 impl Default for HeapPool {
@@ -28,7 +31,19 @@ impl Default for HeapPool {
 
 impl HeapPool {
     pub const fn new() -> Self {
-        HeapPool { waiting: ShardLock::new(Waiting(ptr::null())) }
+        HeapPool { waiting: ShardLock::new(Waiting(ptr::null())), requested: AtomicBool::new(false) }
+    }
+
+    /// Makes the heaps this pool creates keep requested sizes (see
+    /// [`Heap::new_keeping_requested_sizes`]). Call it before the first
+    /// [`acquire`](Self::acquire): a pool's heaps all have one mode.
+    pub fn keep_requested_sizes(&self, on: bool) {
+        self.requested.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether the pool's heaps keep requested sizes.
+    pub fn keeps_requested_sizes(&self) -> bool {
+        self.requested.load(Ordering::Relaxed)
     }
 
     /// An active heap owned by `owner`: an ended heap of this pool adopted, or a new one.
@@ -39,7 +54,11 @@ impl HeapPool {
             let Some(heap) = (unsafe { waiting.0.as_ref() }) else {
                 // Created under the pool's lock, so that `fork` handlers
                 // holding it see a stable set of heaps.
-                return Heap::new(label, owner);
+                return if self.keeps_requested_sizes() {
+                    Heap::new_keeping_requested_sizes(label, owner, None)
+                } else {
+                    Heap::new(label, owner)
+                };
             };
             waiting.0 = heap.pool_next();
             drop(waiting);

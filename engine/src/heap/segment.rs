@@ -78,6 +78,155 @@ pub struct Page {
     /// first slot: `first` premultiplied, so that [`page_of`] is one load and
     /// one add (the free fast path).
     head: Cell<u16>,
+    /// In a heap that keeps requested sizes (0 in any other heap): for a
+    /// paged page, the reciprocal that turns a block's distance from `end`
+    /// into its index in the slack array (see [`Page::slack`]); for a large
+    /// or huge block, its slack itself.
+    pub slack_key: Cell<u32>,
+}
+
+/// Block sizes up to this keep their slack in one byte, larger ones in two.
+/// A block of at most 512 bytes is asked for in more than half its size
+/// (16-byte classes; realloc keeps a block only for more than half), so its
+/// slack is below 256.
+pub const SLACK_BYTE_MAX: usize = 512;
+
+/// Requested sizes: a paged page of a heap that keeps them has, right after
+/// its last block (at `end`), one slack entry (block size minus requested
+/// size) per block: a `u8` for blocks up to [`SLACK_BYTE_MAX`], else a `u16`.
+/// Entry `m` belongs to the block `m` blocks before `end`, so that the index
+/// needs no page start: `m = (end - block) * slack_key >> 32`, exact because
+/// `slack_key = 2^32 / block_size + 1` and `end - block < 2^19`. Entries are
+/// written by the owner when it hands a block out and read when the block
+/// is freed: whoever frees a block received it after its allocation, so the
+/// entry is as ordered as the block's contents are.
+/// `u16` slack entry `m` of the array at `end` (blocks above
+/// [`SLACK_BYTE_MAX`]), out of line so that the small blocks' path has no
+/// jump around it.
+///
+/// # Safety
+///
+/// As for [`Page::set_slack`].
+#[cold]
+unsafe fn set_wide_slack(end: *mut u8, m: usize, slack: usize) {
+    // SAFETY: per the contract; `end` is 16-aligned.
+    unsafe { *(end.add(2 * m) as *mut u16) = slack as u16 };
+}
+
+/// Reads what [`set_wide_slack`] wrote.
+///
+/// # Safety
+///
+/// As for [`Page::slack`].
+#[cold]
+unsafe fn wide_slack(end: *mut u8, m: usize) -> usize {
+    // SAFETY: per the contract; `end` is 16-aligned.
+    unsafe { *(end.add(2 * m) as *const u16) as usize }
+}
+
+impl Page {
+    /// Bytes per slack entry for blocks of `block_size`.
+    #[inline(always)]
+    pub const fn slack_width(block_size: usize) -> usize {
+        if block_size <= SLACK_BYTE_MAX {
+            1
+        } else {
+            2
+        }
+    }
+
+    /// Blocks of `block_size` that fit in `bytes` with their slack entries
+    /// (`capacity + 1` entries: entry 0 is never used).
+    pub const fn capacity_with_slack(bytes: usize, block_size: usize) -> usize {
+        let width = Self::slack_width(block_size);
+        (bytes - width) / (block_size + width)
+    }
+
+    /// The `slack_key` of a paged page of `block_size` (at least 16).
+    pub const fn slack_reciprocal(block_size: usize) -> u32 {
+        ((1u64 << 32) / block_size as u64 + 1) as u32
+    }
+
+    /// Index of `block`'s slack entry.
+    ///
+    /// # Safety
+    ///
+    /// The page is a paged page of a heap that keeps requested sizes, and
+    /// `block` one of its blocks.
+    #[inline(always)]
+    fn slack_index(&self, block: *const u8) -> usize {
+        let end = self.end.get() as usize;
+        (((end - block as usize) as u64 * self.slack_key.get() as u64) >> 32) as usize
+    }
+
+    /// Records `block`'s slack.
+    ///
+    /// # Safety
+    ///
+    /// The page is a paged page of a heap that keeps requested sizes, and
+    /// `block` one of its blocks; the caller may write the entry (it owns
+    /// the heap, or holds the block), and `slack` fits its width.
+    #[inline(always)]
+    pub unsafe fn set_slack(&self, block: *const u8, slack: usize) {
+        let (end, m) = (self.end.get(), self.slack_index(block));
+        // SAFETY: per the contract, the entry lies in the page's slack
+        // array; u16 entries are 2-aligned (`end` is 16-aligned).
+        unsafe {
+            if self.block_size.get() <= SLACK_BYTE_MAX {
+                *end.add(m) = slack as u8;
+            } else {
+                set_wide_slack(end, m, slack);
+            }
+        }
+    }
+
+    /// `block`'s slack, as recorded at its allocation.
+    ///
+    /// # Safety
+    ///
+    /// As for `set_slack`; the block is live.
+    #[inline(always)]
+    pub unsafe fn slack(&self, block: *const u8) -> usize {
+        let (end, m) = (self.end.get(), self.slack_index(block));
+        // SAFETY: as for set_slack.
+        unsafe {
+            if self.block_size.get() <= SLACK_BYTE_MAX {
+                *end.add(m) as usize
+            } else {
+                wide_slack(end, m)
+            }
+        }
+    }
+
+    /// The size `block` was asked for: its block size minus its slack, in a
+    /// heap that keeps requested sizes (`requested`), else its block size.
+    ///
+    /// # Safety
+    ///
+    /// `block` is a live block of this page; `requested` says whether its heap keeps requested sizes.
+    #[inline(always)]
+    pub unsafe fn requested_size(&self, block: *const u8, requested: bool) -> usize {
+        let size = self.block_size.get();
+        if !requested {
+            return size;
+        }
+        let slack = if self.class.get() as usize >= super::size_class::PAGED_CLASSES {
+            self.slack_key.get() as usize
+        } else {
+            // SAFETY: per the contract, a paged block of a heap that keeps requested sizes.
+            unsafe { self.slack(block) }
+        };
+        size - slack
+    }
+
+    /// Whether `slack` can be recorded for a block of this page.
+    pub fn slack_fits(&self, slack: usize) -> bool {
+        if self.class.get() as usize >= super::size_class::PAGED_CLASSES {
+            slack <= u32::MAX as usize
+        } else {
+            slack < 1 << (8 * Self::slack_width(self.block_size.get()))
+        }
+    }
 }
 
 impl Page {
@@ -96,6 +245,7 @@ impl Page {
             next: Cell::new(ptr::null_mut()),
             prev: Cell::new(ptr::null_mut()),
             head: Cell::new(0),
+            slack_key: Cell::new(0),
         }
     }
 

@@ -33,6 +33,13 @@
 //!   the allocator from the start). The program comes first (`SCRIPT | -m
 //!   MODULE | -c CODE`); Python's own options go in `PYTHON*` variables.
 //!   Free-threaded builds refuse it (mem and object stay CPython's mimalloc).
+//! * `INTERHEAP_REQUESTED_SIZES=1`: the heaps keep the size each block was
+//!   asked for, so that their figures (this launcher's report, and
+//!   `interheap`'s figures with no hooks: `python -m interheap run`) are the
+//!   bytes callers asked for, at a cost of about 14 instructions per
+//!   allocation and free and a byte per small block. On by default when the
+//!   command line runs `-m interheap` (its `run` reads them), off otherwise;
+//!   `0` turns it off.
 
 mod report;
 mod text;
@@ -40,7 +47,7 @@ mod text;
 use std::ffi::{c_char, c_int, CString};
 use std::os::unix::ffi::OsStrExt;
 
-use interheap_cpython::allocator::{self, install_before_init_checked, Domains};
+use interheap_cpython::allocator::{self, install_before_init_with, Domains, InstallOptions};
 use interheap_engine::limits::parse_size;
 use interheap_engine::Domain;
 use pyo3_ffi as ffi;
@@ -66,6 +73,13 @@ fn main() {
 
     let domains = match requested_domains(std::env::var("INTERHEAP_ALLOCATOR").ok().as_deref()) {
         Ok(domains) => domains,
+        Err(message) => {
+            eprintln!("interheap-python: {message}");
+            std::process::exit(2);
+        }
+    };
+    let requested_sizes = match requested_sizes(&args) {
+        Ok(on) => on,
         Err(message) => {
             eprintln!("interheap-python: {message}");
             std::process::exit(2);
@@ -109,7 +123,7 @@ fn main() {
         std::process::exit(2);
     }
     if wants_ours {
-        if let Err(e) = install_before_init_checked(domains, checking) {
+        if let Err(e) = install_before_init_with(domains, InstallOptions { checking, requested_sizes }) {
             eprintln!("interheap-python: the interheap allocator was not installed: {e}");
             std::process::exit(2);
         }
@@ -127,6 +141,40 @@ fn main() {
     // SAFETY: as above; Py_BytesMain runs Python and finalizes it.
     let code = unsafe { ffi::Py_BytesMain(argc, argv.as_mut_ptr()) };
     std::process::exit(code);
+}
+
+/// Whether the heaps keep requested sizes (`INTERHEAP_REQUESTED_SIZES`, see
+/// the module docs): by default, when Python's own options are followed by
+/// `-m interheap`.
+fn requested_sizes(args: &[CString]) -> Result<bool, String> {
+    match std::env::var("INTERHEAP_REQUESTED_SIZES").ok().as_deref() {
+        Some("1") => return Ok(true),
+        Some("0") => return Ok(false),
+        None | Some("") => {}
+        Some(other) => {
+            return Err(format!("INTERHEAP_REQUESTED_SIZES={other:?}: use 1 (keep them) or 0 (do not)"));
+        }
+    }
+    Ok(runs_interheap(args.iter().skip(1).map(|a| a.as_bytes())))
+}
+
+/// Whether a command line (without the program name) runs `-m interheap`:
+/// options up to the first that is not one, and `-m interheap` (or
+/// `-minterheap`) there. Options that take a value (`-X`, `-W`, `-c`...)
+/// are skipped with it.
+fn runs_interheap<'a>(mut args: impl Iterator<Item = &'a [u8]>) -> bool {
+    while let Some(arg) = args.next() {
+        match arg {
+            b"-m" => return args.next() == Some(b"interheap".as_slice()),
+            b"-minterheap" => return true,
+            b"-X" | b"-W" | b"--check-hash-based-pycs" => {
+                args.next();
+            }
+            _ if arg.starts_with(b"-") && arg != b"-" && !arg.starts_with(b"-c") => {}
+            _ => return false,
+        }
+    }
+    false
 }
 
 /// `INTERHEAP_LIMIT` and `INTERHEAP_MAIN_LIMIT` (see the module docs): the
@@ -221,4 +269,25 @@ fn requested_domains(value: Option<&str>) -> Result<Domains, String> {
         };
     }
     Ok(domains)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs_interheap;
+
+    fn runs(line: &str) -> bool {
+        runs_interheap(line.split_whitespace().map(str::as_bytes))
+    }
+
+    #[test]
+    fn finds_dash_m_interheap_after_python_options_only() {
+        assert!(runs("-m interheap run app.py"));
+        assert!(runs("-I -X dev -W error -minterheap"));
+        assert!(runs("-u -Xutf8 -m interheap"));
+        assert!(!runs("-m interheapx"));
+        assert!(!runs("app.py -m interheap"));
+        assert!(!runs("-c import -m interheap"));
+        assert!(!runs("-X -m interheap"));
+        assert!(!runs(""));
+    }
 }

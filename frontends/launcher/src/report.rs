@@ -70,7 +70,11 @@ pub fn table() -> String {
         out.push_str("interheap: the interheap allocator is not installed in this process\n");
         return out;
     }
-    out.push_str(&format!("interheap allocator report (serving: {})\n", installed.names().join(", ")));
+    let unit = if allocator::keeps_requested_sizes() { "bytes asked for" } else { "block sizes" };
+    out.push_str(&format!(
+        "interheap allocator report (serving: {}; live and peak in {unit})\n",
+        installed.names().join(", ")
+    ));
     match interheap_cpython::raw_swap_guard::state() {
         None | Some(SwapGuard::NotNeeded) => {}
         Some(guard) => out.push_str(&format!("raw-swap guard (CPython 3.12, gh-111924): {guard}\n")),

@@ -8,6 +8,7 @@
 //! it installs serve every interpreter.
 
 use interheap_cpython::adapters::{self, c_abi, AdapterError, AdapterStats};
+use interheap_cpython::heap_figures;
 use interheap_cpython::hooks::{self, TRACKER};
 use interheap_cpython::interp::{Origin, Whence};
 use interheap_cpython::interp_figures::InterpFigures;
@@ -25,10 +26,101 @@ fn control_error(e: hooks::HookError) -> PyErr {
 /// Wrap the raw, mem and object allocators with interheap's hooks and start
 /// counting from zero. Call while no other thread allocates. With `check`,
 /// the hooks also look for misuse (`interheap check`).
+///
+/// With `from_heaps`, install no hook: the figures are read from the
+/// interheap allocator's heaps (`interheap_cpython::heap_figures`), which
+/// needs the allocator serving every domain with requested sizes kept
+/// (`interheap-python -m interheap ...`, or `INTERHEAP_REQUESTED_SIZES=1`).
 #[pyfunction]
-#[pyo3(signature = (check = false))]
-fn install(check: bool) -> PyResult<()> {
-    hooks::install_with(check).map_err(control_error)
+#[pyo3(signature = (check = false, from_heaps = false))]
+fn install(check: bool, from_heaps: bool) -> PyResult<()> {
+    if !from_heaps {
+        if heap_figures::reading_from_heaps() {
+            return Err(control_error(hooks::HookError::AlreadyInstalled));
+        }
+        return hooks::install_with(check).map_err(control_error);
+    }
+    if check {
+        return Err(PyValueError::new_err(
+            "the checker needs the hooks: it cannot read its findings from the heaps",
+        ));
+    }
+    if hooks::is_installed() || heap_figures::reading_from_heaps() {
+        return Err(control_error(hooks::HookError::AlreadyInstalled));
+    }
+    if !heap_figures::read_from_heaps(allocator_figures) {
+        return Err(PyRuntimeError::new_err(heap_figures_unavailable()));
+    }
+    Ok(())
+}
+
+/// Why the figures cannot be read from the allocator's heaps here.
+fn heap_figures_unavailable() -> String {
+    let Some(api) = allocator_api() else {
+        return "the interheap allocator is not installed in this process: run the program with \
+                interheap-python"
+            .to_owned();
+    };
+    let served = (api.installed)();
+    if cfg!(Py_GIL_DISABLED) {
+        "this is a free-threaded build: the mem and object domains stay CPython's mimalloc, so only the \
+         hooks see them"
+            .to_owned()
+    } else if served != 7 {
+        "the interheap allocator does not serve every domain here (INTERHEAP_ALLOCATOR chose fewer)"
+            .to_owned()
+    } else {
+        "the interheap allocator's heaps do not keep requested sizes: run interheap-python with \
+         INTERHEAP_REQUESTED_SIZES=1 (on by default for -m interheap)"
+            .to_owned()
+    }
+}
+
+/// The allocator's figures records, through its C API (see
+/// `interheap_cpython::heap_figures`); `None` if it cannot give them.
+fn allocator_figures() -> Option<Vec<heap_figures::FiguresRecord>> {
+    type Figures = unsafe extern "C" fn(*mut heap_figures::FiguresRecord, usize, usize) -> isize;
+    static FIGURES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let address = *FIGURES.get_or_init(|| {
+        // SAFETY: dlsym with RTLD_DEFAULT only searches the global symbol scope.
+        unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"interheap_allocator_figures".as_ptr()) as usize }
+    });
+    if address == 0 {
+        return None;
+    }
+    // SAFETY: the symbol is the C API's `interheap_allocator_figures`, with this signature.
+    let figures = unsafe { std::mem::transmute::<usize, Figures>(address) };
+    let size = std::mem::size_of::<heap_figures::FiguresRecord>();
+    let mut records = Vec::with_capacity(16);
+    loop {
+        // SAFETY: the vector has room for its capacity in records.
+        let n = unsafe { figures(records.as_mut_ptr(), records.capacity(), size) };
+        let n = usize::try_from(n).ok()?;
+        if n <= records.capacity() {
+            // SAFETY: the call wrote `n` records.
+            unsafe { records.set_len(n) };
+            return Some(records);
+        }
+        records.reserve(n);
+    }
+}
+
+/// Whether `install(from_heaps=True)` can read the figures from the allocator's heaps here.
+#[pyfunction]
+fn heap_figures_available() -> bool {
+    allocator_figures().is_some()
+}
+
+/// Where the figures are read from: "hooks", "heaps", or None if neither is installed.
+#[pyfunction]
+fn figures_source() -> Option<&'static str> {
+    if heap_figures::reading_from_heaps() {
+        Some("heaps")
+    } else if hooks::is_installed() {
+        Some("hooks")
+    } else {
+        None
+    }
 }
 
 /// Whether the installed hooks are the checking ones.
@@ -167,6 +259,10 @@ fn check_totals(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 /// something else was installed on top of them since.
 #[pyfunction]
 fn uninstall() -> PyResult<()> {
+    if heap_figures::reading_from_heaps() {
+        heap_figures::stop_reading_from_heaps();
+        return Ok(());
+    }
     hooks::uninstall().map_err(control_error)
 }
 
@@ -213,7 +309,7 @@ fn per_domain<'py>(py: Python<'py>, values: &[u64; Domain::COUNT]) -> PyResult<B
 /// `untracked_frees`, `missed_frees` and `table`.
 #[pyfunction]
 fn snapshot(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
-    let (snap, table) = TRACKER.census();
+    let (snap, table) = heap_figures::census();
     let buckets = snap
         .buckets
         .iter()
@@ -655,6 +751,8 @@ fn timeline_ends() -> Vec<(i64, u64)> {
 #[pymodule(gil_used = false)]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(install, m)?)?;
+    m.add_function(wrap_pyfunction!(figures_source, m)?)?;
+    m.add_function(wrap_pyfunction!(heap_figures_available, m)?)?;
     m.add_function(wrap_pyfunction!(check_enabled, m)?)?;
     m.add_function(wrap_pyfunction!(check_findings, m)?)?;
     m.add_function(wrap_pyfunction!(set_check_leaks, m)?)?;

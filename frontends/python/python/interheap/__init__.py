@@ -72,8 +72,10 @@ __all__ = [
     "allocator_stats",
     "check_enabled",
     "check_report",
+    "figures_source",
     "get_default_limit",
     "get_limit",
+    "heap_figures_available",
     "hooks",
     "human_bytes",
     "install",
@@ -99,24 +101,51 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def install(*, check: bool = False) -> None:
-    """Wrap the raw, mem and object allocators and start counting from zero.
+def install(*, check: bool = False, figures: str = "hooks") -> None:
+    """Start counting every interpreter's memory, per domain.
 
-    The hooks forward every call to the allocators installed before them
-    (pymalloc, mimalloc, tracemalloc, ...). Call it while no other thread is
-    allocating, ideally at start-up (``python -m interheap run`` does).
-    Raises RuntimeError if the hooks are already installed.
+    ``figures`` says how:
+
+    * ``"hooks"`` (the default): wrap the raw, mem and object allocators and
+      count from zero. The hooks forward every call to the allocators
+      installed before them (pymalloc, mimalloc, tracemalloc, ...). Call it
+      while no other thread is allocating, ideally at start-up.
+    * ``"heaps"``: install no hook; read the figures from the interheap
+      allocator's heaps, which count the same things (bytes asked for, per
+      interpreter and domain, exact peaks) at no cost per call, since the
+      process started. Needs ``interheap-python`` serving every domain with
+      requested sizes kept (on by default for ``interheap-python -m
+      interheap``; ``INTERHEAP_REQUESTED_SIZES=1`` otherwise), so not
+      free-threaded builds. Sampled allocation sites and the checker need
+      the hooks; limits are the allocator's (see :func:`set_limit`).
+      RuntimeError, saying why, where it cannot be done.
+    * ``"auto"``: ``"heaps"`` where it can be done, else ``"hooks"``
+      (``python -m interheap run`` without ``--sites``, ``--limit`` or
+      ``check``).
+
+    Raises RuntimeError if interheap is already counting.
 
     With ``check=True`` the hooks also look for misuse (cross-interpreter
     frees, domain mismatches, calls without a thread state, double frees,
     foreign pointers): see :func:`check_report` and ``python -m interheap
     check``. Without it they carry no checking code at all.
     """
-    _native.install(check)
+    if figures not in ("hooks", "heaps", "auto"):
+        raise ValueError(f"figures must be 'hooks', 'heaps' or 'auto', not {figures!r}")
+    if figures == "auto":
+        figures = "heaps" if not check and heap_figures_available() else "hooks"
+    _native.install(check, figures == "heaps")
+
+
+def heap_figures_available() -> bool:
+    """Whether :func:`install` can read the figures from the interheap
+    allocator's heaps here (``figures="heaps"``)."""
+    return bool(_native.heap_figures_available())
 
 
 def uninstall() -> None:
-    """Remove the hooks and restore the allocators they wrapped.
+    """Stop counting: remove the hooks and restore the allocators they wrapped
+    (or stop reading the heaps).
 
     Raises RuntimeError, and changes nothing, if the hooks are not installed or
     if something was installed on top of them since (tracemalloc, say): stop
@@ -126,8 +155,15 @@ def uninstall() -> None:
 
 
 def is_installed() -> bool:
-    """Whether the hooks are installed (possibly under something else)."""
-    return bool(_native.is_installed())
+    """Whether interheap is counting: its hooks are installed (possibly under
+    something else), or it reads the allocator's heaps."""
+    return figures_source() is not None
+
+
+def figures_source() -> str | None:
+    """Where :func:`stats` reads the figures: ``"hooks"``, ``"heaps"`` (see
+    :func:`install`), or None when interheap is not counting."""
+    return _native.figures_source()
 
 
 def on_top() -> dict[str, bool]:
@@ -144,7 +180,8 @@ def stats() -> Snapshot:
     :mod:`interheap.adapters` and their figures (calls, lock acquisitions,
     contended acquisitions, mode).
     """
-    return build_snapshot(_native.snapshot(), installed=is_installed())
+    source = figures_source()
+    return build_snapshot(_native.snapshot(), installed=source is not None, source=source)
 
 
 def current_interpreter_id() -> int | None:

@@ -131,6 +131,10 @@ class AllocatorStats:
     #: The guard against CPython 3.12's raw-allocator swap (see
     #: :func:`raw_swap_guard`) in the allocator's copy of the glue.
     raw_swap_guard: str | None = None
+    #: Whether live and peak bytes are the sizes callers asked for (the heaps
+    #: keep them: ``INTERHEAP_REQUESTED_SIZES=1``, on by default under
+    #: ``interheap-python -m interheap``) rather than block sizes.
+    requested_sizes: bool = False
 
     def interpreter(self, interp_id: int) -> InterpreterHeaps:
         for interp in self.interpreters:
@@ -173,6 +177,7 @@ def parse_report(document: dict[str, Any]) -> AllocatorStats:
         raw_json=document,
         fast_thread_state=bool(document.get("fast_thread_state", False)),
         raw_swap_guard=document.get("raw_swap_guard"),
+        requested_sizes=bool(document.get("requested_sizes", False)),
     )
 
 

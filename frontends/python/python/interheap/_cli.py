@@ -409,7 +409,11 @@ def run(req: RunRequest) -> None:
     import interheap
 
     _check_request(req)
-    interheap.install(check=req.check)
+    # Under interheap-python the figures come from its heaps, at no cost per
+    # call, unless something only the hooks do is asked for (exact limits,
+    # sampled sites, the checker).
+    needs_hooks = req.check or req.sites is not None or req.live or bool(req.limit or req.main_limit)
+    interheap.install(check=req.check, figures="hooks" if needs_hooks else "auto")
     if req.leaks:
         interheap._native.set_check_leaks(True)
     if req.main_limit is not None:

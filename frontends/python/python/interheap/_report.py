@@ -83,12 +83,18 @@ def format_snapshot(snap: Snapshot) -> str:
         lines.append(render(row) if row else "")
     untracked = sum(snap.untracked_frees.values())
     missed = sum(snap.missed_frees.values())
-    lines.append(
-        f"frees of blocks allocated before the hooks: {human_count(untracked)}"
-        f"   missed frees: {human_count(missed)}"
-        f"   block table: {human_count(snap.table.get('entries', 0))} entries,"
-        f" {human_bytes(snap.table.get('bytes', 0))}"
-    )
+    if snap.source == "heaps":
+        lines.append(
+            "figures from interheap-python's heaps since the process started (bytes asked for, no hooks); "
+            "calls without a thread state count as raw, their peak is the sum of the threads' peaks"
+        )
+    else:
+        lines.append(
+            f"frees of blocks allocated before the hooks: {human_count(untracked)}"
+            f"   missed frees: {human_count(missed)}"
+            f"   block table: {human_count(snap.table.get('entries', 0))} entries,"
+            f" {human_bytes(snap.table.get('bytes', 0))}"
+        )
     limited = [e for e in snap.interpreters if e.limit is not None or e.refused]
     if limited:
         lines.append("")

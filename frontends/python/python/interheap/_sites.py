@@ -172,6 +172,12 @@ def start_sites(rate: int | str = DEFAULT_RATE, *, seed: int | None = None) -> N
     """Starts sampling allocation sites: one allocation per ``rate`` bytes on
     average (an int, or text such as "512 KiB"). ``seed`` makes the samples
     repeatable. Needs the hooks (:func:`interheap.install`)."""
+    if _native.figures_source() == "heaps":
+        raise RuntimeError(
+            "allocation sites are sampled by interheap's hooks, and interheap reads the allocator's "
+            "heaps instead: install with interheap.install(figures='hooks') "
+            "(python -m interheap run --sites does)"
+        )
     if not _native.is_installed():
         raise RuntimeError(
             "allocation sites are sampled by interheap's hooks: call interheap.install() first "

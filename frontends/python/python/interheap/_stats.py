@@ -206,6 +206,9 @@ class Snapshot:
     table: dict[str, int]
     adapters: tuple[AdapterStats, ...] = ()
     python: str = field(default_factory=lambda: sys.version.split()[0])
+    #: Where the figures were read: "hooks", "heaps" (interheap-python's
+    #: heaps, see :func:`interheap.install`), or None when nothing counted.
+    source: str | None = None
     free_threaded: bool = field(default_factory=lambda: bool(sysconfig.get_config_var("Py_GIL_DISABLED")))
 
     @property
@@ -236,6 +239,7 @@ class Snapshot:
             "python": self.python,
             "free_threaded": self.free_threaded,
             "installed": self.installed,
+            "source": self.source,
             "interpreters": [i.to_dict() for i in self.interpreters],
             "totals": totals,
             "untracked_frees": dict(self.untracked_frees),
@@ -274,6 +278,7 @@ class Snapshot:
             adapters=tuple(AdapterStats(**a) for a in data.get("adapters", [])),
             python=data["python"],
             free_threaded=data["free_threaded"],
+            source=data.get("source", "hooks" if data["installed"] else None),
         )
 
     def format_table(self) -> str:
@@ -322,7 +327,7 @@ def _ask_cpython(interp_id: int) -> dict[str, Any]:
     return found
 
 
-def build_snapshot(raw: dict[str, Any], installed: bool) -> Snapshot:
+def build_snapshot(raw: dict[str, Any], installed: bool, source: str | None = None) -> Snapshot:
     """Turns the extension's raw dict into a :class:`Snapshot`."""
     alive = _alive_interpreter_ids()
     python = sys.version.split()[0]
@@ -366,4 +371,5 @@ def build_snapshot(raw: dict[str, Any], installed: bool) -> Snapshot:
         missed_frees=raw["missed_frees"],
         table=raw["table"],
         adapters=tuple(AdapterStats(**a) for a in raw.get("adapters", [])),
+        source=source,
     )

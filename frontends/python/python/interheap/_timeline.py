@@ -128,10 +128,11 @@ _interval = 0.01
 
 def start_timeline(interval: float = 0.01) -> None:
     """Starts recording every interpreter's live bytes every ``interval``
-    seconds (replacing a running timeline). Needs the hooks."""
-    if not _native.is_installed():
+    seconds (replacing a running timeline). Needs interheap counting
+    (:func:`interheap.install`)."""
+    if _native.figures_source() is None:
         raise RuntimeError(
-            "the timeline reads interheap's hooks: call interheap.install() first "
+            "the timeline reads interheap's figures: call interheap.install() first "
             "(or run the program with python -m interheap run --timeline)"
         )
     if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval > 0:
