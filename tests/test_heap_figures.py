@@ -63,8 +63,10 @@ def test_the_heaps_count_what_the_hooks_count_for_the_same_work():
     assert heaps["figures"] == hooks["figures"]
     mem = heaps["figures"]["2"]["mem"]
     assert mem[0] > 10_000 and mem[1] >= mem[0] and mem[4] > 0, heaps
-    # An interpreter that ended keeps its figures and what it was.
-    assert heaps["ended_alive"] is False and heaps["ended_live"] == 0
+    # An interpreter that ended keeps its figures (what it leaked: nothing
+    # on 3.13+, some of its objects on 3.12) and what it was.
+    assert heaps["ended_alive"] is False
+    assert heaps["ended_live"] == hooks["ended_live"]
     assert heaps["origin"] == hooks["origin"]
     assert "no hooks" in heaps["footer"]
 
