@@ -80,12 +80,10 @@ bench-scaling: setup
 	.venv/bin/interheap-python bench/interpreter_scaling.py $(BENCH_ARGS)
 	$(PYTHON) bench/interpreter_scaling.py $(BENCH_ARGS)
 
-# Fuzz the allocator (engine/fuzz: random malloc/calloc/realloc/free from 3
-# threads, remote frees, an ended heap): cargo fuzz, nightly. FUZZ_SECONDS=60 by default.
-FUZZ_SECONDS ?= 60
+# Fuzz the engine (engine/fuzz, cargo fuzz, nightly): the allocator (heap_ops) and the
+# hooks' bookkeeping (tracker_ops), FUZZ_SECONDS=60 each, corpus kept in the cache.
 fuzz: setup
-	cd engine && CARGO_TARGET_DIR="$${INTERHEAP_CACHE:-$$HOME/.cache/interheap}/target/fuzz" \
-		cargo +nightly fuzz run heap_ops -- -max_total_time=$(FUZZ_SECONDS)
+	FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz.sh
 
 # CPython's own regression tests under interheap-python (also part of make test).
 regrtest: setup

@@ -95,10 +95,9 @@ if cargo +nightly --version >/dev/null 2>&1; then
 else
     echo "NOT RUN: no nightly toolchain, so no AddressSanitizer run of the engine"
 fi
-step "fuzz the allocator: random malloc/calloc/realloc/free from 3 threads (cargo fuzz, ${FUZZ_SECONDS:-20} s)"
+step "fuzz the allocator and the hooks' bookkeeping from 3 threads (cargo fuzz, ${FUZZ_SECONDS:-20} s each)"
 if cargo +nightly --version >/dev/null 2>&1 && cargo fuzz --version >/dev/null 2>&1; then
-    run env CARGO_TARGET_DIR="$CACHE/target/fuzz" bash -c \
-        "cd engine && cargo +nightly fuzz run heap_ops -- -max_total_time=${FUZZ_SECONDS:-20} 2>&1 | tail -3; exit \${PIPESTATUS[0]}"
+    run env FUZZ_SECONDS="${FUZZ_SECONDS:-20}" "$ROOT/scripts/fuzz.sh"
 else
     echo "NOT RUN: no nightly toolchain or cargo-fuzz"
 fi

@@ -68,7 +68,7 @@ fn worker(
                 let n = size(a, b);
                 // SAFETY: this thread owns `heap`.
                 let p = unsafe { heap.alloc(n) };
-                assert!(!p.is_null() && p as usize % 16 == 0);
+                assert!(!p.is_null() && (p as usize).is_multiple_of(16));
                 let block = Block(p, n, pick as u8);
                 fill(&block);
                 mine.push(block);
