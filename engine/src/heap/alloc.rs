@@ -226,32 +226,30 @@ impl Heap {
         }
         // SAFETY: `ptr` is a live block, per the contract.
         let Some(old_size) = (unsafe { usable_size(ptr) }) else { return Realloc::NotOurs };
+        // SAFETY: `ptr` is ours (usable_size said so); heaps are never freed.
+        let block_heap = unsafe { heap_of(ptr) };
+        let within = block_heap.is_some_and(|h| ptr::eq(h, self));
         // A block of another heap with the same owner (an interpreter's mem
         // block resized through the object domain) stays in its own heap,
         // as its figures would have it.
-        // SAFETY: `ptr` is ours (usable_size said so); heaps are never freed.
-        if let Some(heap) = unsafe { heap_of(ptr) } {
-            if !ptr::eq(heap, self) && heap.owner() == self.owner() {
-                // SAFETY: we own `self`, and `heap` has the same owner token: we own it too.
-                return unsafe { heap.realloc(ptr, new_size, token_for) };
-            }
+        if let Some(heap) = block_heap.filter(|h| !within && h.owner() == self.owner()) {
+            // SAFETY: we own `self`, and `heap` has the same owner token: we own it too.
+            return unsafe { heap.realloc(ptr, new_size, token_for) };
         }
         add_serial(&self.counters.reallocations, 1);
         let keeps = new_size <= old_size
             && (new_size > old_size / 2
                 || (old_size <= MAX_PAGED_SIZE && class_of(new_size) == class_of(old_size)));
         if keeps {
-            // SAFETY: `ptr` is a live block of ours; heaps are never freed.
-            match unsafe { heap_of(ptr) } {
-                // Its requested size changes: counted only by its own heap's
-                // owner; for a block of another heap, moving it counts right.
-                Some(heap) if heap.requested => {
-                    // SAFETY: we own this heap, which holds the block, and new_size <= old_size.
-                    if ptr::eq(heap, self) && unsafe { self.resize_requested(ptr, new_size) } {
-                        return Realloc::Done(ptr);
-                    }
-                }
-                _ => return Realloc::Done(ptr),
+            // In a heap that keeps requested sizes, the block's requested size
+            // changes: counted only by its own heap's owner; for a block of
+            // another heap, moving it counts right.
+            if !block_heap.is_some_and(|h| h.requested) {
+                return Realloc::Done(ptr);
+            }
+            // SAFETY: we own this heap, which holds the block, and new_size <= old_size.
+            if within && unsafe { self.resize_requested(ptr, new_size) } {
+                return Realloc::Done(ptr);
             }
         }
         // SAFETY: the caller is the owner. (A growth that fits the budget may
@@ -259,15 +257,12 @@ impl Heap {
         if new_size > old_size && !unsafe { self.admits(new_size - old_size) } {
             return Realloc::Done(ptr::null_mut());
         }
-        // SAFETY: `ptr` is a live block of ours (usable_size said so); heaps are never freed.
-        if new_size > old_size && unsafe { heap_of(ptr) }.is_some_and(|h| ptr::eq(h, self)) {
+        if new_size > old_size && within {
             // SAFETY: the caller owns this heap, which owns the block.
             if unsafe { self.grow_in_place(ptr, new_size) } {
                 return Realloc::Done(ptr);
             }
         }
-        // SAFETY: `ptr` is a live block of ours; heaps are never freed.
-        let within = unsafe { heap_of(ptr) }.is_some_and(|h| ptr::eq(h, self));
         // A move within the heap counts as a profiler counts a reallocation:
         // one reallocation, from the old size straight to the new, never both
         // blocks at once (so the peak is what the caller's sizes reach).
