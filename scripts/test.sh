@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Runs every check and test of interheap on every interpreter of the matrix.
 # Expects scripts/setup.sh to have run (make test does both).
-#   1. Rust: cargo fmt --check, cargo clippy -D warnings, cargo test (engine, glue,
-#      global allocator), the glue's clippy and tests again against 3.12 (code
-#      that only 3.12 compiles: the raw-swap guard), the global allocator's
-#      refusal of abi3 builds, and the
-#      engine's and the global allocator's tests under AddressSanitizer (nightly)
+#   1. Rust: cargo fmt --check, cargo clippy -D warnings, cargo test (the
+#      lock-free protocols and their loom models, engine, glue, global
+#      allocator), the models' mutation check (scripts/mutants.py), the
+#      glue's clippy and tests again against 3.12 (code that only 3.12
+#      compiles: the raw-swap guard), the global allocator's refusal of abi3
+#      builds, and the engine's and the global allocator's tests under AddressSanitizer (nightly)
 #      and a short fuzzing run of the allocator (cargo fuzz, engine/fuzz)
 #   2. Python: ruff
 #   3. pytest on each venv listed in .venvs.list (3.12, 3.13, 3.14, 3.14t)
@@ -41,9 +42,11 @@ step "cargo fmt --check"
 run cargo fmt --all --check
 step "cargo clippy -D warnings"
 run cargo clippy --quiet --workspace --all-targets -- -D warnings
-step "cargo test (engine, CPython glue, global allocator)"
+step "cargo test (lock-free protocols with their loom models, engine, CPython glue, global allocator)"
 run env LD_LIBRARY_PATH="$LIBDIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
-    cargo test --quiet -p interheap-engine -p interheap-cpython -p interheap-pyalloc
+    cargo test --quiet -p interheap-sync -p interheap-engine -p interheap-cpython -p interheap-pyalloc
+step "the loom models catch their mutations (weakened orderings, dropped steps: scripts/mutants.py)"
+run "$PY" scripts/mutants.py
 PY312=$(awk '$1 == "3.12" { print $2 "/bin/python" }' .venvs.list)
 if [ -n "$PY312" ]; then
     step "cargo clippy and test of the CPython glue against 3.12 (the raw-swap guard)"

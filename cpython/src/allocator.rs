@@ -69,8 +69,8 @@ use std::sync::OnceLock;
 
 use interheap_engine::heap::{self, Account, Heap, HeapLabel, HeapPool, HeapSnapshot, Realloc, NO_OWNER};
 use interheap_engine::limits::{BudgetSnapshot, DefaultLimit};
-use interheap_engine::shard_lock::ShardLock;
 use interheap_engine::Domain;
+use interheap_sync::SpinLock;
 use pyo3_ffi as ffi;
 use pyo3_ffi::PyMemAllocatorEx;
 
@@ -363,7 +363,7 @@ fn thread_token() -> usize {
 }
 
 /// The exiting heap and the lock that makes its holder the owner.
-static EXITING: ShardLock<()> = ShardLock::new(());
+static EXITING: SpinLock<()> = SpinLock::new(());
 static EXITING_HEAP: OnceLock<&'static Heap> = OnceLock::new();
 /// Owner token of the exiting heap (even, never a thread-local address).
 const EXITING_TOKEN: usize = 2;
@@ -435,7 +435,7 @@ struct InterpreterHeaps {
 struct Interpreters(Vec<&'static InterpreterHeaps>);
 // SAFETY: the entries are leaked and only changed under the INTERPRETERS lock.
 unsafe impl Send for Interpreters {}
-static INTERPRETERS: ShardLock<Interpreters> = ShardLock::new(Interpreters(Vec::new()));
+static INTERPRETERS: SpinLock<Interpreters> = SpinLock::new(Interpreters(Vec::new()));
 
 /// A thread's cache of the interpreter it last allocated in.
 ///
@@ -493,7 +493,7 @@ thread_local! {
 /// Every keyed thread's cache (the addresses of their [`CACHE`]s), so that
 /// freeing a thread state can clear the keys that name it. A thread delists
 /// itself before its thread-locals go away.
-static CACHES: ShardLock<Vec<usize>> = ShardLock::new(Vec::new());
+static CACHES: SpinLock<Vec<usize>> = SpinLock::new(Vec::new());
 
 struct DelistAtExit;
 

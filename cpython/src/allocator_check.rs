@@ -44,9 +44,9 @@ use std::sync::OnceLock;
 
 use interheap_engine::checker::FindingKind;
 use interheap_engine::heap;
-use interheap_engine::shard_lock::ShardLock;
 use interheap_engine::sites::FrameText;
 use interheap_engine::Domain;
+use interheap_sync::SpinLock;
 use pyo3_ffi::PyMemAllocatorEx;
 
 /// Bytes of guard after the caller's bytes.
@@ -132,7 +132,7 @@ struct Quarantine {
     left_before: u64,
 }
 
-static QUARANTINE: ShardLock<Option<Quarantine>> = ShardLock::new(None);
+static QUARANTINE: SpinLock<Option<Quarantine>> = SpinLock::new(None);
 
 thread_local! {
     /// This thread's last frees: (address, sequence number + 1), 0 = none.

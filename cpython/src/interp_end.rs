@@ -20,18 +20,18 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
-use interheap_engine::shard_lock::{ShardGuard, ShardLock};
 use interheap_engine::BucketId;
+use interheap_sync::{SpinGuard, SpinLock};
 
 use crate::hooks::TRACKER;
 
 /// Known interpreter states: (address, interpreter ID), while they live.
-/// (A `ShardLock`, so that the fork handlers can hold it across a fork.)
-static STATES: ShardLock<Vec<(usize, i64)>> = ShardLock::new(Vec::new());
+/// (A `SpinLock`, so that the fork handlers can hold it across a fork.)
+static STATES: SpinLock<Vec<(usize, i64)>> = SpinLock::new(Vec::new());
 static LOW: AtomicUsize = AtomicUsize::new(usize::MAX);
 static HIGH: AtomicUsize = AtomicUsize::new(0);
 
-fn lock() -> ShardGuard<'static, Vec<(usize, i64)>> {
+fn lock() -> SpinGuard<'static, Vec<(usize, i64)>> {
     STATES.lock()
 }
 

@@ -7,7 +7,7 @@
 //! # Layout
 //!
 //! [`SHARDS`] independent open-addressing hash tables, each behind its own
-//! [`ShardLock`] and on its own cache lines. A block's chunk (address / 256)
+//! [`SpinLock`] and on its own cache lines. A block's chunk (address / 256)
 //! picks its shard and the start of a run of slots (a Fibonacci hash); its
 //! offset within the chunk picks the slot in that run, so blocks that are
 //! neighbours in memory are neighbours in the table (cache locality).
@@ -33,7 +33,7 @@
 //!   `atfork` handler hold every shard across the fork so the child never
 //!   inherits a lock held by a thread that does not exist there.
 
-use crate::shard_lock::ShardLock;
+use interheap_sync::SpinLock;
 
 use crate::domain::Domain;
 use crate::ledger::BucketId;
@@ -128,7 +128,7 @@ struct ShardMap {
 
 #[repr(align(128))]
 struct Shard {
-    map: ShardLock<ShardMap>,
+    map: SpinLock<ShardMap>,
 }
 
 /// Occupancy figures, for reporting the table's own overhead.
@@ -345,11 +345,11 @@ impl BlockTable {
     /// An empty table; `const` so that it can be a `static`. It allocates
     /// nothing until the first insert.
     pub const fn new() -> BlockTable {
-        BlockTable { shards: [const { Shard { map: ShardLock::new(ShardMap::new()) } }; SHARDS] }
+        BlockTable { shards: [const { Shard { map: SpinLock::new(ShardMap::new()) } }; SHARDS] }
     }
 
     #[inline]
-    fn shard(&self, key: usize) -> &ShardLock<ShardMap> {
+    fn shard(&self, key: usize) -> &SpinLock<ShardMap> {
         &self.shards[shard_index(key)].map
     }
 

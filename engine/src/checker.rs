@@ -41,8 +41,8 @@ use std::time::Instant;
 
 use crate::domain::Domain;
 use crate::ledger::BucketId;
-use crate::shard_lock::ShardLock;
 use crate::sites::FrameText;
+use interheap_sync::SpinLock;
 
 /// Findings that get their details (a stack) per second; more only count.
 pub const BURST: u64 = 2_000;
@@ -321,7 +321,7 @@ type AddressHashMap<V> = HashMap<usize, V, BuildHasherDefault<AddressHasher>>;
 /// addresses (let through to a free and not handed out since, with the
 /// domain they were freed in) and its blocks served by the raw allocator.
 pub struct AddressMap {
-    shards: [ShardLock<Option<AddressHashMap<Domain>>>; SHARDS],
+    shards: [SpinLock<Option<AddressHashMap<Domain>>>; SHARDS],
     /// Whether anything was ever inserted since the last clear: while not,
     /// lookups take no lock (the raw-served map is empty in a sound program).
     used: AtomicBool,
@@ -340,7 +340,7 @@ fn shard_of(address: usize) -> usize {
 impl AddressMap {
     /// Empty; `const` so that it can be a `static`.
     pub const fn new() -> AddressMap {
-        AddressMap { shards: [const { ShardLock::new(None) }; SHARDS], used: AtomicBool::new(false) }
+        AddressMap { shards: [const { SpinLock::new(None) }; SHARDS], used: AtomicBool::new(false) }
     }
 
     /// Remembers `address` with `domain`. Past [`MAX_FREED`] addresses,

@@ -40,7 +40,6 @@ pub mod heap;
 pub mod ledger;
 pub mod limits;
 pub mod nursery;
-pub mod shard_lock;
 pub mod sites;
 pub mod tracker;
 

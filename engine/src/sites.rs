@@ -56,7 +56,7 @@ use rustc_hash::FxHashMap;
 
 use crate::domain::Domain;
 use crate::ledger::BucketId;
-use crate::shard_lock::ShardLock;
+use interheap_sync::SpinLock;
 
 /// The default mean gap between samples, in bytes.
 pub const DEFAULT_RATE: u64 = 512 * 1024;
@@ -189,7 +189,7 @@ pub struct Sites {
     /// free reads this one flag, not the filter (64 KiB, mostly cold).
     active: AtomicBool,
     filter: [AtomicU8; FILTER_SLOTS],
-    inner: ShardLock<Option<Inner>>,
+    inner: SpinLock<Option<Inner>>,
 }
 
 impl Default for Sites {
@@ -209,7 +209,7 @@ impl Sites {
             rate: AtomicU64::new(0),
             active: AtomicBool::new(false),
             filter: [const { AtomicU8::new(0) }; FILTER_SLOTS],
-            inner: ShardLock::new(None),
+            inner: SpinLock::new(None),
         }
     }
 

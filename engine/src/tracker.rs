@@ -28,7 +28,7 @@ use crate::domain::Domain;
 use crate::ledger::{Bucket, BucketId, Count, Ledger, LedgerSnapshot};
 use crate::limits::{Admission, DefaultLimit};
 use crate::nursery::{cacheable, Nurseries, Nursery};
-use crate::shard_lock::ShardLock;
+use interheap_sync::SpinLock;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::Relaxed};
 
@@ -75,7 +75,7 @@ pub struct Tracker {
     table: BlockTable,
     ledger: Ledger,
     nurseries: Nurseries,
-    census: ShardLock<()>,
+    census: SpinLock<()>,
     /// Per domain: whether the caller guarantees that live bytes of one
     /// bucket are never updated by two threads at once (see `set_serialized`).
     serialized: [AtomicBool; Domain::COUNT],
@@ -111,7 +111,7 @@ impl Tracker {
             table: BlockTable::new(),
             ledger: Ledger::new(),
             nurseries: Nurseries::new(),
-            census: ShardLock::new(()),
+            census: SpinLock::new(()),
             serialized: [const { AtomicBool::new(false) }; Domain::COUNT],
             checks: AtomicU8::new(0),
             watch_all: AtomicBool::new(false),

@@ -2,10 +2,9 @@
 //! remote-free list, and the entry points that find a block's page and heap
 //! from its address alone.
 
-use std::ptr;
 use std::sync::atomic::Ordering;
 
-use super::heap::{add_serial, Heap, ACTIVE, ENDED};
+use super::heap::{add_serial, Heap};
 use super::os;
 use super::page::DISCARD_SPAN;
 use super::segment::{page_of, segment_of, Block, Page};
@@ -112,43 +111,24 @@ impl Heap {
             unsafe { ((*page).class.get() as usize, (*page).requested_size(block, self.requested)) };
         self.counters.remote_frees[class].fetch_add(1, Ordering::Relaxed);
         self.counters.remote_bytes.fetch_add(size as u64, Ordering::Relaxed);
-        loop {
-            if self.state.load(Ordering::SeqCst) == ACTIVE {
-                self.push_remote(block as *mut Block);
-                // If the heap ended meanwhile, the ender may have drained
-                // before our push: drain ourselves (under the lock).
-                if self.state.load(Ordering::SeqCst) == ENDED {
-                    let _guard = self.lock.lock();
-                    if self.state.load(Ordering::Relaxed) == ENDED {
-                        // SAFETY: we hold the lock of an ended heap.
-                        unsafe { self.drain_remote() };
-                    }
-                }
-                return;
-            }
-            let guard = self.lock.lock();
-            if self.state.load(Ordering::Relaxed) == ENDED {
-                // SAFETY: we hold the lock of an ended heap, and the block is live.
-                unsafe {
-                    self.drain_remote();
-                    self.give_back(page, block);
-                }
-                return;
-            }
-            // Adopted meanwhile: push it to the new owner instead.
-            drop(guard);
-        }
+        // SAFETY: the caller gives the block up; blocks come back under the
+        // lock of an ended heap only.
+        unsafe { self.remote.free_foreign(block as *mut Block, |b| self.give_back_pushed(b)) };
     }
 
-    fn push_remote(&self, block: *mut Block) {
-        let mut head = self.remote.load(Ordering::Relaxed);
-        loop {
-            // SAFETY: the block is ours to write until it is published by the swap below.
-            unsafe { (*block).next = head };
-            match self.remote.compare_exchange_weak(head, block, Ordering::SeqCst, Ordering::Relaxed) {
-                Ok(_) => return,
-                Err(now) => head = now,
-            }
+    /// Gives back a block that was on the remote-free stack (or is freed while
+    /// the heap is ended).
+    ///
+    /// # Safety
+    ///
+    /// As for `give_back`: the caller is the owner, or holds the lock of an
+    /// ended heap; `block` is a block of ours on no free list.
+    #[inline]
+    pub(super) unsafe fn give_back_pushed(&self, block: *mut Block) {
+        // SAFETY: per the contract.
+        unsafe {
+            let seg = segment_of(block as *const u8);
+            self.give_back(page_of(seg, block as *const u8), block as *mut u8);
         }
     }
 
@@ -156,22 +136,11 @@ impl Heap {
     ///
     /// # Safety
     ///
-    /// The caller is the owner (or holds `lock` while ended).
+    /// The caller is the owner.
+    #[inline]
     pub(super) unsafe fn drain_remote(&self) {
-        if self.remote.load(Ordering::Relaxed).is_null() {
-            return;
-        }
-        let mut block = self.remote.swap(ptr::null_mut(), Ordering::SeqCst);
-        while !block.is_null() {
-            // SAFETY: blocks on our stack are blocks of our pages, pushed whole
-            // (the swap's Acquire side orders their `next` writes before us).
-            unsafe {
-                let next = (*block).next;
-                let seg = segment_of(block as *const u8);
-                self.give_back(page_of(seg, block as *const u8), block as *mut u8);
-                block = next;
-            }
-        }
+        // SAFETY: per the contract.
+        unsafe { self.remote.drain(|b| self.give_back_pushed(b)) };
     }
 }
 

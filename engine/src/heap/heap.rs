@@ -7,17 +7,17 @@
 
 use std::cell::UnsafeCell;
 use std::ptr;
-use std::sync::atomic::{fence, AtomicI64, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicI64, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 use super::account::Account;
 use super::os;
+use super::remote::RemoteFrees;
 use super::segment::{
-    page_of, segment_of, slot_address, Block, Page, Segment, SegmentKind, HUGE_BLOCK_OFFSET, SLOTS,
-    SLOT_SHIFT, SLOT_SIZE,
+    page_of, segment_of, slot_address, Page, Segment, SegmentKind, HUGE_BLOCK_OFFSET, SLOTS, SLOT_SHIFT,
+    SLOT_SIZE,
 };
 use super::size_class::{class_size, DIRECT_SLOTS, HUGE_CLASS, LARGE_CLASS, PAGED_CLASSES, STAT_CLASSES};
 use super::stats::{ClassSnapshot, HeapSnapshot};
-use crate::shard_lock::ShardLock;
 
 /// How long an entirely free segment stays resident for reuse (see
 /// `Local::retained`). Measured on pyperformance: 100 ms took float's page
@@ -40,9 +40,6 @@ pub(super) static EMPTY_PAGE: EmptyPage = EmptyPage(Page::empty());
 pub const ENDED_OWNER: usize = usize::MAX;
 /// The token of a caller that owns no heap: it matches no heap.
 pub const NO_OWNER: usize = 0;
-
-pub(super) const ACTIVE: u8 = 0;
-pub(super) const ENDED: u8 = 1;
 
 /// What a heap serves, as its creator describes it. The engine does not
 /// interpret it; it is carried into snapshots.
@@ -96,9 +93,8 @@ pub struct HeapLabel {
 /// sizes callers asked for (see [`Heap::new_keeping_requested_sizes`]).
 pub struct Heap {
     pub(super) owner: AtomicUsize,
-    pub(super) state: AtomicU8,
-    pub(super) remote: AtomicPtr<Block>,
-    pub(super) lock: ShardLock<()>,
+    /// Frees by anyone but the owner, the active/ended state and the lock.
+    pub(super) remote: RemoteFrees,
     pub(super) label: HeapLabel,
     pub(super) local: UnsafeCell<Local>,
     pub(super) counters: Counters,
@@ -261,9 +257,7 @@ impl Heap {
     fn create(label: HeapLabel, owner: usize, account: *const Account, requested: bool) -> &'static Heap {
         let heap = Box::leak(Box::new(Heap {
             owner: AtomicUsize::new(owner),
-            state: AtomicU8::new(ACTIVE),
-            remote: AtomicPtr::new(ptr::null_mut()),
-            lock: ShardLock::new(()),
+            remote: RemoteFrees::new(),
             label,
             local: UnsafeCell::new(Local {
                 bins: [ptr::null_mut(); PAGED_CLASSES],
@@ -368,7 +362,7 @@ impl Heap {
 
     /// Whether the heap has ended (and not been adopted since).
     pub fn is_ended(&self) -> bool {
-        self.state.load(Ordering::Acquire) == ENDED
+        self.remote.is_ended()
     }
 
     /// # Safety
@@ -476,15 +470,14 @@ impl Heap {
     /// The owner must not run on this heap during or after the call (the
     /// owner calls it itself, or its exclusion is gone for good).
     pub unsafe fn end(&self) {
-        let _guard = self.lock.lock();
-        if self.state.load(Ordering::Relaxed) == ENDED {
+        let guard = self.remote.lock.lock();
+        if self.remote.is_ended() {
             return;
         }
         self.owner.store(ENDED_OWNER, Ordering::Relaxed);
-        self.state.store(ENDED, Ordering::SeqCst);
-        // SAFETY: we hold the lock and the heap is ended (no owner runs).
+        // SAFETY: (whole block) we hold the lock and the heap is ended (no owner runs).
         unsafe {
-            self.drain_remote();
+            self.remote.end(&guard, |block| self.give_back_pushed(block));
             for class in 0..PAGED_CLASSES {
                 let mut page = self.local().bins[class];
                 while !page.is_null() {
@@ -514,22 +507,20 @@ impl Heap {
     /// Gives an ended heap a new owner; false if it was not ended.
     pub fn adopt(&self, owner: usize) -> bool {
         debug_assert!(owner != NO_OWNER && owner != ENDED_OWNER);
-        let _guard = self.lock.lock();
-        if self.state.load(Ordering::Relaxed) != ENDED {
+        let guard = self.remote.lock.lock();
+        if !self.remote.is_ended() {
             return false;
         }
-        // SAFETY: we hold the lock of an ended heap.
-        unsafe { self.drain_remote() };
         self.owner.store(owner, Ordering::Relaxed);
-        self.state.store(ACTIVE, Ordering::SeqCst);
-        true
+        // SAFETY: we hold the lock of an ended heap.
+        unsafe { self.remote.adopt(&guard, |block| self.give_back_pushed(block)) }
     }
 
     // ----- fork -----
 
     /// Takes the heap's lock and keeps it (for `fork`: see [`fork_prepare`](super::fork_prepare)).
     pub(super) fn lock_for_fork(&self) {
-        std::mem::forget(self.lock.lock());
+        std::mem::forget(self.remote.lock.lock());
     }
 
     /// Releases the lock taken by `lock_for_fork`.
@@ -539,7 +530,7 @@ impl Heap {
     /// `lock_for_fork` was called and its lock is not released yet.
     pub(super) unsafe fn unlock_after_fork(&self) {
         // SAFETY: per the contract, we hold the lock and no guard exists.
-        unsafe { self.lock.force_unlock() };
+        unsafe { self.remote.lock.force_unlock() };
     }
 
     // ----- figures -----

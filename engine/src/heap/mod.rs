@@ -42,6 +42,7 @@ mod heap;
 pub mod os;
 mod page;
 mod pool;
+mod remote;
 mod segment;
 pub mod size_class;
 mod stats;

@@ -9,7 +9,7 @@ use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::heap::{Heap, HeapLabel};
-use crate::shard_lock::ShardLock;
+use interheap_sync::SpinLock;
 
 /// Ended heaps waiting for an owner, linked through `Heap::pool_next`.
 struct Waiting(*const Heap);
@@ -18,7 +18,7 @@ unsafe impl Send for Waiting {}
 
 /// A pool of heaps for short-lived owners. See the module docs.
 pub struct HeapPool {
-    waiting: ShardLock<Waiting>,
+    waiting: SpinLock<Waiting>,
     /// Whether the pool's heaps keep requested sizes (set before the first acquire).
     requested: AtomicBool,
 }
@@ -31,7 +31,7 @@ impl Default for HeapPool {
 
 impl HeapPool {
     pub const fn new() -> Self {
-        HeapPool { waiting: ShardLock::new(Waiting(ptr::null())), requested: AtomicBool::new(false) }
+        HeapPool { waiting: SpinLock::new(Waiting(ptr::null())), requested: AtomicBool::new(false) }
     }
 
     /// Makes the heaps this pool creates keep requested sizes (see

@@ -7,25 +7,40 @@
 //!
 //! # Concurrency invariants
 //!
-//! * The list is an intrusive Treiber stack threaded through the dead blocks
-//!   themselves: a parked block's first word is the next block, its second
-//!   word the size its caller asked for (every block is at least
+//! * The list is `interheap_sync`'s intrusive stack, threaded through the
+//!   dead blocks themselves: a parked block's first word is the next block,
+//!   its second word the size its caller asked for (every block is at least
 //!   [`MIN_BLOCK`](crate::layout::MIN_BLOCK) bytes). Nothing is allocated.
-//! * Pushing is a CAS loop on [`HEAD`] (lock-free). Draining takes the whole
-//!   list with one `swap`, so two draining threads never see the same block
-//!   and no pop can suffer ABA.
-//! * A pusher publishes the block's two words with `Release`; the drainer's
-//!   `Acquire` swap makes them visible before it reads them.
+//! * Pushing is lock-free; draining takes the whole list with one `swap`, so
+//!   two draining threads never see the same block and there is no ABA. The
+//!   push publishes both words (`Release`), the drain's swap (`Acquire`) sees
+//!   them: the loom model of the stack checks exactly this code.
 
-use std::ptr::null_mut;
-use std::sync::atomic::AtomicPtr;
-use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use interheap_sync::{IntrusiveStack, Links};
 
 use crate::layout::{Backend, WORD};
 use crate::route::{Attached, Python};
 use crate::stats::{self, Counters};
 
-static HEAD: AtomicPtr<u8> = AtomicPtr::new(null_mut());
+/// A parked block links through its first word, which may be unaligned
+/// only with a backend that breaks C's alignment rules.
+struct ParkedLinks;
+
+// SAFETY: both touch only the block's first word.
+unsafe impl Links<u8> for ParkedLinks {
+    #[inline]
+    unsafe fn set_next(node: *mut u8, next: *mut u8) {
+        // SAFETY: the caller owns the block, which is at least two words long.
+        unsafe { node.cast::<*mut u8>().write_unaligned(next) }
+    }
+    #[inline]
+    unsafe fn next(node: *mut u8) -> *mut u8 {
+        // SAFETY: as above.
+        unsafe { node.cast::<*mut u8>().read_unaligned() }
+    }
+}
+
+static PARKED: IntrusiveStack<interheap_sync::Std, u8, ParkedLinks> = IntrusiveStack::new();
 
 /// Parks a dead Python-route block whose caller asked for `size` bytes.
 ///
@@ -35,24 +50,17 @@ static HEAD: AtomicPtr<u8> = AtomicPtr::new(null_mut());
 #[inline]
 pub(crate) unsafe fn park(mine: &Counters, base: *mut u8, size: usize) {
     stats::deferred(mine, size);
-    // SAFETY: the block is ours now and at least two words long; the words
-    // may be unaligned only with a backend that breaks C's alignment rules.
-    unsafe { base.add(WORD).cast::<usize>().write_unaligned(size) };
-    let mut head = HEAD.load(Relaxed);
-    loop {
-        // SAFETY: as above.
-        unsafe { base.cast::<*mut u8>().write_unaligned(head) };
-        match HEAD.compare_exchange_weak(head, base, Release, Relaxed) {
-            Ok(_) => return,
-            Err(now) => head = now,
-        }
+    // SAFETY: the block is ours now and at least two words long (see `ParkedLinks`).
+    unsafe {
+        base.add(WORD).cast::<usize>().write_unaligned(size);
+        PARKED.push(base);
     }
 }
 
 /// Frees every parked block, if any, with `PyMem_RawFree`. Returns how many.
 #[inline]
 pub(crate) fn drain(attached: &Attached) -> usize {
-    if HEAD.load(Relaxed).is_null() {
+    if PARKED.is_empty() {
         return 0;
     }
     drain_slow(attached)
@@ -62,20 +70,14 @@ pub(crate) fn drain(attached: &Attached) -> usize {
 fn drain_slow(attached: &Attached) -> usize {
     let python = Python::new(attached);
     let mine = &attached.thread().counters;
-    let mut node = HEAD.swap(null_mut(), Acquire);
-    let mut count = 0;
-    while !node.is_null() {
-        // SAFETY: parked blocks hold their next pointer and size (see `park`),
-        // and this thread took them off the list alone.
-        let (next, size) = unsafe {
-            (node.cast::<*mut u8>().read_unaligned(), node.add(WORD).cast::<usize>().read_unaligned())
-        };
-        // SAFETY: `node` is a Python-route block nobody else refers to, and
-        // `attached` proves this thread may call `PyMem_RawFree`.
-        unsafe { python.free(node) };
-        stats::deferred_done(mine, size);
-        count += 1;
-        node = next;
+    // SAFETY: parked blocks were pushed by `park` with their size in the
+    // second word; the drain made this thread their only owner, and
+    // `attached` proves it may call `PyMem_RawFree`.
+    unsafe {
+        PARKED.drain(|node| {
+            let size = node.add(WORD).cast::<usize>().read_unaligned();
+            python.free(node);
+            stats::deferred_done(mine, size);
+        })
     }
-    count
 }

@@ -250,39 +250,26 @@ mod registry {
     use std::sync::atomic::{AtomicBool, AtomicPtr};
     use std::sync::Once;
 
+    use interheap_sync::SpinLock;
+
     use super::{Counters, N, RETIRED};
 
-    static LOCK: AtomicBool = AtomicBool::new(false);
+    /// Guards the list's links and the folding of counters (never held
+    /// across a call that could wait for Python).
+    static LOCK: SpinLock<()> = SpinLock::new(());
     /// First registered set (guarded by [`LOCK`]).
     static HEAD: AtomicPtr<Counters> = AtomicPtr::new(std::ptr::null_mut());
     static SETUP: Once = Once::new();
     static mut KEY: libc::pthread_key_t = 0;
     static KEY_OK: AtomicBool = AtomicBool::new(false);
 
-    fn lock() {
-        let mut spins = 0u32;
-        while LOCK.compare_exchange_weak(false, true, Acquire, Relaxed).is_err() {
-            // Held only for a few list operations, but its holder may be
-            // descheduled: stop burning the CPU it needs after a while.
-            spins += 1;
-            if spins < 64 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
-        }
-    }
-
-    fn unlock() {
-        LOCK.store(false, Release);
-    }
-
     extern "C" fn before_fork() {
-        lock();
+        std::mem::forget(LOCK.lock());
     }
 
     extern "C" fn after_fork() {
-        unlock();
+        // SAFETY: `before_fork` took the lock and forgot its guard.
+        unsafe { LOCK.force_unlock() };
     }
 
     /// Runs at thread exit for a registered thread: folds its counts into
@@ -291,7 +278,7 @@ mod registry {
         // SAFETY: the value stored under our key is the exiting thread's own
         // counters, still alive: thread-locals outlive key destructors.
         let set = unsafe { &*(set as *const Counters) };
-        lock();
+        let guard = LOCK.lock();
         for i in 0..N {
             RETIRED.c[i].fetch_add(set.c[i].load(Relaxed), Release);
             set.c[i].store(0, Relaxed);
@@ -310,7 +297,7 @@ mod registry {
             }
         }
         set.state.set(2);
-        unlock();
+        drop(guard);
     }
 
     /// Links the calling thread's counters; `false` if they cannot be used
@@ -339,7 +326,7 @@ mod registry {
         if unsafe { libc::pthread_setspecific(KEY, set as *const Counters as *const c_void) } != 0 {
             return false;
         }
-        lock();
+        let guard = LOCK.lock();
         let head = HEAD.load(Relaxed);
         set.next.set(head);
         set.prev.set(std::ptr::null());
@@ -349,17 +336,15 @@ mod registry {
         }
         HEAD.store(set as *const Counters as *mut Counters, Relaxed);
         set.state.set(1);
-        unlock();
+        drop(guard);
         true
     }
 
     /// Calls `f` with an iterator factory over every set of counters
     /// (registered threads, then [`RETIRED`]), under the lock.
     pub(super) fn with_all<R>(f: impl FnOnce(&dyn Fn() -> Walk) -> R) -> R {
-        lock();
-        let r = f(&|| Walk { next: HEAD.load(Relaxed), retired: false });
-        unlock();
-        r
+        let _guard = LOCK.lock();
+        f(&|| Walk { next: HEAD.load(Relaxed), retired: false })
     }
 
     pub(super) struct Walk {

@@ -1,52 +1,68 @@
-//! The lock that guards one block-table shard.
+//! A small spin lock for short critical sections.
 //!
-//! Critical sections are a few dozen instructions (one probe sequence) and
-//! contention is rare (128 shards), so the uncontended path is what counts:
-//! one compare-and-swap to lock and a plain release store to unlock (a
-//! general-purpose mutex must use a read-modify-write to unlock, to learn
-//! whether a waiter is parked). Under contention a waiter spins briefly with
-//! a CPU pause hint, then yields its time slice between attempts, so on an
-//! oversubscribed machine a preempted holder gets the CPU back instead of
+//! It guards the engine's block-table shards, heap transitions and pools,
+//! and `interheap-pyalloc`'s counter registry. Critical sections are a few
+//! dozen instructions and contention is rare, so the uncontended path is
+//! what counts: one compare-and-swap to lock and a plain release store to
+//! unlock (a general-purpose mutex must use a read-modify-write to unlock, to
+//! learn whether a waiter is parked). Under contention a waiter spins briefly
+//! with a CPU pause hint, then yields its time slice between attempts, so on
+//! an oversubscribed machine a preempted holder gets the CPU back instead of
 //! being starved by spinners.
+//!
+//! # Concurrency invariants
+//!
+//! `locked` is true while a thread holds the lock. Taking it is a successful
+//! `Acquire` CAS from false; releasing is a `Release` store of false, so
+//! everything a holder did happens before what the next holder does.
 
 use std::cell::UnsafeCell;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::memory::{Atomic, Memory, Std};
+
 /// Spins before the first yield; a holder's critical section is far shorter.
 const SPINS_BEFORE_YIELD: u32 = 64;
 
 /// A test-and-test-and-set lock around a `T`. See the module docs.
-pub struct ShardLock<T> {
-    locked: AtomicBool,
+pub struct SpinLock<T, M: Memory = Std> {
+    locked: M::Bool,
     value: UnsafeCell<T>,
 }
 
 // SAFETY: the lock hands out access to `value` to one thread at a time
 // (Acquire on lock pairs with Release on unlock), so sharing the lock is
 // sound whenever the value may be sent between threads.
-unsafe impl<T: Send> Sync for ShardLock<T> {}
+unsafe impl<T: Send, M: Memory> Sync for SpinLock<T, M> where M::Bool: Sync {}
 // SAFETY: moving the lock moves the value; nothing is tied to a thread.
-unsafe impl<T: Send> Send for ShardLock<T> {}
+unsafe impl<T: Send, M: Memory> Send for SpinLock<T, M> where M::Bool: Send {}
 
 /// Access to the locked value; unlocks when dropped.
-pub struct ShardGuard<'a, T> {
-    lock: &'a ShardLock<T>,
+pub struct SpinGuard<'a, T, M: Memory = Std> {
+    lock: &'a SpinLock<T, M>,
 }
 
-impl<T> ShardLock<T> {
-    /// An unlocked lock around `value`.
+impl<T> SpinLock<T, Std> {
+    /// An unlocked lock around `value` (const: it can be a `static`).
     pub const fn new(value: T) -> Self {
-        ShardLock { locked: AtomicBool::new(false), value: UnsafeCell::new(value) }
+        SpinLock { locked: AtomicBool::new(false), value: UnsafeCell::new(value) }
+    }
+}
+
+impl<T, M: Memory> SpinLock<T, M> {
+    /// An unlocked lock around `value`, over any [`Memory`] (a model's, for example).
+    pub fn new_in(value: T) -> Self {
+        SpinLock { locked: Atomic::new(false), value: UnsafeCell::new(value) }
     }
 
     /// Locks, waiting as described in the module docs.
     #[inline]
-    pub fn lock(&self) -> ShardGuard<'_, T> {
+    pub fn lock(&self) -> SpinGuard<'_, T, M> {
         if self.locked.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
             self.lock_contended();
         }
-        ShardGuard { lock: self }
+        SpinGuard { lock: self }
     }
 
     #[cold]
@@ -57,9 +73,9 @@ impl<T> ShardLock<T> {
             while self.locked.load(Ordering::Relaxed) {
                 if spins < SPINS_BEFORE_YIELD {
                     spins += 1;
-                    std::hint::spin_loop();
+                    M::spin_hint();
                 } else {
-                    std::thread::yield_now();
+                    M::yield_now();
                 }
             }
             if self.locked.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok() {
@@ -89,7 +105,7 @@ impl<T> ShardLock<T> {
     }
 }
 
-impl<T> Deref for ShardGuard<'_, T> {
+impl<T, M: Memory> Deref for SpinGuard<'_, T, M> {
     type Target = T;
     #[inline]
     fn deref(&self) -> &T {
@@ -98,7 +114,7 @@ impl<T> Deref for ShardGuard<'_, T> {
     }
 }
 
-impl<T> DerefMut for ShardGuard<'_, T> {
+impl<T, M: Memory> DerefMut for SpinGuard<'_, T, M> {
     #[inline]
     fn deref_mut(&mut self) -> &mut T {
         // SAFETY: the guard exists only while this thread holds the lock,
@@ -107,7 +123,7 @@ impl<T> DerefMut for ShardGuard<'_, T> {
     }
 }
 
-impl<T> Drop for ShardGuard<'_, T> {
+impl<T, M: Memory> Drop for SpinGuard<'_, T, M> {
     #[inline]
     fn drop(&mut self) {
         self.lock.locked.store(false, Ordering::Release);
@@ -120,7 +136,7 @@ mod tests {
 
     #[test]
     fn counts_exactly_under_contention() {
-        let lock = ShardLock::new(0u64);
+        let lock = SpinLock::new(0u64);
         std::thread::scope(|s| {
             for _ in 0..8 {
                 s.spawn(|| {
@@ -135,9 +151,9 @@ mod tests {
 
     #[test]
     fn force_unlock_releases_a_forgotten_guard() {
-        let lock = ShardLock::new(1);
+        let lock = SpinLock::new(1);
         std::mem::forget(lock.lock());
-        assert!(lock.locked.load(Ordering::Relaxed));
+        assert!(Atomic::load(&lock.locked, Ordering::Relaxed));
         // SAFETY: the lock is held and its guard was forgotten.
         unsafe { lock.force_unlock() };
         assert_eq!(*lock.lock(), 1);

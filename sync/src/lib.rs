@@ -1,0 +1,45 @@
+//! interheap's lock-free protocols, each written once over an atomics
+//! facade ([`Memory`]) so that the code production runs is the code the
+//! model checker (loom) explores.
+//!
+//! * [`memory`]: the facade; [`Std`] in production, `Loom` in model tests
+//!   (feature `loom`).
+//! * [`stack`]: the intrusive stack that is emptied whole (the engine's
+//!   remote frees, `interheap-pyalloc`'s deferred frees).
+//! * [`spin_lock`]: the spin lock of short critical sections.
+//!
+//! The model tests are in `tests/models.rs` of this crate and of the crates
+//! that build protocols on these pieces; each names the mutation (a weakened
+//! ordering, a dropped step) that it catches, and `scripts/mutants.sh`
+//! applies those mutations and checks that the models fail.
+
+pub mod memory;
+pub mod spin_lock;
+pub mod stack;
+
+#[cfg(any(test, feature = "loom"))]
+pub use memory::Loom;
+pub use memory::{Atomic, AtomicInt, Memory, Std};
+pub use spin_lock::{SpinGuard, SpinLock};
+pub use stack::{IntrusiveStack, Links};
+
+#[cfg(test)]
+mod models;
+
+/// Runs a loom model with the settings every interheap model uses: at most
+/// three preemptions per execution (every bug the models catch needs at most
+/// two; `LOOM_MAX_PREEMPTIONS` overrides it).
+///
+/// A model must not have two threads waiting for the same [`SpinLock`] at
+/// once: loom's depth-first search then schedules the two waiters against
+/// each other first (each yield lets the other run) and never reaches the
+/// holder, so the execution exceeds loom's branch limit. One waiter and the
+/// holder are explored completely.
+#[cfg(any(test, feature = "loom"))]
+pub fn model(f: impl Fn() + Sync + Send + 'static) {
+    let mut builder = loom::model::Builder::new();
+    if builder.preemption_bound.is_none() {
+        builder.preemption_bound = Some(3);
+    }
+    builder.check(f);
+}
