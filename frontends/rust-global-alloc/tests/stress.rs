@@ -2,9 +2,17 @@
 //! (alignments 1 to 4096) through the global allocator, hand them to each
 //! other, and check every block's contents and alignment at every step
 //! (`src/workload.rs`). Threads attached to Python switch between attached
-//! and detached as they go, foreign threads never attach, and the main
+//! and detached as they go, foreign threads never attach, and another
 //! thread starts and stops tracemalloc all along (default builds only: see
 //! the crate docs). Run under AddressSanitizer by `scripts/test.sh`.
+//!
+//! Tracemalloc is toggled only while every Python thread has its thread
+//! state: CPython allocates a new thread's state in `PyGILState_Ensure` and
+//! frees it in `PyGILState_Release` through `PyMem_RawCalloc`/`PyMem_RawFree`
+//! without holding the GIL, so a toggle at that moment is a torn read of the
+//! raw allocator inside CPython, with no call of ours involved. That race
+//! is what crashed this test about once in 30 runs; the crate's README
+//! gives its reproducer (`repro/torn_allocator.c`).
 //!
 //! `PYALLOC_STRESS_OPS` sets the operations per thread (default 20,000).
 
@@ -13,7 +21,7 @@ mod common;
 #[path = "../src/workload.rs"]
 mod workload;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::{run, Attached, Detached, Watchdog};
@@ -35,15 +43,20 @@ fn main() {
     run(c"import tracemalloc");
     let _watchdog = Watchdog::new("the stress test", Duration::from_secs(600));
     let before = stats();
-    let done = AtomicBool::new(false);
+    // Python threads holding a thread state, and those done with their work.
+    let attached = AtomicU64::new(0);
+    let finished = AtomicU64::new(0);
+    let toggling_over = AtomicBool::new(false);
     let mut toggles = 0;
     {
         let _detached = Detached::new();
         std::thread::scope(|scope| {
             let mut workers = Vec::new();
             for t in 0..PYTHON_THREADS {
+                let (attached, finished, toggling_over) = (&attached, &finished, &toggling_over);
                 workers.push(scope.spawn(move || {
-                    let _attached = Attached::new();
+                    let thread_state = Attached::new();
+                    attached.fetch_add(1, Ordering::Release);
                     let mut worker = Worker::new(t);
                     let mut detached: Option<Detached> = None;
                     // Slices of work; attached or detached at random between them.
@@ -55,6 +68,15 @@ fn main() {
                     }
                     worker.finish();
                     drop(detached);
+                    // Keep the thread state until tracemalloc stops toggling
+                    // (see the module docs), detached meanwhile.
+                    finished.fetch_add(1, Ordering::Release);
+                    let waiting = Detached::new();
+                    while !toggling_over.load(Ordering::Acquire) {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    drop(waiting);
+                    drop(thread_state);
                 }));
             }
             for t in 0..FOREIGN_THREADS {
@@ -67,10 +89,17 @@ fn main() {
             let toggler = scope.spawn(|| {
                 let mut n = 0;
                 if cfg!(Py_GIL_DISABLED) {
+                    toggling_over.store(true, Ordering::Release);
                     return n; // CPython itself crashes when tracemalloc is toggled under load
                 }
                 let _attached = Attached::new();
-                while !done.load(Ordering::Acquire) {
+                // Toggle only once every Python thread has its thread state.
+                let waiting = Detached::new();
+                while attached.load(Ordering::Acquire) < PYTHON_THREADS {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                drop(waiting);
+                while finished.load(Ordering::Acquire) < PYTHON_THREADS {
                     run(c"tracemalloc.start()");
                     drop(Detached::new()); // let the others take the GIL
                     run(c"tracemalloc.stop()");
@@ -80,11 +109,11 @@ fn main() {
                 }
                 n
             });
+            toggles = toggler.join().unwrap();
+            toggling_over.store(true, Ordering::Release);
             for w in workers {
                 w.join().unwrap();
             }
-            done.store(true, Ordering::Release);
-            toggles = toggler.join().unwrap();
         });
     }
     drain_pool();
