@@ -102,6 +102,179 @@ MUTATIONS = [
         """                if false {
                     let _guard = self.lock.lock();""",
     ),
+    (
+        "nursery: evict takes the block with a store instead of a CAS",
+        "interheap-engine",
+        "eviction_racing_a_foreign_free_moves_the_block_once",
+        "engine/src/nursery.rs",
+        "        if self.key.compare_exchange(old, old | EVICTING, Ordering::AcqRel, Ordering::Acquire).is_err() {",
+        "        if { self.key.store(old | EVICTING, Ordering::Release); false } {",
+    ),
+    (
+        "nursery: claim takes the block with a store instead of a CAS",
+        "interheap-engine",
+        "eviction_racing_a_foreign_free_moves_the_block_once",
+        "engine/src/nursery.rs",
+        "                if self.key.compare_exchange(addr, 0, Ordering::AcqRel, Ordering::Acquire).is_ok() {",
+        "                if { self.key.store(0, Ordering::Release); true } {",
+    ),
+    (
+        "nursery: claim does not wait out an eviction in progress",
+        "interheap-engine",
+        "eviction_racing_a_foreign_free_moves_the_block_once",
+        "engine/src/nursery.rs",
+        "            if key == addr | EVICTING {",
+        "            if false {",
+    ),
+    (
+        "nursery: evict clears the slot before inserting the block",
+        "interheap-engine",
+        "eviction_racing_a_foreign_free_moves_the_block_once",
+        "engine/src/nursery.rs",
+        "        table.insert_then(old, BlockRecord::unpack(packed), || self.key.store(0, Ordering::Release))",
+        """        self.key.store(0, Ordering::Release);
+        table.insert_then(old, BlockRecord::unpack(packed), || ())""",
+    ),
+    (
+        "nursery: foreign free without the table lookup after the scan",
+        "interheap-engine",
+        "eviction_racing_a_foreign_free_moves_the_block_once",
+        "engine/src/nursery.rs",
+        "    slots.find_map(|s| s.claim(addr)).or_else(|| table.remove(addr))",
+        "    slots.find_map(|s| s.claim(addr))",
+    ),
+    (
+        "nursery: record writes the new record before evicting the old block",
+        "interheap-engine",
+        "eviction_racing_a_foreign_free_moves_the_block_once",
+        "engine/src/nursery.rs",
+        """        let old = self.key.load(Ordering::Acquire);
+        let mut displaced = None;""",
+        """        let old = self.key.load(Ordering::Acquire);
+        self.packed.store(rec.pack(), Ordering::Relaxed);
+        let mut displaced = None;""",
+    ),
+    (
+        "nursery: record_if_empty does not check that the slot is empty",
+        "interheap-engine",
+        "fast_recording_racing_a_foreign_free_loses_no_block",
+        "engine/src/nursery.rs",
+        """        if self.key.load(Ordering::Relaxed) != 0 {
+            return false;
+        }
+        self.packed.store(packed(), Ordering::Relaxed);""",
+        "        self.packed.store(packed(), Ordering::Relaxed);",
+    ),
+    (
+        "nursery: evict clears the slot after releasing the shard lock",
+        "interheap-engine",
+        "a_fork_child_does_not_resurrect_a_block_freed_during_its_eviction",
+        "engine/src/nursery.rs",
+        "        table.insert_then(old, BlockRecord::unpack(packed), || self.key.store(0, Ordering::Release))",
+        """        let displaced = table.insert_then(old, BlockRecord::unpack(packed), || ());
+        self.key.store(0, Ordering::Release);
+        displaced""",
+    ),
+    (
+        "gate: unlocked path without its light barrier",
+        "interheap-sync",
+        "no_call_overlaps_an_unlocked_one_with_membarrier",
+        "sync/src/gate.rs",
+        """                self.barrier.light::<M>();
+""",
+        "",
+    ),
+    (
+        "gate: drain without its heavy barrier",
+        "interheap-sync",
+        "no_call_overlaps_an_unlocked_one_with_membarrier",
+        "sync/src/gate.rs",
+        """        self.barrier.heavy::<M>();
+""",
+        "",
+    ),
+    (
+        "gate: unlocked path trusts the mode read before its barrier",
+        "interheap-sync",
+        "no_call_overlaps_an_unlocked_one_with_membarrier",
+        "sync/src/gate.rs",
+        "if depth > 0 || self.mode.load(Relaxed) == Mode::Unlocked as u8 {",
+        "if depth > 0 || mode == Mode::Unlocked as u8 {",
+    ),
+    (
+        "gate: drain does not wait for the unlocked call",
+        "interheap-sync",
+        "no_call_overlaps_an_unlocked_one_with_membarrier",
+        "sync/src/gate.rs",
+        "while self.in_call.load(Acquire) != 0 {",
+        "while false && self.in_call.load(Acquire) != 0 {",
+    ),
+    (
+        "gate: a locked call does not drain",
+        "interheap-sync",
+        "no_call_overlaps_an_unlocked_one_with_membarrier",
+        "sync/src/gate.rs",
+        """        if self.mode.load(Relaxed) != Mode::Locked as u8 {
+            self.drain(who);""",
+        """        if false {
+            self.drain(who);""",
+    ),
+    (
+        "gate: unlocked call's end Release -> Relaxed",
+        "interheap-sync",
+        "no_call_overlaps_an_unlocked_one_with_membarrier",
+        "sync/src/gate.rs",
+        """                    let result = call();
+                    self.in_call.store(depth, Release);""",
+        """                    let result = call();
+                    self.in_call.store(depth, Relaxed);""",
+    ),
+    (
+        "gate: drain's load of in_call Acquire -> Relaxed",
+        "interheap-sync",
+        "no_call_overlaps_an_unlocked_one_with_membarrier",
+        "sync/src/gate.rs",
+        "while self.in_call.load(Acquire) != 0 {",
+        "while self.in_call.load(Relaxed) != 0 {",
+    ),
+    (
+        "gate: fences flavour's fast-path fence weakened to a compiler fence",
+        "interheap-sync",
+        "no_call_overlaps_an_unlocked_one_with_fences",
+        "sync/src/gate.rs",
+        """            Barrier::Fences => M::fence(SeqCst),
+        }
+    }
+
+    fn heavy""",
+        """            Barrier::Fences => std::sync::atomic::compiler_fence(SeqCst),
+        }
+    }
+
+    fn heavy""",
+    ),
+    (
+        "gate: fences flavour's switching side without its fence",
+        "interheap-sync",
+        "no_call_overlaps_an_unlocked_one_with_fences",
+        "sync/src/gate.rs",
+        """            Barrier::Fences => M::fence(SeqCst),
+        }
+    }
+}""",
+        """            Barrier::Fences => {}
+        }
+    }
+}""",
+    ),
+    (
+        "gate: a nested call is not exempt from the mode check",
+        "interheap-sync",
+        "a_nested_call_during_the_switch_does_not_wait",
+        "sync/src/gate.rs",
+        "if depth > 0 || self.mode.load(Relaxed) == Mode::Unlocked as u8 {",
+        "if self.mode.load(Relaxed) == Mode::Unlocked as u8 {",
+    ),
 ]
 
 

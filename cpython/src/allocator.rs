@@ -453,6 +453,19 @@ static INTERPRETERS: SpinLock<Interpreters> = SpinLock::new(Interpreters(Vec::ne
 ///
 /// When interheap does not serve raw it never sees those frees, so the key
 /// stays [`NO_TSTATE`] and the cache is used by interpreter ID only (the slow path).
+///
+/// This is not a lock-free protocol with orderings of its own (so it has no
+/// loom model, unlike `interheap_sync`'s and the engine's): the list is
+/// changed and walked under [`CACHES`]' lock, and the one cross-thread access
+/// without it, the owner's relaxed loads and stores of `tstate` against a
+/// clearer's compare-exchange, is correct by the coherence of that one word
+/// alone. The owner's store of a key happens before the clearer's exchange
+/// (the key's thread state stopped being current, then was freed: CPython
+/// orders those), and the exchange happens before the owner can see the
+/// address again (free, reuse and making the new thread state current are
+/// ordered by the allocator and CPython), so the owner's load returns the
+/// cleared value or a later key of its own. No ordering on `tstate` adds to
+/// that; dropping the clear is the only way to break it.
 struct InterpreterCache {
     /// The thread state this entry was filled under, or [`NO_TSTATE`].
     /// Written by the thread; cleared by any thread under [`CACHES`]' lock.

@@ -37,6 +37,11 @@
 //! Addresses with bit 0 set (never produced by CPython's allocators, which
 //! align to 8 or 16 bytes) bypass nurseries, since bit 0 marks eviction.
 //!
+//! The protocol is `Slot`'s code (and `forget_foreign` for the order of
+//! a foreign free's steps), written over [`Memory`]: nurseries run it with
+//! [`Std`], and the loom models at the end of this module run it with loom's
+//! atomics against a small locked map standing in for the shared table.
+//!
 //! # Event counts
 //!
 //! A nursery also keeps the owner thread's event counts (allocations, frees,
@@ -57,6 +62,8 @@
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
+use interheap_sync::{Atomic, Memory, Std};
+
 use crate::block_table::{BlockRecord, BlockTable};
 use crate::domain::Domain;
 use crate::ledger::{Bucket, BucketId, Count, Ledger, COUNTS};
@@ -65,9 +72,174 @@ use crate::ledger::{Bucket, BucketId, Count, Ledger, COUNTS};
 pub const NURSERY_SLOTS: usize = 1024;
 const EVICTING: usize = 1;
 
-struct Slot {
-    key: AtomicUsize,
-    packed: AtomicU64,
+/// One nursery slot: the unit of the claim/evict protocol (module docs).
+///
+/// Written over [`Memory`] so that the loom models at the end of this
+/// module run this code itself; nurseries use it with [`Std`], where every
+/// method below is the plain atomic code (the fast paths' methods are
+/// `#[inline(always)]`).
+///
+/// # Concurrency invariants
+///
+/// * Only the owner thread writes `packed` and stores a non-zero `key`.
+/// * Any thread may take the slot's block away from the owner with a CAS of
+///   `key` from the block's address to 0 ([`Slot::claim`]); the owner takes
+///   it for eviction with a CAS to `address | EVICTING` ([`Slot::evict`]).
+///   Exactly one of the two CASes succeeds, so the block is moved once.
+/// * A slot marked `EVICTING` is cleared only under the shard lock of the
+///   shared table, after the block is inserted there: a claimer that waited
+///   for the mark to go away finds the block in the table.
+/// * `packed` is read before the CAS that takes the block, and written only
+///   after the owner's own CAS (or after it saw the slot empty): whoever
+///   wins the CAS holds the record of the block it took.
+struct Slot<M: Memory = Std> {
+    key: M::Usize,
+    packed: M::U64,
+}
+
+/// Where evicted blocks go: the shared [`BlockTable`] (a small locked map
+/// in the loom models, which cannot run the table's `Std` spin locks).
+pub(crate) trait EvictionTable {
+    /// Inserts `rec` at `addr` and runs `then` before the insertion's lock
+    /// is released; returns a stale record it displaced.
+    fn insert_then(&self, addr: usize, rec: BlockRecord, then: impl FnOnce()) -> Option<BlockRecord>;
+    /// Removes and returns the record at `addr`.
+    fn remove(&self, addr: usize) -> Option<BlockRecord>;
+}
+
+impl EvictionTable for BlockTable {
+    #[inline(always)]
+    fn insert_then(&self, addr: usize, rec: BlockRecord, then: impl FnOnce()) -> Option<BlockRecord> {
+        BlockTable::insert_then(self, addr, rec, then)
+    }
+    #[inline(always)]
+    fn remove(&self, addr: usize) -> Option<BlockRecord> {
+        BlockTable::remove(self, addr)
+    }
+}
+
+impl<M: Memory> Slot<M> {
+    /// Owner only: records a new block, evicting an older one into `table`
+    /// if need be. Returns a stale record this displaced (see
+    /// [`Nursery::record`]).
+    #[inline(always)]
+    fn record(&self, table: &impl EvictionTable, addr: usize, rec: BlockRecord) -> Option<BlockRecord> {
+        let old = self.key.load(Ordering::Acquire);
+        let mut displaced = None;
+        if old == addr {
+            // The same address is live again: its free was never seen.
+            displaced = Some(BlockRecord::unpack(self.packed.load(Ordering::Relaxed)));
+        } else if old != 0 {
+            displaced = self.evict(table, old);
+        }
+        self.packed.store(rec.pack(), Ordering::Relaxed);
+        self.key.store(addr, Ordering::Release);
+        displaced
+    }
+
+    /// Owner only: records the block `addr` with the record `packed()` if
+    /// the slot is empty; false (nothing changed) if it is not.
+    #[inline(always)]
+    fn record_if_empty(&self, addr: usize, packed: impl FnOnce() -> u64) -> bool {
+        if self.key.load(Ordering::Relaxed) != 0 {
+            return false;
+        }
+        self.packed.store(packed(), Ordering::Relaxed);
+        self.key.store(addr, Ordering::Release);
+        true
+    }
+
+    /// Owner only: forgets `addr` if the slot holds it and `accept` takes
+    /// its packed record; returns that record. No CAS: no other thread can
+    /// be freeing the same block (module docs).
+    #[inline(always)]
+    fn take_own_if(&self, addr: usize, accept: impl FnOnce(u64) -> bool) -> Option<u64> {
+        if self.key.load(Ordering::Relaxed) != addr {
+            return None;
+        }
+        let packed = self.packed.load(Ordering::Relaxed);
+        if !accept(packed) {
+            return None;
+        }
+        self.key.store(0, Ordering::Release);
+        Some(packed)
+    }
+
+    /// Owner only: moves the block `old` out of the slot into the shared table.
+    #[cold]
+    #[inline(never)]
+    fn evict(&self, table: &impl EvictionTable, old: usize) -> Option<BlockRecord> {
+        let packed = self.packed.load(Ordering::Relaxed);
+        if self.key.compare_exchange(old, old | EVICTING, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            // Another thread freed `old` and claimed it; the slot is empty.
+            return None;
+        }
+        // Clear the slot while the shard lock is still held: a `fork` prepare
+        // handler takes every shard lock, so in a child a slot marked
+        // EVICTING always means "not inserted yet" (see `adopt_orphans`).
+        // Freeing threads that see 0 then take that shard lock after us and
+        // find the record.
+        table.insert_then(old, BlockRecord::unpack(packed), || self.key.store(0, Ordering::Release))
+    }
+
+    /// In a `fork` child, whose other threads are gone: the block that the
+    /// child must record for this slot, if any: a resident one, or one that
+    /// a vanished owner had marked for eviction but not inserted yet (it
+    /// clears the mark under the shard lock, which the `fork` prepare
+    /// handler held, so a marked block is not in the table). Reads only.
+    fn orphan(&self) -> Option<(usize, BlockRecord)> {
+        let key = self.key.load(Ordering::Acquire);
+        (key != 0).then(|| (key & !EVICTING, BlockRecord::unpack(self.packed.load(Ordering::Relaxed))))
+    }
+
+    /// Any thread: claims `addr` from the slot if it is resident. Waits
+    /// out an eviction in progress and then reports `None` (the block is in
+    /// the shared table by the time this returns).
+    fn claim(&self, addr: usize) -> Option<BlockRecord> {
+        loop {
+            let key = self.key.load(Ordering::Acquire);
+            if key == addr {
+                let packed = self.packed.load(Ordering::Relaxed);
+                if self.key.compare_exchange(addr, 0, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                    return Some(BlockRecord::unpack(packed));
+                }
+                continue; // the owner started evicting it; look again
+            }
+            if key == addr | EVICTING {
+                M::spin_hint();
+                M::yield_now();
+                continue;
+            }
+            return None;
+        }
+    }
+}
+
+/// Steps (1) to (3) of a free by a thread whose own nursery does not hold
+/// `addr` (module docs, "Any other free"): the shared table, then the slots
+/// `slots()` gives (every other nursery's slot for `addr`), then the table
+/// again.
+#[inline(always)]
+fn forget_foreign<'a, M: Memory, I: Iterator<Item = &'a Slot<M>>>(
+    table: &impl EvictionTable,
+    addr: usize,
+    slots: impl FnOnce() -> I,
+) -> Option<BlockRecord> {
+    if let Some(rec) = table.remove(addr) {
+        return Some(rec);
+    }
+    claim_elsewhere(table, slots(), addr)
+}
+
+/// Steps (2) and (3) of [`forget_foreign`].
+#[cold]
+#[inline(never)]
+fn claim_elsewhere<'a, M: Memory>(
+    table: &impl EvictionTable,
+    mut slots: impl Iterator<Item = &'a Slot<M>>,
+    addr: usize,
+) -> Option<BlockRecord> {
+    slots.find_map(|s| s.claim(addr)).or_else(|| table.remove(addr))
 }
 
 const NO_BUCKET: u32 = u32::MAX;
@@ -279,18 +451,7 @@ impl Nursery {
     #[inline(always)]
     pub fn record(&self, table: &BlockTable, addr: usize, rec: BlockRecord) -> Option<BlockRecord> {
         debug_assert!(addr != 0 && cacheable(addr) && BlockRecord::packable(rec.size));
-        let slot = self.slot(addr);
-        let old = slot.key.load(Ordering::Acquire);
-        let mut displaced = None;
-        if old == addr {
-            // The same address is live again: its free was never seen.
-            displaced = Some(BlockRecord::unpack(slot.packed.load(Ordering::Relaxed)));
-        } else if old != 0 {
-            displaced = self.evict(table, slot, old);
-        }
-        slot.packed.store(rec.pack(), Ordering::Relaxed);
-        slot.key.store(addr, Ordering::Release);
-        displaced
+        self.slot(addr).record(table, addr, rec)
     }
 
     /// Owner only: records a new block allocated in `domain` by interpreter
@@ -308,13 +469,10 @@ impl Nursery {
         if (addr & EVICTING) | (size >> 43) != 0 {
             return None;
         }
-        let slot = self.slot(addr);
-        if slot.key.load(Ordering::Relaxed) != 0 {
+        let packed = || self.local.fast_tags[domain.index()].load(Ordering::Relaxed) | size as u64;
+        if !self.slot(addr).record_if_empty(addr, packed) {
             return None;
         }
-        let tags = self.local.fast_tags[domain.index()].load(Ordering::Relaxed);
-        slot.packed.store(tags | size as u64, Ordering::Relaxed);
-        slot.key.store(addr, Ordering::Release);
         let counters = self.local.counters.load(Ordering::Relaxed);
         // SAFETY: `fast_id` matched, so `counters` is set (`cache_bucket`
         // stores it first, `uncache_bucket` clears it last): it came from
@@ -333,16 +491,11 @@ impl Nursery {
     #[inline(always)]
     pub(crate) fn take_own_fast(&self, domain: Domain, addr: usize) -> Option<(u64, &Bucket)> {
         debug_assert_ne!(addr, 0);
-        let slot = self.slot(addr);
-        if slot.key.load(Ordering::Relaxed) != addr {
-            return None;
-        }
-        let packed = slot.packed.load(Ordering::Relaxed);
-        let tags = self.local.fast_tags[domain.index()].load(Ordering::Relaxed);
-        if BlockRecord::tag_of(packed ^ tags) != 0 {
-            return None;
-        }
-        slot.key.store(0, Ordering::Release);
+        let tags_match = |packed| {
+            let tags = self.local.fast_tags[domain.index()].load(Ordering::Relaxed);
+            BlockRecord::tag_of(packed ^ tags) == 0
+        };
+        let packed = self.slot(addr).take_own_if(addr, tags_match)?;
         let counters = self.local.counters.load(Ordering::Relaxed);
         // SAFETY: as in `record_fast`: the tag matched, so `counters` is set.
         Some((BlockRecord::size_of(packed), unsafe {
@@ -351,56 +504,10 @@ impl Nursery {
         }))
     }
 
-    /// Owner only: moves the block `old` out of `slot` into the shared table.
-    #[cold]
-    #[inline(never)]
-    fn evict(&self, table: &BlockTable, slot: &Slot, old: usize) -> Option<BlockRecord> {
-        let packed = slot.packed.load(Ordering::Relaxed);
-        if slot.key.compare_exchange(old, old | EVICTING, Ordering::AcqRel, Ordering::Acquire).is_err() {
-            // Another thread freed `old` and claimed it; the slot is empty.
-            return None;
-        }
-        // Clear the slot while the shard lock is still held: a `fork` prepare
-        // handler takes every shard lock, so in a child a slot marked
-        // EVICTING always means "not inserted yet" (see `adopt_orphans`).
-        // Freeing threads that see 0 then take that shard lock after us and
-        // find the record.
-        table.insert_then(old, BlockRecord::unpack(packed), || slot.key.store(0, Ordering::Release))
-    }
-
     /// Owner only: if `addr` is in this nursery, forgets it and returns its record.
     #[inline(always)]
     pub fn take_own(&self, addr: usize) -> Option<BlockRecord> {
-        let slot = self.slot(addr);
-        if slot.key.load(Ordering::Relaxed) != addr {
-            return None;
-        }
-        let rec = BlockRecord::unpack(slot.packed.load(Ordering::Relaxed));
-        slot.key.store(0, Ordering::Release);
-        Some(rec)
-    }
-
-    /// Any thread: claims `addr` from this nursery if it is resident. Waits
-    /// out an eviction in progress and then reports `None` (the block is in
-    /// the shared table by the time this returns).
-    fn claim(&self, addr: usize) -> Option<BlockRecord> {
-        let slot = self.slot(addr);
-        loop {
-            let key = slot.key.load(Ordering::Acquire);
-            if key == addr {
-                let packed = slot.packed.load(Ordering::Relaxed);
-                if slot.key.compare_exchange(addr, 0, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-                    return Some(BlockRecord::unpack(packed));
-                }
-                continue; // the owner started evicting it; look again
-            }
-            if key == addr | EVICTING {
-                std::hint::spin_loop();
-                std::thread::yield_now();
-                continue;
-            }
-            return None;
-        }
+        self.slot(addr).take_own_if(addr, |_| true).map(BlockRecord::unpack)
     }
 
     /// Owner (or a single-threaded caller): evicts every resident block.
@@ -408,7 +515,7 @@ impl Nursery {
         for slot in &self.slots {
             let key = slot.key.load(Ordering::Acquire);
             if key != 0 && cacheable(key) {
-                if let Some(d) = self.evict(table, slot, key) {
+                if let Some(d) = slot.evict(table, key) {
                     displaced(d);
                 }
             }
@@ -462,7 +569,12 @@ impl Nurseries {
     }
 
     fn iter(&self) -> impl Iterator<Item = &Nursery> + '_ {
-        let mut next = self.head.load(Ordering::Acquire) as *const Nursery;
+        self.iter_from(self.head.load(Ordering::Acquire))
+    }
+
+    /// The list from `first` (the head, or null for nothing) on.
+    fn iter_from(&self, first: *const Nursery) -> impl Iterator<Item = &Nursery> + '_ {
+        let mut next = first;
         std::iter::from_fn(move || {
             if next.is_null() {
                 return None;
@@ -517,12 +629,24 @@ impl Nurseries {
         nursery.active.store(false, Ordering::Release);
     }
 
-    /// Any thread: finds `addr` in some nursery other than `skip` and claims it.
-    pub fn claim(&self, addr: usize, skip: Option<&Nursery>) -> Option<BlockRecord> {
-        if !cacheable(addr) {
-            return None;
-        }
-        self.iter().filter(|n| !skip.is_some_and(|s| std::ptr::eq(*n, s))).find_map(|n| n.claim(addr))
+    /// Any thread whose nursery (`skip`, if any) does not hold `addr`:
+    /// finds and forgets its record in `table` or in another nursery
+    /// (module docs, "Any other free"). `None`: never tracked.
+    #[inline(always)]
+    pub fn forget_foreign(
+        &self,
+        table: &BlockTable,
+        addr: usize,
+        skip: Option<&Nursery>,
+    ) -> Option<BlockRecord> {
+        forget_foreign(table, addr, || {
+            // An odd address is never in a nursery (its slot scan is skipped).
+            let first =
+                if cacheable(addr) { self.head.load(Ordering::Acquire) } else { std::ptr::null_mut() };
+            self.iter_from(first)
+                .filter(move |n| !skip.is_some_and(|s| std::ptr::eq(*n, s)))
+                .map(move |n| n.slot(addr))
+        })
     }
 
     /// Live blocks and bytes resident in all nurseries.
@@ -575,12 +699,8 @@ impl Nurseries {
                 continue;
             }
             for slot in &nursery.slots {
-                let key = slot.key.load(Ordering::Acquire);
-                if key == 0 {
-                    continue;
-                }
-                let rec = BlockRecord::unpack(slot.packed.load(Ordering::Relaxed));
-                if let Some(d) = table.insert(key & !EVICTING, rec) {
+                let Some((addr, rec)) = slot.orphan() else { continue };
+                if let Some(d) = table.insert(addr, rec) {
                     displaced(d);
                 }
                 slot.key.store(0, Ordering::Release);
@@ -616,7 +736,7 @@ mod tests {
         let slot = o.slot(x);
         let old = slot.key.load(Acquire);
         // What evict() does, all of it, as one step under the shard lock.
-        assert!(o.evict(&table, slot, old).is_none());
+        assert!(slot.evict(&table, old).is_none());
         let r = table.remove(x).unwrap(); // R frees X via the table
         ledger.sub_live(r.owner, r.domain, r.size);
         nurseries
@@ -629,5 +749,181 @@ mod tests {
         n.slot(y).key.compare_exchange(y, y | EVICTING, AcqRel, Acquire).unwrap();
         nurseries.adopt_orphans(&table, &ledger, None, &mut |_| panic!("no missed free here"));
         assert_eq!(table.get(y), Some(rec));
+    }
+}
+
+#[cfg(test)]
+mod models {
+    //! Loom models of the slot protocol: [`Slot`]'s own code, with a small
+    //! locked map standing in for the shared table. Each names the
+    //! mutations it catches; `scripts/mutants.py` applies them and checks
+    //! that the model fails.
+    //!
+    //! Every model hands the block's address to the freeing thread with a
+    //! happens-before edge (a spawn), as a race-free program does: without
+    //! one the free may not see the slot's key at all (nor, for a block in
+    //! the table, the insertion), so no ordering in the slot could help.
+    //!
+    //! Not checkable here (weakening them passes every model):
+    //! * the orderings that keep a claimer's read of `packed` from seeing the
+    //!   owner's *later* write (the `Acquire` of the owner's loads and failed
+    //!   CAS of `key`, the `Release` of the claimer's CAS): that is load
+    //!   buffering, which loom does not model;
+    //! * the `Release`/`Acquire` on `key` of `record`, `claim` and the clear in
+    //!   `evict`: the hand-off above, and the shard lock (a claimer that saw
+    //!   the clear takes the lock after the evicting owner), already order
+    //!   what they would;
+    //! * the first table lookup of a foreign free: a shortcut (a block that
+    //!   left its nursery is usually in the table), not a step the protocol
+    //!   needs.
+
+    use loom::sync::{Arc, Mutex};
+    use loom::thread;
+
+    use interheap_sync::Loom;
+
+    use super::*;
+    use crate::ledger::BucketId;
+
+    /// The shared table: blocks by address, under a (loom) mutex.
+    #[derive(Default)]
+    struct Table(Mutex<Vec<(usize, BlockRecord)>>);
+
+    impl EvictionTable for Table {
+        fn insert_then(&self, addr: usize, rec: BlockRecord, then: impl FnOnce()) -> Option<BlockRecord> {
+            let mut map = self.0.lock().unwrap();
+            let displaced = map.iter().position(|&(a, _)| a == addr).map(|i| map.swap_remove(i).1);
+            map.push((addr, rec));
+            then();
+            displaced
+        }
+        fn remove(&self, addr: usize) -> Option<BlockRecord> {
+            let mut map = self.0.lock().unwrap();
+            map.iter().position(|&(a, _)| a == addr).map(|i| map.swap_remove(i).1)
+        }
+    }
+
+    /// Two blocks that share a slot (the model has one slot).
+    const A: usize = 0x1000;
+    const B: usize = 0x2000;
+
+    fn rec(size: usize) -> BlockRecord {
+        BlockRecord { size, owner: BucketId::for_interpreter(Some(1)), domain: Domain::Object }
+    }
+
+    struct Shared {
+        slot: Slot<Loom>,
+        table: Table,
+    }
+
+    /// The slot holds `A`, recorded by the owner (this thread) before the
+    /// freeing thread learns of `A` (its spawn orders that); the freeing
+    /// thread frees `A` as every thread but the owner does.
+    fn recorded_a_and_freed_elsewhere() -> (Arc<Shared>, thread::JoinHandle<Option<BlockRecord>>) {
+        let shared = Arc::new(Shared {
+            slot: Slot { key: Atomic::new(0), packed: Atomic::new(0) },
+            table: Table::default(),
+        });
+        assert!(shared.slot.record(&shared.table, A, rec(16)).is_none());
+        let freer = {
+            let s = shared.clone();
+            thread::spawn(move || forget_foreign(&s.table, A, || std::iter::once(&s.slot)))
+        };
+        (shared, freer)
+    }
+
+    /// After the race: `A` was freed with its own record, exactly once (the
+    /// table holds nothing), and the slot holds `B` with `B`'s record.
+    fn check(shared: &Shared, freed: Option<BlockRecord>) {
+        assert_eq!(freed, Some(rec(16)), "A's free found no record, or another block's");
+        assert!(shared.table.0.lock().unwrap().is_empty(), "A was left in the table after its free");
+        assert_eq!(shared.slot.key.load(Ordering::Relaxed), B);
+        assert_eq!(BlockRecord::unpack(shared.slot.packed.load(Ordering::Relaxed)), rec(32));
+    }
+
+    /// The owner records `B` in `A`'s slot, so evicts `A` into the table,
+    /// while another thread frees `A`.
+    ///
+    /// Mutations caught: `evict` taking the block with a store instead of a
+    /// CAS, `claim` taking it with a store instead of a CAS (both: `A` is
+    /// claimed and inserted, so left in the table); `claim` not waiting out
+    /// an eviction in progress, `evict` clearing the slot before it inserts
+    /// the block, the foreign free dropping its second table lookup (all:
+    /// the freeing thread misses `A`, which the eviction then inserts);
+    /// `record` writing the new record before it evicts the old block (`A`
+    /// is evicted or claimed with `B`'s record).
+    #[test]
+    fn eviction_racing_a_foreign_free_moves_the_block_once() {
+        interheap_sync::model(|| {
+            let (shared, freer) = recorded_a_and_freed_elsewhere();
+            assert!(shared.slot.record(&shared.table, B, rec(32)).is_none());
+            let freed = freer.join().unwrap();
+            check(&shared, freed);
+        });
+    }
+
+    /// A `fork` while the owner evicts `A` and another thread frees it: the
+    /// forking thread holds the table's lock (as the prepare handler holds
+    /// every shard lock) and works out what the child records, with the
+    /// child's own code (`Slot::orphan`, then the table). A block whose free
+    /// had completed before the fork must not come back in the child, and no
+    /// block is recorded twice there. (A free still in progress at the fork
+    /// is one of the half-done operations the child does not repair.)
+    ///
+    /// Mutations caught: `evict` clearing the slot after it released the
+    /// shard lock (the child sees the eviction mark of a block that was
+    /// inserted and freed since, and records it again).
+    #[test]
+    fn a_fork_child_does_not_resurrect_a_block_freed_during_its_eviction() {
+        interheap_sync::model(|| {
+            let shared = Arc::new(Shared {
+                slot: Slot { key: Atomic::new(0), packed: Atomic::new(0) },
+                table: Table::default(),
+            });
+            let freed = Arc::new(<Loom as Memory>::Bool::new(false));
+            assert!(shared.slot.record(&shared.table, A, rec(16)).is_none());
+            let freer = {
+                let (s, freed) = (shared.clone(), freed.clone());
+                thread::spawn(move || {
+                    let found = forget_foreign(&s.table, A, || std::iter::once(&s.slot));
+                    freed.store(true, Ordering::Release);
+                    found
+                })
+            };
+            let fork = {
+                let (s, freed) = (shared.clone(), freed.clone());
+                thread::spawn(move || {
+                    let map = s.table.0.lock().unwrap();
+                    let freed = freed.load(Ordering::Acquire);
+                    let mut child: Vec<usize> = map.iter().map(|&(addr, _)| addr).collect();
+                    child.extend(s.slot.orphan().map(|(addr, _)| addr));
+                    drop(map);
+                    assert!(!(freed && child.contains(&A)), "the fork child resurrected a freed block");
+                    child.sort_unstable();
+                    assert!(child.windows(2).all(|w| w[0] != w[1]), "the fork child records a block twice");
+                })
+            };
+            assert!(shared.slot.record(&shared.table, B, rec(32)).is_none());
+            fork.join().unwrap();
+            assert_eq!(freer.join().unwrap(), Some(rec(16)));
+        });
+    }
+
+    /// As `eviction_racing_a_foreign_free_moves_the_block_once`, but the owner tries the allocation fast path first (record
+    /// only into an empty slot, as `Nursery::record_fast` does) and falls
+    /// back to `record` when the slot is taken.
+    ///
+    /// Mutations caught: `record_if_empty` not checking that the slot is
+    /// empty (`B` overwrites `A`, whose free then finds nothing).
+    #[test]
+    fn fast_recording_racing_a_foreign_free_loses_no_block() {
+        interheap_sync::model(|| {
+            let (shared, freer) = recorded_a_and_freed_elsewhere();
+            if !shared.slot.record_if_empty(B, || rec(32).pack()) {
+                assert!(shared.slot.record(&shared.table, B, rec(32)).is_none());
+            }
+            let freed = freer.join().unwrap();
+            check(&shared, freed);
+        });
     }
 }

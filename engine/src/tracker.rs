@@ -391,18 +391,9 @@ impl Tracker {
         if let Some(rec) = local.and_then(|n| n.take_own(addr)) {
             return Some(rec);
         }
-        if let Some(rec) = self.table.remove(addr) {
-            return Some(rec);
-        }
-        self.forget_elsewhere(local, addr)
-    }
-
-    /// The block is in another thread's nursery, or being evicted from one
-    /// right now, or was never tracked (see the nursery module's protocol).
-    #[cold]
-    #[inline(never)]
-    fn forget_elsewhere(&self, local: Option<&Nursery>, addr: usize) -> Option<BlockRecord> {
-        self.nurseries.claim(addr, local).or_else(|| self.table.remove(addr))
+        // The shared table, then (cold) another thread's nursery, or one
+        // being evicted right now (see the nursery module's protocol).
+        self.nurseries.forget_foreign(&self.table, addr, local)
     }
 
     /// `owner` allocated `size` bytes at `addr` (non-zero) in `domain`.

@@ -7,12 +7,18 @@
 //! * [`stack`]: the intrusive stack that is emptied whole (the engine's
 //!   remote frees, `interheap-pyalloc`'s deferred frees).
 //! * [`spin_lock`]: the spin lock of short critical sections.
+//! * [`gate`]: the glue's allocator adapters' switch from unlocked calls
+//!   (serialised by the main GIL) to locked ones, with an asymmetric
+//!   barrier ([`membarrier`]).
 //!
-//! The model tests are in `tests/models.rs` of this crate and of the crates
-//! that build protocols on these pieces; each names the mutation (a weakened
-//! ordering, a dropped step) that it catches, and `scripts/mutants.sh`
+//! The model tests are `#[cfg(test)]` modules beside the protocols they
+//! check (`models` here and in [`gate`]; in the engine, the heap's remote
+//! frees and the nursery's slots); each names the mutations (a weakened
+//! ordering, a dropped step) that it catches, and `scripts/mutants.py`
 //! applies those mutations and checks that the models fail.
 
+pub mod gate;
+pub mod membarrier;
 pub mod memory;
 pub mod spin_lock;
 pub mod stack;

@@ -58,8 +58,37 @@ pub trait Memory: 'static {
     type U64: AtomicInt<u64>;
     /// An atomic `usize`.
     type Usize: AtomicInt<usize>;
+    /// An atomic `i64`.
+    type I64: AtomicInt<i64>;
     /// A memory fence.
     fn fence(order: Ordering);
+    /// The cheap side of an asymmetric store-load barrier: orders this
+    /// thread's earlier stores before its later loads *as seen by a thread
+    /// that runs [`heavy_fence`](Memory::heavy_fence)*, and only then.
+    ///
+    /// [`Std`]: a compiler fence (the store and the load stay in program
+    /// order), valid only once [`membarrier::register`](crate::membarrier::register)
+    /// succeeded, since `heavy_fence` does the hardware's part. `Loom`: a
+    /// `SeqCst` fence (see `heavy_fence` for why that models it soundly).
+    fn light_fence();
+    /// The expensive side of the asymmetric barrier; false if it could not
+    /// be run (then the light side was unprotected).
+    ///
+    /// [`Std`]: a `SeqCst` fence, then `membarrier(PRIVATE_EXPEDITED)`, which
+    /// returns only after every thread of the process that runs on a CPU has
+    /// executed a full memory barrier (threads that do not run pass through
+    /// the scheduler, which is one). `Loom`, which cannot express that: a
+    /// `SeqCst` fence. The model is sound for a store-load handshake (each
+    /// side stores, fences, loads the other's flag), the only use: the light
+    /// side's barrier (from the IPI) falls before its store, between its
+    /// store and its load, or after its load. Before: the heavy side's store
+    /// precedes it, so the light side's load sees that store. After: the
+    /// light side's store precedes a barrier that precedes the heavy side's
+    /// return, so the heavy side's load sees it. Between: exactly a fence
+    /// at the light fence's place. In every case at least one side sees the
+    /// other's store, which is what two `SeqCst` fences guarantee, and all
+    /// that the model may assume.
+    fn heavy_fence() -> bool;
     /// Called in every iteration of a wait loop: a CPU pause in production,
     /// a yield to the scheduler in a model (loom requires one, or it would
     /// explore the loop forever).
@@ -139,6 +168,7 @@ forward_int!(std::sync::atomic::AtomicU8, u8);
 forward_int!(std::sync::atomic::AtomicU32, u32);
 forward_int!(std::sync::atomic::AtomicU64, u64);
 forward_int!(std::sync::atomic::AtomicUsize, usize);
+forward_int!(std::sync::atomic::AtomicI64, i64);
 
 impl Memory for Std {
     type Ptr<T> = std::sync::atomic::AtomicPtr<T>;
@@ -147,9 +177,18 @@ impl Memory for Std {
     type U32 = std::sync::atomic::AtomicU32;
     type U64 = std::sync::atomic::AtomicU64;
     type Usize = std::sync::atomic::AtomicUsize;
+    type I64 = std::sync::atomic::AtomicI64;
     #[inline(always)]
     fn fence(order: Ordering) {
         std::sync::atomic::fence(order)
+    }
+    #[inline(always)]
+    fn light_fence() {
+        std::sync::atomic::compiler_fence(Ordering::SeqCst)
+    }
+    fn heavy_fence() -> bool {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        crate::membarrier::private_expedited()
     }
     #[inline(always)]
     fn spin_hint() {
@@ -178,6 +217,8 @@ forward_int!(loom::sync::atomic::AtomicU32, u32);
 forward_int!(loom::sync::atomic::AtomicU64, u64);
 #[cfg(any(test, feature = "loom"))]
 forward_int!(loom::sync::atomic::AtomicUsize, usize);
+#[cfg(any(test, feature = "loom"))]
+forward_int!(loom::sync::atomic::AtomicI64, i64);
 
 #[cfg(any(test, feature = "loom"))]
 impl Memory for Loom {
@@ -187,8 +228,16 @@ impl Memory for Loom {
     type U32 = loom::sync::atomic::AtomicU32;
     type U64 = loom::sync::atomic::AtomicU64;
     type Usize = loom::sync::atomic::AtomicUsize;
+    type I64 = loom::sync::atomic::AtomicI64;
     fn fence(order: Ordering) {
         loom::sync::atomic::fence(order)
+    }
+    fn light_fence() {
+        loom::sync::atomic::fence(Ordering::SeqCst)
+    }
+    fn heavy_fence() -> bool {
+        loom::sync::atomic::fence(Ordering::SeqCst);
+        true
     }
     fn spin_hint() {
         loom::thread::yield_now()

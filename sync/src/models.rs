@@ -1,5 +1,5 @@
 //! Loom models of this crate's protocols. Each model names the mutations it
-//! catches; `scripts/mutants.sh` applies them one at a time and checks that
+//! catches; `scripts/mutants.py` applies them one at a time and checks that
 //! the model fails.
 
 use loom::cell::UnsafeCell;

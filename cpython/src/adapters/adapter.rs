@@ -41,7 +41,8 @@ use interheap_engine::Domain;
 use pyo3_ffi::PyMemAllocatorEx;
 
 use super::caller::{self, CallContext};
-use super::gate::{Barrier, Gate, GateStats, Mode};
+use super::gate::{Barrier, Gate, GateFork, GateStats, Mode};
+use super::lock::RawLock;
 use crate::hooks::{get_allocator, same_allocator, set_allocator};
 
 /// The most adapters one process can install.
@@ -332,7 +333,7 @@ pub fn install<B: Backend>(
             kind,
             domain,
             owns_memory: options.owns_memory,
-            gate: Gate::new(starting_mode(domain, options), Barrier::best()),
+            gate: Gate::new(starting_mode(domain, options), Barrier::best(), RawLock::new()),
             installed: AtomicBool::new(true),
             ours: PyMemAllocatorEx { ctx: null_mut(), malloc: None, calloc: None, realloc: None, free: None },
             previous,

@@ -36,17 +36,8 @@ pub struct RawLock {
     held_for_fork: AtomicBool,
 }
 
-/// How [`RawLock::lock`] got the lock.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Acquired {
-    /// At the first attempt.
-    Uncontended,
-    /// After spinning or sleeping: another thread held it.
-    Contended,
-    /// Not at all: this thread is forking and already holds every adapter
-    /// lock. The caller must not call [`RawLock::unlock`].
-    ByForkingThread,
-}
+/// How [`RawLock::lock`] got the lock (shared with the gate's protocol).
+pub use interheap_sync::gate::Acquired;
 
 impl Default for RawLock {
     fn default() -> Self {

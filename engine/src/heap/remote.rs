@@ -170,7 +170,7 @@ impl<M: Memory> RemoteFrees<M> {
 #[cfg(test)]
 mod models {
     //! Loom models of the hand-off. Each names the mutations it catches;
-    //! `scripts/mutants.sh` applies them and checks that the model fails.
+    //! `scripts/mutants.py` applies them and checks that the model fails.
 
     use loom::cell::UnsafeCell;
     use loom::sync::Arc;
