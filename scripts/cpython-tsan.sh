@@ -12,7 +12,7 @@
 # (../shared/cpython, SHA256SUMS), with clang (Debian's clang-19; gcc's
 # libtsan is another runtime than the LLVM one rustc links into the Rust
 # programs, and two runtimes cannot share a process), --enable-shared with an
-# rpath, no ensurepip, cached under $INTERHEAP_CACHE/cpython-tsan/<tag>.
+# rpath, no ensurepip and no test modules, cached under $INTERHEAP_CACHE/cpython-tsan/<tag>.
 # libpython's __tsan_* references resolve against the runtime of the program
 # that loads it: python's own (clang links it), or a Rust program's, which
 # must then export it (-Clink-arg=-Wl,--export-dynamic).
@@ -86,10 +86,13 @@ log "building CPython $upver ($tag) with ThreadSanitizer: about 15 minutes on 2 
     tar -xf "$tarball" -C "$work"
     cd "$work/Python-$upver"
     ./configure CC="$CC_TSAN" --prefix="$prefix" --enable-shared --with-thread-sanitizer \
-        --without-ensurepip "LDFLAGS=-Wl,-rpath,$prefix/lib" "${cfg_extra[@]}"
+        --without-ensurepip --disable-test-modules "LDFLAGS=-Wl,-rpath,$prefix/lib" "${cfg_extra[@]}"
     make -j"$(nproc)"
     stage=$(mktemp -d "$CACHE/cpython-tsan/.staging-$tag.XXXXXX")
-    make install DESTDIR="$stage"
+    # Byte-compiles only the top level of the library (-l) at install: the
+    # instrumented interpreter takes many minutes over all of it, three
+    # times; the rest is compiled when first imported.
+    make install DESTDIR="$stage" COMPILEALL_OPTS="-j0 -l"
 } >"$logf" 2>&1 || {
     tail -30 "$logf" >&2
     die "build failed (log: $logf)"

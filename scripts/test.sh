@@ -13,7 +13,11 @@
 #      interpreters that exchange objects (examples/interpreters_exchange.py),
 #      then the same under `python -m interheap run --sites --timeline` with
 #      interheap._native built with AddressSanitizer too
-#   5. CPython's own regression tests under interheap-python (scripts/regrtest.sh)
+#   5. ThreadSanitizer (nightly): the engine's tests; on 3.14 and 3.14t,
+#      against CPython built with TSan (scripts/cpython-tsan.sh), the glue's
+#      and the global allocator's tests, and interheap-python running
+#      examples/parallel_interpreters.py and examples/interpreters_exchange.py
+#   6. CPython's own regression tests under interheap-python (scripts/regrtest.sh)
 # Prints one closing line "N passed, N failed" over all pytest runs.
 set -uo pipefail
 
@@ -196,6 +200,52 @@ if cargo +nightly --version >/dev/null 2>&1; then
     done < .venvs.list
 else
     echo "NOT RUN: no nightly toolchain, so no AddressSanitizer run of interheap-python"
+fi
+
+# ThreadSanitizer (nightly; -Zbuild-std with rust-src, so that std's own
+# synchronisation is instrumented too). The engine's tests, then per
+# free-threaded and default 3.14: the glue's and the global allocator's tests
+# (embedded CPython, stress) and interheap-python running the parallel-
+# interpreter examples, all against CPython built with TSan
+# (scripts/cpython-tsan.sh, built once by scripts/setup.sh): an uninstrumented
+# libpython hides its PyMutex and GIL atomics from TSan, which then reports
+# the cross-interpreter queues' handoffs as races. Reports that are not bugs
+# are suppressed in scripts/tsan.supp, each with its argument. A report
+# fails the step (TSan's exit code 66).
+host=$(rustc -vV | sed -n 's/^host: //p')
+tsan_flags="-Zsanitizer=thread -Clink-arg=-Wl,--export-dynamic"
+tsan_env=(TSAN_OPTIONS="suppressions=$ROOT/scripts/tsan.supp halt_on_error=1 second_deadlock_stack=1")
+if ! cargo +nightly --version >/dev/null 2>&1; then
+    step "NOT RUN: ThreadSanitizer (no nightly toolchain)"
+elif ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
+    step "NOT RUN: ThreadSanitizer (no rust-src for nightly, which -Zbuild-std needs; scripts/setup.sh adds it)"
+else
+    step "engine under ThreadSanitizer (nightly, std instrumented)"
+    # PROPTEST_CASES: the single-threaded model test, 8 cases of its 64.
+    run env "${tsan_env[@]}" RUSTFLAGS="$tsan_flags" CARGO_TARGET_DIR="$CACHE/target/tsan" PROPTEST_CASES=8 \
+        cargo +nightly test --quiet -Zbuild-std --target "$host" -p interheap-engine
+    for tag in 3.14 3.14t; do
+        if ! tpy=$(scripts/cpython-tsan.sh --cached --tag "$tag" 2>&1); then
+            step "NOT RUN: ThreadSanitizer runs on $tag: $tpy"
+            failures+=("ThreadSanitizer runs on $tag: no CPython built with TSan")
+            continue
+        fi
+        tlib=$("$tpy" -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))')
+        tsan_target=$CACHE/target/tsan-$tag
+        step "CPython glue and global allocator (embedded CPython, stress) under ThreadSanitizer on $tag (CPython with TSan)"
+        run env "${tsan_env[@]}" RUSTFLAGS="$tsan_flags" CARGO_TARGET_DIR="$tsan_target" PYO3_PYTHON="$tpy" \
+            LD_LIBRARY_PATH="$tlib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" PYALLOC_STRESS_OPS=5000 \
+            cargo +nightly test --quiet -Zbuild-std --target "$host" -p interheap-cpython -p interheap-pyalloc --lib --tests
+        step "interheap-python under ThreadSanitizer on $tag (CPython with TSan): parallel_interpreters.py, interpreters_exchange.py"
+        if env RUSTFLAGS="$tsan_flags" CARGO_TARGET_DIR="$tsan_target" PYO3_PYTHON="$tpy" \
+            cargo +nightly build --quiet -Zbuild-std --profile tsan --target "$host" -p interheap-launcher; then
+            tsan_launcher=$tsan_target/$host/tsan/interheap-python
+            run env "${tsan_env[@]}" timeout 900 "$tsan_launcher" examples/parallel_interpreters.py --scale 0.05
+            run env "${tsan_env[@]}" timeout 900 "$tsan_launcher" examples/interpreters_exchange.py --seconds 3
+        else
+            failures+=("ThreadSanitizer build of interheap-python for $tag")
+        fi
+    done
 fi
 
 step "CPython regression tests under interheap-python"
