@@ -222,8 +222,10 @@ elif ! rustup component list --toolchain nightly --installed 2>/dev/null | grep 
 else
     step "engine under ThreadSanitizer (nightly, std instrumented)"
     # PROPTEST_CASES: the single-threaded model test, 8 cases of its 64.
+    # --lib --tests: not the doctests (rustdoc would build them without TSan
+    # against the instrumented std, which rustc refuses; cargo test runs them).
     run env "${tsan_env[@]}" RUSTFLAGS="$tsan_flags" CARGO_TARGET_DIR="$CACHE/target/tsan" PROPTEST_CASES=8 \
-        cargo +nightly test --quiet -Zbuild-std --target "$host" -p interheap-engine
+        cargo +nightly test --quiet -Zbuild-std --target "$host" -p interheap-engine --lib --tests
     for tag in 3.14 3.14t; do
         if ! tpy=$(scripts/cpython-tsan.sh --cached --tag "$tag" 2>&1); then
             step "NOT RUN: ThreadSanitizer runs on $tag: $tpy"
