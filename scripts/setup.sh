@@ -64,6 +64,8 @@ if [ "$demo" = 0 ]; then
         command -v clang-19 >/dev/null || missing+=(clang-19)
         [ -n "$(ls /usr/lib/llvm-19/lib/clang/*/lib/linux/libclang_rt.tsan-x86_64.a 2>/dev/null)" ] \
             || missing+=(libclang-rt-19-dev)
+        # TSan reports name functions (and the suppressions match them) only with a symbolizer.
+        command -v llvm-symbolizer >/dev/null || missing+=(llvm)
     fi
     if [ ${#missing[@]} -gt 0 ]; then
         SUDO=()
