@@ -233,7 +233,8 @@ else
     # PROPTEST_CASES: the single-threaded model test, 8 cases of its 64.
     # --lib --tests: not the doctests (rustdoc would build them without TSan
     # against the instrumented std, which rustc refuses; cargo test runs them).
-    run env "${tsan_env[@]}" RUSTFLAGS="$tsan_flags" CARGO_TARGET_DIR="$CACHE/target/tsan" PROPTEST_CASES=8 \
+    # (3.14's target dir: the instrumented std built there serves both.)
+    run env "${tsan_env[@]}" RUSTFLAGS="$tsan_flags" CARGO_TARGET_DIR="$CACHE/target/tsan-3.14" PROPTEST_CASES=8 \
         cargo +nightly test --quiet -Zbuild-std --target "$host" -p interheap-engine --lib --tests
     for tag in 3.14 3.14t; do
         if ! tpy=$(scripts/cpython-tsan.sh --cached --tag "$tag" 2>&1); then
