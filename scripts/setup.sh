@@ -11,7 +11,10 @@
 #     launcher in each venv's bin/ (built with the package by
 #     frontends/python/build.rs), and libinterheap (the C library) built for
 #     it into <venv>/interheap-c/lib,
-#   - cargo-fuzz, when the nightly toolchain is there (for the allocator's fuzz target).
+#   - cargo-fuzz, when the nightly toolchain is there (for the allocator's fuzz target),
+#   - with the nightly toolchain, for make test's ThreadSanitizer runs: its
+#     rust-src, clang-19 with its TSan runtime (apt-get), and CPython 3.14 and
+#     3.14t built with TSan (scripts/cpython-tsan.sh; once, cached).
 # Usage: scripts/setup.sh [TAG ...]   (default: every interpreter of the matrix)
 #        scripts/setup.sh --demo      only what `make demo` runs on: the default
 #                                     interpreter, .venv and the interheap package
@@ -40,6 +43,15 @@ if [ "$demo" = 0 ] && cargo +nightly --version >/dev/null 2>&1 && ! cargo fuzz -
         || { tail -20 "$CACHE/cargo-fuzz-install.log" >&2; exit 1; }
 fi
 
+# ThreadSanitizer runs (make test) build std instrumented (-Zbuild-std),
+# which needs the nightly toolchain's rust-src.
+if [ "$demo" = 0 ] && cargo +nightly --version >/dev/null 2>&1 \
+    && ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
+    log "adding rust-src to the nightly toolchain (once, for the ThreadSanitizer runs)"
+    rustup component add --toolchain nightly rust-src >"$CACHE/rust-src-install.log" 2>&1 \
+        || { tail -20 "$CACHE/rust-src-install.log" >&2; exit 1; }
+fi
+
 # Tools the tests drive as a user would: Debian's chromium loads the HTML
 # report (tests/test_html_report.py) and tmux shows the live view
 # (tests/test_live.py). Installed with apt-get once (root, or sudo).
@@ -47,6 +59,14 @@ if [ "$demo" = 0 ]; then
     missing=()
     command -v chromium >/dev/null || missing+=(chromium)
     command -v tmux >/dev/null || missing+=(tmux)
+    # clang and its TSan runtime build CPython with ThreadSanitizer (below).
+    if cargo +nightly --version >/dev/null 2>&1; then
+        command -v clang-19 >/dev/null || missing+=(clang-19)
+        [ -n "$(ls /usr/lib/llvm-19/lib/clang/*/lib/linux/libclang_rt.tsan-x86_64.a 2>/dev/null)" ] \
+            || missing+=(libclang-rt-19-dev)
+        # TSan reports name functions (and the suppressions match them) only with a symbolizer.
+        command -v llvm-symbolizer >/dev/null || missing+=(llvm)
+    fi
     if [ ${#missing[@]} -gt 0 ]; then
         SUDO=()
         if [ "$(id -u)" != 0 ]; then
@@ -164,4 +184,11 @@ while read -r tag python; do
     echo "$tag $venv" >> "$ROOT/.venvs.list.tmp"
 done <<< "$matrix"
 mv "$ROOT/.venvs.list.tmp" "$ROOT/.venvs.list"
+# CPython 3.14 and 3.14t built with ThreadSanitizer, for make test's TSan runs
+# (scripts/cpython-tsan.sh says why; once each, cached, about 15 minutes).
+if [ ${#wanted[@]} -eq 0 ] && cargo +nightly --version >/dev/null 2>&1; then
+    for tag in 3.14 3.14t; do
+        "$ROOT/scripts/cpython-tsan.sh" --tag "$tag" >/dev/null
+    done
+fi
 log "ready: $(tr '\n' ' ' < "$ROOT/.venvs.list")"

@@ -14,7 +14,14 @@
 #      interpreters that exchange objects (examples/interpreters_exchange.py),
 #      then the same under `python -m interheap run --sites --timeline` with
 #      interheap._native built with AddressSanitizer too
-#   5. CPython's own regression tests under interheap-python (scripts/regrtest.sh)
+#   5. ThreadSanitizer (nightly): the engine's tests; on 3.14 and 3.14t,
+#      against CPython built with TSan (scripts/cpython-tsan.sh), the glue's
+#      and the global allocator's tests, interheap-python running
+#      examples/parallel_interpreters.py and examples/interpreters_exchange.py,
+#      and python -m interheap run --sites --timeline with interheap._native
+#      built with TSan too (the hooks under python, the heaps under
+#      interheap-python)
+#   6. CPython's own regression tests under interheap-python (scripts/regrtest.sh)
 # Prints one closing line "N passed, N failed" over all pytest runs.
 set -uo pipefail
 
@@ -199,6 +206,85 @@ if cargo +nightly --version >/dev/null 2>&1; then
     done < .venvs.list
 else
     echo "NOT RUN: no nightly toolchain, so no AddressSanitizer run of interheap-python"
+fi
+
+# ThreadSanitizer (nightly; -Zbuild-std with rust-src, so that std's own
+# synchronisation is instrumented too). The engine's tests, then per
+# free-threaded and default 3.14: the glue's and the global allocator's tests
+# (embedded CPython, stress) and interheap-python running the parallel-
+# interpreter examples, all against CPython built with TSan
+# (scripts/cpython-tsan.sh, built once by scripts/setup.sh): an uninstrumented
+# libpython hides its PyMutex and GIL atomics from TSan, which then reports
+# the cross-interpreter queues' handoffs as races. Reports that are not bugs
+# are suppressed in scripts/tsan.supp, each with its argument. A report
+# fails the step (TSan's exit code 66).
+host=$(rustc -vV | sed -n 's/^host: //p')
+tsan_flags="-Zsanitizer=thread -Clink-arg=-Wl,--export-dynamic"
+# The symbolizer: the suppressions name functions, and the TSan runtime that
+# the TSan python links (clang-19's) does not find it by itself.
+tsan_options="suppressions=$ROOT/scripts/tsan.supp halt_on_error=1 second_deadlock_stack=1"
+if command -v llvm-symbolizer >/dev/null; then
+    tsan_options+=" external_symbolizer_path=$(command -v llvm-symbolizer)"
+fi
+tsan_env=(TSAN_OPTIONS="$tsan_options")
+if ! cargo +nightly --version >/dev/null 2>&1; then
+    step "NOT RUN: ThreadSanitizer (no nightly toolchain)"
+elif ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
+    step "NOT RUN: ThreadSanitizer (no rust-src for nightly, which -Zbuild-std needs; scripts/setup.sh adds it)"
+else
+    step "engine under ThreadSanitizer (nightly, std instrumented)"
+    # PROPTEST_CASES: the single-threaded model test, 8 cases of its 64.
+    # --lib --tests: not the doctests (rustdoc would build them without TSan
+    # against the instrumented std, which rustc refuses; cargo test runs them).
+    # (3.14's target dir: the instrumented std built there serves both.)
+    run env "${tsan_env[@]}" RUSTFLAGS="$tsan_flags" CARGO_TARGET_DIR="$CACHE/target/tsan-3.14" PROPTEST_CASES=8 \
+        cargo +nightly test --quiet -Zbuild-std --target "$host" -p interheap-engine --lib --tests
+    for tag in 3.14 3.14t; do
+        if ! tpy=$(scripts/cpython-tsan.sh --cached --tag "$tag" 2>&1); then
+            step "NOT RUN: ThreadSanitizer runs on $tag: $tpy"
+            failures+=("ThreadSanitizer runs on $tag: no CPython built with TSan")
+            continue
+        fi
+        tlib=$("$tpy" -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))')
+        tsan_target=$CACHE/target/tsan-$tag
+        step "CPython glue and global allocator (embedded CPython, stress) under ThreadSanitizer on $tag (CPython with TSan)"
+        run env "${tsan_env[@]}" RUSTFLAGS="$tsan_flags" CARGO_TARGET_DIR="$tsan_target" PYO3_PYTHON="$tpy" \
+            LD_LIBRARY_PATH="$tlib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" PYALLOC_STRESS_OPS=5000 \
+            cargo +nightly test --quiet -Zbuild-std --target "$host" -p interheap-cpython -p interheap-pyalloc --lib --tests
+        step "interheap-python under ThreadSanitizer on $tag (CPython with TSan): parallel_interpreters.py, interpreters_exchange.py"
+        if env RUSTFLAGS="$tsan_flags" CARGO_TARGET_DIR="$tsan_target" PYO3_PYTHON="$tpy" \
+            cargo +nightly build --quiet -Zbuild-std --profile tsan --target "$host" -p interheap-launcher; then
+            tsan_launcher=$tsan_target/$host/tsan/interheap-python
+            run env "${tsan_env[@]}" timeout 900 "$tsan_launcher" examples/parallel_interpreters.py --scale 0.05
+            run env "${tsan_env[@]}" timeout 900 "$tsan_launcher" examples/interpreters_exchange.py --seconds 3
+        else
+            failures+=("ThreadSanitizer build of interheap-python for $tag")
+            continue
+        fi
+        # interheap._native built with TSan: the hooks (sampled sites read in
+        # every interpreter, the timeline's thread) over CPython's allocator
+        # in the TSan python, and the figures read from the heaps under the
+        # TSan interheap-python.
+        step "python -m interheap run --sites --timeline under ThreadSanitizer on $tag: the hooks (python), the heaps (interheap-python)"
+        if env RUSTFLAGS="$tsan_flags" CARGO_TARGET_DIR="$tsan_target" PYO3_PYTHON="$tpy" INTERHEAP_WHEEL_LAUNCHER=0 \
+            cargo +nightly build --quiet -Zbuild-std --profile tsan --target "$host" -p interheap-python; then
+            tsan_package=$tsan_target/interheap-package
+            rm -rf "$tsan_package" && mkdir -p "$tsan_package"
+            cp -r "$ROOT/frontends/python/python/interheap" "$ROOT/frontends/python/python/interheap_interp" \
+                "$tsan_package/"
+            rm -f "$tsan_package"/interheap/_native*.so
+            suffix=$(env "${tsan_env[@]}" "$tpy" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+            cp "$tsan_target/$host/tsan/lib_native.so" "$tsan_package/interheap/_native$suffix"
+            run env "${tsan_env[@]}" PYTHONPATH="$tsan_package" "$tpy" -c \
+                "import interheap._native as n, sys; sys.exit(0 if n.__file__.startswith('$tsan_package') else 1)"
+            run env "${tsan_env[@]}" PYTHONPATH="$tsan_package" timeout 900 "$tpy" -m interheap run --no-report \
+                --sites 4KiB --timeline 2 examples/parallel_interpreters.py --scale 0.05
+            run env "${tsan_env[@]}" PYTHONPATH="$tsan_package" timeout 900 "$tsan_launcher" -m interheap run \
+                --no-report --sites 4KiB --timeline 2 examples/interpreters_exchange.py --seconds 3
+        else
+            failures+=("ThreadSanitizer build of interheap._native for $tag")
+        fi
+    done
 fi
 
 step "CPython regression tests under interheap-python"

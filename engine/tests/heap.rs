@@ -468,6 +468,13 @@ enum Op {
     },
 }
 
+/// Cases of the single-threaded model test: 64, or `PROPTEST_CASES` when
+/// set (make test's ThreadSanitizer run sets 8: one thread gives TSan
+/// nothing to check there, and instrumented it takes a minute).
+fn model_cases() -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64)
+}
+
 fn op() -> impl Strategy<Value = Op> {
     let size = prop_oneof![0usize..600, 600usize..70_000, Just(3 << 20)];
     prop_oneof![
@@ -479,7 +486,7 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(model_cases()))]
 
     /// Three heaps, owners simulated by tokens on one thread, keeping
     /// requested sizes or not. The model tracks every live block; after
