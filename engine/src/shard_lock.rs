@@ -120,17 +120,19 @@ mod tests {
 
     #[test]
     fn counts_exactly_under_contention() {
+        const THREADS: usize = crate::iterations(8, 4);
+        const ROUNDS: usize = crate::iterations(20_000, 200);
         let lock = ShardLock::new(0u64);
         std::thread::scope(|s| {
-            for _ in 0..8 {
+            for _ in 0..THREADS {
                 s.spawn(|| {
-                    for _ in 0..20_000 {
+                    for _ in 0..ROUNDS {
                         *lock.lock() += 1;
                     }
                 });
             }
         });
-        assert_eq!(*lock.lock(), 160_000);
+        assert_eq!(*lock.lock(), (THREADS * ROUNDS) as u64);
     }
 
     #[test]

@@ -10,13 +10,25 @@ use interheap_engine::heap::os::SEGMENT_SIZE;
 use interheap_engine::heap::{self, size_class, Heap, HeapLabel, HeapPool, Realloc, NO_OWNER, SLOT_SIZE};
 use proptest::prelude::*;
 
+mod support;
+use support::{iterations, proptest_config};
+
 fn label(id: i64) -> HeapLabel {
     HeapLabel { kind: 1, id, part: 0 }
 }
 
+/// The bytes of a `len`-byte block that `fill` and `check` touch: all of
+/// them, or under Miri (where a byte costs microseconds and blocks go up to
+/// 8 MiB) every 509th and the last 64, which still catches a block that
+/// overlaps another or lost its contents in a move.
+fn touched(len: usize) -> impl Iterator<Item = usize> {
+    let (step, tail) = if cfg!(miri) { (509, len.saturating_sub(64)) } else { (1, len) };
+    (0..len).step_by(step).chain(tail..len)
+}
+
 /// Fills a block with a pattern derived from its address and a seed.
 fn fill(p: *mut u8, len: usize, seed: u8) {
-    for i in 0..len {
+    for i in touched(len) {
         // SAFETY: the block is ours and `len` bytes long.
         unsafe { *p.add(i) = seed.wrapping_add(i as u8) };
     }
@@ -24,7 +36,7 @@ fn fill(p: *mut u8, len: usize, seed: u8) {
 
 fn check(p: *const u8, len: usize, seed: u8) -> bool {
     // SAFETY: the block is ours and `len` bytes long.
-    (0..len).all(|i| unsafe { *p.add(i) } == seed.wrapping_add(i as u8))
+    touched(len).all(|i| unsafe { *p.add(i) } == seed.wrapping_add(i as u8))
 }
 
 const SIZES: &[usize] = &[
@@ -106,7 +118,7 @@ fn pointers_that_are_not_ours_are_refused_untouched() {
     // SAFETY: interior pointers are only inspected.
     assert!(!heap::owns(unsafe { p.add(8) }), "interior pointer");
     // SAFETY: the page header is not a block.
-    assert!(!heap::owns((p as usize & !(heap::os::SEGMENT_SIZE - 1)) as *const u8), "segment header");
+    assert!(!heap::owns(p.map_addr(|a| a & !(SEGMENT_SIZE - 1))), "segment header");
     // SAFETY: `p` is live; its owner frees it.
     unsafe { heap::free(p, |_| 0x20) };
 }
@@ -236,13 +248,14 @@ fn free_segments_are_retained_for_reuse_then_given_back_after_a_while() {
     // Long enough that no segment expires while the test frees (timing-proof).
     // SAFETY: this thread owns `h`.
     unsafe { h.set_free_segment_retention(std::time::Duration::from_secs(600)) };
-    let blocks = fill_segments(h, 8);
+    let segments = iterations(8, 2);
+    let blocks = fill_segments(h, segments);
     let full = h.snapshot().mapped_bytes;
-    assert!(full >= 8 * SEGMENT_SIZE as u64, "{full}");
+    assert!(full >= (segments * SEGMENT_SIZE) as u64, "{full}");
     free_all(blocks, 0x61);
     assert_eq!(h.snapshot().mapped_bytes, full, "entirely free segments stay mapped for reuse");
     // Building the same structure again maps nothing new.
-    let blocks = fill_segments(h, 8);
+    let blocks = fill_segments(h, segments);
     assert_eq!(h.snapshot().mapped_bytes, full, "the retained segments were reused");
     free_all(blocks, 0x61);
     // Once they have been free for longer than the retention time, the next
@@ -263,6 +276,7 @@ fn free_segments_are_retained_for_reuse_then_given_back_after_a_while() {
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "fills 40 segments with 64-byte blocks (650,000 allocations): hours under Miri")]
 fn at_most_32_free_segments_are_retained() {
     let h = Heap::new(label(71), 0x7a);
     // SAFETY: this thread owns `h`.
@@ -279,9 +293,10 @@ fn at_most_32_free_segments_are_retained() {
 
 #[test]
 fn remote_frees_are_counted_at_once_and_reclaimed_by_the_owner() {
+    const N: usize = iterations(1000, 100);
     let h = Heap::new(label(5), 0x50);
     // SAFETY: this thread owns `h`.
-    let blocks: Vec<usize> = (0..1000).map(|_| unsafe { h.alloc(64) } as usize).collect();
+    let blocks: Vec<usize> = (0..N).map(|_| unsafe { h.alloc(64) } as usize).collect();
     let before = h.snapshot();
     thread::spawn(move || {
         for p in blocks {
@@ -292,13 +307,13 @@ fn remote_frees_are_counted_at_once_and_reclaimed_by_the_owner() {
     .join()
     .unwrap();
     let after = h.snapshot();
-    assert_eq!(after.remote_frees(), 1000);
-    assert_eq!(after.live_bytes, before.live_bytes - 64 * 1000);
+    assert_eq!(after.remote_frees(), N as u64);
+    assert_eq!(after.live_bytes, before.live_bytes - 64 * N as i64);
     assert_eq!(after.live_blocks(), 0);
-    // The owner gets the memory back: 1000 more blocks need no new segment.
+    // The owner gets the memory back: as many blocks again need no new segment.
     let mapped = after.mapped_bytes;
     // SAFETY: this thread owns `h`.
-    let again: Vec<*mut u8> = (0..1000).map(|_| unsafe { h.alloc(64) }).collect();
+    let again: Vec<*mut u8> = (0..N).map(|_| unsafe { h.alloc(64) }).collect();
     assert_eq!(h.snapshot().mapped_bytes, mapped);
     for p in again {
         // SAFETY: the owner frees its blocks.
@@ -315,7 +330,7 @@ fn an_ended_heap_keeps_live_blocks_valid_and_returns_the_rest() {
         fill(p, 16 + i * 40, i as u8);
     }
     // SAFETY: as above.
-    let drop_now: Vec<*mut u8> = (0..20_000).map(|_| unsafe { h.alloc(256) }).collect();
+    let drop_now: Vec<*mut u8> = (0..iterations(20_000, 500)).map(|_| unsafe { h.alloc(256) }).collect();
     // SAFETY: as above.
     let big = unsafe { h.alloc(3 << 20) };
     for p in drop_now {
@@ -372,8 +387,8 @@ fn a_pool_reuses_ended_heaps_and_keeps_their_figures() {
 
 #[test]
 fn threads_passing_blocks_around_keep_contents_and_exact_figures() {
-    const THREADS: usize = 4;
-    const ROUNDS: usize = 20_000;
+    const THREADS: usize = iterations(4, 3);
+    const ROUNDS: usize = iterations(20_000, 200);
     let heaps: Vec<&'static Heap> =
         (0..THREADS).map(|t| Heap::new(label(100 + t as i64), 0x1000 + t * 16)).collect();
     let (senders, receivers): (Vec<_>, Vec<_>) =
@@ -479,14 +494,14 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(proptest_config(64, 6))]
 
     /// Three heaps, owners simulated by tokens on one thread, keeping
     /// requested sizes or not. The model tracks every live block; after
     /// every step each heap's live bytes (block sizes, or the sizes asked
     /// for) and blocks equal the model's, and every block keeps its contents.
     #[test]
-    fn heaps_match_a_model(ops in proptest::collection::vec(op(), 1..300), requested in any::<bool>()) {
+    fn heaps_match_a_model(ops in proptest::collection::vec(op(), 1..iterations(300, 60)), requested in any::<bool>()) {
         let heaps: Vec<&'static Heap> = (0..3)
             .map(|i| {
                 let (l, token) = (label(1000 + i), 0x9000 + i as usize * 16);
@@ -763,6 +778,7 @@ fn resident_bytes(addr: *mut u8, len: usize) -> usize {
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "reads residency with mincore(2), which Miri does not implement")]
 fn an_empty_big_page_stays_for_reuse_then_goes_back_after_a_while() {
     let h = Heap::new(label(81), 0x81);
     let size = 40_000;
@@ -825,6 +841,10 @@ fn alloc_until_refused(h: &Heap, size: usize, most: usize) -> Vec<*mut u8> {
 }
 
 #[test]
+#[cfg_attr(
+    miri,
+    ignore = "allocates about 150,000 blocks of 48 bytes to reach its 4 MiB limit: hours under Miri"
+)]
 fn an_account_refuses_on_the_slow_path_within_a_page_per_class_then_admits_again() {
     use interheap_engine::heap::Account;
     const LIMIT: u64 = 4 << 20;
