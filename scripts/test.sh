@@ -99,13 +99,15 @@ else
 fi
 # Miri checks every step of the engine's unit and property tests for
 # undefined behaviour: out-of-bounds and use-after-free accesses, aliasing
-# (Tree Borrows), data races and weak-memory effects of the atomics, with
-# memory from Rust's allocator behind the OS layer (engine/src/heap/os.rs).
-# The tests run with fewer rounds, threads and cases there; those that
-# cannot run under Miri say why in their #[cfg_attr(miri, ignore = ...)].
+# (Stacked Borrows, Miri's default: the tests pass under Tree Borrows too,
+# MIRIFLAGS=-Zmiri-tree-borrows, which runs slower), data races and
+# weak-memory effects of the atomics, with memory from Rust's allocator
+# behind the OS layer (engine/src/heap/os.rs). The tests run with fewer
+# rounds, threads and cases there; those that cannot run under Miri say why
+# in their #[cfg_attr(miri, ignore = ...)].
 step "engine under Miri (nightly)"
 if cargo +nightly miri --version >/dev/null 2>&1; then
-    run env MIRIFLAGS="${MIRIFLAGS:--Zmiri-tree-borrows}" CARGO_TARGET_DIR="$CACHE/target/miri" \
+    run env MIRIFLAGS="${MIRIFLAGS:-}" CARGO_TARGET_DIR="$CACHE/target/miri" \
         cargo +nightly miri test --quiet -p interheap-engine
 else
     echo "NOT RUN: no nightly toolchain with Miri (scripts/setup.sh installs it)"
