@@ -327,14 +327,15 @@ fn remote_frees_are_counted_at_once_and_reclaimed_by_the_owner() {
 
 #[test]
 fn an_ended_heap_keeps_live_blocks_valid_and_returns_the_rest() {
+    const KEPT: usize = iterations(100, 20);
     let h = Heap::new(label(6), 0x60);
     // SAFETY: this thread owns `h` until it ends it.
-    let keep: Vec<*mut u8> = (0..100).map(|i| unsafe { h.alloc(16 + i * 40) }).collect();
+    let keep: Vec<*mut u8> = (0..KEPT).map(|i| unsafe { h.alloc(16 + i * 40) }).collect();
     for (i, &p) in keep.iter().enumerate() {
         fill(p, 16 + i * 40, i as u8);
     }
     // SAFETY: as above.
-    let drop_now: Vec<*mut u8> = (0..iterations(20_000, 500)).map(|_| unsafe { h.alloc(256) }).collect();
+    let drop_now: Vec<*mut u8> = (0..iterations(20_000, 200)).map(|_| unsafe { h.alloc(256) }).collect();
     // SAFETY: as above.
     let big = unsafe { h.alloc(3 << 20) };
     for p in drop_now {
@@ -346,7 +347,7 @@ fn an_ended_heap_keeps_live_blocks_valid_and_returns_the_rest() {
     unsafe { h.end() };
     let ended = h.snapshot();
     assert!(ended.ended);
-    assert_eq!(ended.live_blocks(), 101);
+    assert_eq!(ended.live_blocks(), KEPT as u64 + 1);
     assert!(ended.mapped_bytes <= mapped_before);
     for (i, &p) in keep.iter().enumerate() {
         assert!(check(p, 16 + i * 40, i as u8), "block {i} changed after end");
@@ -498,14 +499,14 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 proptest! {
-    #![proptest_config(proptest_config(64, 6))]
+    #![proptest_config(proptest_config(64, 3))]
 
     /// Three heaps, owners simulated by tokens on one thread, keeping
     /// requested sizes or not. The model tracks every live block; after
     /// every step each heap's live bytes (block sizes, or the sizes asked
     /// for) and blocks equal the model's, and every block keeps its contents.
     #[test]
-    fn heaps_match_a_model(ops in proptest::collection::vec(op(), 1..iterations(300, 60)), requested in any::<bool>()) {
+    fn heaps_match_a_model(ops in proptest::collection::vec(op(), 1..iterations(300, 25)), requested in any::<bool>()) {
         let heaps: Vec<&'static Heap> = (0..3)
             .map(|i| {
                 let (l, token) = (label(1000 + i), 0x9000 + i as usize * 16);
