@@ -14,7 +14,8 @@
 #   - cargo-fuzz, when the nightly toolchain is there (for the allocator's fuzz target),
 #   - with the nightly toolchain, for make test's ThreadSanitizer runs: its
 #     rust-src, clang-19 with its TSan runtime (apt-get), and CPython 3.14 and
-#     3.14t built with TSan (scripts/cpython-tsan.sh; once, cached).
+#     3.14t built with TSan (scripts/cpython-tsan.sh; once, cached),
+#   - and Miri with its sysroot (for the engine's tests under Miri).
 # Usage: scripts/setup.sh [TAG ...]   (default: every interpreter of the matrix)
 #        scripts/setup.sh --demo      only what `make demo` runs on: the default
 #                                     interpreter, .venv and the interheap package
@@ -50,6 +51,19 @@ if [ "$demo" = 0 ] && cargo +nightly --version >/dev/null 2>&1 \
     log "adding rust-src to the nightly toolchain (once, for the ThreadSanitizer runs)"
     rustup component add --toolchain nightly rust-src >"$CACHE/rust-src-install.log" 2>&1 \
         || { tail -20 "$CACHE/rust-src-install.log" >&2; exit 1; }
+fi
+
+# Miri and the standard library's source it builds its sysroot from, for the
+# engine's tests under Miri in make test. The sysroot is built once and kept
+# in ~/.cache/miri (cargo miri setup does nothing when it is up to date).
+if [ "$demo" = 0 ] && cargo +nightly --version >/dev/null 2>&1; then
+    if ! cargo +nightly miri --version >/dev/null 2>&1; then
+        log "installing Miri and rust-src for the nightly toolchain (once)"
+        rustup component add --toolchain nightly miri rust-src >"$CACHE/miri-install.log" 2>&1 \
+            || { tail -20 "$CACHE/miri-install.log" >&2; exit 1; }
+    fi
+    cargo +nightly miri setup >"$CACHE/miri-setup.log" 2>&1 \
+        || { tail -20 "$CACHE/miri-setup.log" >&2; exit 1; }
 fi
 
 # Tools the tests drive as a user would: Debian's chromium loads the HTML

@@ -6,8 +6,10 @@
 #      allocator), the models' mutation check (scripts/mutants.py), the
 #      glue's clippy and tests again against 3.12 (code that only 3.12
 #      compiles: the raw-swap guard), the global allocator's refusal of abi3
-#      builds, and the engine's and the global allocator's tests under AddressSanitizer (nightly)
-#      and a short fuzzing run of the allocator (cargo fuzz, engine/fuzz)
+#      builds, the engine's and the global allocator's tests under
+#      AddressSanitizer (nightly), the engine's and the sync crate's tests
+#      under Miri (nightly; smaller sizes, see engine/tests/support) and a
+#      short fuzzing run of the allocator (cargo fuzz, engine/fuzz)
 #   2. Python: ruff
 #   3. pytest on each venv listed in .venvs.list (3.12, 3.13, 3.14, 3.14t)
 #   4. interheap-python built with AddressSanitizer, running 4 isolated
@@ -104,6 +106,21 @@ if cargo +nightly --version >/dev/null 2>&1; then
         cargo +nightly test --quiet -p interheap-pyalloc --target "$(rustc -vV | sed -n 's/^host: //p')"
 else
     echo "NOT RUN: no nightly toolchain, so no AddressSanitizer run of the engine"
+fi
+# Miri checks every step of the engine's unit and property tests for
+# undefined behaviour: out-of-bounds and use-after-free accesses, aliasing
+# (Stacked Borrows, Miri's default: the tests pass under Tree Borrows too,
+# MIRIFLAGS=-Zmiri-tree-borrows, which runs slower), data races and
+# weak-memory effects of the atomics, with memory from Rust's allocator
+# behind the OS layer (engine/src/heap/os.rs). The tests run with fewer
+# rounds, threads and cases there; those that cannot run under Miri say why
+# in their #[cfg_attr(miri, ignore = ...)].
+step "engine under Miri (nightly)"
+if cargo +nightly miri --version >/dev/null 2>&1; then
+    run env MIRIFLAGS="${MIRIFLAGS:-}" CARGO_TARGET_DIR="$CACHE/target/miri" \
+        cargo +nightly miri test --quiet -p interheap-engine
+else
+    echo "NOT RUN: no nightly toolchain with Miri (scripts/setup.sh installs it)"
 fi
 step "fuzz the allocator and the hooks' bookkeeping from 3 threads (cargo fuzz, ${FUZZ_SECONDS:-20} s each)"
 if cargo +nightly --version >/dev/null 2>&1 && cargo fuzz --version >/dev/null 2>&1; then

@@ -494,6 +494,11 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "about 300,000 table operations, hours under Miri; one_shard_grows_rehashes_and_shrinks \
+                  runs the same growth, rehash and shrink code at a size Miri runs"
+    )]
     fn many_keys_survive_growth_and_deletion() {
         let t = BlockTable::new();
         let n = 50_000usize;
@@ -532,22 +537,59 @@ mod tests {
         assert_eq!(t.stats(), TableStats::default());
     }
 
+    /// One shard grows twice (rehashing its records), keeps every record
+    /// through backward-shift deletions, and shrinks back after a quiet
+    /// spell: what `many_keys_survive_growth_and_deletion` checks over the
+    /// whole table, with a few hundred keys (all in one shard), so that Miri
+    /// checks the growth, rehash and shrink code too.
+    #[test]
+    fn one_shard_grows_rehashes_and_shrinks() {
+        let t = BlockTable::new();
+        let shard = shard_index(1 << PAGE_SHIFT);
+        let keys: Vec<usize> = (1usize..)
+            .map(|page| page << PAGE_SHIFT)
+            .filter(|&page| shard_index(page) == shard)
+            .flat_map(|page| (0..16).map(move |k| page + k * 16))
+            .take(400)
+            .collect();
+        for (i, &key) in keys.iter().enumerate() {
+            assert_eq!(t.insert(key, rec(i, 1, Domain::Mem)), None);
+        }
+        // 400 records over 5/8 of a 512-slot table: grown 256 -> 512 -> 1024.
+        assert_eq!(t.stats().slots, 1024, "only this shard has slots");
+        for (i, &key) in keys.iter().enumerate().step_by(2) {
+            assert_eq!(t.remove(key).map(|r| r.size), Some(i));
+        }
+        for (i, &key) in keys.iter().enumerate() {
+            assert_eq!(t.get(key), (i % 2 == 1).then(|| rec(i, 1, Domain::Mem)), "key {i}");
+        }
+        for &key in keys.iter().skip(1).step_by(2) {
+            assert!(t.remove(key).is_some());
+        }
+        assert_eq!(t.stats().slots, 1024, "no shrinking right after the peak");
+        for &key in keys.iter().cycle().take(1024) {
+            t.insert(key, rec(1, 0, Domain::Raw));
+            t.remove(key);
+        }
+        assert_eq!((t.stats().slots, t.stats().entries), (INITIAL_SLOTS, 0), "shrunk after a quiet spell");
+    }
+
     #[test]
     fn concurrent_threads_keep_their_own_blocks() {
         let t = BlockTable::new();
         std::thread::scope(|s| {
-            for thread in 0..8usize {
+            for thread in 0..crate::iterations(8, 3) {
                 let t = &t;
                 s.spawn(move || {
-                    for round in 0..20 {
+                    for round in 0..crate::iterations(20, 2) {
                         let base = (thread + 1) << 32;
-                        for i in 0..2_000usize {
+                        for i in 0..crate::iterations(2_000, 40) {
                             assert_eq!(
                                 t.insert(base + i * 16, rec(i + round, thread as i64, Domain::Mem)),
                                 None
                             );
                         }
-                        for i in 0..2_000usize {
+                        for i in 0..crate::iterations(2_000, 40) {
                             assert_eq!(t.remove(base + i * 16).map(|r| r.size), Some(i + round));
                         }
                     }

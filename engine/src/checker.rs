@@ -447,6 +447,11 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "timing: its 2,500 admissions must fit in one second of the clock, and Miri's clock \
+                  advances with every step it interprets (so they take several)"
+    )]
     fn the_burst_limit_stops_details_within_a_second() {
         let f = Findings::new();
         let admitted = (0..BURST + 500).filter(|_| f.admit_details()).count() as u64;
@@ -458,6 +463,11 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "10,010 findings to pass the MAX_GROUPS cap: minutes under Miri (grouping itself runs \
+                  under Miri in findings_group_by_kind_and_call_site)"
+    )]
     fn groups_past_the_cap_only_count() {
         let f = Findings::new();
         for line in 0..(MAX_GROUPS as i32 + 10) {
@@ -480,6 +490,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "1.5 million inserts to pass the MAX_FREED cap: hours under Miri")]
     fn address_maps_stay_bounded() {
         let freed = AddressMap::new();
         for i in 0..(MAX_FREED + MAX_FREED / 2) {

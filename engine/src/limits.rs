@@ -504,7 +504,7 @@ mod tests {
                 let (budget, live, max_seen) = (budget.clone(), live.clone(), max_seen.clone());
                 std::thread::spawn(move || {
                     let mut held = 0u64;
-                    for round in 0..20_000 {
+                    for round in 0..crate::iterations(20_000, 300) {
                         if round % 7 == 6 && held > 0 {
                             live.fetch_sub(1000, SeqCst);
                             held -= 1;

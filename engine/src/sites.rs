@@ -580,6 +580,11 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "statistical: its 3% bound needs 20,000 gaps, minutes under Miri (next_gap is \
+                  arithmetic, with no unsafe code or memory for Miri to check)"
+    )]
     fn gaps_average_the_rate() {
         let sites = Sites::new();
         sites.set_rate(512 * 1024);
@@ -590,6 +595,11 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "statistical: its 5% bound needs 640,000 allocations counted down, hours under Miri \
+                  (which runs the recording in samples_add_up_per_site_and_leave_when_freed)"
+    )]
     fn byte_sampling_estimates_the_bytes_allocated() {
         // 64 MB in 100-byte blocks, counted down as the glue does: the
         // estimate is within a few percent of the truth.

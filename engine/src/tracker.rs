@@ -964,8 +964,8 @@ mod tests {
         // Each thread allocates blocks in its nursery and hands half of them
         // to the next thread to free; the figures must end at exactly zero.
         let t = Tracker::new();
-        const THREADS: usize = 6;
-        const PER: usize = 20_000;
+        const THREADS: usize = crate::iterations(6, 3);
+        const PER: usize = crate::iterations(20_000, 300);
         let (senders, receivers): (Vec<_>, Vec<_>) =
             (0..THREADS).map(|_| std::sync::mpsc::channel::<Vec<usize>>()).unzip();
         std::thread::scope(|s| {
@@ -1020,8 +1020,8 @@ mod tests {
         // allocating, every census must agree with itself: a retirement must
         // never be caught halfway (blocks or counts between two places).
         use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-        const THREADS: usize = 4;
-        const BLOCKS: usize = 2_000;
+        const THREADS: usize = crate::iterations(4, 3);
+        const BLOCKS: usize = crate::iterations(2_000, 50);
         let t = Tracker::new();
         let filled = std::sync::Barrier::new(THREADS + 1);
         let retired = AtomicUsize::new(0);
@@ -1055,13 +1055,13 @@ mod tests {
     fn reset_is_a_fresh_start_even_if_a_thread_retires_meanwhile() {
         // A thread's exit-time retirement racing with reset() (as install()
         // after a join can see) must not leave old records behind.
-        for _ in 0..200 {
+        for _ in 0..crate::iterations(200, 4) {
             let t = Tracker::new();
             let go = std::sync::Barrier::new(2);
             std::thread::scope(|s| {
                 s.spawn(|| {
                     let n = t.adopt_nursery();
-                    for k in 1..=1024usize {
+                    for k in 1..=crate::iterations(1024, 64) {
                         t.allocated(Some(n), interp(1), Domain::Object, k * 16, 8);
                     }
                     go.wait();

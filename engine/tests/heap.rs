@@ -10,13 +10,25 @@ use interheap_engine::heap::os::SEGMENT_SIZE;
 use interheap_engine::heap::{self, size_class, Heap, HeapLabel, HeapPool, Realloc, NO_OWNER, SLOT_SIZE};
 use proptest::prelude::*;
 
+mod support;
+use support::{iterations, proptest_config};
+
 fn label(id: i64) -> HeapLabel {
     HeapLabel { kind: 1, id, part: 0 }
 }
 
+/// The bytes of a `len`-byte block that `fill` and `check` touch: all of
+/// them, or under Miri (where a byte costs microseconds and blocks go up to
+/// 8 MiB) every 509th and the last 64, which still catches a block that
+/// overlaps another or lost its contents in a move.
+fn touched(len: usize) -> impl Iterator<Item = usize> {
+    let (step, tail) = if cfg!(miri) { (509, len.saturating_sub(64)) } else { (1, len) };
+    (0..len).step_by(step).chain(tail..len)
+}
+
 /// Fills a block with a pattern derived from its address and a seed.
 fn fill(p: *mut u8, len: usize, seed: u8) {
-    for i in 0..len {
+    for i in touched(len) {
         // SAFETY: the block is ours and `len` bytes long.
         unsafe { *p.add(i) = seed.wrapping_add(i as u8) };
     }
@@ -24,7 +36,7 @@ fn fill(p: *mut u8, len: usize, seed: u8) {
 
 fn check(p: *const u8, len: usize, seed: u8) -> bool {
     // SAFETY: the block is ours and `len` bytes long.
-    (0..len).all(|i| unsafe { *p.add(i) } == seed.wrapping_add(i as u8))
+    touched(len).all(|i| unsafe { *p.add(i) } == seed.wrapping_add(i as u8))
 }
 
 const SIZES: &[usize] = &[
@@ -106,7 +118,7 @@ fn pointers_that_are_not_ours_are_refused_untouched() {
     // SAFETY: interior pointers are only inspected.
     assert!(!heap::owns(unsafe { p.add(8) }), "interior pointer");
     // SAFETY: the page header is not a block.
-    assert!(!heap::owns((p as usize & !(heap::os::SEGMENT_SIZE - 1)) as *const u8), "segment header");
+    assert!(!heap::owns(p.map_addr(|a| a & !(SEGMENT_SIZE - 1))), "segment header");
     // SAFETY: `p` is live; its owner frees it.
     unsafe { heap::free(p, |_| 0x20) };
 }
@@ -123,7 +135,7 @@ fn calloc_zeroes_recycled_blocks_and_checks_overflow() {
         // SAFETY: this thread owns `h`.
         let q = unsafe { h.alloc_zeroed(1, size) };
         // SAFETY: `q` is `size` bytes.
-        assert!(unsafe { std::slice::from_raw_parts(q, size) }.iter().all(|&b| b == 0), "size {size}");
+        assert!(touched(size).all(|i| unsafe { *q.add(i) } == 0), "size {size}");
         // SAFETY: the owner frees its block.
         unsafe { heap::free(q, |_| 0x30) };
     }
@@ -231,6 +243,11 @@ fn free_all(blocks: Vec<*mut u8>, owner: usize) {
 }
 
 #[test]
+#[cfg_attr(
+    miri,
+    ignore = "fills segments with 64-byte blocks (130,000 allocations and frees): hours under Miri, \
+              whose cost per operation grows with the blocks live"
+)]
 fn free_segments_are_retained_for_reuse_then_given_back_after_a_while() {
     let h = Heap::new(label(61), 0x61);
     // Long enough that no segment expires while the test frees (timing-proof).
@@ -263,6 +280,7 @@ fn free_segments_are_retained_for_reuse_then_given_back_after_a_while() {
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "fills 40 segments with 64-byte blocks (650,000 allocations): hours under Miri")]
 fn at_most_32_free_segments_are_retained() {
     let h = Heap::new(label(71), 0x7a);
     // SAFETY: this thread owns `h`.
@@ -279,9 +297,10 @@ fn at_most_32_free_segments_are_retained() {
 
 #[test]
 fn remote_frees_are_counted_at_once_and_reclaimed_by_the_owner() {
+    const N: usize = iterations(1000, 100);
     let h = Heap::new(label(5), 0x50);
     // SAFETY: this thread owns `h`.
-    let blocks: Vec<usize> = (0..1000).map(|_| unsafe { h.alloc(64) } as usize).collect();
+    let blocks: Vec<usize> = (0..N).map(|_| unsafe { h.alloc(64) } as usize).collect();
     let before = h.snapshot();
     thread::spawn(move || {
         for p in blocks {
@@ -292,13 +311,13 @@ fn remote_frees_are_counted_at_once_and_reclaimed_by_the_owner() {
     .join()
     .unwrap();
     let after = h.snapshot();
-    assert_eq!(after.remote_frees(), 1000);
-    assert_eq!(after.live_bytes, before.live_bytes - 64 * 1000);
+    assert_eq!(after.remote_frees(), N as u64);
+    assert_eq!(after.live_bytes, before.live_bytes - 64 * N as i64);
     assert_eq!(after.live_blocks(), 0);
-    // The owner gets the memory back: 1000 more blocks need no new segment.
+    // The owner gets the memory back: as many blocks again need no new segment.
     let mapped = after.mapped_bytes;
     // SAFETY: this thread owns `h`.
-    let again: Vec<*mut u8> = (0..1000).map(|_| unsafe { h.alloc(64) }).collect();
+    let again: Vec<*mut u8> = (0..N).map(|_| unsafe { h.alloc(64) }).collect();
     assert_eq!(h.snapshot().mapped_bytes, mapped);
     for p in again {
         // SAFETY: the owner frees its blocks.
@@ -308,14 +327,15 @@ fn remote_frees_are_counted_at_once_and_reclaimed_by_the_owner() {
 
 #[test]
 fn an_ended_heap_keeps_live_blocks_valid_and_returns_the_rest() {
+    const KEPT: usize = iterations(100, 20);
     let h = Heap::new(label(6), 0x60);
     // SAFETY: this thread owns `h` until it ends it.
-    let keep: Vec<*mut u8> = (0..100).map(|i| unsafe { h.alloc(16 + i * 40) }).collect();
+    let keep: Vec<*mut u8> = (0..KEPT).map(|i| unsafe { h.alloc(16 + i * 40) }).collect();
     for (i, &p) in keep.iter().enumerate() {
         fill(p, 16 + i * 40, i as u8);
     }
     // SAFETY: as above.
-    let drop_now: Vec<*mut u8> = (0..20_000).map(|_| unsafe { h.alloc(256) }).collect();
+    let drop_now: Vec<*mut u8> = (0..iterations(20_000, 200)).map(|_| unsafe { h.alloc(256) }).collect();
     // SAFETY: as above.
     let big = unsafe { h.alloc(3 << 20) };
     for p in drop_now {
@@ -327,7 +347,7 @@ fn an_ended_heap_keeps_live_blocks_valid_and_returns_the_rest() {
     unsafe { h.end() };
     let ended = h.snapshot();
     assert!(ended.ended);
-    assert_eq!(ended.live_blocks(), 101);
+    assert_eq!(ended.live_blocks(), KEPT as u64 + 1);
     assert!(ended.mapped_bytes <= mapped_before);
     for (i, &p) in keep.iter().enumerate() {
         assert!(check(p, 16 + i * 40, i as u8), "block {i} changed after end");
@@ -372,8 +392,8 @@ fn a_pool_reuses_ended_heaps_and_keeps_their_figures() {
 
 #[test]
 fn threads_passing_blocks_around_keep_contents_and_exact_figures() {
-    const THREADS: usize = 4;
-    const ROUNDS: usize = 20_000;
+    const THREADS: usize = iterations(4, 3);
+    const ROUNDS: usize = iterations(20_000, 200);
     let heaps: Vec<&'static Heap> =
         (0..THREADS).map(|t| Heap::new(label(100 + t as i64), 0x1000 + t * 16)).collect();
     let (senders, receivers): (Vec<_>, Vec<_>) =
@@ -486,14 +506,14 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(model_cases()))]
+    #![proptest_config(proptest_config(model_cases(), 3))]
 
     /// Three heaps, owners simulated by tokens on one thread, keeping
     /// requested sizes or not. The model tracks every live block; after
     /// every step each heap's live bytes (block sizes, or the sizes asked
     /// for) and blocks equal the model's, and every block keeps its contents.
     #[test]
-    fn heaps_match_a_model(ops in proptest::collection::vec(op(), 1..300), requested in any::<bool>()) {
+    fn heaps_match_a_model(ops in proptest::collection::vec(op(), 1..iterations(300, 25)), requested in any::<bool>()) {
         let heaps: Vec<&'static Heap> = (0..3)
             .map(|i| {
                 let (l, token) = (label(1000 + i), 0x9000 + i as usize * 16);
@@ -770,6 +790,7 @@ fn resident_bytes(addr: *mut u8, len: usize) -> usize {
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "reads residency with mincore(2), which Miri does not implement")]
 fn an_empty_big_page_stays_for_reuse_then_goes_back_after_a_while() {
     let h = Heap::new(label(81), 0x81);
     let size = 40_000;
@@ -832,6 +853,10 @@ fn alloc_until_refused(h: &Heap, size: usize, most: usize) -> Vec<*mut u8> {
 }
 
 #[test]
+#[cfg_attr(
+    miri,
+    ignore = "allocates about 150,000 blocks of 48 bytes to reach its 4 MiB limit: hours under Miri"
+)]
 fn an_account_refuses_on_the_slow_path_within_a_page_per_class_then_admits_again() {
     use interheap_engine::heap::Account;
     const LIMIT: u64 = 4 << 20;

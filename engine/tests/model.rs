@@ -5,6 +5,9 @@ use std::collections::HashMap;
 use interheap_engine::{BlockRecord, BlockTable, BucketId, Domain, Ledger};
 use proptest::prelude::*;
 
+mod support;
+use support::{iterations, proptest_config};
+
 #[derive(Clone, Debug)]
 enum Op {
     Alloc { addr: usize, size: usize, owner: i64, domain: usize },
@@ -64,10 +67,10 @@ fn apply(table: &BlockTable, ledger: &Ledger, model: &mut HashMap<usize, BlockRe
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(proptest_config(256, 4))]
 
     #[test]
-    fn table_and_ledger_match_model(ops in proptest::collection::vec(op(), 1..400)) {
+    fn table_and_ledger_match_model(ops in proptest::collection::vec(op(), 1..iterations(400, 50))) {
         let table = BlockTable::new();
         let ledger = Ledger::new();
         let mut model = HashMap::new();
@@ -139,13 +142,13 @@ fn thread_op() -> impl Strategy<Value = ThreadOp> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(proptest_config(256, 4))]
 
     /// With nurseries in play (own frees, other threads' frees, evictions,
     /// retirements), every figure still matches a plain model.
     #[test]
     fn tracker_with_nurseries_matches_model(
-        ops in proptest::collection::vec(thread_op(), 1..300),
+        ops in proptest::collection::vec(thread_op(), 1..iterations(300, 50)),
         serialized in any::<bool>(),
     ) {
         use interheap_engine::Tracker;

@@ -161,20 +161,27 @@ impl Heap {
     ///
     /// The caller is the owner; `page` is a live paged page of ours whose free list is empty.
     unsafe fn extend_free_list(&self, page: &Page) -> bool {
-        let (bump, end, size) = (page.bump.get() as usize, page.end.get() as usize, page.block_size.get());
-        if bump >= end {
+        // Blocks are derived from `bump` (not made from integers), so that
+        // they keep the segment's provenance (which Miri checks).
+        let (bump, end, size) = (page.bump.get(), page.end.get().addr(), page.block_size.get());
+        let start = bump.addr();
+        if start >= end {
             return false;
         }
-        let os_page_end = (bump & !(OS_PAGE - 1)) + OS_PAGE;
-        let count = (os_page_end - bump).div_ceil(size).min((end - bump) / size);
+        let os_page_end = (start & !(OS_PAGE - 1)) + OS_PAGE;
+        let count = (os_page_end - start).div_ceil(size).min((end - start) / size);
         for i in 0..count {
-            let block = (bump + i * size) as *mut Block;
-            let next = if i + 1 < count { (bump + (i + 1) * size) as *mut Block } else { ptr::null_mut() };
+            let block = bump.wrapping_add(i * size).cast::<Block>();
+            let next = if i + 1 < count {
+                bump.wrapping_add((i + 1) * size).cast::<Block>()
+            } else {
+                ptr::null_mut()
+            };
             // SAFETY: the block lies in the page's never-used range, which is ours.
             unsafe { (*block).next = next };
         }
-        page.free.set(bump as *mut Block);
-        page.bump.set((bump + count * size) as *mut u8);
+        page.free.set(bump.cast::<Block>());
+        page.bump.set(bump.wrapping_add(count * size));
         true
     }
 

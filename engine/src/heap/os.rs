@@ -15,7 +15,13 @@
 //! of address space that holds segments). A byte rather than a bit saves the
 //! free fast path four instructions (no word and bit arithmetic). Mappings
 //! above it are refused, so the map never lies.
+//!
+//! Under Miri (`cfg(miri)`), which has no partial `munmap` and no `madvise`,
+//! segments come from Rust's global allocator instead, with the same size,
+//! alignment and zeroing (see `miri_memory`), and the segment map covers
+//! less address space (see `ADDRESS_BITS`); everything else is the same code.
 
+use std::ptr;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// log2 of the segment size and alignment.
@@ -25,7 +31,14 @@ pub const SEGMENT_SIZE: usize = 1 << SEGMENT_SHIFT;
 /// Mask of the offset inside a segment.
 pub const SEGMENT_MASK: usize = SEGMENT_SIZE - 1;
 /// Address bits covered by the segment map.
+#[cfg(not(miri))]
 const ADDRESS_BITS: usize = 47;
+/// Under Miri, 64 GiB of address space: Miri hands out addresses upward from
+/// near zero (reusing freed ones), so a run of tests stays far below that,
+/// and a 128 MiB static map costs Miri minutes to set up. A segment above it
+/// is refused (an allocation failure a test would see), never misread.
+#[cfg(miri)]
+const ADDRESS_BITS: usize = 36;
 const MAP_UNITS: usize = 1 << (ADDRESS_BITS - SEGMENT_SHIFT);
 /// The OS page size we round huge mappings to.
 pub const OS_PAGE: usize = 4096;
@@ -35,7 +48,12 @@ static SEGMENT_MAP: [AtomicU8; MAP_UNITS] = [const { AtomicU8::new(0) }; MAP_UNI
 
 #[inline(always)]
 fn map_slot(addr: usize) -> Option<&'static AtomicU8> {
-    SEGMENT_MAP.get(addr >> SEGMENT_SHIFT)
+    let unit = addr >> SEGMENT_SHIFT;
+    // The element is reached through a raw pointer rather than
+    // `SEGMENT_MAP.get(unit)`: the same code, but no reference to the whole
+    // map, which Miri would retag, byte by byte, on every lookup.
+    // SAFETY: `unit` is in bounds of the static map, which lives forever.
+    (unit < MAP_UNITS).then(|| unsafe { &*ptr::addr_of!(SEGMENT_MAP).cast::<AtomicU8>().add(unit) })
 }
 
 /// Whether an interheap segment starts at `base` (a segment-aligned address).
@@ -61,6 +79,19 @@ fn set_segment_mark(base: usize, on: bool) {
 /// Maps `size` bytes (a multiple of [`OS_PAGE`]) of zeroed memory aligned to
 /// [`SEGMENT_SIZE`], or returns `None` if the OS refuses.
 pub fn map_aligned(size: usize) -> Option<*mut u8> {
+    let base = map_aligned_raw(size)?;
+    if map_slot(base as usize + size - 1).is_none() {
+        // Above the segment map's reach: we could not recognise it later.
+        // SAFETY: [base, base + size) is the mapping we own and nobody else knows of.
+        unsafe { unmap_raw(base, size) };
+        return None;
+    }
+    Some(base)
+}
+
+/// `size` bytes of zeroed memory aligned to [`SEGMENT_SIZE`], straight from the OS.
+#[cfg(not(miri))]
+fn map_aligned_raw(size: usize) -> Option<*mut u8> {
     let padded = size.checked_add(SEGMENT_SIZE)?;
     // SAFETY: an anonymous private mapping with no address hint touches no
     // existing memory; failure is reported as MAP_FAILED.
@@ -91,13 +122,18 @@ pub fn map_aligned(size: usize) -> Option<*mut u8> {
             libc::munmap((base + size) as *mut libc::c_void, tail);
         }
     }
-    if map_slot(base + size - 1).is_none() {
-        // Above the segment map's reach: we could not recognise it later.
-        // SAFETY: [base, base + size) is the mapping we own and nobody else knows of.
-        unsafe { libc::munmap(base as *mut libc::c_void, size) };
-        return None;
-    }
     Some(base as *mut u8)
+}
+
+/// Returns a whole mapping from [`map_aligned_raw`] to the OS.
+///
+/// # Safety
+///
+/// `base..base+size` is exactly such a mapping, and nothing uses it any more.
+#[cfg(not(miri))]
+unsafe fn unmap_raw(base: *mut u8, size: usize) {
+    // SAFETY: the caller hands over a whole mapping of ours that is unused.
+    unsafe { libc::munmap(base as *mut libc::c_void, size) };
 }
 
 /// A monotonic clock in nanoseconds (for how long free segments are kept).
@@ -123,7 +159,7 @@ pub fn publish_segment(base: *mut u8) {
 pub unsafe fn unmap_segment(base: *mut u8, size: usize) {
     set_segment_mark(base as usize, false);
     // SAFETY: the caller hands over a whole mapping of ours that is unused.
-    unsafe { libc::munmap(base as *mut libc::c_void, size) };
+    unsafe { unmap_raw(base, size) };
 }
 
 /// Tells the OS it may drop the contents of `len` bytes at `addr` (they read as zero afterwards).
@@ -132,9 +168,53 @@ pub unsafe fn unmap_segment(base: *mut u8, size: usize) {
 ///
 /// The range must be page-aligned, inside one of our mappings, and hold no live data.
 pub unsafe fn discard(addr: *mut u8, len: usize) {
+    #[cfg(not(miri))]
     // SAFETY: per the contract, the range is ours and holds nothing live.
-    unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+    unsafe {
+        libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED)
+    };
+    #[cfg(miri)]
+    // SAFETY: per the contract, the range is ours and holds nothing live; it
+    // reads as zero afterwards, as after MADV_DONTNEED.
+    unsafe {
+        addr.write_bytes(0, len)
+    };
 }
+
+/// Segments from Rust's global allocator, for Miri: it implements `mmap` of
+/// anonymous memory, but not the partial `munmap` that trims a mapping to its
+/// aligned part, nor `madvise`. The allocator hands out the same size and
+/// alignment, zeroed; Miri then checks every access to segments as it does
+/// any heap allocation (bounds, use after unmap, provenance, data races).
+#[cfg(miri)]
+mod miri_memory {
+    use std::alloc::{alloc_zeroed, dealloc, Layout};
+
+    use super::SEGMENT_SIZE;
+
+    fn layout(size: usize) -> Option<Layout> {
+        Layout::from_size_align(size, SEGMENT_SIZE).ok()
+    }
+
+    pub(super) fn map_aligned_raw(size: usize) -> Option<*mut u8> {
+        let layout = layout(size)?;
+        // SAFETY: `size` is nonzero (callers map at least one OS page).
+        let base = unsafe { alloc_zeroed(layout) };
+        (!base.is_null()).then_some(base)
+    }
+
+    /// # Safety
+    ///
+    /// `base..base+size` came from `map_aligned_raw(size)` and nothing uses it any more.
+    pub(super) unsafe fn unmap_raw(base: *mut u8, size: usize) {
+        if let Some(layout) = layout(size) {
+            // SAFETY: per the contract, allocated with this layout and unused.
+            unsafe { dealloc(base, layout) };
+        }
+    }
+}
+#[cfg(miri)]
+use miri_memory::{map_aligned_raw, unmap_raw};
 
 #[cfg(test)]
 mod tests {

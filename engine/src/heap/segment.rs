@@ -283,10 +283,11 @@ const _: () = assert!(std::mem::size_of::<Segment>() <= SLOT_SIZE, "the header m
 const _: () = assert!(std::mem::size_of::<Page>() == 64, "a page descriptor is one cache line");
 const _: () = assert!(std::mem::size_of::<Segment>() <= u16::MAX as usize, "page heads fit a u16");
 
-/// The segment containing `p`.
+/// The segment containing `p` (with `p`'s provenance: a pointer into a
+/// segment reaches its header).
 #[inline(always)]
 pub fn segment_of(p: *const u8) -> *mut Segment {
-    (p as usize & !SEGMENT_MASK) as *mut Segment
+    p.map_addr(|a| a & !SEGMENT_MASK).cast_mut().cast::<Segment>()
 }
 
 /// The descriptor of the page containing `p`.
@@ -296,7 +297,7 @@ pub fn segment_of(p: *const u8) -> *mut Segment {
 /// `p` must lie in a live segment of ours whose slot holding `p` belongs to a page.
 #[inline(always)]
 pub unsafe fn page_of(seg: *mut Segment, p: *const u8) -> *mut Page {
-    let slot = (p as usize - seg as usize) >> SLOT_SHIFT;
+    let slot = (p.addr() - seg.addr()) >> SLOT_SHIFT;
     // SAFETY: `slot < SLOTS` because `p` lies in the segment's first SEGMENT_SIZE bytes
     // (huge blocks are looked up by their first byte, in slot 0), and the
     // header is live while the segment is.
@@ -310,7 +311,7 @@ pub unsafe fn page_of(seg: *mut Segment, p: *const u8) -> *mut Page {
 /// Address of slot `slot` of `seg`.
 #[inline(always)]
 pub fn slot_address(seg: *mut Segment, slot: usize) -> *mut u8 {
-    (seg as usize + (slot << SLOT_SHIFT)) as *mut u8
+    seg.cast::<u8>().wrapping_add(slot << SLOT_SHIFT)
 }
 
 /// Index of the first run of `span` free slots in `free`, if any.

@@ -153,6 +153,11 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "arithmetic over every size up to 64 KiB, with no unsafe code or memory for Miri to \
+                  check: a quarter of a minute under it"
+    )]
     fn class_of_is_the_smallest_class_that_fits() {
         for size in 0..=MAX_PAGED_SIZE {
             let c = class_of(size);
@@ -175,6 +180,11 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "arithmetic over every size up to 64 KiB, with no unsafe code or memory for Miri to \
+                  check: a quarter of a minute under it"
+    )]
     fn waste_is_bounded() {
         for size in 1..=FINE_LIMIT {
             assert!(class_size(class_of(size)) - size < 16, "size {size}");
