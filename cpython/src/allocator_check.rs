@@ -39,7 +39,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::ffi::{c_char, c_int, c_uint, c_void, CString};
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering::Relaxed};
 use std::sync::OnceLock;
 
 use interheap_engine::checker::FindingKind;
@@ -79,22 +79,23 @@ pub type FindingSink = extern "C" fn(
     name: *const c_char,
     line: c_int,
 );
-static SINK: AtomicUsize = AtomicUsize::new(0);
+static SINK: AtomicPtr<()> = AtomicPtr::new(ptr::null_mut());
 
 /// Sends findings to `sink` (None: to this library's checker).
 pub fn set_sink(sink: Option<FindingSink>) {
-    SINK.store(sink.map_or(0, |f| f as usize), Relaxed);
+    SINK.store(sink.map_or(ptr::null_mut(), |f| f as *mut ()), Relaxed);
 }
 
 /// Reports a finding of this layer, at `at` (where the block was freed) or
 /// with the calling thread's stack.
 fn report(kind: FindingKind, domain: Domain, size: usize, note: String, at: Option<FrameText>) {
     let sink = SINK.load(Relaxed);
-    if sink == 0 {
+    if sink.is_null() {
         return crate::checker::report_memory_error(kind, domain, size, note, at);
     }
-    // SAFETY: a nonzero SINK was stored from a FindingSink by set_sink.
-    let sink: FindingSink = unsafe { std::mem::transmute::<usize, FindingSink>(sink) };
+    // SAFETY: a non-null SINK was stored from a FindingSink by set_sink (as
+    // a pointer, not an integer, so it keeps its provenance).
+    let sink: FindingSink = unsafe { std::mem::transmute::<*mut (), FindingSink>(sink) };
     let index = FindingKind::ALL.iter().position(|&k| k == kind).unwrap_or(0);
     let text = |s: &str| CString::new(s).unwrap_or_default();
     let note = text(&note);

@@ -22,7 +22,8 @@
 //! definition on both sides) through the C API's
 //! `interheap_allocator_figures`.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::ptr;
+use std::sync::atomic::{AtomicPtr, Ordering};
 
 use interheap_engine::heap::HeapSnapshot;
 use interheap_engine::ledger::{BucketSnapshot, DomainSnapshot, LedgerSnapshot};
@@ -34,9 +35,10 @@ use crate::hooks::TRACKER;
 /// `None` when the allocator cannot give them.
 pub type RecordsSource = fn() -> Option<Vec<FiguresRecord>>;
 
-/// The source the figures are read from (a `RecordsSource` as an address;
-/// 0: the hooks' tracker).
-static SOURCE: AtomicUsize = AtomicUsize::new(0);
+/// The source the figures are read from (a `RecordsSource` as a pointer,
+/// which keeps its provenance: calling a function pointer made from an
+/// integer is undefined behaviour; null: the hooks' tracker).
+static SOURCE: AtomicPtr<()> = AtomicPtr::new(ptr::null_mut());
 
 /// Reads the figures from `source` from now on, instead of the hooks'
 /// tracker: false, changing nothing, if it has none to give.
@@ -44,27 +46,27 @@ pub fn read_from_heaps(source: RecordsSource) -> bool {
     if source().is_none() {
         return false;
     }
-    SOURCE.store(source as usize, Ordering::Release);
+    SOURCE.store(source as *mut (), Ordering::Release);
     true
 }
 
 /// Reads the figures from the hooks' tracker again.
 pub fn stop_reading_from_heaps() {
-    SOURCE.store(0, Ordering::Release);
+    SOURCE.store(ptr::null_mut(), Ordering::Release);
 }
 
 /// Whether the figures come from the allocator's heaps.
 pub fn reading_from_heaps() -> bool {
-    SOURCE.load(Ordering::Acquire) != 0
+    !SOURCE.load(Ordering::Acquire).is_null()
 }
 
 fn heap_snapshot() -> Option<LedgerSnapshot> {
-    let address = SOURCE.load(Ordering::Acquire);
-    if address == 0 {
+    let pointer = SOURCE.load(Ordering::Acquire);
+    if pointer.is_null() {
         return None;
     }
-    // SAFETY: only `read_from_heaps` stores a non-zero value: a RecordsSource.
-    let source = unsafe { std::mem::transmute::<usize, RecordsSource>(address) };
+    // SAFETY: only `read_from_heaps` stores a non-null value: a RecordsSource.
+    let source = unsafe { std::mem::transmute::<*mut (), RecordsSource>(pointer) };
     source().map(|records| ledger_snapshot(&records))
 }
 

@@ -752,7 +752,9 @@ mod tests {
     }
 }
 
-#[cfg(test)]
+// Loom explores the interleavings itself; its thread stacks need system
+// calls Miri does not run, so the models are not built under Miri.
+#[cfg(all(test, not(miri)))]
 mod models {
     //! Loom models of the slot protocol: [`Slot`]'s own code, with a small
     //! locked map standing in for the shared table. Each names the

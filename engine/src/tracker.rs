@@ -927,7 +927,7 @@ mod tests {
         let t = Tracker::new();
         let n = t.adopt_nursery();
         // More blocks than slots: some must be evicted.
-        let count = crate::nursery::NURSERY_SLOTS * 4;
+        let count = crate::iterations(crate::nursery::NURSERY_SLOTS * 4, crate::nursery::NURSERY_SLOTS + 64);
         for i in 1..=count {
             t.allocated(Some(n), interp(2), Domain::Object, i * 16, i);
         }
