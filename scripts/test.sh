@@ -107,18 +107,18 @@ if cargo +nightly --version >/dev/null 2>&1; then
 else
     echo "NOT RUN: no nightly toolchain, so no AddressSanitizer run of the engine"
 fi
-# Miri checks every step of the engine's unit and property tests for
-# undefined behaviour: out-of-bounds and use-after-free accesses, aliasing
-# (Stacked Borrows, Miri's default: the tests pass under Tree Borrows too,
-# MIRIFLAGS=-Zmiri-tree-borrows, which runs slower), data races and
+# Miri checks every step of the engine's and the sync crate's unit and
+# property tests for undefined behaviour: out-of-bounds and use-after-free
+# accesses, aliasing (Stacked Borrows, Miri's default), data races and
 # weak-memory effects of the atomics, with memory from Rust's allocator
 # behind the OS layer (engine/src/heap/os.rs). The tests run with fewer
 # rounds, threads and cases there; those that cannot run under Miri say why
-# in their #[cfg_attr(miri, ignore = ...)].
-step "engine under Miri (nightly)"
+# in their #[cfg_attr(miri, ignore = ...)]. The loom models are not built
+# there (loom explores their interleavings itself), nor are the doctests run.
+step "engine and sync under Miri (nightly)"
 if cargo +nightly miri --version >/dev/null 2>&1; then
     run env MIRIFLAGS="${MIRIFLAGS:-}" CARGO_TARGET_DIR="$CACHE/target/miri" \
-        cargo +nightly miri test --quiet -p interheap-engine
+        cargo +nightly miri test --quiet -p interheap-sync -p interheap-engine --lib --tests
 else
     echo "NOT RUN: no nightly toolchain with Miri (scripts/setup.sh installs it)"
 fi

@@ -108,10 +108,10 @@ impl Heap {
         // SAFETY: (whole body) the caller is the owner; a new mapping is ours alone.
         unsafe {
             let local = self.local();
-            let seg = if !local.retained.is_null() {
+            let reused = !local.retained.is_null();
+            let seg = if reused {
                 let seg = local.retained;
                 local.retained = (*seg).next.get();
-                self.release_expired(os::now_nanos());
                 seg
             } else {
                 let base = os::map_aligned(SEGMENT_SIZE)?;
@@ -130,6 +130,10 @@ impl Heap {
                 (*local.segments).prev.set(seg);
             }
             local.segments = seg;
+            if reused {
+                // Last: it takes `local` itself, which ends ours.
+                self.release_expired(os::now_nanos());
+            }
             Some(seg)
         }
     }
@@ -305,12 +309,13 @@ impl Heap {
         // SAFETY: (whole body) the caller is the owner; a class's current
         // page is queued and ours.
         unsafe {
-            let local = self.local();
-            let limit = local.retain_nanos;
-            let mut pending = local.idle;
+            let (limit, mut pending) = (self.local().retain_nanos, self.local().idle);
             while pending != 0 {
                 let class = pending.trailing_zeros() as usize;
                 pending &= pending - 1;
+                // Taken anew each round: `retire_page` takes `local` itself,
+                // which ends any reference held across it.
+                let local = self.local();
                 let page = local.bins[class];
                 if page.is_null() || (*page).used.get() != 0 {
                     // Used again (or gone): no longer idle.
