@@ -107,16 +107,16 @@ MUTATIONS = [
         "interheap-engine",
         "eviction_racing_a_foreign_free_moves_the_block_once",
         "engine/src/nursery.rs",
-        "        if self.key.compare_exchange(old, old | EVICTING, Ordering::AcqRel, Ordering::Acquire).is_err() {",
-        "        if { self.key.store(old | EVICTING, Ordering::Release); false } {",
+        "if self.key.compare_exchange(old, old | EVICTING, Ordering::AcqRel, Ordering::Acquire).is_err() {",
+        "if { self.key.store(old | EVICTING, Ordering::Release); false } {",
     ),
     (
         "nursery: claim takes the block with a store instead of a CAS",
         "interheap-engine",
         "eviction_racing_a_foreign_free_moves_the_block_once",
         "engine/src/nursery.rs",
-        "                if self.key.compare_exchange(addr, 0, Ordering::AcqRel, Ordering::Acquire).is_ok() {",
-        "                if { self.key.store(0, Ordering::Release); true } {",
+        "if self.key.compare_exchange(addr, 0, Ordering::AcqRel, Ordering::Acquire).is_ok() {",
+        "if { self.key.store(0, Ordering::Release); true } {",
     ),
     (
         "nursery: claim does not wait out an eviction in progress",
@@ -131,8 +131,8 @@ MUTATIONS = [
         "interheap-engine",
         "eviction_racing_a_foreign_free_moves_the_block_once",
         "engine/src/nursery.rs",
-        "        table.insert_then(old, BlockRecord::unpack(packed), || self.key.store(0, Ordering::Release))",
-        """        self.key.store(0, Ordering::Release);
+        "table.insert_then(old, BlockRecord::unpack(packed), || self.key.store(0, Ordering::Release))",
+        """self.key.store(0, Ordering::Release);
         table.insert_then(old, BlockRecord::unpack(packed), || ())""",
     ),
     (
@@ -170,8 +170,8 @@ MUTATIONS = [
         "interheap-engine",
         "a_fork_child_does_not_resurrect_a_block_freed_during_its_eviction",
         "engine/src/nursery.rs",
-        "        table.insert_then(old, BlockRecord::unpack(packed), || self.key.store(0, Ordering::Release))",
-        """        let displaced = table.insert_then(old, BlockRecord::unpack(packed), || ());
+        "table.insert_then(old, BlockRecord::unpack(packed), || self.key.store(0, Ordering::Release))",
+        """let displaced = table.insert_then(old, BlockRecord::unpack(packed), || ());
         self.key.store(0, Ordering::Release);
         displaced""",
     ),
