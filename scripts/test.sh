@@ -115,10 +115,21 @@ fi
 # rounds, threads and cases there; those that cannot run under Miri say why
 # in their #[cfg_attr(miri, ignore = ...)]. The loom models are not built
 # there (loom explores their interleavings itself), nor are the doctests run.
+# Miri runs one test at a time, so the heap's tests run in a second process
+# beside the unit and model tests (both cores busy: half the wall time).
 step "engine and sync under Miri (nightly)"
 if cargo +nightly miri --version >/dev/null 2>&1; then
-    run env MIRIFLAGS="${MIRIFLAGS:-}" CARGO_TARGET_DIR="$CACHE/target/miri" \
-        cargo +nightly miri test --quiet -p interheap-sync -p interheap-engine --lib --tests
+    miri=(env MIRIFLAGS="${MIRIFLAGS:-}" CARGO_TARGET_DIR="$CACHE/target/miri" cargo +nightly miri test --quiet)
+    if run "${miri[@]}" --no-run -p interheap-sync -p interheap-engine --lib --tests; then
+        miri_heap_log=$(mktemp)
+        "${miri[@]}" -p interheap-engine --test heap > "$miri_heap_log" 2>&1 &
+        miri_heap=$!
+        run "${miri[@]}" -p interheap-sync -p interheap-engine --lib
+        run "${miri[@]}" -p interheap-engine --test model
+        wait "$miri_heap" || failures+=("Miri: cargo miri test -p interheap-engine --test heap")
+        cat "$miri_heap_log"
+        rm -f "$miri_heap_log"
+    fi
 else
     echo "NOT RUN: no nightly toolchain with Miri (scripts/setup.sh installs it)"
 fi

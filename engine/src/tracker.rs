@@ -965,7 +965,7 @@ mod tests {
         // to the next thread to free; the figures must end at exactly zero.
         let t = Tracker::new();
         const THREADS: usize = crate::iterations(6, 3);
-        const PER: usize = crate::iterations(20_000, 300);
+        const PER: usize = crate::iterations(20_000, 150);
         let (senders, receivers): (Vec<_>, Vec<_>) =
             (0..THREADS).map(|_| std::sync::mpsc::channel::<Vec<usize>>()).unzip();
         std::thread::scope(|s| {
@@ -1021,7 +1021,7 @@ mod tests {
         // never be caught halfway (blocks or counts between two places).
         use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
         const THREADS: usize = crate::iterations(4, 3);
-        const BLOCKS: usize = crate::iterations(2_000, 50);
+        const BLOCKS: usize = crate::iterations(2_000, 20);
         let t = Tracker::new();
         let filled = std::sync::Barrier::new(THREADS + 1);
         let retired = AtomicUsize::new(0);

@@ -67,7 +67,7 @@ fn apply(table: &BlockTable, ledger: &Ledger, model: &mut HashMap<usize, BlockRe
 }
 
 proptest! {
-    #![proptest_config(proptest_config(256, 4))]
+    #![proptest_config(proptest_config(256, 2))]
 
     #[test]
     fn table_and_ledger_match_model(ops in proptest::collection::vec(op(), 1..iterations(400, 50))) {
@@ -142,7 +142,7 @@ fn thread_op() -> impl Strategy<Value = ThreadOp> {
 }
 
 proptest! {
-    #![proptest_config(proptest_config(256, 4))]
+    #![proptest_config(proptest_config(256, 2))]
 
     /// With nurseries in play (own frees, other threads' frees, evictions,
     /// retirements), every figure still matches a plain model.
