@@ -44,21 +44,15 @@ if [ "$demo" = 0 ] && cargo +nightly --version >/dev/null 2>&1 && ! cargo fuzz -
         || { tail -20 "$CACHE/cargo-fuzz-install.log" >&2; exit 1; }
 fi
 
-# ThreadSanitizer runs (make test) build std instrumented (-Zbuild-std),
-# which needs the nightly toolchain's rust-src.
-if [ "$demo" = 0 ] && cargo +nightly --version >/dev/null 2>&1 \
-    && ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
-    log "adding rust-src to the nightly toolchain (once, for the ThreadSanitizer runs)"
-    rustup component add --toolchain nightly rust-src >"$CACHE/rust-src-install.log" 2>&1 \
-        || { tail -20 "$CACHE/rust-src-install.log" >&2; exit 1; }
-fi
-
-# Miri and the standard library's source it builds its sysroot from, for the
-# engine's tests under Miri in make test. The sysroot is built once and kept
-# in ~/.cache/miri (cargo miri setup does nothing when it is up to date).
+# The nightly toolchain's rust-src and Miri, for make test: the
+# ThreadSanitizer runs build std instrumented from rust-src (-Zbuild-std), and
+# Miri builds its sysroot from it for the engine's tests. The sysroot is built
+# once and kept in ~/.cache/miri (cargo miri setup does nothing when it is up
+# to date).
 if [ "$demo" = 0 ] && cargo +nightly --version >/dev/null 2>&1; then
-    if ! cargo +nightly miri --version >/dev/null 2>&1; then
-        log "installing Miri and rust-src for the nightly toolchain (once)"
+    if ! cargo +nightly miri --version >/dev/null 2>&1 \
+        || ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
+        log "adding rust-src and Miri to the nightly toolchain (once)"
         rustup component add --toolchain nightly miri rust-src >"$CACHE/miri-install.log" 2>&1 \
             || { tail -20 "$CACHE/miri-install.log" >&2; exit 1; }
     fi

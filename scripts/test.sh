@@ -119,17 +119,22 @@ fi
 # beside the unit and model tests (both cores busy: half the wall time).
 step "engine and sync under Miri (nightly)"
 if cargo +nightly miri --version >/dev/null 2>&1; then
-    miri=(env MIRIFLAGS="${MIRIFLAGS:-}" CARGO_TARGET_DIR="$CACHE/target/miri" cargo +nightly miri test --quiet)
-    if run "${miri[@]}" --no-run -p interheap-sync -p interheap-engine --lib --tests; then
+    # miri FLAGS ARGS...: cargo miri test with FLAGS added to MIRIFLAGS.
+    miri() {
+        local flags=$1
+        shift
+        env MIRIFLAGS="$flags ${MIRIFLAGS:-}" CARGO_TARGET_DIR="$CACHE/target/miri" \
+            cargo +nightly miri test --quiet "$@"
+    }
+    if run miri "" --no-run -p interheap-sync -p interheap-engine --lib --tests; then
         miri_heap_log=$(mktemp)
         # -Zmiri-ignore-leaks: heaps are never freed (Heap::new hands out a
         # &'static; an ended heap is pooled for reuse), and some of these tests
         # leave a heap with its segments live at exit, which Miri calls a leak.
-        env MIRIFLAGS="-Zmiri-ignore-leaks ${MIRIFLAGS:-}" CARGO_TARGET_DIR="$CACHE/target/miri" \
-            cargo +nightly miri test --quiet -p interheap-engine --test heap > "$miri_heap_log" 2>&1 &
+        miri -Zmiri-ignore-leaks -p interheap-engine --test heap > "$miri_heap_log" 2>&1 &
         miri_heap=$!
-        run "${miri[@]}" -p interheap-sync -p interheap-engine --lib
-        run "${miri[@]}" -p interheap-engine --test model
+        run miri "" -p interheap-sync -p interheap-engine --lib
+        run miri "" -p interheap-engine --test model
         wait "$miri_heap" || failures+=("Miri: cargo miri test -p interheap-engine --test heap")
         cat "$miri_heap_log"
         rm -f "$miri_heap_log"

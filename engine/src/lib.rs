@@ -53,16 +53,5 @@ pub use limits::{parse_size, Admission, Budget, BudgetSnapshot};
 pub use nursery::{Nurseries, Nursery};
 pub use tracker::{FastPath, Tracker};
 
-/// How many rounds, threads or blocks a test uses: `n`, or `under_miri` when
-/// it runs under Miri, which interprets every step (a few thousand times
-/// slower) and checks each for undefined behaviour. Small counts still cover
-/// every path, contention included: Miri's scheduler preempts threads at
-/// random points, and each seed interleaves them differently.
 #[cfg(test)]
-pub(crate) const fn iterations(n: usize, under_miri: usize) -> usize {
-    if cfg!(miri) {
-        under_miri
-    } else {
-        n
-    }
-}
+pub(crate) use interheap_sync::iterations;

@@ -34,6 +34,22 @@ pub use stack::{IntrusiveStack, Links};
 #[cfg(all(test, not(miri)))]
 mod models;
 
+/// For tests: how many rounds, threads or blocks a test uses: `n`, or
+/// `under_miri` when it runs under Miri, which interprets every step (a few
+/// thousand times slower) and checks each for undefined behaviour. Small
+/// counts still cover every path, contention included: Miri's scheduler
+/// preempts threads at random points, and each seed interleaves them
+/// differently. (Here so that every crate's tests, unit and integration,
+/// share it.)
+#[doc(hidden)]
+pub const fn iterations(n: usize, under_miri: usize) -> usize {
+    if cfg!(miri) {
+        under_miri
+    } else {
+        n
+    }
+}
+
 /// Runs a loom model with the settings every interheap model uses: at most
 /// three preemptions per execution (every bug the models catch needs at most
 /// two; `LOOM_MAX_PREEMPTIONS` overrides it).

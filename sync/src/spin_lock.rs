@@ -136,8 +136,8 @@ mod tests {
 
     #[test]
     fn counts_exactly_under_contention() {
-        const THREADS: usize = if cfg!(miri) { 4 } else { 8 };
-        const ROUNDS: usize = if cfg!(miri) { 200 } else { 20_000 };
+        const THREADS: usize = crate::iterations(8, 4);
+        const ROUNDS: usize = crate::iterations(20_000, 200);
         let lock = SpinLock::new(0u64);
         std::thread::scope(|s| {
             for _ in 0..THREADS {

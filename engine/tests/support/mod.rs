@@ -4,16 +4,7 @@
 
 use proptest::test_runner::Config;
 
-/// How many rounds, threads or blocks a test uses: `n`, or `under_miri` when
-/// it runs under Miri, which interprets every step (a few thousand times
-/// slower) and checks each for undefined behaviour.
-pub const fn iterations(n: usize, under_miri: usize) -> usize {
-    if cfg!(miri) {
-        under_miri
-    } else {
-        n
-    }
-}
+pub use interheap_sync::iterations;
 
 /// A property test's configuration: `cases` cases, or `under_miri` under
 /// Miri, with no regression file there (Miri isolates the test from the file
