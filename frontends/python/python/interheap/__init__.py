@@ -19,35 +19,85 @@ hooks it installs count allocations of every interpreter.
 
 from __future__ import annotations
 
+import importlib
 import sys
-import sysconfig
-from typing import Any
 
-if sysconfig.get_config_var("Py_GIL_DISABLED") and sys.version_info < (3, 14):
+# (sysconfig only where it can matter: it costs a few milliseconds at start-up.)
+if sys.version_info < (3, 14) and __import__("sysconfig").get_config_var("Py_GIL_DISABLED"):
     _version = "{}.{}".format(*sys.version_info[:2])
     raise ImportError(
         f"interheap does not support free-threaded CPython {_version}t: it was experimental, and PyO3 0.29+ "
         "refuses it. Use free-threaded CPython 3.14 (3.14t) or later, or a default build."
     )
 
-from . import _native, adapters
-from ._allocator import (
-    AllocatorStats,
-    HeapStats,
-    InterpreterHeaps,
-    allocator_domains,
-    allocator_installed,
-    allocator_stats,
-    parse_report,
-    raw_swap_guard,
-)
-from ._check import CheckReport, Finding, check_enabled, check_report
-from ._limits import get_default_limit, get_limit, parse_size, remove_limit, set_default_limit, set_limit
-from ._report import human_bytes
-from ._sites import Frame, SitesSnapshot, SiteStatistic, reset_sites, sites_snapshot, start_sites, stop_sites
-from ._stats import DOMAINS, DomainStats, InterpreterStats, Snapshot, build_snapshot
-from ._timeline import Timeline, TimelinePoint, start_timeline, stop_timeline, timeline
-from .adapters import AdapterStats
+from . import _native
+
+# typing's own TYPE_CHECKING, without importing typing at run time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from ._stats import Snapshot
+
+# The public names that live in submodules, loaded on first use (PEP 562): a
+# program run under `python -m interheap run` pays for the native module and
+# the command line, not for dataclasses, typing, ctypes and the report code
+# (several MiB of peak RSS on a small program: bench/pyperformance_hooks.py).
+_LAZY = {
+    "adapters": "adapters",
+    "AdapterStats": "adapters",
+    "AllocatorStats": "_allocator",
+    "HeapStats": "_allocator",
+    "InterpreterHeaps": "_allocator",
+    "allocator_domains": "_allocator",
+    "allocator_installed": "_allocator",
+    "allocator_stats": "_allocator",
+    "parse_report": "_allocator",
+    "raw_swap_guard": "_allocator",
+    "CheckReport": "_check",
+    "Finding": "_check",
+    "check_enabled": "_check",
+    "check_report": "_check",
+    "get_default_limit": "_limits",
+    "get_limit": "_limits",
+    "parse_size": "_limits",
+    "remove_limit": "_limits",
+    "set_default_limit": "_limits",
+    "set_limit": "_limits",
+    "human_bytes": "_report",
+    "Frame": "_sites",
+    "SitesSnapshot": "_sites",
+    "SiteStatistic": "_sites",
+    "reset_sites": "_sites",
+    "sites_snapshot": "_sites",
+    "start_sites": "_sites",
+    "stop_sites": "_sites",
+    "DOMAINS": "_stats",
+    "DomainStats": "_stats",
+    "InterpreterStats": "_stats",
+    "Snapshot": "_stats",
+    "build_snapshot": "_stats",
+    "Timeline": "_timeline",
+    "TimelinePoint": "_timeline",
+    "start_timeline": "_timeline",
+    "stop_timeline": "_timeline",
+    "timeline": "_timeline",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'interheap' has no attribute {name!r}")
+    module = importlib.import_module(f".{module_name}", __name__)
+    value = module if name == module_name else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "DOMAINS",
@@ -130,6 +180,17 @@ def install(*, check: bool = False, figures: str = "hooks") -> None:
     foreign pointers): see :func:`check_report` and ``python -m interheap
     check``. Without it they carry no checking code at all.
     """
+    # Everything the API may run later, loaded before anything is counted: a
+    # first use after install() would otherwise show interheap's own import
+    # in the figures (and in tracemalloc's, and among sampled sites).
+    for module_name in sorted(set(_LAZY.values())):
+        importlib.import_module(f".{module_name}", __name__)
+    _install(check, figures)
+
+
+def _install(check: bool, figures: str) -> None:
+    """install() without loading the package's submodules first: ``python -m
+    interheap run`` loads just what its options use, then calls this."""
     if figures not in ("hooks", "heaps", "auto"):
         raise ValueError(f"figures must be 'hooks', 'heaps' or 'auto', not {figures!r}")
     if figures == "auto":
@@ -180,8 +241,21 @@ def stats() -> Snapshot:
     :mod:`interheap.adapters` and their figures (calls, lock acquisitions,
     contended acquisitions, mode).
     """
-    source = figures_source()
-    return build_snapshot(_native.snapshot(), installed=source is not None, source=source)
+    return _present(_read_figures())
+
+
+def _read_figures() -> tuple[Any, str | None]:
+    """The native figures and their source, as they are now."""
+    return _native.snapshot(), figures_source()
+
+
+def _present(read: tuple[Any, str | None]) -> Snapshot:
+    """The Snapshot of figures read before: the first import of the code that
+    presents them (the package loads _stats lazily) must not show in them."""
+    from ._stats import build_snapshot
+
+    figures, source = read
+    return build_snapshot(figures, installed=source is not None, source=source)
 
 
 def current_interpreter_id() -> int | None:

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import json
 import os
 import runpy
 import sys
 import types
-from dataclasses import dataclass, field
 
 RUN_USAGE = (
     "python -m interheap run [--json FILE] [--no-report] [--limit SIZE] [--main-limit SIZE] "
@@ -46,29 +44,80 @@ class UsageError(Exception):
     """Bad command-line arguments."""
 
 
-@dataclass
 class RunRequest:
-    kind: str  # "script", "module" or "code"
-    target: str
-    args: list[str] = field(default_factory=list)
-    json_path: str | None = None
-    report: bool = True
-    limit: str | None = None
-    main_limit: str | None = None
-    #: Sample allocation sites at this mean rate (text such as "512KiB"), or not at all.
-    sites: str | None = None
-    #: Record the timeline every this many milliseconds, or not at all.
-    timeline_ms: float | None = None
-    #: Also write the HTML report here.
-    html_path: str | None = None
-    #: Show the live view in the terminal while the program runs.
-    live: bool = False
-    #: `check`: install the checking hooks, print findings, exit non-zero on any.
-    check: bool = False
-    #: `check --leaks`: blocks an isolated interpreter holds when it ends are findings.
-    leaks: bool = False
-    #: `check --memory-errors`: buffer overruns and uses after free (interheap-python only).
-    memory_errors: bool = False
+    """What `run` or `check` was asked to do, from the command line and the
+    environment. (A plain class, not a dataclass: `python -m interheap run`
+    imports no more than it needs before the program starts, since every
+    module it loads is memory the program's figures and peak RSS carry.)"""
+
+    __slots__ = (
+        "args",
+        "check",
+        "html_path",
+        "json_path",
+        "kind",
+        "leaks",
+        "limit",
+        "live",
+        "main_limit",
+        "memory_errors",
+        "report",
+        "sites",
+        "target",
+        "timeline_ms",
+    )
+
+    def __init__(
+        self,
+        kind: str,
+        target: str,
+        args: list[str] | None = None,
+        *,
+        json_path: str | None = None,
+        report: bool = True,
+        limit: str | None = None,
+        main_limit: str | None = None,
+        sites: str | None = None,
+        timeline_ms: float | None = None,
+        html_path: str | None = None,
+        live: bool = False,
+        check: bool = False,
+        leaks: bool = False,
+        memory_errors: bool = False,
+    ) -> None:
+        #: "script", "module" or "code", and the script's path, the module or the code.
+        self.kind = kind
+        self.target = target
+        self.args = [] if args is None else args
+        self.json_path = json_path
+        self.report = report
+        self.limit = limit
+        self.main_limit = main_limit
+        #: Sample allocation sites at this mean rate (text such as "512KiB"), or not at all.
+        self.sites = sites
+        #: Record the timeline every this many milliseconds, or not at all.
+        self.timeline_ms = timeline_ms
+        #: Also write the HTML report here.
+        self.html_path = html_path
+        #: Show the live view in the terminal while the program runs.
+        self.live = live
+        #: `check`: install the checking hooks, print findings, exit non-zero on any.
+        self.check = check
+        #: `check --leaks`: blocks an isolated interpreter holds when it ends are findings.
+        self.leaks = leaks
+        #: `check --memory-errors`: buffer overruns and uses after free (interheap-python only).
+        self.memory_errors = memory_errors
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"RunRequest({fields})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RunRequest):
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 CHECK_DESCRIPTION = """\
@@ -172,8 +221,8 @@ def parse_run_args(argv: list[str], command: str = "run") -> RunRequest:
             kind,
             target,
             args,
-            json_path,
-            report,
+            json_path=json_path,
+            report=report,
             **limits,
             sites=sites,
             timeline_ms=timeline_ms,
@@ -333,22 +382,26 @@ def _report_at_exit(req: RunRequest) -> None:
 
     if _live_view is not None:
         _live_view.stop()
-    snap = interheap.stats()
+    # Every figure is read before the report's code first loads (at exit, not
+    # at start-up, to keep the program's own run lean), so none of them shows it.
+    wanted = req.report or req.json_path is not None or req.html_path is not None
+    figures = interheap._read_figures() if wanted else None
     findings = interheap.check_report() if req.check else None
     sites = interheap.sites_snapshot() if req.sites is not None else None
     timeline = None
     if req.timeline_ms is not None:
         interheap.stop_timeline()
         timeline = interheap.timeline()
+    snap = interheap._present(figures) if figures is not None else None
     if findings is not None:
         print(findings.format(), file=sys.stderr, flush=True)
-    elif req.report:
+    elif snap is not None and req.report:
         print(snap.format_table(), file=sys.stderr, flush=True)
         if sites is not None:
             print(sites.format_table(), file=sys.stderr, flush=True)
         if timeline is not None:
             print(timeline.format_summary(), file=sys.stderr, flush=True)
-    if req.json_path is not None:
+    if snap is not None and req.json_path is not None:
         document = snap.to_dict()
         if findings is not None:
             document["check"] = findings.to_dict()
@@ -356,6 +409,8 @@ def _report_at_exit(req: RunRequest) -> None:
             document["sites"] = sites.to_dict()
         if timeline is not None:
             document["timeline"] = timeline.to_dict()
+        import json
+
         text = json.dumps(document, indent=2) + "\n"
         if req.json_path == "-":
             sys.stdout.write(text)
@@ -366,7 +421,7 @@ def _report_at_exit(req: RunRequest) -> None:
                     fh.write(text)
             except OSError as exc:
                 print(f"interheap: could not write {req.json_path}: {exc}", file=sys.stderr)
-    if req.html_path is not None:
+    if snap is not None and req.html_path is not None:
         from ._html import render_html
 
         try:
@@ -413,7 +468,18 @@ def run(req: RunRequest) -> None:
     # call, unless something only the hooks do is asked for (exact limits,
     # sampled sites, the checker).
     needs_hooks = req.check or req.sites is not None or req.live or bool(req.limit or req.main_limit)
-    interheap.install(check=req.check, figures="hooks" if needs_hooks else "auto")
+    # The code the options use while the program runs, loaded before the
+    # hooks count anything (so the figures and sampled sites do not show it);
+    # the report's code loads at exit, after the figures are read.
+    if req.check:
+        from . import _check  # noqa: F401
+    if req.limit or req.main_limit:
+        from . import _limits  # noqa: F401
+    if req.sites is not None:
+        from . import _sites  # noqa: F401
+    if req.timeline_ms is not None:
+        from . import _timeline  # noqa: F401
+    interheap._install(req.check, "hooks" if needs_hooks else "auto")
     if req.leaks:
         interheap._native.set_check_leaks(True)
     if req.main_limit is not None:
@@ -460,6 +526,8 @@ def _run_program(req: RunRequest) -> None:
 def report(path: str, html_path: str | None = None) -> int:
     """Prints the tables of a JSON file written by ``run --json``, or writes
     its HTML report to ``html_path``."""
+    import json
+
     from ._sites import SitesSnapshot
     from ._stats import Snapshot
     from ._timeline import Timeline

@@ -30,11 +30,13 @@ Two back ends enforce limits, and a limit set here goes to each one present:
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 from . import _native
-from ._stats import _alive_interpreter_ids
+
+# (No typing, json or _stats at import: `python -m interheap run --limit`
+# loads this module before the program starts; see RunRequest.)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 Size = int | str
 
@@ -73,6 +75,22 @@ def parse_size(size: Size) -> int:
             raise ValueError(f"size {size} is too large")
         return size
     return _native.parse_size(size)
+
+
+def _alive_interpreter_ids() -> set[int] | None:
+    """IDs of the interpreters that exist now, or None if that can't be known."""
+    try:
+        import _interpreters as mod  # 3.13+
+    except ImportError:
+        try:
+            import _xxsubinterpreters as mod  # 3.12
+        except ImportError:
+            return None
+    ids = set()
+    for entry in mod.list_all():
+        # 3.13: (id, whence) tuples; 3.12: InterpreterID objects.
+        ids.add(int(entry[0] if isinstance(entry, tuple) else entry))
+    return ids
 
 
 def interpreter_id(interp: Any) -> int:
@@ -142,6 +160,8 @@ def set_default_limit(limit: Size | None) -> None:
 def get_default_limit() -> int | None:
     """The limit every new interpreter gets, or None."""
     if not _native.is_installed() and _allocator_limits():
+        import json
+
         text = _native.allocator_report_json()
         found = json.loads(text).get("default_limit") if text else None
     else:

@@ -12,9 +12,14 @@ import sysconfig
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ._limits import _alive_interpreter_ids
 from .adapters import AdapterStats
 
 DOMAINS = ("raw", "mem", "object")
+
+# Read once, when this module loads: the first get_config_var loads sysconfig's data
+# (~100 KiB), which a snapshot taken after install() would otherwise count.
+_FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 
 
 @dataclass(frozen=True)
@@ -209,7 +214,7 @@ class Snapshot:
     #: Where the figures were read: "hooks", "heaps" (interheap-python's
     #: heaps, see :func:`interheap.install`), or None when nothing counted.
     source: str | None = None
-    free_threaded: bool = field(default_factory=lambda: bool(sysconfig.get_config_var("Py_GIL_DISABLED")))
+    free_threaded: bool = field(default_factory=lambda: _FREE_THREADED)
 
     @property
     def totals(self) -> dict[str, DomainStats]:
@@ -289,22 +294,6 @@ class Snapshot:
 
     def __str__(self) -> str:
         return self.format_table()
-
-
-def _alive_interpreter_ids() -> set[int] | None:
-    """IDs of the interpreters that exist now, or None if that can't be known."""
-    try:
-        import _interpreters as mod  # 3.13+
-    except ImportError:
-        try:
-            import _xxsubinterpreters as mod  # 3.12
-        except ImportError:
-            return None
-    ids = set()
-    for entry in mod.list_all():
-        # 3.13: (id, whence) tuples; 3.12: InterpreterID objects.
-        ids.add(int(entry[0] if isinstance(entry, tuple) else entry))
-    return ids
 
 
 def _ask_cpython(interp_id: int) -> dict[str, Any]:

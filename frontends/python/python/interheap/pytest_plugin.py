@@ -49,7 +49,10 @@ import pytest
 
 import interheap
 
-from . import _native
+# _stats now, not on the first interheap.stats(): a test's measured window
+# must not count the import (the package loads its submodules lazily).
+from . import _native, _stats  # noqa: F401
+from ._check import check_report
 from ._limits import parse_size
 from ._report import human_bytes
 
@@ -123,16 +126,16 @@ def _marker_limit(marker: pytest.Mark) -> int:
 
 
 def _finding_counts() -> dict[tuple[str, str, str], int]:
-    return {(f.kind, f.where, f.interpreters): f.count for f in interheap.check_report().findings}
+    return {(f.kind, f.where, f.interpreters): f.count for f in check_report().findings}
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
     if not item.config.stash.get(_CHECKING, False):
         return (yield from _limited_call(item))
-    before, undetailed = _finding_counts(), interheap.check_report().undetailed
+    before, undetailed = _finding_counts(), check_report().undetailed
     result = yield from _limited_call(item)
-    report = interheap.check_report()
+    report = check_report()
     new = [f for f in report.findings if f.count > before.get((f.kind, f.where, f.interpreters), 0)]
     if new or report.undetailed > undetailed:
         text = "\n\n".join(str(f) for f in new)
