@@ -6,19 +6,30 @@
 //!
 //! # Layout
 //!
-//! [`SHARDS`] independent open-addressing hash tables, each behind its own
-//! [`SpinLock`] and on its own cache lines. A block's chunk (address / 256)
-//! picks its shard and the start of a run of slots (a Fibonacci hash); its
-//! offset within the chunk picks the slot in that run, so blocks that are
-//! neighbours in memory are neighbours in the table (cache locality).
-//! Collisions use linear probing; removal uses backward-shift deletion, so
-//! there are no tombstones and lookups never degrade. Each slot is 16 bytes:
-//! the address and a packed record (44-bit size, 18-bit bucket, 2-bit domain).
-//! Sizes of 16 TiB or more do not fit and are kept in a side list.
+//! Two stores, and every address has its record in at most one:
+//!
+//! * the [`granule_map`](crate::granule_map): small blocks (16-byte aligned,
+//!   below 512 bytes, owner bucket below 32: nearly every block pymalloc
+//!   serves) as two bytes per 16-byte granule, found from the address alone.
+//!   It costs an eighth of the memory those blocks span, where a hash slot
+//!   costs more than a small block itself;
+//! * [`SHARDS`] open-addressing hash tables for the rest. A block's chunk
+//!   (address / 256) picks its shard and the start of a run of slots (a
+//!   Fibonacci hash); its offset within the chunk picks the slot in that
+//!   run, so blocks that are neighbours in memory are neighbours in the
+//!   table (cache locality). Collisions use linear probing; removal uses
+//!   backward-shift deletion, so there are no tombstones and lookups never
+//!   degrade. Each slot is 16 bytes: the address and a packed record (44-bit
+//!   size, 18-bit bucket, 2-bit domain). Sizes of 16 TiB or more do not fit
+//!   and are kept in a side list.
+//!
+//! An address that comes back from the allocator with a record in the other
+//! store (its free was missed) has that record returned, as with one store.
 //!
 //! # Concurrency
 //!
-//! * A shard's slots are only read or written with that shard's lock held.
+//! * A shard's slots, and the granule entries of the addresses that map to
+//!   the shard, are only read or written with that shard's lock held.
 //!   Locks are held for a bounded probe sequence, plus, rarely, a rehash (which
 //!   allocates through the C library's `malloc`, never through Python) or a
 //!   `stats` scan of the shard; never across a call into the Python allocator
@@ -27,8 +38,9 @@
 //!   whoever allocated it until it is freed, so insert/remove of one address are
 //!   ordered by the allocator's own happens-before (free -> reuse).
 //! * The table's own memory comes from Rust's global allocator (the C
-//!   library's `malloc` in interheap's extension), never from Python's domains,
-//!   so a hook never re-enters itself through the table.
+//!   library's `malloc` in interheap's extension) and, for the granule map,
+//!   anonymous mappings; never from Python's domains, so a hook never
+//!   re-enters itself through the table.
 //! * `fork()`: [`BlockTable::lock_all`] / [`BlockTable::unlock_all`] let an
 //!   `atfork` handler hold every shard across the fork so the child never
 //!   inherits a lock held by a thread that does not exist there.
@@ -36,12 +48,15 @@
 use interheap_sync::SpinLock;
 
 use crate::domain::Domain;
+use crate::granule_map::{self, GranuleMap};
 use crate::ledger::BucketId;
 
 /// Number of shards (a power of two).
 pub const SHARDS: usize = 128;
 const SHARD_BITS: u32 = SHARDS.trailing_zeros();
-const INITIAL_SLOTS: usize = 256;
+/// Slots a shard starts with: the hash table holds only what the granule map
+/// cannot (large, unaligned or far-owner blocks), so it starts small.
+const INITIAL_SLOTS: usize = 32;
 
 const SIZE_BITS: u32 = 44;
 const OWNER_BITS: u32 = 18;
@@ -124,6 +139,9 @@ struct ShardMap {
     huge: Vec<(usize, usize)>,
     /// Operations in a row that left the table below 1/16 full (see `maybe_shrink`).
     quiet_ops: usize,
+    /// Blocks of this shard's addresses in the granule map, and their bytes.
+    small_len: usize,
+    small_bytes: u64,
 }
 
 #[repr(align(128))]
@@ -148,6 +166,9 @@ pub struct TableStats {
 /// The sharded block table. See the module docs.
 pub struct BlockTable {
     shards: [Shard; SHARDS],
+    /// Small blocks' records (see the granule_map module); an address's
+    /// entry is only touched under that address's shard lock.
+    granules: GranuleMap,
 }
 
 impl Default for BlockTable {
@@ -176,7 +197,7 @@ fn shard_index(key: usize) -> usize {
 
 impl ShardMap {
     const fn new() -> ShardMap {
-        ShardMap { slots: Vec::new(), len: 0, huge: Vec::new(), quiet_ops: 0 }
+        ShardMap { slots: Vec::new(), len: 0, huge: Vec::new(), quiet_ops: 0, small_len: 0, small_bytes: 0 }
     }
 
     /// The slot where `key`'s probe sequence starts: its page's hashed run,
@@ -275,8 +296,60 @@ impl ShardMap {
         rec
     }
 
+    /// Records `rec` at `key`, in the granule map if it fits there, and
+    /// returns the record the address had in either store (a missed free).
     #[inline]
-    fn insert(&mut self, key: usize, rec: BlockRecord) -> Option<BlockRecord> {
+    fn insert(&mut self, granules: &GranuleMap, key: usize, rec: BlockRecord) -> Option<BlockRecord> {
+        if let Some(code) = granule_map::code(key, rec) {
+            if let Some(old) = granules.store(key, code) {
+                self.small_len += 1;
+                self.small_bytes = self.small_bytes.wrapping_add(rec.size as u64);
+                if old != 0 {
+                    return Some(self.forget_small(old));
+                }
+                return self.remove_hashed(key);
+            }
+        }
+        let stale = if granule_map::covers(key) { granules.take(key) } else { 0 };
+        let displaced = self.insert_hashed(key, rec);
+        if stale != 0 {
+            return Some(self.forget_small(stale));
+        }
+        displaced
+    }
+
+    /// Takes a granule entry's block off this shard's small figures.
+    #[inline(always)]
+    fn forget_small(&mut self, entry: u16) -> BlockRecord {
+        let rec = granule_map::decode(entry);
+        self.small_len -= 1;
+        self.small_bytes = self.small_bytes.wrapping_sub(rec.size as u64);
+        rec
+    }
+
+    #[inline(always)]
+    fn remove(&mut self, granules: &GranuleMap, key: usize) -> Option<BlockRecord> {
+        if granule_map::covers(key) {
+            let entry = granules.take(key);
+            if entry != 0 {
+                return Some(self.forget_small(entry));
+            }
+        }
+        self.remove_hashed(key)
+    }
+
+    fn get(&self, granules: &GranuleMap, key: usize) -> Option<BlockRecord> {
+        if granule_map::covers(key) {
+            let entry = granules.get(key);
+            if entry != 0 {
+                return Some(granule_map::decode(entry));
+            }
+        }
+        self.get_hashed(key)
+    }
+
+    #[inline]
+    fn insert_hashed(&mut self, key: usize, rec: BlockRecord) -> Option<BlockRecord> {
         // Keep the load factor at or below 5/8 so probe sequences stay short.
         if (self.len + 1) * 8 > self.slots.len() * 5 {
             self.grow();
@@ -297,7 +370,7 @@ impl ShardMap {
     }
 
     #[inline]
-    fn remove(&mut self, key: usize) -> Option<BlockRecord> {
+    fn remove_hashed(&mut self, key: usize) -> Option<BlockRecord> {
         if self.len == 0 {
             return None;
         }
@@ -328,7 +401,7 @@ impl ShardMap {
         Some(rec)
     }
 
-    fn get(&self, key: usize) -> Option<BlockRecord> {
+    fn get_hashed(&self, key: usize) -> Option<BlockRecord> {
         if self.len == 0 {
             return None;
         }
@@ -345,7 +418,10 @@ impl BlockTable {
     /// An empty table; `const` so that it can be a `static`. It allocates
     /// nothing until the first insert.
     pub const fn new() -> BlockTable {
-        BlockTable { shards: [const { Shard { map: SpinLock::new(ShardMap::new()) } }; SHARDS] }
+        BlockTable {
+            shards: [const { Shard { map: SpinLock::new(ShardMap::new()) } }; SHARDS],
+            granules: GranuleMap::new(),
+        }
     }
 
     #[inline]
@@ -360,7 +436,7 @@ impl BlockTable {
     #[inline(always)]
     pub fn insert(&self, addr: usize, rec: BlockRecord) -> Option<BlockRecord> {
         debug_assert!(addr != 0, "NULL is never a block");
-        self.shard(addr).lock().insert(addr, rec)
+        self.shard(addr).lock().insert(&self.granules, addr, rec)
     }
 
     /// Like [`BlockTable::insert`], and runs `then` before the shard lock is
@@ -370,7 +446,7 @@ impl BlockTable {
     pub fn insert_then(&self, addr: usize, rec: BlockRecord, then: impl FnOnce()) -> Option<BlockRecord> {
         debug_assert!(addr != 0, "NULL is never a block");
         let mut shard = self.shard(addr).lock();
-        let displaced = shard.insert(addr, rec);
+        let displaced = shard.insert(&self.granules, addr, rec);
         then();
         drop(shard);
         displaced
@@ -380,19 +456,21 @@ impl BlockTable {
     /// if the table never saw it allocated.
     #[inline(always)]
     pub fn remove(&self, addr: usize) -> Option<BlockRecord> {
-        self.shard(addr).lock().remove(addr)
+        self.shard(addr).lock().remove(&self.granules, addr)
     }
 
     /// What is recorded for `addr`, if anything.
     pub fn get(&self, addr: usize) -> Option<BlockRecord> {
-        self.shard(addr).lock().get(addr)
+        self.shard(addr).lock().get(&self.granules, addr)
     }
 
     /// Forgets every block and returns the memory the table held.
     pub fn clear(&self) {
-        for shard in &self.shards {
-            let mut map = shard.map.lock();
-            *map = ShardMap::new();
+        // Every shard at once: the granule map's leaves hold all shards' entries.
+        let mut maps: Vec<_> = self.shards.iter().map(|shard| shard.map.lock()).collect();
+        self.granules.unmap_all();
+        for map in &mut maps {
+            **map = ShardMap::new();
         }
     }
 
@@ -402,7 +480,8 @@ impl BlockTable {
         let mut stats = TableStats::default();
         for shard in &self.shards {
             let map = shard.map.lock();
-            stats.entries += map.len;
+            stats.entries += map.len + map.small_len;
+            stats.live_bytes = stats.live_bytes.wrapping_add(map.small_bytes);
             for slot in map.slots.iter().filter(|s| s.key != 0) {
                 let size = map.full_size(slot.key, BlockRecord::unpack(slot.packed).size);
                 stats.live_bytes = stats.live_bytes.wrapping_add(size as u64);
@@ -411,6 +490,9 @@ impl BlockTable {
             stats.bytes += map.slots.capacity() * std::mem::size_of::<Slot>()
                 + map.huge.capacity() * std::mem::size_of::<(usize, usize)>();
         }
+        // Under a shard lock: `clear` (which takes them all) may unmap the tree.
+        let _shard = self.shards[0].map.lock();
+        stats.bytes += self.granules.resident_bytes();
         stats
     }
 
@@ -440,6 +522,9 @@ impl BlockTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The smallest size the granule map leaves to the hash table.
+    const BIG: usize = granule_map::SMALL_SIZE_LIMIT;
 
     fn rec(size: usize, owner: i64, domain: Domain) -> BlockRecord {
         BlockRecord { size, owner: BucketId::for_interpreter(Some(owner)), domain }
@@ -500,18 +585,19 @@ mod tests {
                   runs the same growth, rehash and shrink code at a size Miri runs"
     )]
     fn many_keys_survive_growth_and_deletion() {
+        // Sizes of BIG and up: records the hash table keeps.
         let t = BlockTable::new();
         let n = 50_000usize;
         for i in 1..=n {
-            t.insert(i * 16, rec(i, (i % 7) as i64, Domain::Object));
+            t.insert(i * 16, rec(BIG + i, (i % 7) as i64, Domain::Object));
         }
         assert_eq!(t.stats().entries, n);
-        assert_eq!(t.stats().live_bytes, (n * (n + 1) / 2) as u64);
+        assert_eq!(t.stats().live_bytes, (n * BIG + n * (n + 1) / 2) as u64);
         for i in (1..=n).step_by(2) {
-            assert_eq!(t.remove(i * 16).map(|r| r.size), Some(i));
+            assert_eq!(t.remove(i * 16).map(|r| r.size), Some(BIG + i));
         }
         for i in 1..=n {
-            let expect = (i % 2 == 0).then(|| rec(i, (i % 7) as i64, Domain::Object));
+            let expect = (i % 2 == 0).then(|| rec(BIG + i, (i % 7) as i64, Domain::Object));
             assert_eq!(t.get(i * 16), expect, "key {i}");
         }
         let before = t.stats().slots;
@@ -524,15 +610,16 @@ mod tests {
         assert_eq!(t.stats().slots, before, "no shrinking right after the peak");
         // ...and then gives the memory back.
         for i in 1..=4 * before {
-            t.insert(i * 16, rec(1, 0, Domain::Raw));
+            t.insert(i * 16, rec(BIG, 0, Domain::Raw));
             t.remove(i * 16);
         }
         assert!(t.stats().slots < before, "the table gives memory back after a peak");
         assert_eq!(t.stats().slots, SHARDS * INITIAL_SLOTS);
         for i in 1..=100 {
             t.insert(i * 16, rec(i, 0, Domain::Raw));
+            t.insert(i * 16 + 8, rec(BIG + i, 0, Domain::Raw));
         }
-        assert_eq!(t.stats().entries, 100);
+        assert_eq!(t.stats().entries, 200);
         t.clear();
         assert_eq!(t.stats(), TableStats::default());
     }
@@ -553,22 +640,22 @@ mod tests {
             .take(400)
             .collect();
         for (i, &key) in keys.iter().enumerate() {
-            assert_eq!(t.insert(key, rec(i, 1, Domain::Mem)), None);
+            assert_eq!(t.insert(key, rec(BIG + i, 1, Domain::Mem)), None);
         }
-        // 400 records over 5/8 of a 512-slot table: grown 256 -> 512 -> 1024.
+        // 400 records over 5/8 of a 512-slot table: grown from 32 slots to 1024.
         assert_eq!(t.stats().slots, 1024, "only this shard has slots");
         for (i, &key) in keys.iter().enumerate().step_by(2) {
-            assert_eq!(t.remove(key).map(|r| r.size), Some(i));
+            assert_eq!(t.remove(key).map(|r| r.size), Some(BIG + i));
         }
         for (i, &key) in keys.iter().enumerate() {
-            assert_eq!(t.get(key), (i % 2 == 1).then(|| rec(i, 1, Domain::Mem)), "key {i}");
+            assert_eq!(t.get(key), (i % 2 == 1).then(|| rec(BIG + i, 1, Domain::Mem)), "key {i}");
         }
         for &key in keys.iter().skip(1).step_by(2) {
             assert!(t.remove(key).is_some());
         }
         assert_eq!(t.stats().slots, 1024, "no shrinking right after the peak");
         for &key in keys.iter().cycle().take(1024) {
-            t.insert(key, rec(1, 0, Domain::Raw));
+            t.insert(key, rec(BIG, 0, Domain::Raw));
             t.remove(key);
         }
         assert_eq!((t.stats().slots, t.stats().entries), (INITIAL_SLOTS, 0), "shrunk after a quiet spell");
@@ -597,6 +684,61 @@ mod tests {
             }
         });
         assert_eq!(t.stats().entries, 0);
+    }
+
+    /// A small block's record lives in the granule map, a large or unaligned
+    /// one's in the hash table, and an address that comes back with a
+    /// record in the other store still returns it as a missed free.
+    #[test]
+    fn records_move_between_the_granule_map_and_the_hash_table() {
+        let t = BlockTable::new();
+        let small = rec(24, 1, Domain::Object);
+        let large = rec(BIG + 100, 1, Domain::Mem);
+        let odd = rec(8, 1, Domain::Raw);
+        assert_eq!(t.insert(0x10_0000, small), None);
+        assert_eq!(t.insert(0x10_0008, odd), None, "8-byte aligned: hashed");
+        let hashed_only = |t: &BlockTable| t.shards.iter().map(|s| s.map.lock().len).sum::<usize>();
+        assert_eq!(hashed_only(&t), 1, "only the unaligned block is hashed");
+        // The small block was freed unseen; a large one comes back there.
+        assert_eq!(t.insert(0x10_0000, large), Some(small));
+        assert_eq!(hashed_only(&t), 2);
+        // And the other way round.
+        assert_eq!(t.insert(0x10_0000, small), Some(large));
+        assert_eq!(hashed_only(&t), 1);
+        let stats = t.stats();
+        assert_eq!((stats.entries, stats.live_bytes), (2, 24 + 8));
+        assert_eq!(t.get(0x10_0000), Some(small));
+        assert_eq!(t.remove(0x10_0000), Some(small));
+        assert_eq!(t.remove(0x10_0008), Some(odd));
+        assert_eq!(t.remove(0x10_0000), None);
+        // Owners whose bucket index does not fit are hashed, and exact.
+        let far = BlockRecord { size: 16, owner: BucketId::OVERFLOW, domain: Domain::Mem };
+        assert_eq!(t.insert(0x20_0000, far), None);
+        assert_eq!(t.get(0x20_0000), Some(far));
+        assert_eq!(t.stats().entries, 1);
+        t.clear();
+        assert_eq!(t.stats(), TableStats::default(), "clear unmaps the granule map too");
+    }
+
+    /// 100,000 small blocks of 32 bytes cost 4 bytes each in the granule map
+    /// (2 per 16-byte granule they span: an eighth of their memory), not the
+    /// 32 a hash table spends at its load factor.
+    #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "100,000 inserts and mincore; records_move_between... covers the code under Miri"
+    )]
+    fn small_blocks_cost_two_bytes_each() {
+        let t = BlockTable::new();
+        let n = 100_000;
+        let base = 0x7000_0000;
+        for i in 0..n {
+            t.insert(base + i * 32, rec(24, 1, Domain::Object));
+        }
+        let stats = t.stats();
+        assert_eq!((stats.entries, stats.live_bytes), (n, 24 * n as u64));
+        // 4 bytes of entries per 32-byte block, plus the tree's inner pages.
+        assert!(stats.bytes <= n * 4 + 16 * 1024, "{} bytes for {n} blocks", stats.bytes);
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //!   we know about it (exact size, owning bucket, domain). Hooks installed after
 //!   CPython starts cannot add headers to blocks (they must forward pointers
 //!   unchanged), so this table is where exact sizes live.
+//!   Small blocks' records live in its [`granule_map`]: two bytes per 16-byte
+//!   granule of address space, found from the address alone.
 //! * [`Ledger`]: per-bucket (per interpreter, plus a "no interpreter" bucket),
 //!   per-[`Domain`] counters: live and peak bytes, allocation, reallocation and
 //!   free counts. Lock-free; buckets are created on first use and never freed, so
@@ -36,6 +38,7 @@
 pub mod block_table;
 pub mod checker;
 pub mod domain;
+pub mod granule_map;
 pub mod heap;
 pub mod ledger;
 pub mod limits;

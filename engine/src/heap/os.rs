@@ -162,6 +162,17 @@ pub unsafe fn unmap_segment(base: *mut u8, size: usize) {
     unsafe { unmap_raw(base, size) };
 }
 
+/// Returns a mapping from [`map_aligned`] that was never published as a
+/// segment (memory for other uses: the block table's granule map) to the OS.
+///
+/// # Safety
+///
+/// `base..base+size` must be such a mapping, and nothing uses it any more.
+pub unsafe fn unmap(base: *mut u8, size: usize) {
+    // SAFETY: the caller hands over a whole mapping of ours that is unused.
+    unsafe { unmap_raw(base, size) };
+}
+
 /// Tells the OS it may drop the contents of `len` bytes at `addr` (they read as zero afterwards).
 ///
 /// # Safety

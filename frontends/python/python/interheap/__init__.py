@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 # (several MiB of peak RSS on a small program: bench/pyperformance_hooks.py).
 _LAZY = {
     "adapters": "adapters",
-    "AdapterStats": "adapters",
+    "AdapterStats": "_stats",
     "AllocatorStats": "_allocator",
     "HeapStats": "_allocator",
     "InterpreterHeaps": "_allocator",

@@ -13,13 +13,40 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ._limits import _alive_interpreter_ids
-from .adapters import AdapterStats
 
 DOMAINS = ("raw", "mem", "object")
 
 # Read once, when this module loads: the first get_config_var loads sysconfig's data
 # (~100 KiB), which a snapshot taken after install() would otherwise count.
 _FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+
+
+@dataclass(frozen=True)
+class AdapterStats:
+    """One adapter (:mod:`interheap.adapters`)'s figures (``interheap.stats().adapters``).
+
+    ``mode`` is ``"unlocked"`` (no lock: only the main GIL exists),
+    ``"locked"``, ``"thread-safe"`` or, briefly, ``"draining"``.
+    ``switched_by`` is the interpreter ID whose call switched the adapter to
+    locking (-1: a call without a thread state), or None.
+    """
+
+    id: int
+    name: str
+    kind: str
+    domain: str
+    mode: str
+    installed: bool
+    on_top: bool
+    owns_memory: bool
+    membarrier: bool
+    calls: int
+    lock_acquisitions: int
+    contended_acquisitions: int
+    switched_by: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(frozen=True)

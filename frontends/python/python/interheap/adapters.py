@@ -42,10 +42,10 @@ Install while no other thread allocates (``PyMem_SetAllocator``'s rule).
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass, fields
 from typing import Any
 
 from . import _native
+from ._stats import AdapterStats
 
 __all__ = [
     "Adapter",
@@ -76,34 +76,6 @@ class PyMemAllocatorEx(ctypes.Structure):
 # Objects passed to install(): kept alive for the process's life, because
 # CPython may call their functions (or use their ctx) at any time.
 _KEEP: list[Any] = []
-
-
-@dataclass(frozen=True)
-class AdapterStats:
-    """One adapter's figures (``interheap.stats().adapters``).
-
-    ``mode`` is ``"unlocked"`` (no lock: only the main GIL exists),
-    ``"locked"``, ``"thread-safe"`` or, briefly, ``"draining"``.
-    ``switched_by`` is the interpreter ID whose call switched the adapter to
-    locking (-1: a call without a thread state), or None.
-    """
-
-    id: int
-    name: str
-    kind: str
-    domain: str
-    mode: str
-    installed: bool
-    on_top: bool
-    owns_memory: bool
-    membarrier: bool
-    calls: int
-    lock_acquisitions: int
-    contended_acquisitions: int
-    switched_by: int | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class Adapter:

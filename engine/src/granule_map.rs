@@ -1,0 +1,343 @@
+//! The block table's store for small blocks: two bytes per 16-byte granule
+//! of address space, found from the address alone.
+//!
+//! Most live blocks are small (pymalloc serves up to 512 bytes; a float is
+//! 24). A hash table keyed by address spends 16 bytes a slot, about 32 per
+//! block at its load factor: more than the block itself. Here a block whose
+//! address is 16-byte aligned, whose size is below 512 and whose owner's
+//! bucket index is below 32 is one `u16` at a place computed from its
+//! address, with no key stored: [`code`] packs the record, [`decode`] reads
+//! it back. Anything else stays in the hash table (`block_table`).
+//!
+//! # Layout
+//!
+//! A radix tree over the low [`ADDRESS_BITS`] bits of the address: the root
+//! (one pointer per 4 GiB), then a node (one pointer per 1 MiB), then a leaf
+//! (one `u16` per 16-byte granule of that MiB: 128 KiB). Each level is an
+//! anonymous zeroed mapping made on the first insert that needs it, so the
+//! OS backs a leaf's pages only where blocks were recorded: at most 1/8 of
+//! the memory that holds small blocks, and no more than the pages touched.
+//!
+//! # Concurrency
+//!
+//! * The tree only grows while the map lives: a missing level is mapped and
+//!   published with a compare-and-swap (the loser unmaps its own), and read
+//!   with Acquire, so a reader that sees a pointer sees the zeroed level.
+//! * A granule's entry is read and written only under the block table's
+//!   shard lock for that address (every address maps to one shard), so the
+//!   entries need no ordering of their own: they are atomics only because
+//!   neighbouring entries of other shards share their leaf.
+//! * [`GranuleMap::unmap_all`] unmaps the tree; the caller holds every shard
+//!   lock, so nobody is inside it. Dropping the map unmaps it too.
+
+use std::sync::atomic::{AtomicPtr, AtomicU16, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
+
+use crate::block_table::BlockRecord;
+use crate::domain::Domain;
+use crate::heap::os;
+use crate::ledger::BucketId;
+
+/// Address bits the tree covers (x86-64 and AArch64 Linux user space). Higher
+/// addresses go to the hash table.
+#[cfg(not(miri))]
+const ADDRESS_BITS: u32 = 47;
+/// Under Miri, 64 GiB (its addresses stay far below; see `heap::os`): a
+/// 16-pointer root instead of 256 KiB that Miri would set up per table.
+#[cfg(miri)]
+const ADDRESS_BITS: u32 = 36;
+const GRANULE_SHIFT: u32 = 4;
+const LEAF_SHIFT: u32 = 20;
+const NODE_SHIFT: u32 = 32;
+const LEAF_ENTRIES: usize = 1 << (LEAF_SHIFT - GRANULE_SHIFT);
+const NODE_ENTRIES: usize = 1 << (NODE_SHIFT - LEAF_SHIFT);
+const ROOT_ENTRIES: usize = 1 << (ADDRESS_BITS - NODE_SHIFT);
+
+/// Sizes below this are kept here (9 bits).
+pub const SMALL_SIZE_LIMIT: usize = 512;
+const SIZE_BITS: u32 = 9;
+/// Owners whose bucket index is below this are kept here (5 bits).
+const OWNER_LIMIT: u32 = 32;
+const OWNER_SHIFT: u32 = SIZE_BITS;
+/// The domain is stored as its index plus one, so an entry is never 0.
+const DOMAIN_SHIFT: u32 = SIZE_BITS + 5;
+
+type Leaf = [AtomicU16; LEAF_ENTRIES];
+type Node = [AtomicPtr<Leaf>; NODE_ENTRIES];
+type Root = [AtomicPtr<Node>; ROOT_ENTRIES];
+
+/// Whether `addr` has a granule here (the hash table holds the others).
+#[inline(always)]
+pub fn covers(addr: usize) -> bool {
+    addr & ((1 << GRANULE_SHIFT) - 1) == 0 && (addr >> ADDRESS_BITS) == 0
+}
+
+/// `rec` packed into a granule entry, if the block at `addr` can live here.
+#[inline(always)]
+pub fn code(addr: usize, rec: BlockRecord) -> Option<u16> {
+    let owner = rec.owner.index();
+    (covers(addr) && rec.size < SMALL_SIZE_LIMIT && owner < OWNER_LIMIT).then(|| {
+        (rec.size as u16)
+            | ((owner as u16) << OWNER_SHIFT)
+            | ((rec.domain.index() as u16 + 1) << DOMAIN_SHIFT)
+    })
+}
+
+/// The record a non-zero entry holds.
+#[inline(always)]
+pub fn decode(entry: u16) -> BlockRecord {
+    BlockRecord {
+        size: usize::from(entry & ((1 << SIZE_BITS) - 1)),
+        owner: BucketId::from_index(u32::from((entry >> OWNER_SHIFT) & (OWNER_LIMIT as u16 - 1))),
+        domain: Domain::from_index(usize::from(entry >> DOMAIN_SHIFT) - 1).unwrap_or(Domain::Raw),
+    }
+}
+
+/// The radix tree of granule entries. See the module docs.
+pub struct GranuleMap {
+    root: AtomicPtr<Root>,
+}
+
+impl Default for GranuleMap {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A zeroed level of the tree, or null if the OS refused.
+fn map_level<T>() -> *mut T {
+    let bytes = std::mem::size_of::<T>().next_multiple_of(os::OS_PAGE);
+    os::map_aligned(bytes).map_or(std::ptr::null_mut(), |p| p.cast())
+}
+
+/// Returns a level from [`map_level`] to the OS.
+///
+/// # Safety
+///
+/// `level` came from `map_level::<T>()` and nothing refers to it any more.
+unsafe fn unmap_level<T>(level: *mut T) {
+    let bytes = std::mem::size_of::<T>().next_multiple_of(os::OS_PAGE);
+    // SAFETY: per the contract, a whole mapping of ours that is unused.
+    unsafe { os::unmap(level.cast(), bytes) };
+}
+
+/// The level at `slot`, mapping and publishing it first if `create`.
+#[inline]
+fn level<T>(slot: &AtomicPtr<T>, create: bool) -> Option<&T> {
+    let mut p = slot.load(Acquire);
+    if p.is_null() {
+        if !create {
+            return None;
+        }
+        p = publish(slot)?;
+    }
+    // SAFETY: a published level is a zeroed mapping of size_of::<T>() bytes
+    // (all-zero is a valid T: atomics and null pointers), unmapped only when
+    // the map drops, which no `&self` outlives.
+    Some(unsafe { &*p })
+}
+
+#[cold]
+fn publish<T>(slot: &AtomicPtr<T>) -> Option<*mut T> {
+    let fresh = map_level::<T>();
+    if fresh.is_null() {
+        return None;
+    }
+    match slot.compare_exchange(std::ptr::null_mut(), fresh, Release, Acquire) {
+        Ok(_) => Some(fresh),
+        Err(theirs) => {
+            // SAFETY: `fresh` lost the race and was never published.
+            unsafe { unmap_level(fresh) };
+            Some(theirs)
+        }
+    }
+}
+
+impl GranuleMap {
+    /// An empty map; it maps nothing until the first insert.
+    pub const fn new() -> GranuleMap {
+        GranuleMap { root: AtomicPtr::new(std::ptr::null_mut()) }
+    }
+
+    /// The entry of `addr` (which [`covers`]), mapping the levels on the
+    /// way if `create`; `None` if a level is missing (or the OS refused it).
+    #[inline(always)]
+    fn entry(&self, addr: usize, create: bool) -> Option<&AtomicU16> {
+        let root = level(&self.root, create)?;
+        let node = level(&root[addr >> NODE_SHIFT], create)?;
+        let leaf = level(&node[(addr >> LEAF_SHIFT) & (NODE_ENTRIES - 1)], create)?;
+        Some(&leaf[(addr >> GRANULE_SHIFT) & (LEAF_ENTRIES - 1)])
+    }
+
+    /// Stores `code` (from [`code`]) for `addr` and returns the entry it
+    /// replaced (0: none), or `None` if the OS refused the memory (the caller
+    /// keeps the record elsewhere). Caller holds `addr`'s shard lock.
+    #[inline(always)]
+    pub fn store(&self, addr: usize, code: u16) -> Option<u16> {
+        let entry = self.entry(addr, true)?;
+        let old = entry.load(Relaxed);
+        entry.store(code, Relaxed);
+        Some(old)
+    }
+
+    /// Clears `addr`'s entry (which [`covers`] it) and returns it (0: none).
+    /// Caller holds `addr`'s shard lock.
+    #[inline(always)]
+    pub fn take(&self, addr: usize) -> u16 {
+        match self.entry(addr, false) {
+            Some(entry) => {
+                let old = entry.load(Relaxed);
+                if old != 0 {
+                    entry.store(0, Relaxed);
+                }
+                old
+            }
+            None => 0,
+        }
+    }
+
+    /// `addr`'s entry (0: none). Caller holds `addr`'s shard lock.
+    #[inline]
+    pub fn get(&self, addr: usize) -> u16 {
+        self.entry(addr, false).map_or(0, |entry| entry.load(Relaxed))
+    }
+
+    /// Bytes of the tree the OS backs now: the root's and nodes' pages that
+    /// hold a pointer, and the leaves' resident pages.
+    pub fn resident_bytes(&self) -> usize {
+        let Some(root) = level(&self.root, false) else { return 0 };
+        let mut bytes = written_pages(root) * os::OS_PAGE;
+        for node_slot in root.iter() {
+            let Some(node) = level(node_slot, false) else { continue };
+            bytes += written_pages(node) * os::OS_PAGE;
+            for leaf_slot in node.iter() {
+                if let Some(leaf) = level(leaf_slot, false) {
+                    bytes +=
+                        resident(std::ptr::from_ref(leaf).cast_mut().cast(), std::mem::size_of::<Leaf>());
+                }
+            }
+        }
+        bytes
+    }
+
+    /// Unmaps the whole tree, so every entry reads 0 again and the memory
+    /// goes back to the OS. The caller holds every shard lock of the block
+    /// table (so nobody is inside [`GranuleMap::entry`]).
+    pub fn unmap_all(&self) {
+        let root = self.root.swap(std::ptr::null_mut(), Acquire);
+        // SAFETY: unpublished just now, and with every shard lock held nobody
+        // holds a reference into the tree.
+        unsafe { free_tree(root) };
+    }
+}
+
+/// Unmaps a tree (null: nothing).
+///
+/// # Safety
+///
+/// `root` is null or a root from `map_level` that nobody refers to any more.
+unsafe fn free_tree(root: *mut Root) {
+    if root.is_null() {
+        return;
+    }
+    // SAFETY: per the contract, a live root mapping that is ours alone.
+    let root_ref = unsafe { &*root };
+    for node_slot in root_ref.iter() {
+        let node = node_slot.load(Acquire);
+        if node.is_null() {
+            continue;
+        }
+        // SAFETY: a published node, ours alone with its root.
+        for leaf_slot in unsafe { &*node }.iter() {
+            let leaf = leaf_slot.load(Acquire);
+            if !leaf.is_null() {
+                // SAFETY: a published leaf, ours alone, unmapped once.
+                unsafe { unmap_level(leaf) };
+            }
+        }
+        // SAFETY: its leaves are gone; nothing refers to it.
+        unsafe { unmap_level(node) };
+    }
+    // SAFETY: its nodes are gone; nothing refers to it.
+    unsafe { unmap_level(root) };
+}
+
+/// Pages of an inner level that hold at least one pointer (the ones written).
+fn written_pages<T>(level: &[AtomicPtr<T>]) -> usize {
+    let per_page = os::OS_PAGE / std::mem::size_of::<AtomicPtr<T>>();
+    level.chunks(per_page).filter(|page| page.iter().any(|p| !p.load(Relaxed).is_null())).count()
+}
+
+/// Resident bytes of the mapping `[base, base + len)`.
+#[cfg(not(miri))]
+fn resident(base: *mut u8, len: usize) -> usize {
+    const MAX_PAGES: usize = (1 << 18) / os::OS_PAGE;
+    let pages = len.div_ceil(os::OS_PAGE);
+    let mut vec = [0u8; MAX_PAGES];
+    if pages > MAX_PAGES {
+        return len;
+    }
+    // SAFETY: `base..base+len` is one of our mappings, and `vec` has a byte
+    // for each of its pages.
+    let rc = unsafe { libc::mincore(base.cast(), len, vec.as_mut_ptr()) };
+    if rc != 0 {
+        return len;
+    }
+    vec[..pages].iter().filter(|&&b| b & 1 != 0).count() * os::OS_PAGE
+}
+
+/// Under Miri (no `mincore`): the whole level.
+#[cfg(miri)]
+fn resident(_base: *mut u8, len: usize) -> usize {
+    len
+}
+
+impl Drop for GranuleMap {
+    fn drop(&mut self) {
+        // SAFETY: `&mut self`: nobody else refers to the tree.
+        unsafe { free_tree(*self.root.get_mut()) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(size: usize, owner: u32, domain: Domain) -> BlockRecord {
+        BlockRecord { size, owner: BucketId::from_index(owner), domain }
+    }
+
+    #[test]
+    fn codes_round_trip_and_refuse_what_does_not_fit() {
+        for domain in Domain::ALL {
+            for (size, owner) in [(0, 0), (1, 1), (24, 2), (511, 31)] {
+                let r = rec(size, owner, domain);
+                let c = code(0x1000, r).expect("fits");
+                assert_ne!(c, 0, "an entry is never empty");
+                assert_eq!(decode(c), r);
+            }
+        }
+        assert_eq!(code(0x1000, rec(512, 0, Domain::Mem)), None, "too large");
+        assert_eq!(code(0x1000, rec(8, 32, Domain::Mem)), None, "owner index too high");
+        assert_eq!(code(0x1008, rec(8, 0, Domain::Mem)), None, "not 16-byte aligned");
+        assert_eq!(code(1 << ADDRESS_BITS, rec(8, 0, Domain::Mem)), None, "above the tree");
+    }
+
+    #[test]
+    fn store_take_get_and_discard() {
+        let map = GranuleMap::new();
+        let (a, b) = (0x10_0000, 0x10_0010);
+        assert_eq!((map.get(a), map.take(a)), (0, 0), "nothing mapped yet");
+        let ca = code(a, rec(24, 1, Domain::Object)).unwrap();
+        let cb = code(b, rec(100, 2, Domain::Mem)).unwrap();
+        assert_eq!(map.store(a, ca), Some(0));
+        assert_eq!(map.store(b, cb), Some(0));
+        assert_eq!(map.store(a, ca), Some(ca), "the entry it replaces");
+        assert_eq!((map.get(a), map.get(b)), (ca, cb));
+        assert!(map.resident_bytes() >= 3 * os::OS_PAGE, "root, node and a leaf page");
+        assert_eq!(map.take(a), ca);
+        assert_eq!(map.take(a), 0);
+        map.unmap_all();
+        assert_eq!((map.get(b), map.resident_bytes()), (0, 0), "all gone");
+        assert_eq!(map.store(b, cb), Some(0), "mapped again on demand");
+    }
+}
