@@ -61,8 +61,41 @@ use crate::hooks::TRACKER;
 /// The process's findings.
 pub static FINDINGS: Findings = Findings::new();
 /// Addresses let through to a free and not handed out since (with the
-/// domain they were freed in).
+/// domain they were freed in) that have no granule in the block table
+/// (unaligned or out of its range): the others get a tombstone there, which
+/// costs no lock of its own and no memory beyond the granule (see
+/// [`remember_freed`]).
 pub static FREED: AddressMap = AddressMap::new();
+
+/// Remembers that the block at `addr` was let through to a free in `domain`,
+/// so that a second free of it is a double free: a tombstone in the block
+/// table's granule map, or else an entry in [`FREED`].
+#[inline]
+fn remember_freed(addr: usize, domain: Domain) {
+    if !TRACKER.table().bury(addr, domain) {
+        FREED.insert(addr, domain);
+    }
+}
+
+/// The domain the block at `addr` was freed in, if it was let through to a
+/// free and its address not handed out since. Ask only once no live record
+/// of `addr` was found: a block recorded since, in a nursery, leaves the
+/// tombstone until it reaches the table or is freed.
+#[inline]
+fn freed_in(addr: usize) -> Option<Domain> {
+    TRACKER.table().freed_domain(addr).or_else(|| FREED.get(addr))
+}
+
+/// A block was made at `addr` and recorded: an earlier free of the address
+/// no longer makes its frees double ones. A tombstone there may stay (live
+/// records are looked for first, and recording the block in the table
+/// replaces it); an entry in [`FREED`] goes.
+#[inline]
+fn recorded_at(addr: usize) {
+    if !interheap_engine::granule_map::covers(addr) {
+        FREED.remove(addr);
+    }
+}
 /// Mem and object blocks served by the raw allocator because the call had no
 /// thread state (pymalloc and the free-threaded build's mimalloc find their
 /// state through it, so forwarding would crash): their frees, and reallocs,
@@ -277,6 +310,7 @@ fn no_thread_state(domain: Domain, size: usize) {
 #[inline]
 pub(crate) fn allocated_nested(block: *mut c_void) {
     if !block.is_null() {
+        TRACKER.table().unbury(block as usize);
         FREED.remove(block as usize);
     }
 }
@@ -286,7 +320,7 @@ pub(crate) fn allocated_nested(block: *mut c_void) {
 #[inline]
 pub(crate) fn allocated<const D: usize>(block: *mut c_void, raw_served: bool) {
     if !block.is_null() {
-        FREED.remove(block as usize);
+        recorded_at(block as usize);
         if raw_served {
             RAW_SERVED.insert(block as usize, domain_of::<D>());
         }
@@ -444,7 +478,7 @@ pub(crate) fn free<const D: usize>(local: Option<&Nursery>, ptr: *mut c_void, fo
             crate::hooks::forget_sample(ptr);
             if raw_served {
                 TRACKER.account_free(local, rec);
-                FREED.insert(addr, rec.domain);
+                remember_freed(addr, rec.domain);
                 return forward_free(Domain::Raw);
             }
             if no_thread_state && rec.domain != Domain::Raw {
@@ -458,7 +492,7 @@ pub(crate) fn free<const D: usize>(local: Option<&Nursery>, ptr: *mut c_void, fo
                 if cfg!(Py_GIL_DISABLED) {
                     let note = "forwarded: mimalloc frees across interpreters on free-threaded builds";
                     report_cross(FindingKind::CrossInterpreterFree, domain, &rec, caller, note, allocated_at);
-                    FREED.insert(addr, rec.domain);
+                    remember_freed(addr, rec.domain);
                     forward_free(rec.domain);
                 } else {
                     let note = "quarantined: not freed, so the other interpreter's pools stay intact";
@@ -472,11 +506,11 @@ pub(crate) fn free<const D: usize>(local: Option<&Nursery>, ptr: *mut c_void, fo
             }
             TRACKER.account_free(local, rec);
             // Before forwarding: once freed, another thread may get the address.
-            FREED.insert(addr, rec.domain);
+            remember_freed(addr, rec.domain);
             forward_free(rec.domain);
         }
         None => {
-            if let Some(freed_in) = FREED.get(addr) {
+            if let Some(freed_in) = freed_in(addr) {
                 let note = "freed before and not allocated since; not freed again".into();
                 report(FindingKind::DoubleFree, domain, Some(freed_in), None, caller, 0, note, Vec::new());
                 return;
@@ -495,7 +529,7 @@ pub(crate) fn free<const D: usize>(local: Option<&Nursery>, ptr: *mut c_void, fo
             }
             crate::hooks::forget_sample(ptr);
             TRACKER.account_untracked_free(domain);
-            FREED.insert(addr, domain);
+            remember_freed(addr, domain);
             forward_free(domain);
         }
     }
@@ -575,7 +609,7 @@ pub(crate) fn realloc<const D: usize>(
         }
         None => {
             let addr = ptr as usize;
-            if let Some(freed_in) = FREED.get(addr) {
+            if let Some(freed_in) = freed_in(addr) {
                 let note = "realloc of a freed block: refused (NULL)".into();
                 report(FindingKind::DoubleFree, domain, Some(freed_in), None, caller, size, note, Vec::new());
                 return ReallocVerdict::Return(std::ptr::null_mut());
@@ -619,7 +653,7 @@ fn move_out(
     TRACKER.account_free(local, rec);
     FINDINGS.quarantine(rec.size);
     TRACKER.allocated(local, caller, rec.domain, block as usize, size);
-    FREED.remove(block as usize);
+    recorded_at(block as usize);
     if from == Domain::Raw && rec.domain != Domain::Raw {
         RAW_SERVED.insert(block as usize, rec.domain);
     }
@@ -633,7 +667,7 @@ pub(crate) fn reallocated<const D: usize>(ptr: *mut c_void, block: *mut c_void, 
     if block.is_null() {
         return;
     }
-    FREED.remove(block as usize);
+    recorded_at(block as usize);
     if to == Domain::Raw && D != Domain::Raw.index() {
         RAW_SERVED.remove(ptr as usize);
         RAW_SERVED.insert(block as usize, domain_of::<D>());

@@ -304,15 +304,16 @@ impl ShardMap {
             if let Some(old) = granules.store(key, code) {
                 self.small_len += 1;
                 self.small_bytes = self.small_bytes.wrapping_add(rec.size as u64);
-                if old != 0 {
+                if granule_map::is_live(old) {
                     return Some(self.forget_small(old));
                 }
                 return self.remove_hashed(key);
             }
         }
-        let stale = if granule_map::covers(key) { granules.take(key) } else { 0 };
+        // (A tombstone there goes too: the address is live again.)
+        let stale = if granule_map::covers(key) { granules.clear(key) } else { 0 };
         let displaced = self.insert_hashed(key, rec);
-        if stale != 0 {
+        if granule_map::is_live(stale) {
             return Some(self.forget_small(stale));
         }
         displaced
@@ -341,7 +342,7 @@ impl ShardMap {
     fn get(&self, granules: &GranuleMap, key: usize) -> Option<BlockRecord> {
         if granule_map::covers(key) {
             let entry = granules.get(key);
-            if entry != 0 {
+            if granule_map::is_live(entry) {
                 return Some(granule_map::decode(entry));
             }
         }
@@ -462,6 +463,40 @@ impl BlockTable {
     /// What is recorded for `addr`, if anything.
     pub fn get(&self, addr: usize) -> Option<BlockRecord> {
         self.shard(addr).lock().get(&self.granules, addr)
+    }
+
+    /// The checker's mark that the block at `addr` was freed in `domain`
+    /// and its address not handed out since (a tombstone in the granule
+    /// map; see [`BlockTable::freed_domain`]). False, and nothing kept, if
+    /// the address has no granule (unaligned or out of range) or the OS
+    /// refused the memory: the caller then remembers it elsewhere.
+    pub fn bury(&self, addr: usize, domain: Domain) -> bool {
+        if !granule_map::covers(addr) {
+            return false;
+        }
+        let _shard = self.shard(addr).lock();
+        self.granules.bury(addr, domain)
+    }
+
+    /// Removes [`BlockTable::bury`]'s mark at `addr` (a block made there
+    /// without a record: its address is live again).
+    pub fn unbury(&self, addr: usize) {
+        if granule_map::covers(addr) {
+            let _shard = self.shard(addr).lock();
+            self.granules.unbury(addr);
+        }
+    }
+
+    /// The domain [`BlockTable::bury`] marked `addr` freed in, if it did
+    /// and no block was recorded there since. Only meaningful once no live
+    /// record of `addr` was found (a block recorded elsewhere, in a
+    /// nursery, does not clear the mark).
+    pub fn freed_domain(&self, addr: usize) -> Option<Domain> {
+        if !granule_map::covers(addr) {
+            return None;
+        }
+        let _shard = self.shard(addr).lock();
+        granule_map::freed_domain(self.granules.get(addr))
     }
 
     /// Forgets every block and returns the memory the table held.
@@ -739,6 +774,33 @@ mod tests {
         assert_eq!((stats.entries, stats.live_bytes), (n, 24 * n as u64));
         // 4 bytes of entries per 32-byte block, plus the tree's inner pages.
         assert!(stats.bytes <= n * 4 + 16 * 1024, "{} bytes for {n} blocks", stats.bytes);
+    }
+
+    /// The checker's tombstones: a freed small block's address remembers the
+    /// domain until a block is recorded there; they are not records.
+    #[test]
+    fn tombstones_mark_freed_addresses_until_a_block_is_recorded() {
+        let t = BlockTable::new();
+        let a = 0x30_0000;
+        assert!(t.bury(a, Domain::Object));
+        assert_eq!(t.freed_domain(a), Some(Domain::Object));
+        assert_eq!((t.get(a), t.remove(a)), (None, None), "not a record");
+        assert_eq!(t.stats().entries, 0);
+        assert_eq!(t.insert(a, rec(24, 1, Domain::Object)), None, "no missed free over a tombstone");
+        assert_eq!(t.freed_domain(a), None, "a small record replaces it");
+        assert!(t.bury(a, Domain::Mem), "no tombstone over a live record...");
+        assert_eq!(t.remove(a), Some(rec(24, 1, Domain::Object)), "...which stays");
+        assert!(t.bury(a, Domain::Mem));
+        assert_eq!(t.insert(a, rec(BIG, 1, Domain::Mem)), None);
+        assert_eq!(t.freed_domain(a), None, "a hashed record clears it too");
+        assert_eq!(t.remove(a), Some(rec(BIG, 1, Domain::Mem)));
+        assert!(t.bury(a, Domain::Raw));
+        t.unbury(a);
+        assert_eq!(t.freed_domain(a), None);
+        assert!(!t.bury(a + 8, Domain::Raw), "no granule: the caller keeps it elsewhere");
+        assert!(t.bury(a, Domain::Raw));
+        t.clear();
+        assert_eq!(t.freed_domain(a), None, "clear forgets tombstones");
     }
 
     #[test]

@@ -9,6 +9,12 @@
 //! address, with no key stored: [`code`] packs the record, [`decode`] reads
 //! it back. Anything else stays in the hash table (`block_table`).
 //!
+//! The checker also leaves a *tombstone* at a freed block's address (an
+//! entry whose top bits are 0: [`tombstone`]), so that a second free of it
+//! is told from the free of a block allocated before the hooks. A tombstone
+//! is not a record: a block recorded there later simply replaces it, and
+//! lookups of live records pass over it.
+//!
 //! # Layout
 //!
 //! A radix tree over the low [`ADDRESS_BITS`] bits of the address: the root
@@ -82,7 +88,31 @@ pub fn code(addr: usize, rec: BlockRecord) -> Option<u16> {
     })
 }
 
-/// The record a non-zero entry holds.
+/// The checker's mark for a block freed in `domain` whose address the
+/// allocator has not handed out since: an entry with no live record (its
+/// top bits are 0) and the domain in its low bits. A live entry always has
+/// its top bits set ([`is_live`]).
+#[inline(always)]
+pub fn tombstone(domain: Domain) -> u16 {
+    domain.index() as u16 + 1
+}
+
+/// Whether an entry holds a live block's record (not empty, not a tombstone).
+#[inline(always)]
+pub fn is_live(entry: u16) -> bool {
+    entry >> DOMAIN_SHIFT != 0
+}
+
+/// The domain a tombstone says its block was freed in (`None`: not a tombstone).
+#[inline]
+pub fn freed_domain(entry: u16) -> Option<Domain> {
+    if entry == 0 || is_live(entry) {
+        return None;
+    }
+    Domain::from_index(usize::from(entry) - 1)
+}
+
+/// The record a live entry holds.
 #[inline(always)]
 pub fn decode(entry: u16) -> BlockRecord {
     BlockRecord {
@@ -179,10 +209,28 @@ impl GranuleMap {
         Some(old)
     }
 
-    /// Clears `addr`'s entry (which [`covers`] it) and returns it (0: none).
+    /// Clears `addr`'s entry (which [`covers`] it) if it is a live record,
+    /// and returns that record's entry (0: none; a tombstone stays).
     /// Caller holds `addr`'s shard lock.
     #[inline(always)]
     pub fn take(&self, addr: usize) -> u16 {
+        match self.entry(addr, false) {
+            Some(entry) => {
+                let old = entry.load(Relaxed);
+                if !is_live(old) {
+                    return 0;
+                }
+                entry.store(0, Relaxed);
+                old
+            }
+            None => 0,
+        }
+    }
+
+    /// Clears `addr`'s entry (which [`covers`] it), live or a tombstone, and
+    /// returns it (0: none). Caller holds `addr`'s shard lock.
+    #[inline]
+    pub fn clear(&self, addr: usize) -> u16 {
         match self.entry(addr, false) {
             Some(entry) => {
                 let old = entry.load(Relaxed);
@@ -195,7 +243,28 @@ impl GranuleMap {
         }
     }
 
-    /// `addr`'s entry (0: none). Caller holds `addr`'s shard lock.
+    /// Puts a tombstone for `domain` at `addr` (which [`covers`] it) unless
+    /// a live record is there; false if the OS refused the memory. Caller
+    /// holds `addr`'s shard lock.
+    pub fn bury(&self, addr: usize, domain: Domain) -> bool {
+        let Some(entry) = self.entry(addr, true) else { return false };
+        if !is_live(entry.load(Relaxed)) {
+            entry.store(tombstone(domain), Relaxed);
+        }
+        true
+    }
+
+    /// Removes a tombstone at `addr` (which [`covers`] it); a live record
+    /// stays. Caller holds `addr`'s shard lock.
+    pub fn unbury(&self, addr: usize) {
+        if let Some(entry) = self.entry(addr, false) {
+            if freed_domain(entry.load(Relaxed)).is_some() {
+                entry.store(0, Relaxed);
+            }
+        }
+    }
+
+    /// `addr`'s entry (0: none; live or a tombstone). Caller holds `addr`'s shard lock.
     #[inline]
     pub fn get(&self, addr: usize) -> u16 {
         self.entry(addr, false).map_or(0, |entry| entry.load(Relaxed))
@@ -320,6 +389,33 @@ mod tests {
         assert_eq!(code(0x1000, rec(8, 32, Domain::Mem)), None, "owner index too high");
         assert_eq!(code(0x1008, rec(8, 0, Domain::Mem)), None, "not 16-byte aligned");
         assert_eq!(code(1 << ADDRESS_BITS, rec(8, 0, Domain::Mem)), None, "above the tree");
+        for domain in Domain::ALL {
+            let t = tombstone(domain);
+            assert!(t != 0 && !is_live(t));
+            assert_eq!(freed_domain(t), Some(domain));
+            assert_eq!(freed_domain(code(0x1000, rec(0, 0, domain)).unwrap()), None, "a live record");
+        }
+        assert_eq!(freed_domain(0), None);
+    }
+
+    #[test]
+    fn tombstones_yield_to_live_records() {
+        let map = GranuleMap::new();
+        let a = 0x20_0000;
+        assert!(map.bury(a, Domain::Mem));
+        assert_eq!(freed_domain(map.get(a)), Some(Domain::Mem));
+        assert_eq!(map.take(a), 0, "a tombstone is no record");
+        assert_eq!(freed_domain(map.get(a)), Some(Domain::Mem), "and stays");
+        let live = code(a, rec(40, 1, Domain::Object)).unwrap();
+        assert_eq!(map.store(a, live), Some(tombstone(Domain::Mem)));
+        assert!(map.bury(a, Domain::Raw));
+        assert_eq!(map.get(a), live, "no tombstone over a live record");
+        map.unbury(a);
+        assert_eq!(map.get(a), live, "unbury leaves a live record");
+        assert_eq!(map.take(a), live);
+        assert!(map.bury(a, Domain::Raw));
+        map.unbury(a);
+        assert_eq!(map.get(a), 0);
     }
 
     #[test]
