@@ -56,6 +56,7 @@ use interheap_engine::sites::FrameText;
 use interheap_engine::{BlockRecord, BucketId, BucketKind, Domain, Nursery};
 use pyo3_ffi as ffi;
 
+use crate::hook_thread::InHook;
 use crate::hooks::TRACKER;
 
 /// The process's findings.
@@ -136,21 +137,22 @@ struct ThreadStates {
 static THREAD_STATES: ThreadStates =
     ThreadStates { live: Mutex::new(Vec::new()), low: AtomicUsize::new(0), high: AtomicUsize::new(0) };
 
-thread_local! {
-    /// The thread state this thread last made a checked call with.
-    static LAST_THREAD_STATE: Cell<usize> = const { Cell::new(0) };
-}
-
 impl ThreadStates {
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<usize>> {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn note(&self, tstate: usize) {
-        if LAST_THREAD_STATE.with(Cell::get) == tstate {
-            return;
+    /// Lists `tstate`, which `thread` (the calling thread) has current.
+    #[inline(always)]
+    fn note(&self, thread: InHook, tstate: usize) {
+        if thread.note_checked_thread_state(tstate) {
+            self.list(tstate);
         }
-        LAST_THREAD_STATE.with(|c| c.set(tstate));
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn list(&self, tstate: usize) {
         let mut live = self.lock();
         if !live.contains(&tstate) {
             live.push(tstate);
@@ -178,11 +180,6 @@ impl ThreadStates {
 #[inline]
 fn domain_of<const D: usize>() -> Domain {
     Domain::ALL[D]
-}
-
-fn current_thread_state() -> *mut ffi::PyThreadState {
-    // SAFETY: only reads a thread-local.
-    unsafe { ffi::compat::PyThreadState_GetUnchecked() }
 }
 
 fn interpreter_id_of(tstate: *mut ffi::PyThreadState) -> Option<i64> {
@@ -250,13 +247,13 @@ fn report(
 /// object call made without one. True for such a call: it must not reach
 /// the domain's allocator (see [`RAW_SERVED`]).
 #[inline]
-pub(crate) fn on_call<const D: usize>(size: usize) -> bool {
-    let tstate = current_thread_state();
+pub(crate) fn on_call<const D: usize>(thread: InHook, size: usize) -> bool {
+    let tstate = thread.thread_state();
     if !tstate.is_null() {
-        THREAD_STATES.note(tstate as usize);
+        THREAD_STATES.note(thread, tstate as usize);
         false
     } else if D != Domain::Raw.index() {
-        no_thread_state(domain_of::<D>(), size);
+        no_thread_state(thread, domain_of::<D>(), size);
         true
     } else {
         false
@@ -265,12 +262,12 @@ pub(crate) fn on_call<const D: usize>(size: usize) -> bool {
 
 #[cold]
 #[inline(never)]
-fn no_thread_state(domain: Domain, size: usize) {
+fn no_thread_state(thread: InHook, domain: Domain, size: usize) {
     if !FINDINGS.admit_details() {
         FINDINGS.count_only(FindingKind::NoThreadState);
         return;
     }
-    let last = LAST_THREAD_STATE.with(Cell::get);
+    let last = thread.last_checked_thread_state();
     // The lock keeps the thread state alive while its frames are read.
     let (stack, interp) = {
         let live = THREAD_STATES.lock();
@@ -454,11 +451,12 @@ fn current_bucket() -> BucketId {
 /// A checked free of `ptr` (non-null) through domain `D`: decides, forwards
 /// (through `forward_free`, given the domain to free in) or keeps the block.
 #[inline(never)]
-pub(crate) fn free<const D: usize>(local: Option<&Nursery>, ptr: *mut c_void, forward_free: impl Fn(Domain)) {
+pub(crate) fn free<const D: usize>(thread: InHook, ptr: *mut c_void, forward_free: impl Fn(Domain)) {
     let domain = domain_of::<D>();
     let addr = ptr as usize;
-    let no_thread_state = on_call::<D>(0);
-    let caller = current_bucket();
+    let local = thread.existing_nursery();
+    let no_thread_state = on_call::<D>(thread, 0);
+    let caller = thread.bucket();
     // A block the raw allocator served goes back to it, whoever frees it.
     let raw_served = D != Domain::Raw.index() && RAW_SERVED.remove(addr).is_some();
     match TRACKER.take(local, addr) {
@@ -571,6 +569,7 @@ pub(crate) enum ReallocVerdict {
 /// A checked realloc of `ptr` (non-null), after the hooks took its record
 /// (`old`). `malloc_in(domain, size)` allocates through a domain's allocator.
 pub(crate) fn realloc<const D: usize>(
+    thread: InHook,
     local: Option<&Nursery>,
     ptr: *mut c_void,
     size: usize,
@@ -579,7 +578,7 @@ pub(crate) fn realloc<const D: usize>(
     malloc_in: impl Fn(Domain, usize) -> *mut c_void,
 ) -> ReallocVerdict {
     let domain = domain_of::<D>();
-    let no_thread_state = on_call::<D>(size);
+    let no_thread_state = on_call::<D>(thread, size);
     if D != Domain::Raw.index() && RAW_SERVED.get(ptr as usize).is_some() {
         // Served by the raw allocator: it reallocates it (see `reallocated`).
         return ReallocVerdict::Forward(Domain::Raw);

@@ -39,6 +39,9 @@ struct HookThread {
     /// (`crate::interp::fast_tstate`), or its `no_slot` until found: the
     /// interpreter lookup then costs two loads and no call.
     tstate_slot: Cell<*const *mut pyo3_ffi::PyThreadState>,
+    /// The thread state this thread last made a checked call with (the
+    /// checker's; 0: none yet).
+    last_checked_tstate: Cell<usize>,
 }
 
 /// A null thread state read through [`HookThread::tstate_slot`] before the
@@ -58,6 +61,7 @@ thread_local! {
             until_sample: Cell::new(0),
             sample_rng: Cell::new(0),
             tstate_slot: Cell::new(&NULL_SLOT.0),
+            last_checked_tstate: Cell::new(0),
         }
     };
     static RETIRE_AT_EXIT: RetireAtExit = const { RetireAtExit };
@@ -274,6 +278,31 @@ impl InHook {
         // its interpreter outlives it, and for a non-null argument
         // PyInterpreterState_GetID only reads the ID.
         unsafe { pyo3_ffi::PyInterpreterState_GetID(crate::interp::thread_state_interpreter(tstate)) }
+    }
+
+    /// This thread's current thread state (null: none): one load once the
+    /// thread's slot is known, else the public API.
+    #[inline(always)]
+    pub fn thread_state(&self) -> *mut pyo3_ffi::PyThreadState {
+        // SAFETY: as in `interpreter_id`.
+        let tstate = unsafe { *self.state().tstate_slot.get() };
+        if !tstate.is_null() || !std::ptr::eq(self.state().tstate_slot.get(), &NULL_SLOT.0) {
+            return tstate;
+        }
+        // SAFETY: only reads a thread-local; callable without a thread state.
+        unsafe { pyo3_ffi::compat::PyThreadState_GetUnchecked() }
+    }
+
+    /// Remembers `tstate` as the one this thread last made a checked call
+    /// with; true if it differs from the one before.
+    #[inline(always)]
+    pub fn note_checked_thread_state(&self, tstate: usize) -> bool {
+        self.state().last_checked_tstate.replace(tstate) != tstate
+    }
+
+    /// What [`InHook::note_checked_thread_state`] last remembered (0: nothing).
+    pub fn last_checked_thread_state(&self) -> usize {
+        self.state().last_checked_tstate.get()
     }
 
     /// The bucket of [`InHook::interpreter_id`]'s interpreter

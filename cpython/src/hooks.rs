@@ -291,7 +291,7 @@ fn hook_malloc_general<const D: usize, const CHECK: bool>(_ctx: *mut c_void, siz
         return block;
     };
     // The checker may send a call without a thread state to the raw allocator.
-    let raw_served = CHECK && crate::checker::on_call::<D>(size);
+    let raw_served = CHECK && crate::checker::on_call::<D>(entry.view(), size);
     let forward = if raw_served { &FORWARD[Domain::Raw.index()] } else { forward };
     let owner = entry.bucket();
     let admission = TRACKER.admit(owner, size);
@@ -371,7 +371,7 @@ fn hook_calloc_general<const D: usize, const CHECK: bool>(
         }
         return block;
     };
-    let raw_served = CHECK && crate::checker::on_call::<D>(nelem.saturating_mul(elsize));
+    let raw_served = CHECK && crate::checker::on_call::<D>(entry.view(), nelem.saturating_mul(elsize));
     let forward = if raw_served { &FORWARD[Domain::Raw.index()] } else { forward };
     let owner = entry.bucket();
     // Fact 8: refuse an overflowing nelem * elsize before forwarding.
@@ -409,7 +409,7 @@ extern "C" fn hook_realloc<const D: usize, const CHECK: bool>(
     };
     let owner = entry.bucket();
     if ptr.is_null() {
-        let raw_served = CHECK && crate::checker::on_call::<D>(size);
+        let raw_served = CHECK && crate::checker::on_call::<D>(entry.view(), size);
         let forward = if raw_served { &FORWARD[Domain::Raw.index()] } else { forward };
         // realloc(NULL, n) is an allocation.
         let admission = TRACKER.admit(owner, size);
@@ -434,7 +434,7 @@ extern "C" fn hook_realloc<const D: usize, const CHECK: bool>(
     let mut target = domain_of::<D>();
     if CHECK {
         let malloc_in = |d: Domain, n: usize| FORWARD[d.index()].malloc(n);
-        match crate::checker::realloc::<D>(local, ptr, size, old, owner, malloc_in) {
+        match crate::checker::realloc::<D>(entry.view(), local, ptr, size, old, owner, malloc_in) {
             crate::checker::ReallocVerdict::Return(block) => return block,
             crate::checker::ReallocVerdict::Forward(domain) => target = domain,
         }
@@ -497,7 +497,7 @@ fn hook_free_general<const D: usize, const CHECK: bool>(_ctx: *mut c_void, ptr: 
             if CHECK {
                 // The checker forwards (to the block's own domain) or keeps it.
                 let forward_free = |d: Domain| FORWARD[d.index()].free(ptr);
-                return crate::checker::free::<D>(entry.existing_nursery(), ptr, forward_free);
+                return crate::checker::free::<D>(entry.view(), ptr, forward_free);
             }
             // Before forwarding: after the free the address may be reused.
             let size = TRACKER.freeing(entry.existing_nursery(), domain_of::<D>(), ptr as usize);
