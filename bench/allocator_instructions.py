@@ -128,7 +128,10 @@ def main() -> None:
     if not shutil.which("valgrind"):
         sys.exit("valgrind is required (apt-get install valgrind)")
     python = sys.executable
-    launcher = str(Path(python).with_name("interheap-python"))
+    # The launcher binary itself: `interheap-python` may be the wheel's wrapper
+    # script (as `maturin develop` leaves it), which execs the binary, and
+    # callgrind would then count the wrapper only.
+    launcher = str(Path(python).with_name("interheap-python-bin"))
     drop = (
         "PYTHONMALLOC",
         "INTERHEAP_ALLOCATOR",
@@ -146,7 +149,7 @@ def main() -> None:
         modes = [("pymalloc", python, {"PYTHONMALLOC": "pymalloc"})]
         if sys.version_info >= (3, 13):
             modes.append(("mimalloc", python, {"PYTHONMALLOC": "mimalloc"}))
-    has_launcher = Path(launcher).exists() and Path(launcher).with_name("interheap-python-bin").exists()
+    has_launcher = Path(launcher).exists()
     if not has_launcher:
         print(f"note: no interheap-python beside {python} (make setup builds it): its rows are left out")
     modes.append(("interheap", launcher, {"INTERHEAP_REQUESTED_SIZES": "0"}))
