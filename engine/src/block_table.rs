@@ -54,6 +54,11 @@ use crate::ledger::BucketId;
 /// Number of shards (a power of two).
 pub const SHARDS: usize = 128;
 const SHARD_BITS: u32 = SHARDS.trailing_zeros();
+/// Small blocks a shard removes between two sweeps of the granule map, at
+/// least (128 shards: about a million frees of blocks that reached the
+/// table, which pays for scanning the map's leaves; the hash table's own
+/// shrinking waits in the same way).
+const SWEEP_PERIOD: usize = 8192;
 /// Slots a shard starts with: the hash table holds only what the granule map
 /// cannot (large, unaligned or far-owner blocks), so it starts small.
 const INITIAL_SLOTS: usize = 32;
@@ -142,6 +147,13 @@ struct ShardMap {
     /// Blocks of this shard's addresses in the granule map, and their bytes.
     small_len: usize,
     small_bytes: u64,
+    /// Since the last sweep (see [`BlockTable::sweep`]): the most
+    /// `small_len` has been, the small blocks removed, and whether a sweep
+    /// is due (many removed, and at most half of a peak of 16 or more left:
+    /// a table that stays nearly empty is not swept over and over).
+    small_peak: usize,
+    small_removals: usize,
+    sweep_due: bool,
 }
 
 #[repr(align(128))]
@@ -197,7 +209,17 @@ fn shard_index(key: usize) -> usize {
 
 impl ShardMap {
     const fn new() -> ShardMap {
-        ShardMap { slots: Vec::new(), len: 0, huge: Vec::new(), quiet_ops: 0, small_len: 0, small_bytes: 0 }
+        ShardMap {
+            slots: Vec::new(),
+            len: 0,
+            huge: Vec::new(),
+            quiet_ops: 0,
+            small_len: 0,
+            small_bytes: 0,
+            small_peak: 0,
+            small_removals: 0,
+            sweep_due: false,
+        }
     }
 
     /// The slot where `key`'s probe sequence starts: its page's hashed run,
@@ -303,6 +325,7 @@ impl ShardMap {
         if let Some(code) = granule_map::code(key, rec) {
             if let Some(old) = granules.store(key, code) {
                 self.small_len += 1;
+                self.small_peak = self.small_peak.max(self.small_len);
                 self.small_bytes = self.small_bytes.wrapping_add(rec.size as u64);
                 if granule_map::is_live(old) {
                     return Some(self.forget_small(old));
@@ -325,6 +348,13 @@ impl ShardMap {
         let rec = granule_map::decode(entry);
         self.small_len -= 1;
         self.small_bytes = self.small_bytes.wrapping_sub(rec.size as u64);
+        self.small_removals += 1;
+        if self.small_removals >= SWEEP_PERIOD
+            && self.small_len * 2 <= self.small_peak
+            && self.small_peak >= 16
+        {
+            self.sweep_due = true;
+        }
         rec
     }
 
@@ -457,7 +487,36 @@ impl BlockTable {
     /// if the table never saw it allocated.
     #[inline(always)]
     pub fn remove(&self, addr: usize) -> Option<BlockRecord> {
-        self.shard(addr).lock().remove(&self.granules, addr)
+        let mut shard = self.shard(addr).lock();
+        let rec = shard.remove(&self.granules, addr);
+        let sweep = shard.sweep_due;
+        drop(shard);
+        if sweep {
+            self.sweep();
+        }
+        rec
+    }
+
+    /// Gives the granule map's pages that hold no entry back to the OS, once
+    /// a shard has removed [`SWEEP_PERIOD`] small blocks since the last
+    /// sweep and holds at most half of its peak since, if that peak was 16
+    /// or more (the hash table
+    /// shrinks by itself; see `maybe_shrink`). Takes every shard lock, in
+    /// order, with none held (a leaf's entries belong to many shards), so it
+    /// must stay rare: every shard's count and peak restart.
+    #[cold]
+    #[inline(never)]
+    fn sweep(&self) {
+        let mut maps: Vec<_> = self.shards.iter().map(|shard| shard.map.lock()).collect();
+        if !maps.iter().any(|map| map.sweep_due) {
+            return; // another thread swept first
+        }
+        self.granules.discard_empty_pages();
+        for map in &mut maps {
+            map.sweep_due = false;
+            map.small_peak = map.small_len;
+            map.small_removals = 0;
+        }
     }
 
     /// What is recorded for `addr`, if anything.
@@ -801,6 +860,50 @@ mod tests {
         assert!(t.bury(a, Domain::Raw));
         t.clear();
         assert_eq!(t.freed_domain(a), None, "clear forgets tombstones");
+    }
+
+    /// After a peak of small blocks, the granule map's emptied pages go
+    /// back to the OS as frees go on.
+    #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "millions of table operations; the sweep's discard is the allocator's, which Miri runs"
+    )]
+    fn the_granule_maps_pages_go_back_after_a_peak() {
+        let t = BlockTable::new();
+        let n = 2 * SHARDS * SWEEP_PERIOD;
+        let base = 0x6000_0000;
+        for i in 0..n {
+            t.insert(base + i * 32, rec(24, 1, Domain::Object));
+        }
+        let at_peak = t.stats().bytes;
+        assert!(at_peak >= n * 4, "{at_peak} bytes at the peak");
+        // Keep every 64th block: one per 2 KiB, so every page of entries
+        // keeps some and none can go.
+        for i in (0..n).filter(|i| i % 64 != 0) {
+            assert!(t.remove(base + i * 32).is_some());
+        }
+        assert_eq!(t.stats().entries, n.div_ceil(64));
+        assert!(t.stats().bytes >= at_peak / 2, "pages with a live entry stay");
+        for i in (0..n).step_by(64) {
+            assert_eq!(t.remove(base + i * 32), Some(rec(24, 1, Domain::Object)), "survivors are intact");
+        }
+        // Emptied, the pages go back once enough frees have followed (here a
+        // block made and freed over and over in the first 32 KiB).
+        for i in 0..2 * SHARDS * SWEEP_PERIOD {
+            let addr = base + (i % 1024) * 32;
+            t.insert(addr, rec(24, 1, Domain::Object));
+            t.remove(addr);
+        }
+        assert!(t.stats().bytes < at_peak / 8, "{} of {at_peak} bytes kept when empty", t.stats().bytes);
+        assert_eq!(t.stats().entries, 0);
+        for i in 0..1000 {
+            assert_eq!(
+                t.insert(base + i * 32, rec(24, 1, Domain::Object)),
+                None,
+                "discarded pages read empty"
+            );
+        }
     }
 
     #[test]

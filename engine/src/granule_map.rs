@@ -288,6 +288,28 @@ impl GranuleMap {
         bytes
     }
 
+    /// Gives every leaf page whose entries are all 0 back to the OS (it reads
+    /// as zeros again; pages with a tombstone stay). The caller holds every
+    /// shard lock of the block table.
+    pub fn discard_empty_pages(&self) {
+        let Some(root) = level(&self.root, false) else { return };
+        for node_slot in root.iter() {
+            let Some(node) = level(node_slot, false) else { continue };
+            for leaf_slot in node.iter() {
+                let Some(leaf) = level(leaf_slot, false) else { continue };
+                for page in leaf.chunks(PAGE_ENTRIES) {
+                    if page.iter().all(|entry| entry.load(Relaxed) == 0) {
+                        let base = std::ptr::from_ref(page).cast_mut().cast::<u8>();
+                        // SAFETY: a page-aligned page of a leaf mapping of
+                        // ours; with every shard lock held nobody reads or
+                        // writes it, and it holds no entry.
+                        unsafe { os::discard(base, os::OS_PAGE) };
+                    }
+                }
+            }
+        }
+    }
+
     /// Unmaps the whole tree, so every entry reads 0 again and the memory
     /// goes back to the OS. The caller holds every shard lock of the block
     /// table (so nobody is inside [`GranuleMap::entry`]).
@@ -329,6 +351,9 @@ unsafe fn free_tree(root: *mut Root) {
     // SAFETY: its nodes are gone; nothing refers to it.
     unsafe { unmap_level(root) };
 }
+
+/// Entries per OS page of a leaf.
+const PAGE_ENTRIES: usize = os::OS_PAGE / std::mem::size_of::<AtomicU16>();
 
 /// Pages of an inner level that hold at least one pointer (the ones written).
 fn written_pages<T>(level: &[AtomicPtr<T>]) -> usize {
