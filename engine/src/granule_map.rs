@@ -424,6 +424,25 @@ mod tests {
     }
 
     #[test]
+    fn discarding_empty_pages_keeps_every_entry() {
+        let map = GranuleMap::new();
+        // Three leaf pages' worth of granules: an entry on the first and the
+        // third, a tombstone on the second, then the first emptied.
+        let page_span = PAGE_ENTRIES << GRANULE_SHIFT;
+        let (a, b, c) = (0x40_0000, 0x40_0000 + page_span, 0x40_0000 + 2 * page_span);
+        let live = code(a, rec(24, 1, Domain::Object)).unwrap();
+        map.store(a, live);
+        map.bury(b, Domain::Mem);
+        map.store(c, live);
+        map.take(a);
+        map.discard_empty_pages();
+        assert_eq!(map.get(a), 0);
+        assert_eq!(freed_domain(map.get(b)), Some(Domain::Mem), "tombstones stay");
+        assert_eq!(map.get(c), live, "live entries stay");
+        assert_eq!(map.store(a, live), Some(0), "a discarded page is usable again");
+    }
+
+    #[test]
     fn tombstones_yield_to_live_records() {
         let map = GranuleMap::new();
         let a = 0x20_0000;
