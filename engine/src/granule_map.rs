@@ -297,13 +297,21 @@ impl GranuleMap {
             let Some(node) = level(node_slot, false) else { continue };
             for leaf_slot in node.iter() {
                 let Some(leaf) = level(leaf_slot, false) else { continue };
-                for page in leaf.chunks(PAGE_ENTRIES) {
-                    if page.iter().all(|entry| entry.load(Relaxed) == 0) {
-                        let base = std::ptr::from_ref(page).cast_mut().cast::<u8>();
-                        // SAFETY: a page-aligned page of a leaf mapping of
-                        // ours; with every shard lock held nobody reads or
-                        // writes it, and it holds no entry.
-                        unsafe { os::discard(base, os::OS_PAGE) };
+                let base = std::ptr::from_ref(leaf).cast_mut().cast::<u8>();
+                // Runs of empty pages, each discarded with one call.
+                let mut run_start = None;
+                for (i, page) in leaf.chunks(PAGE_ENTRIES).chain([&[][..]]).enumerate() {
+                    let empty = !page.is_empty() && page.iter().all(|entry| entry.load(Relaxed) == 0);
+                    match (empty, run_start) {
+                        (true, None) => run_start = Some(i),
+                        (false, Some(start)) => {
+                            // SAFETY: whole pages of a leaf mapping of ours;
+                            // with every shard lock held nobody reads or
+                            // writes them, and they hold no entry.
+                            unsafe { os::discard(base.add(start * os::OS_PAGE), (i - start) * os::OS_PAGE) };
+                            run_start = None;
+                        }
+                        _ => {}
                     }
                 }
             }
