@@ -47,13 +47,22 @@ use crate::ledger::BucketId;
 /// addresses go to the hash table.
 #[cfg(not(miri))]
 const ADDRESS_BITS: u32 = 47;
-/// Under Miri, 64 GiB (its addresses stay far below; see `heap::os`): a
-/// 16-pointer root instead of 256 KiB that Miri would set up per table.
+/// Under Miri, 64 GiB (its addresses stay far below; see `heap::os`).
 #[cfg(miri)]
 const ADDRESS_BITS: u32 = 36;
 const GRANULE_SHIFT: u32 = 4;
+/// A leaf covers 1 MiB (128 KiB of entries), a node 4 GiB.
+#[cfg(not(miri))]
 const LEAF_SHIFT: u32 = 20;
+#[cfg(not(miri))]
 const NODE_SHIFT: u32 = 32;
+/// Under Miri, smaller levels (a 64 KiB leaf, 1,024 slots a node and a root):
+/// the same code, but a sweep or a census reads every slot of a level, each
+/// one an atomic access Miri checks.
+#[cfg(miri)]
+const LEAF_SHIFT: u32 = 16;
+#[cfg(miri)]
+const NODE_SHIFT: u32 = 26;
 const LEAF_ENTRIES: usize = 1 << (LEAF_SHIFT - GRANULE_SHIFT);
 const NODE_ENTRIES: usize = 1 << (NODE_SHIFT - LEAF_SHIFT);
 const ROOT_ENTRIES: usize = 1 << (ADDRESS_BITS - NODE_SHIFT);
@@ -166,6 +175,21 @@ fn level<T>(slot: &AtomicPtr<T>, create: bool) -> Option<&T> {
     Some(unsafe { &*p })
 }
 
+/// The level at `slot` as a raw pointer (see [`GranuleMap::entry`]),
+/// mapping and publishing it first if `create`.
+#[inline(always)]
+fn level_ptr<T>(slot: &AtomicPtr<T>, create: bool) -> Option<*mut T> {
+    let p = slot.load(Acquire);
+    if !p.is_null() {
+        return Some(p);
+    }
+    if create {
+        publish(slot)
+    } else {
+        None
+    }
+}
+
 #[cold]
 fn publish<T>(slot: &AtomicPtr<T>) -> Option<*mut T> {
     let fresh = map_level::<T>();
@@ -192,10 +216,20 @@ impl GranuleMap {
     /// way if `create`; `None` if a level is missing (or the OS refused it).
     #[inline(always)]
     fn entry(&self, addr: usize, create: bool) -> Option<&AtomicU16> {
-        let root = level(&self.root, create)?;
-        let node = level(&root[addr >> NODE_SHIFT], create)?;
-        let leaf = level(&node[(addr >> LEAF_SHIFT) & (NODE_ENTRIES - 1)], create)?;
-        Some(&leaf[(addr >> GRANULE_SHIFT) & (LEAF_ENTRIES - 1)])
+        // Each step takes a reference to one element, never to a whole level:
+        // the same code, but Miri would retag a whole 128 KiB leaf on every lookup.
+        let root = level_ptr(&self.root, create)?;
+        // SAFETY: `root` is a published root (ROOT_ENTRIES slots, zeroed or
+        // published since), and the index is below ROOT_ENTRIES for an
+        // address the tree covers (the callers check `covers`).
+        let node_slot = unsafe { &*root.cast::<AtomicPtr<Node>>().add(addr >> NODE_SHIFT) };
+        let node = level_ptr(node_slot, create)?;
+        // SAFETY: as above, a published node; the index is masked.
+        let leaf_slot =
+            unsafe { &*node.cast::<AtomicPtr<Leaf>>().add((addr >> LEAF_SHIFT) & (NODE_ENTRIES - 1)) };
+        let leaf = level_ptr(leaf_slot, create)?;
+        // SAFETY: as above, a published leaf; the index is masked.
+        Some(unsafe { &*leaf.cast::<AtomicU16>().add((addr >> GRANULE_SHIFT) & (LEAF_ENTRIES - 1)) })
     }
 
     /// Stores `code` (from [`code`]) for `addr` and returns the entry it
