@@ -159,20 +159,14 @@ unsafe fn unmap_level<T>(level: *mut T) {
     unsafe { os::unmap(level.cast(), bytes) };
 }
 
-/// The level at `slot`, mapping and publishing it first if `create`.
-#[inline]
-fn level<T>(slot: &AtomicPtr<T>, create: bool) -> Option<&T> {
-    let mut p = slot.load(Acquire);
-    if p.is_null() {
-        if !create {
-            return None;
-        }
-        p = publish(slot)?;
-    }
+/// The level at `slot`, if published, as a reference to the whole level:
+/// for the rare walks over the tree (lookups use [`level_ptr`]).
+fn level<T>(slot: &AtomicPtr<T>) -> Option<&T> {
     // SAFETY: a published level is a zeroed mapping of size_of::<T>() bytes
     // (all-zero is a valid T: atomics and null pointers), unmapped only when
-    // the map drops, which no `&self` outlives.
-    Some(unsafe { &*p })
+    // the map drops, which no `&self` outlives, or by `unmap_all`, whose
+    // caller holds every shard lock (so no walk is running).
+    level_ptr(slot, false).map(|p| unsafe { &*p })
 }
 
 /// The level at `slot` as a raw pointer (see [`GranuleMap::entry`]),
@@ -243,38 +237,32 @@ impl GranuleMap {
         Some(old)
     }
 
+    /// Clears `addr`'s entry (which [`covers`] it) if `clears` says so of
+    /// it, and returns it (0: nothing cleared). Caller holds `addr`'s shard lock.
+    #[inline(always)]
+    fn clear_if(&self, addr: usize, clears: impl Fn(u16) -> bool) -> u16 {
+        let Some(entry) = self.entry(addr, false) else { return 0 };
+        let old = entry.load(Relaxed);
+        if old == 0 || !clears(old) {
+            return 0;
+        }
+        entry.store(0, Relaxed);
+        old
+    }
+
     /// Clears `addr`'s entry (which [`covers`] it) if it is a live record,
     /// and returns that record's entry (0: none; a tombstone stays).
     /// Caller holds `addr`'s shard lock.
     #[inline(always)]
     pub fn take(&self, addr: usize) -> u16 {
-        match self.entry(addr, false) {
-            Some(entry) => {
-                let old = entry.load(Relaxed);
-                if !is_live(old) {
-                    return 0;
-                }
-                entry.store(0, Relaxed);
-                old
-            }
-            None => 0,
-        }
+        self.clear_if(addr, is_live)
     }
 
     /// Clears `addr`'s entry (which [`covers`] it), live or a tombstone, and
     /// returns it (0: none). Caller holds `addr`'s shard lock.
     #[inline]
     pub fn clear(&self, addr: usize) -> u16 {
-        match self.entry(addr, false) {
-            Some(entry) => {
-                let old = entry.load(Relaxed);
-                if old != 0 {
-                    entry.store(0, Relaxed);
-                }
-                old
-            }
-            None => 0,
-        }
+        self.clear_if(addr, |_| true)
     }
 
     /// Puts a tombstone for `domain` at `addr` (which [`covers`] it) unless
@@ -291,11 +279,7 @@ impl GranuleMap {
     /// Removes a tombstone at `addr` (which [`covers`] it); a live record
     /// stays. Caller holds `addr`'s shard lock.
     pub fn unbury(&self, addr: usize) {
-        if let Some(entry) = self.entry(addr, false) {
-            if freed_domain(entry.load(Relaxed)).is_some() {
-                entry.store(0, Relaxed);
-            }
-        }
+        self.clear_if(addr, |entry| freed_domain(entry).is_some());
     }
 
     /// `addr`'s entry (0: none; live or a tombstone). Caller holds `addr`'s shard lock.
@@ -304,19 +288,20 @@ impl GranuleMap {
         self.entry(addr, false).map_or(0, |entry| entry.load(Relaxed))
     }
 
+    /// The tree's published nodes (for the rare walks: stats and sweeps).
+    fn nodes(&self) -> impl Iterator<Item = &Node> {
+        level(&self.root).into_iter().flat_map(|root| root.iter().filter_map(level))
+    }
+
     /// Bytes of the tree the OS backs now: the root's and nodes' pages that
     /// hold a pointer, and the leaves' resident pages.
     pub fn resident_bytes(&self) -> usize {
-        let Some(root) = level(&self.root, false) else { return 0 };
+        let Some(root) = level(&self.root) else { return 0 };
         let mut bytes = written_pages(root) * os::OS_PAGE;
-        for node_slot in root.iter() {
-            let Some(node) = level(node_slot, false) else { continue };
+        for node in self.nodes() {
             bytes += written_pages(node) * os::OS_PAGE;
-            for leaf_slot in node.iter() {
-                if let Some(leaf) = level(leaf_slot, false) {
-                    bytes +=
-                        resident(std::ptr::from_ref(leaf).cast_mut().cast(), std::mem::size_of::<Leaf>());
-                }
+            for leaf in node.iter().filter_map(level) {
+                bytes += resident(std::ptr::from_ref(leaf).cast_mut().cast(), std::mem::size_of::<Leaf>());
             }
         }
         bytes
@@ -326,27 +311,22 @@ impl GranuleMap {
     /// as zeros again; pages with a tombstone stay). The caller holds every
     /// shard lock of the block table.
     pub fn discard_empty_pages(&self) {
-        let Some(root) = level(&self.root, false) else { return };
-        for node_slot in root.iter() {
-            let Some(node) = level(node_slot, false) else { continue };
-            for leaf_slot in node.iter() {
-                let Some(leaf) = level(leaf_slot, false) else { continue };
-                let base = std::ptr::from_ref(leaf).cast_mut().cast::<u8>();
-                // Runs of empty pages, each discarded with one call.
-                let mut run_start = None;
-                for (i, page) in leaf.chunks(PAGE_ENTRIES).chain([&[][..]]).enumerate() {
-                    let empty = !page.is_empty() && page.iter().all(|entry| entry.load(Relaxed) == 0);
-                    match (empty, run_start) {
-                        (true, None) => run_start = Some(i),
-                        (false, Some(start)) => {
-                            // SAFETY: whole pages of a leaf mapping of ours;
-                            // with every shard lock held nobody reads or
-                            // writes them, and they hold no entry.
-                            unsafe { os::discard(base.add(start * os::OS_PAGE), (i - start) * os::OS_PAGE) };
-                            run_start = None;
-                        }
-                        _ => {}
+        for leaf in self.nodes().flat_map(|node| node.iter().filter_map(level)) {
+            let base = std::ptr::from_ref(leaf).cast_mut().cast::<u8>();
+            // Runs of empty pages, each discarded with one call.
+            let mut run_start = None;
+            for (i, page) in leaf.chunks(PAGE_ENTRIES).chain([&[][..]]).enumerate() {
+                let empty = !page.is_empty() && page.iter().all(|entry| entry.load(Relaxed) == 0);
+                match (empty, run_start) {
+                    (true, None) => run_start = Some(i),
+                    (false, Some(start)) => {
+                        // SAFETY: whole pages of a leaf mapping of ours;
+                        // with every shard lock held nobody reads or
+                        // writes them, and they hold no entry.
+                        unsafe { os::discard(base.add(start * os::OS_PAGE), (i - start) * os::OS_PAGE) };
+                        run_start = None;
                     }
+                    _ => {}
                 }
             }
         }
