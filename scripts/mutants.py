@@ -176,6 +176,52 @@ MUTATIONS = [
         displaced""",
     ),
     (
+        "grants: the locked path does not revoke the grants first",
+        "interheap-engine",
+        "an_unused_grant_never_inflates_a_new_peak",
+        "engine/src/grants.rs",
+        """        if *outstanding != 0 {
+            cells.for_each(&mut |cell| {""",
+        """        if false {
+            cells.for_each(&mut |cell| {""",
+    ),
+    (
+        "grants: the lock-free path adds past the peak",
+        "interheap-engine",
+        "an_unused_grant_never_inflates_a_new_peak",
+        "engine/src/grants.rs",
+        "            if now > peak || (now as i64) < 0 {",
+        "            if (now as i64) < 0 {",
+    ),
+    (
+        "grants: consume takes with a store instead of a CAS",
+        "interheap-engine",
+        "blocks_live_at_once_make_an_exact_peak",
+        "engine/src/grants.rs",
+        "            cell.compare_exchange(word, word - bytes, Relaxed, Relaxed).is_ok()",
+        """            cell.store(word - bytes, Relaxed);
+            true""",
+    ),
+    (
+        "grants: replenish adds with a store instead of a CAS",
+        "interheap-engine",
+        "a_free_racing_a_revocation_counts_once",
+        "engine/src/grants.rs",
+        "            cell.compare_exchange(word, word + bytes, Relaxed, Relaxed).is_ok()",
+        """            cell.store(word + bytes, Relaxed);
+            true""",
+    ),
+    (
+        "grants: revoke takes any cell, whatever its key",
+        "interheap-engine",
+        "a_free_racing_a_revocation_counts_once",
+        "engine/src/grants.rs",
+        """        let mut word = cell.load(Relaxed);
+        while let Some(amount) = amount_for(word, key) {""",
+        """        let mut word = cell.load(Relaxed);
+        while let Some(amount) = (word != 0).then_some(word & AMOUNT_MASK) {""",
+    ),
+    (
         "gate: unlocked path without its light barrier",
         "interheap-sync",
         "no_call_overlaps_an_unlocked_one_with_membarrier",
@@ -317,7 +363,12 @@ def main() -> int:
             )
             path.write_text(original)
             took = time.monotonic() - start
-            failed_tests = "test result: FAILED" in run.stdout
+            # A model that panics inside a destructor aborts the test binary
+            # (no "test result" line): that is a caught mutation too, unlike
+            # a mutation that does not compile.
+            failed_tests = "test result: FAILED" in run.stdout or (
+                "panicked at" in run.stderr and "could not compile" not in run.stderr
+            )
             if run.returncode != 0 and failed_tests:
                 print(f"caught    ({took:4.0f} s) {name}  [{test}]")
             elif run.returncode != 0:

@@ -40,7 +40,24 @@ end_step() {
     step_name=""
 }
 step() { end_step; step_name="$*"; step_start=$SECONDS; printf '\n=== %s\n' "$*"; }
-run() { "$@" || failures+=("$*"); }
+# Each run's output also goes to a log; a failing run's report is condensed
+# at the end of the output, where a CI log that keeps only its tail shows it.
+RUN_LOGS=$(mktemp -d)
+trap 'rm -rf "$RUN_LOGS"' EXIT
+failure_logs=()
+run() {
+    local log
+    log=$RUN_LOGS/$((${#failure_logs[@]} + ${#failures[@]})).$RANDOM.log
+    "$@" 2>&1 | tee "$log"
+    local rc=${PIPESTATUS[0]}
+    if [ "$rc" -ne 0 ]; then
+        failures+=("$*")
+        failure_logs+=("$log")
+    else
+        rm -f "$log"
+    fi
+    return "$rc"
+}
 
 PY=$ROOT/.venv/bin/python
 export PYO3_PYTHON=$PY
@@ -335,6 +352,10 @@ echo
 echo "time per step (total $SECONDS s):"
 printf '%s\n' "${step_times[@]}"
 echo
+for log in "${failure_logs[@]}"; do
+    echo "--- the end of a failed run's output, condensed (sanitizer reports: kind, top frames, summary):"
+    "$PY" scripts/condense_report.py "$log"
+done
 if [ ${#failures[@]} -gt 0 ]; then
     printf 'FAILED: %s\n' "${failures[@]}"
 fi

@@ -14,11 +14,12 @@
 //! each counter is exact, and once the threads are quiescent the whole
 //! snapshot is exact.
 //!
-//! *Peak bytes is exact*, not approximate: live bytes only grow through
-//! `fetch_add`, which returns the exact value each addition produced in the
-//! counter's single modification order, and that value is fed into
-//! `fetch_max` on the peak. The maximum of a history that only rises by
-//! additions is always one of those values.
+//! *Peak bytes is exact*, not approximate. Live and peak bytes are a
+//! [`GrantedCounter`] per bucket and domain: threads churn in grants of
+//! their own below the peak, and a new peak is only recorded when every
+//! grant is revoked, so it is always an exact value of live (see
+//! [`crate::grants`]). Each thread's grant cells are in the ledger's
+//! [`GrantRegistry`]; a nursery holds its thread's slot.
 //!
 //! Bucket storage is a fixed array of lazily allocated chunks published with
 //! a compare-and-swap; a chunk, once published, is never moved and is freed
@@ -28,6 +29,7 @@
 use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering::Relaxed};
 
 use crate::domain::Domain;
+use crate::grants::{key_of, DomainCells, GrantRegistry, GrantSlot, GrantedCounter};
 use crate::limits::{Budget, BudgetSnapshot};
 
 /// A dense bucket index: [`BucketId::NO_INTERPRETER`], one per interpreter ID,
@@ -98,8 +100,8 @@ pub enum BucketKind {
 /// that interpreters running in parallel do not share lines.
 #[repr(align(128))]
 pub(crate) struct DomainCounters {
-    live_bytes: AtomicU64,
-    peak_bytes: AtomicU64,
+    /// Live and peak bytes.
+    pub(crate) bytes: GrantedCounter,
     counts: [AtomicU64; COUNTS],
 }
 
@@ -121,43 +123,10 @@ pub enum Count {
 pub const COUNTS: usize = 4;
 
 impl DomainCounters {
-    #[inline]
-    pub(crate) fn add_live(&self, bytes: u64) {
-        let now = self.live_bytes.fetch_add(bytes, Relaxed).wrapping_add(bytes);
-        // The load filters the common case (no new peak) without a locked RMW.
-        // A negative live figure (which exact accounting never produces) must
-        // not become a peak of nearly 2^64.
-        if (now as i64) >= 0 && now > self.peak_bytes.load(Relaxed) {
-            self.peak_bytes.fetch_max(now, Relaxed);
-        }
-    }
-
-    #[inline]
-    pub(crate) fn sub_live(&self, bytes: u64) {
-        self.live_bytes.fetch_sub(bytes, Relaxed);
-    }
-
-    /// `add_live` for a caller that is the only writer at this moment (see
-    /// [`Ledger::add_live_serialized`]): a plain load and store, no locked
-    /// read-modify-write.
-    #[inline(always)]
-    pub(crate) fn add_live_serialized(&self, bytes: u64) {
-        let now = self.live_bytes.load(Relaxed).wrapping_add(bytes);
-        self.live_bytes.store(now, Relaxed);
-        if (now as i64) >= 0 && now > self.peak_bytes.load(Relaxed) {
-            self.peak_bytes.store(now, Relaxed);
-        }
-    }
-
-    #[inline(always)]
-    pub(crate) fn sub_live_serialized(&self, bytes: u64) {
-        self.live_bytes.store(self.live_bytes.load(Relaxed).wrapping_sub(bytes), Relaxed);
-    }
-
-    fn snapshot(&self) -> DomainSnapshot {
+    fn snapshot(&self, key: u64, cells: &DomainCells) -> DomainSnapshot {
         let mut snap = DomainSnapshot {
-            live_bytes: self.live_bytes.load(Relaxed) as i64,
-            peak_bytes: self.peak_bytes.load(Relaxed),
+            live_bytes: self.bytes.live(key, cells),
+            peak_bytes: self.bytes.peak(),
             ..DomainSnapshot::default()
         };
         snap.add_counts(std::array::from_fn(|k| self.counts[k].load(Relaxed)));
@@ -165,9 +134,8 @@ impl DomainCounters {
     }
 
     fn reset(&self) {
-        for c in self.counts.iter().chain([&self.live_bytes, &self.peak_bytes]) {
-            c.store(0, Relaxed);
-        }
+        self.counts.iter().for_each(|c| c.store(0, Relaxed));
+        self.bytes.reset();
     }
 }
 
@@ -329,6 +297,8 @@ pub struct Ledger {
     describer: AtomicPtr<()>,
     untracked_frees: [AtomicU64; Domain::COUNT],
     missed_frees: [AtomicU64; Domain::COUNT],
+    /// Every thread's grant cells.
+    grants: GrantRegistry,
 }
 
 impl Drop for Ledger {
@@ -359,6 +329,7 @@ impl Ledger {
             describer: AtomicPtr::new(std::ptr::null_mut()),
             untracked_frees: [const { AtomicU64::new(0) }; Domain::COUNT],
             missed_frees: [const { AtomicU64::new(0) }; Domain::COUNT],
+            grants: GrantRegistry::new(),
         }
     }
 
@@ -395,10 +366,16 @@ impl Ledger {
         }
     }
 
+    /// A bucket, without marking it used.
+    #[inline]
+    fn unmarked(&self, id: BucketId) -> &Bucket {
+        let index = id.0 as usize;
+        &self.chunk(index / CHUNK_BUCKETS).buckets[index % CHUNK_BUCKETS]
+    }
+
     #[inline]
     fn bucket(&self, id: BucketId) -> &Bucket {
-        let index = id.0 as usize;
-        let bucket = &self.chunk(index / CHUNK_BUCKETS).buckets[index % CHUNK_BUCKETS];
+        let bucket = self.unmarked(id);
         if bucket.state.load(Relaxed) & SETTLED == 0 {
             self.unsettled_use(id, bucket);
         }
@@ -470,13 +447,35 @@ impl Ledger {
     /// Adds `bytes` to a bucket's live bytes (and its peak, exactly).
     #[inline(always)]
     pub fn add_live(&self, id: BucketId, domain: Domain, bytes: usize) {
-        self.counters(id, domain).add_live(bytes as u64);
+        self.counters(id, domain).bytes.add(key_of(id.0), bytes as u64, &self.grants.cells(domain));
     }
 
     /// Takes `bytes` from a bucket's live bytes.
     #[inline(always)]
     pub fn sub_live(&self, id: BucketId, domain: Domain, bytes: usize) {
-        self.counters(id, domain).sub_live(bytes as u64);
+        self.counters(id, domain).bytes.sub(bytes as u64);
+    }
+
+    /// A grant slot for a thread (its nursery keeps it), or `None` if every
+    /// slot is taken (the thread then allocates through the shared counters).
+    pub fn claim_grant_slot(&self) -> Option<&GrantSlot> {
+        self.grants.claim()
+    }
+
+    /// The cells of `domain` that a counter of this ledger revokes.
+    #[inline(always)]
+    pub(crate) fn grant_cells(&self, domain: Domain) -> DomainCells<'_> {
+        self.grants.cells(domain)
+    }
+
+    /// A thread leaves bucket `id` (or ends): gives back the grants its
+    /// `slot` holds of that bucket's counters.
+    pub fn give_back_grants(&self, id: BucketId, slot: &GrantSlot) {
+        if let Some(bucket) = self.settled_bucket(id) {
+            for domain in Domain::ALL {
+                bucket.domain(domain).bytes.give_back(slot.cell(domain), key_of(id.0));
+            }
+        }
     }
 
     /// [`Ledger::add_live`] for callers that never update this bucket's
@@ -487,43 +486,39 @@ impl Ledger {
     /// allocator state it uses (see `Tracker::set_serialized`).
     #[inline(always)]
     pub fn add_live_serialized(&self, id: BucketId, domain: Domain, bytes: usize) {
-        self.counters(id, domain).add_live_serialized(bytes as u64);
+        self.counters(id, domain).bytes.add_serialized(bytes as u64);
     }
 
     /// [`Ledger::sub_live`] under the same rule as [`Ledger::add_live_serialized`].
     #[inline(always)]
     pub fn sub_live_serialized(&self, id: BucketId, domain: Domain, bytes: usize) {
-        self.counters(id, domain).sub_live_serialized(bytes as u64);
+        self.counters(id, domain).bytes.sub_serialized(bytes as u64);
     }
 
     /// A bucket's memory limit. Getting it does not mark the bucket used.
     #[inline]
     pub fn budget(&self, id: BucketId) -> &Budget {
-        let index = id.0 as usize;
-        &self.chunk(index / CHUNK_BUCKETS).buckets[index % CHUNK_BUCKETS].budget
+        &self.unmarked(id).budget
     }
 
     /// Whether a bucket is settled: used, and described for good (see
     /// [`Ledger::set_describer`]). Does not mark it used.
     pub fn is_settled(&self, id: BucketId) -> bool {
-        let index = id.0 as usize;
-        let bucket = &self.chunk(index / CHUNK_BUCKETS).buckets[index % CHUNK_BUCKETS];
+        let bucket = self.unmarked(id);
         bucket.state.load(Relaxed) & SETTLED != 0
     }
 
     /// The glue saw the bucket's interpreter end at `at` (its monotonic
     /// clock, ns, non-zero); the first mark stays.
     pub fn mark_ended(&self, id: BucketId, at: u64) {
-        let index = id.0 as usize;
-        let bucket = &self.chunk(index / CHUNK_BUCKETS).buckets[index % CHUNK_BUCKETS];
+        let bucket = self.unmarked(id);
         let _ = bucket.ended_at.compare_exchange(0, at.max(1), Relaxed, Relaxed);
     }
 
     /// What the describer said about a bucket's interpreter (0: nothing
     /// yet). Does not mark it used.
     pub fn info(&self, id: BucketId) -> InterpreterInfo {
-        let index = id.0 as usize;
-        let bucket = &self.chunk(index / CHUNK_BUCKETS).buckets[index % CHUNK_BUCKETS];
+        let bucket = self.unmarked(id);
         (bucket.state.load(Relaxed) >> INFO_SHIFT) as InterpreterInfo
     }
 
@@ -531,10 +526,11 @@ impl Ledger {
     /// accounting never produces, read as 0).
     #[inline]
     pub fn live_total(&self, id: BucketId) -> u64 {
-        let index = id.0 as usize;
-        let bucket = &self.chunk(index / CHUNK_BUCKETS).buckets[index % CHUNK_BUCKETS];
-        let sum =
-            bucket.domains.iter().fold(0i64, |sum, d| sum.wrapping_add(d.live_bytes.load(Relaxed) as i64));
+        let bucket = self.unmarked(id);
+        let sum = Domain::ALL.into_iter().fold(0i64, |sum, domain| {
+            let live = bucket.domain(domain).bytes.live(key_of(id.0), &self.grants.cells(domain));
+            sum.wrapping_add(live)
+        });
         sum.max(0) as u64
     }
 
@@ -601,7 +597,10 @@ impl Ledger {
             // SAFETY: published chunks live as long as the ledger (module docs).
             let bucket = unsafe { &(*chunk).buckets[index % CHUNK_BUCKETS] };
             (
-                std::array::from_fn(|d| bucket.domains[d].snapshot()),
+                std::array::from_fn(|d| {
+                    let domain = Domain::ALL[d];
+                    bucket.domain(domain).snapshot(key_of(id.0), &self.grants.cells(domain))
+                }),
                 bucket.state.load(Relaxed),
                 bucket.budget.snapshot(),
                 bucket.ended_at.load(Relaxed),
@@ -620,8 +619,9 @@ impl Ledger {
 
     /// Restarts a bucket's per-domain peaks from their live bytes now.
     pub fn restart_peaks(&self, id: BucketId) {
-        for d in &self.bucket(id).domains {
-            d.peak_bytes.store((d.live_bytes.load(Relaxed) as i64).max(0) as u64, Relaxed);
+        let bucket = self.bucket(id);
+        for domain in Domain::ALL {
+            bucket.domain(domain).bytes.restart_peak(key_of(id.0), &self.grants.cells(domain));
         }
     }
 
@@ -677,6 +677,25 @@ impl Ledger {
         for c in self.untracked_frees.iter().chain(&self.missed_frees) {
             c.store(0, Relaxed);
         }
+        self.grants.reset();
+    }
+
+    /// In a `fork` child: releases the counters' locks that threads which
+    /// did not survive the fork may hold. A revocation such a thread left
+    /// half done may leave a bucket's live bytes off by that grant (one of
+    /// the half-done operations a child does not repair; see
+    /// `Nurseries::adopt_orphans`).
+    ///
+    /// # Safety
+    ///
+    /// Single-threaded (a `fork` child before it starts threads).
+    pub unsafe fn unlock_after_fork(&self) {
+        self.for_each_used(|id| {
+            for d in &self.unmarked(id).domains {
+                // SAFETY: single-threaded per the contract, so no guard exists.
+                unsafe { d.bytes.unlock_after_fork() };
+            }
+        });
     }
 }
 

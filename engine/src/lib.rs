@@ -38,6 +38,7 @@
 pub mod block_table;
 pub mod checker;
 pub mod domain;
+pub mod grants;
 pub mod granule_map;
 pub mod heap;
 pub mod ledger;

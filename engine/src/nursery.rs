@@ -52,7 +52,8 @@
 //! another bucket and when it retires. Snapshots add them in; a snapshot taken
 //! while a thread flushes may count that thread's pending counts twice or not
 //! at all, and is exact once threads are quiet. Live and peak bytes never live
-//! here: exact peaks need one shared counter.
+//! here; the nursery only holds the owner's grant slot (see [`crate::grants`]),
+//! through which the ledger's exact counters let its churn skip the shared word.
 //!
 //! Nurseries live in an append-only list and are freed only when the list
 //! itself is dropped (never, for the process-wide static): a thread that ends
@@ -66,6 +67,7 @@ use interheap_sync::{Atomic, Memory, Std};
 
 use crate::block_table::{BlockRecord, BlockTable};
 use crate::domain::Domain;
+use crate::grants::{key_of, GrantSlot, NO_GRANTS};
 use crate::ledger::{Bucket, BucketId, Count, Ledger, COUNTS};
 
 /// Slots per nursery (a power of two): 16 bytes each, 16 KiB per thread.
@@ -276,6 +278,9 @@ pub struct Nursery {
     local: LocalCounts,
     /// Whether a thread currently owns this nursery.
     active: AtomicBool,
+    /// The owner's grant cells (see [`crate::grants`]): a slot of the
+    /// ledger's, kept for good once claimed, or [`NO_GRANTS`]. Never null.
+    grants: AtomicPtr<GrantSlot>,
     /// Next nursery in the global list (set once, before publication).
     next: *const Nursery,
 }
@@ -298,7 +303,32 @@ impl Nursery {
                 fast_tags: [const { AtomicU64::new(NO_FAST_TAG) }; Domain::COUNT],
             },
             active: AtomicBool::new(false),
+            grants: AtomicPtr::new(&NO_GRANTS as *const GrantSlot as *mut GrantSlot),
             next: std::ptr::null(),
+        }
+    }
+
+    /// The owner's grant cells.
+    #[inline(always)]
+    pub(crate) fn grants(&self) -> &GrantSlot {
+        // SAFETY: `grants` is never null: NO_GRANTS (a static) or a slot of
+        // the ledger, which outlives its tracker's nurseries.
+        unsafe { &*self.grants.load(Ordering::Relaxed) }
+    }
+
+    /// The grant key of the bucket whose counters this nursery keeps (only
+    /// meaningful while [`Nursery::cached_bucket`] or a fast path matched).
+    #[inline(always)]
+    pub(crate) fn grant_key(&self) -> u64 {
+        key_of(self.local.bucket.load(Ordering::Relaxed))
+    }
+
+    /// Gives this nursery a grant slot of `ledger`'s if it has none yet.
+    pub(crate) fn claim_grants(&self, ledger: &Ledger) {
+        if std::ptr::eq(self.grants(), &NO_GRANTS) {
+            if let Some(slot) = ledger.claim_grant_slot() {
+                self.grants.store(slot as *const GrantSlot as *mut GrantSlot, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -416,9 +446,13 @@ impl Nursery {
         c.store(c.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
     }
 
-    /// Owner (or single-threaded caller): moves the local counts to the ledger.
+    /// Owner (or single-threaded caller): moves the local counts to the
+    /// ledger, and gives back the grants held of the bucket's counters.
     fn flush_counts(&self, ledger: &Ledger) {
         let bucket = self.local.bucket.load(Ordering::Relaxed);
+        if bucket != NO_BUCKET {
+            ledger.give_back_grants(BucketId::from_index(bucket), self.grants());
+        }
         for (domain, counts) in Domain::ALL.into_iter().zip(&self.local.counts) {
             for (kind, c) in counts.iter().enumerate() {
                 let n = c.load(Ordering::Relaxed);
@@ -604,6 +638,7 @@ impl Nurseries {
         fresh.local.bucket.store(NO_BUCKET, Ordering::Relaxed);
         // Zeroed, fast_id would match interpreter 0 with no counters kept.
         fresh.uncache_bucket();
+        fresh.grants.store(&NO_GRANTS as *const GrantSlot as *mut GrantSlot, Ordering::Relaxed);
         let mut head = self.head.load(Ordering::Acquire);
         loop {
             fresh.next = head;

@@ -23,8 +23,11 @@
 //! thread may be handed the same address and record it), and record a block
 //! *after* the forwarded allocation returns it.
 
+use interheap_sync::Std;
+
 use crate::block_table::{BlockRecord, BlockTable, TableStats};
 use crate::domain::Domain;
+use crate::grants;
 use crate::ledger::{Bucket, BucketId, Count, Ledger, LedgerSnapshot};
 use crate::limits::{Admission, DefaultLimit};
 use crate::nursery::{cacheable, Nurseries, Nursery};
@@ -321,7 +324,9 @@ impl Tracker {
     /// A nursery for the calling thread to pass as `local`. Give it back with
     /// [`Tracker::retire_nursery`] before the thread ends.
     pub fn adopt_nursery(&self) -> &Nursery {
-        self.nurseries.adopt()
+        let nursery = self.nurseries.adopt();
+        nursery.claim_grants(&self.ledger);
+        nursery
     }
 
     /// The calling thread is done with its nursery: move its blocks to the
@@ -357,6 +362,9 @@ impl Tracker {
     /// In a `fork` child: retire the nurseries of the threads that did not
     /// survive the fork (every one but `keep`). Single-threaded only.
     pub fn after_fork_in_child(&self, keep: Option<&Nursery>) {
+        // SAFETY: a fork child is single-threaded until it starts threads,
+        // which it cannot have done before this handler.
+        unsafe { self.ledger.unlock_after_fork() };
         self.nurseries.adopt_orphans(&self.table, &self.ledger, keep, &mut |s| {
             self.ledger.on_missed_free(s.owner, s.domain, s.size)
         });
@@ -409,7 +417,7 @@ impl Tracker {
         let rec = BlockRecord { size, owner, domain };
         if let Some(nursery) = local {
             if let Some(bucket) = nursery.cached_bucket(owner) {
-                self.add_live_to(bucket, domain, size);
+                self.add_live_to(nursery, bucket, domain, size);
                 nursery.count_cached(domain, Count::Allocations);
                 self.record(local, addr, rec);
                 return;
@@ -470,12 +478,45 @@ impl Tracker {
         debug_assert_eq!(serialized, self.serialized[domain.index()].load(Relaxed));
         let Some(bucket) = local.record_fast(id, domain, addr, size) else { return false };
         if serialized {
-            bucket.domain(domain).add_live_serialized(size as u64);
+            bucket.domain(domain).bytes.add_serialized(size as u64);
         } else {
-            bucket.domain(domain).add_live(size as u64);
+            self.add_live_granted(local, bucket, domain, size as u64);
         }
         local.count_cached(domain, Count::Allocations);
         true
+    }
+
+    /// Adds to counters the nursery keeps, from the thread's grant if it
+    /// holds enough (no shared write), else through the shared word, then
+    /// asks for a grant if there is room (see [`crate::grants`]). Not while
+    /// limits are set: their admissions read live bytes exactly, which
+    /// revokes grants, so grants would only come and go.
+    #[inline(always)]
+    fn add_live_granted(&self, local: &Nursery, bucket: &Bucket, domain: Domain, bytes: u64) {
+        let cell = local.grants().cell(domain);
+        let key = local.grant_key();
+        if !grants::consume::<Std>(cell, key, bytes) {
+            let counter = &bucket.domain(domain).bytes;
+            let room = counter.add(key, bytes, &self.ledger.grant_cells(domain));
+            if self.checks.load(Relaxed) & LIMITS_SET == 0 {
+                counter.offer_grant(cell, key, room);
+            }
+        }
+    }
+
+    /// Takes from counters the nursery keeps: into the thread's grant (a
+    /// new one if its cell is empty), else from the shared word.
+    #[inline(always)]
+    fn sub_live_granted(&self, local: &Nursery, bucket: &Bucket, domain: Domain, bytes: u64) {
+        let (cell, key) = (local.grants().cell(domain), local.grant_key());
+        if !grants::replenish::<Std>(cell, key, bytes) {
+            let counter = &bucket.domain(domain).bytes;
+            if self.checks.load(Relaxed) & LIMITS_SET == 0 {
+                counter.sub_into_grant(cell, key, bytes);
+            } else {
+                counter.sub(bytes);
+            }
+        }
     }
 
     /// [`Tracker::freeing`] when it takes only the thread's own state: the
@@ -487,31 +528,31 @@ impl Tracker {
         debug_assert_eq!(serialized, self.serialized[domain.index()].load(Relaxed));
         let Some((size, bucket)) = local.take_own_fast(domain, addr) else { return false };
         if serialized {
-            bucket.domain(domain).sub_live_serialized(size);
+            bucket.domain(domain).bytes.sub_serialized(size);
         } else {
-            bucket.domain(domain).sub_live(size);
+            self.sub_live_granted(local, bucket, domain, size);
         }
         local.count_cached(domain, Count::Frees);
         true
     }
 
-    /// `add_live` on counters a nursery keeps.
+    /// `add_live` on counters `nursery` keeps.
     #[inline(always)]
-    fn add_live_to(&self, bucket: &Bucket, domain: Domain, bytes: usize) {
+    fn add_live_to(&self, nursery: &Nursery, bucket: &Bucket, domain: Domain, bytes: usize) {
         if self.serialized[domain.index()].load(Relaxed) {
-            bucket.domain(domain).add_live_serialized(bytes as u64);
+            bucket.domain(domain).bytes.add_serialized(bytes as u64);
         } else {
-            bucket.domain(domain).add_live(bytes as u64);
+            self.add_live_granted(nursery, bucket, domain, bytes as u64);
         }
     }
 
-    /// `sub_live` on counters a nursery keeps.
+    /// `sub_live` on counters `nursery` keeps.
     #[inline(always)]
-    fn sub_live_from(&self, bucket: &Bucket, domain: Domain, bytes: usize) {
+    fn sub_live_from(&self, nursery: &Nursery, bucket: &Bucket, domain: Domain, bytes: usize) {
         if self.serialized[domain.index()].load(Relaxed) {
-            bucket.domain(domain).sub_live_serialized(bytes as u64);
+            bucket.domain(domain).bytes.sub_serialized(bytes as u64);
         } else {
-            bucket.domain(domain).sub_live(bytes as u64);
+            self.sub_live_granted(nursery, bucket, domain, bytes as u64);
         }
     }
 
@@ -551,7 +592,7 @@ impl Tracker {
     pub fn account_free(&self, local: Option<&Nursery>, rec: BlockRecord) {
         if let Some(nursery) = local {
             if let Some(bucket) = nursery.cached_bucket(rec.owner) {
-                self.sub_live_from(bucket, rec.domain, rec.size);
+                self.sub_live_from(nursery, bucket, rec.domain, rec.size);
                 nursery.count_cached(rec.domain, Count::Frees);
                 return;
             }
@@ -741,6 +782,77 @@ mod tests {
         assert!(!fast_free(&t, n, Domain::Mem, busy));
         assert_eq!(mem(&t, interp(3)).live_bytes, 0);
         assert_eq!(mem(&t, interp(4)).live_bytes, 20);
+        t.retire_nursery(n);
+    }
+
+    /// Below the peak, the fast paths churn in the thread's grant; a
+    /// snapshot revokes it and reads exact figures.
+    #[test]
+    fn fast_churn_below_the_peak_runs_in_a_grant_with_exact_figures() {
+        let t = Tracker::new();
+        let n = t.adopt_nursery();
+        assert!(!std::ptr::eq(n.grants(), &crate::grants::NO_GRANTS), "the nursery has a grant slot");
+        // A 1 MiB peak, then nothing live.
+        assert!(!fast_alloc(&t, n, 2, Domain::Mem, 0x10_0000, 1 << 20));
+        assert!(fast_free(&t, n, Domain::Mem, 0x10_0000));
+        let cell = n.grants().cell(Domain::Mem);
+        for i in 0..100 {
+            assert!(fast_alloc(&t, n, 2, Domain::Mem, 0x1000 + 16 * i, 48));
+        }
+        assert_ne!(cell.load(Relaxed), 0, "churn below the peak took a grant");
+        for i in 0..50 {
+            assert!(fast_free(&t, n, Domain::Mem, 0x1000 + 16 * i));
+        }
+        let m = mem(&t, interp(2));
+        assert_eq!((m.live_bytes, m.peak_bytes), (50 * 48, 1 << 20));
+        assert_eq!(cell.load(Relaxed), 0, "the snapshot revoked the grant");
+        // Moving to another interpreter gives the grant back.
+        assert!(fast_alloc(&t, n, 2, Domain::Mem, 0x9000, 48));
+        assert_ne!(cell.load(Relaxed), 0);
+        assert!(!fast_alloc(&t, n, 5, Domain::Mem, 0xa000, 8));
+        assert_eq!(cell.load(Relaxed), 0);
+        assert_eq!(mem(&t, interp(2)).live_bytes, 51 * 48);
+        t.retire_nursery(n);
+    }
+
+    /// Threads that hold blocks at the same moment: the peak is exactly
+    /// their sum, though each allocated in its own grant.
+    #[test]
+    fn blocks_held_at_once_by_threads_in_grants_make_an_exact_peak() {
+        const THREADS: usize = crate::iterations(4, 2);
+        const BLOCKS: usize = crate::iterations(200, 20);
+        let t = Tracker::new();
+        let n = t.adopt_nursery();
+        // Room below the peak for grants, then nothing live.
+        assert!(!fast_alloc(&t, n, 7, Domain::Object, 0x100_0000, 1 << 20));
+        assert!(fast_free(&t, n, Domain::Object, 0x100_0000));
+        let barrier = std::sync::Barrier::new(THREADS);
+        std::thread::scope(|scope| {
+            for thread in 0..THREADS {
+                let (t, barrier) = (&t, &barrier);
+                scope.spawn(move || {
+                    let n = t.adopt_nursery();
+                    let base = 0x1000_0000 * (thread + 1);
+                    for round in 0..2 {
+                        // Round 0 churns below the peak; round 1 holds
+                        // 4 KiB blocks, which together pass it.
+                        let size = if round == 0 { 64 } else { 4096 };
+                        for i in 0..BLOCKS {
+                            fast_alloc(t, n, 7, Domain::Object, base + 16 * i, size);
+                        }
+                        barrier.wait();
+                        for i in 0..BLOCKS {
+                            fast_free(t, n, Domain::Object, base + 16 * i);
+                        }
+                        barrier.wait();
+                    }
+                    t.retire_nursery(n);
+                });
+            }
+        });
+        let o = bucket(&t, interp(7))[Domain::Object.index()];
+        let held = (THREADS * BLOCKS * 4096) as u64;
+        assert_eq!((o.live_bytes, o.peak_bytes), (0, held.max(1 << 20)));
         t.retire_nursery(n);
     }
 

@@ -65,6 +65,18 @@ impl<T, M: Memory> SpinLock<T, M> {
         SpinGuard { lock: self }
     }
 
+    /// Locks if the lock is free now; `None` (without waiting) if it is held.
+    #[inline]
+    pub fn try_lock(&self) -> Option<SpinGuard<'_, T, M>> {
+        if self.locked.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.locked
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .ok()
+            .map(|_| SpinGuard { lock: self })
+    }
+
     #[cold]
     fn lock_contended(&self) {
         let mut spins = 0u32;
