@@ -180,7 +180,7 @@ MUTATIONS = [
         "interheap-engine",
         "an_unused_grant_never_inflates_a_new_peak",
         "engine/src/grants.rs",
-        """        if *outstanding != 0 {
+        """        if self.outstanding.load(Relaxed) != 0 {
             cells.for_each(&mut |cell| {""",
         """        if false {
             cells.for_each(&mut |cell| {""",

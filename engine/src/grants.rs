@@ -135,15 +135,22 @@ pub(crate) struct GrantedCounter<M: Memory = Std> {
     /// Live bytes plus every outstanding grant.
     charged: M::U64,
     peak: M::U64,
-    /// Grants outstanding, under the lock.
-    outstanding: SpinLock<u32, M>,
+    /// Grants outstanding: changed only under `lock`; read without it as a
+    /// hint that there are none (see [`GrantedCounter::live`]).
+    outstanding: M::U32,
+    lock: SpinLock<(), M>,
 }
 
 impl<M: Memory> GrantedCounter<M> {
     /// An empty counter, over any [`Memory`] (a model's, for example).
     #[cfg(test)]
     pub(crate) fn new_in() -> Self {
-        GrantedCounter { charged: Atomic::new(0), peak: Atomic::new(0), outstanding: SpinLock::new_in(0) }
+        GrantedCounter {
+            charged: Atomic::new(0),
+            peak: Atomic::new(0),
+            outstanding: Atomic::new(0),
+            lock: SpinLock::new_in(()),
+        }
     }
 
     /// Adds `bytes` to live (and to the peak, exactly). Returns the room
@@ -187,12 +194,12 @@ impl<M: Memory> GrantedCounter<M> {
     #[cold]
     #[inline(never)]
     fn add_past_peak(&self, key: u64, bytes: u64, cells: &impl GrantCells<M>) {
-        let mut outstanding = self.outstanding.lock();
+        let _locked = self.lock.lock();
         let mut added = false;
-        if *outstanding != 0 {
+        if self.outstanding.load(Relaxed) != 0 {
             cells.for_each(&mut |cell| {
-                if !added && *outstanding != 0 {
-                    self.revoke(&mut outstanding, cell, key);
+                if !added && self.outstanding.load(Relaxed) != 0 {
+                    self.revoke(cell, key);
                     added = self.add_below_peak(bytes).is_some();
                 }
             });
@@ -200,7 +207,7 @@ impl<M: Memory> GrantedCounter<M> {
         if added {
             return;
         }
-        debug_assert_eq!(*outstanding, 0, "a grant outside the cells revoked");
+        debug_assert_eq!(self.outstanding.load(Relaxed), 0, "a grant outside the cells revoked");
         let now = self.charged.fetch_add(bytes, Relaxed).wrapping_add(bytes);
         if (now as i64) >= 0 && now > self.peak.load(Relaxed) {
             self.peak.store(now, Relaxed);
@@ -244,7 +251,7 @@ impl<M: Memory> GrantedCounter<M> {
     #[cold]
     #[inline(never)]
     fn grant(&self, cell: &M::U64, key: u64) {
-        let Some(mut outstanding) = self.outstanding.try_lock() else { return };
+        let Some(_locked) = self.lock.try_lock() else { return };
         // Only this thread and this counter's lock holders (which we are)
         // change the cell while it holds this key or nothing.
         let word = cell.load(Relaxed);
@@ -267,7 +274,7 @@ impl<M: Memory> GrantedCounter<M> {
                 Ok(_) => {
                     cell.store(key << AMOUNT_BITS | (held + want), Relaxed);
                     if word == 0 {
-                        *outstanding += 1;
+                        self.count_grants(1);
                     }
                     return;
                 }
@@ -292,30 +299,36 @@ impl<M: Memory> GrantedCounter<M> {
     #[cold]
     #[inline(never)]
     fn grant_freed(&self, cell: &M::U64, key: u64, bytes: u64) -> bool {
-        let Some(mut outstanding) = self.outstanding.try_lock() else { return false };
+        let Some(_locked) = self.lock.try_lock() else { return false };
         // Only this thread makes an empty cell non-empty.
         cell.store(key << AMOUNT_BITS | bytes, Relaxed);
-        *outstanding += 1;
+        self.count_grants(1);
         true
+    }
+
+    /// Under the lock: `outstanding += change`.
+    fn count_grants(&self, change: i32) {
+        let now = self.outstanding.load(Relaxed).checked_add_signed(change);
+        self.outstanding.store(now.expect("the count of outstanding grants stays within u32"), Relaxed);
     }
 
     /// Owner of `cell`: gives back its grant of this counter, if any (the
     /// thread moves to another interpreter, or ends).
     pub(crate) fn give_back(&self, cell: &M::U64, key: u64) {
         if amount_for(cell.load(Relaxed), key).is_some() {
-            let mut outstanding = self.outstanding.lock();
-            self.revoke(&mut outstanding, cell, key);
+            let _locked = self.lock.lock();
+            self.revoke(cell, key);
         }
     }
 
     /// Under the lock: takes `cell`'s grant of this counter back into `charged`.
-    fn revoke(&self, outstanding: &mut u32, cell: &M::U64, key: u64) {
+    fn revoke(&self, cell: &M::U64, key: u64) {
         let mut word = cell.load(Relaxed);
         while let Some(amount) = amount_for(word, key) {
             match cell.compare_exchange(word, 0, AcqRel, Acquire) {
                 Ok(_) => {
                     self.charged.fetch_sub(amount, Relaxed);
-                    *outstanding -= 1;
+                    self.count_grants(-1);
                     return;
                 }
                 Err(seen) => word = seen,
@@ -324,17 +337,30 @@ impl<M: Memory> GrantedCounter<M> {
     }
 
     /// Under the lock: revokes every grant of this counter.
-    fn revoke_all(&self, outstanding: &mut u32, key: u64, cells: &impl GrantCells<M>) {
-        if *outstanding != 0 {
-            cells.for_each(&mut |cell| self.revoke(outstanding, cell, key));
+    fn revoke_all(&self, key: u64, cells: &impl GrantCells<M>) {
+        if self.outstanding.load(Relaxed) != 0 {
+            cells.for_each(&mut |cell| self.revoke(cell, key));
         }
     }
 
     /// Live bytes now, exactly: revokes the grants (the owners get new ones
     /// on their next allocations).
     pub(crate) fn live(&self, key: u64, cells: &impl GrantCells<M>) -> i64 {
-        let mut outstanding = self.outstanding.lock();
-        self.revoke_all(&mut outstanding, key, cells);
+        let _locked = self.lock.lock();
+        self.revoke_all(key, cells);
+        self.charged.load(Relaxed) as i64
+    }
+
+    /// [`GrantedCounter::live`] for a path that reads it on every call
+    /// (limits' and watched peaks' admissions, on which the tracker issues
+    /// no grant): with no grant outstanding, `charged` is live, read without
+    /// the lock. A grant that a thread issues just as a limit is set, before
+    /// it sees the limit, can make such a read high by that grant, never low.
+    #[inline]
+    pub(crate) fn live_for_admission(&self, key: u64, cells: &impl GrantCells<M>) -> i64 {
+        if self.outstanding.load(Relaxed) != 0 {
+            return self.live(key, cells);
+        }
         self.charged.load(Relaxed) as i64
     }
 
@@ -345,16 +371,16 @@ impl<M: Memory> GrantedCounter<M> {
 
     /// Restarts the peak from the live bytes now.
     pub(crate) fn restart_peak(&self, key: u64, cells: &impl GrantCells<M>) {
-        let mut outstanding = self.outstanding.lock();
-        self.revoke_all(&mut outstanding, key, cells);
+        let _locked = self.lock.lock();
+        self.revoke_all(key, cells);
         self.peak.store((self.charged.load(Relaxed) as i64).max(0) as u64, Relaxed);
     }
 
     /// Zeroes the counter. Only while nothing else updates it; the cells
     /// are cleared by their registry ([`GrantRegistry::reset`]).
     pub(crate) fn reset(&self) {
-        let mut outstanding = self.outstanding.lock();
-        *outstanding = 0;
+        let _locked = self.lock.lock();
+        self.outstanding.store(0, Relaxed);
         self.charged.store(0, Relaxed);
         self.peak.store(0, Relaxed);
     }
@@ -367,7 +393,7 @@ impl<M: Memory> GrantedCounter<M> {
     pub(crate) unsafe fn unlock_after_fork(&self) {
         // SAFETY: per the contract, no guard exists; the lock is either free
         // or was held by a thread that did not survive the fork.
-        unsafe { self.outstanding.force_unlock() }
+        unsafe { self.lock.force_unlock() }
     }
 }
 
@@ -560,12 +586,12 @@ mod tests {
         for &s in &slots[..2] {
             counter.offer_grant(slot(s).cell(Domain::Object), KEY, 1 << 20);
         }
-        assert_eq!(*counter.outstanding.lock(), 2);
+        assert_eq!(counter.outstanding.load(Relaxed), 2);
         // Live is 0; the grants fill `charged` up. Growing past the peak by
         // 1 byte makes live (1 MiB + 1) the new peak, not the grants' sum.
         assert_eq!(counter.add(KEY, (1 << 20) + 1, &cells), 0);
         assert_eq!(counter.peak(), (1 << 20) + 1);
-        assert_eq!(*counter.outstanding.lock(), 0);
+        assert_eq!(counter.outstanding.load(Relaxed), 0);
         assert!(slots.iter().all(|&s| slot(s).cell(Domain::Object).load(Relaxed) == 0));
     }
 
@@ -633,7 +659,7 @@ mod tests {
         counter.give_back(cell, KEY);
         assert_eq!(cell.load(Relaxed), 0);
         assert_eq!(counter.charged.load(Relaxed), 10);
-        assert_eq!(*counter.outstanding.lock(), 0);
+        assert_eq!(counter.outstanding.load(Relaxed), 0);
     }
 
     #[test]
@@ -686,7 +712,7 @@ mod tests {
         let kept: u64 = (0..rounds).step_by(64).map(|i| 16 + (i % 7) * 16).sum();
         assert_eq!(counter.live(KEY, &registry.cells(Domain::Mem)), kept as i64);
         assert!(counter.peak() >= (1 << 20).max(kept));
-        assert_eq!(*counter.outstanding.lock(), 0);
+        assert_eq!(counter.outstanding.load(Relaxed), 0);
     }
 }
 

@@ -523,12 +523,14 @@ impl Ledger {
     }
 
     /// A bucket's live bytes over every domain (negative sums, which exact
-    /// accounting never produces, read as 0).
+    /// accounting never produces, read as 0), as admissions read them (see
+    /// `GrantedCounter::live_for_admission`).
     #[inline]
     pub fn live_total(&self, id: BucketId) -> u64 {
         let bucket = self.unmarked(id);
         let sum = Domain::ALL.into_iter().fold(0i64, |sum, domain| {
-            let live = bucket.domain(domain).bytes.live(key_of(id.0), &self.grants.cells(domain));
+            let live =
+                bucket.domain(domain).bytes.live_for_admission(key_of(id.0), &self.grants.cells(domain));
             sum.wrapping_add(live)
         });
         sum.max(0) as u64

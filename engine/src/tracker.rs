@@ -489,8 +489,8 @@ impl Tracker {
     /// Adds to counters the nursery keeps, from the thread's grant if it
     /// holds enough (no shared write), else through the shared word, then
     /// asks for a grant if there is room (see [`crate::grants`]). Not while
-    /// limits are set: their admissions read live bytes exactly, which
-    /// revokes grants, so grants would only come and go.
+    /// limits are set or peaks watched: their admissions read live bytes
+    /// exactly on every call, which revokes grants.
     #[inline(always)]
     fn add_live_granted(&self, local: &Nursery, bucket: &Bucket, domain: Domain, bytes: u64) {
         let cell = local.grants().cell(domain);
@@ -498,7 +498,7 @@ impl Tracker {
         if !grants::consume::<Std>(cell, key, bytes) {
             let counter = &bucket.domain(domain).bytes;
             let room = counter.add(key, bytes, &self.ledger.grant_cells(domain));
-            if self.checks.load(Relaxed) & LIMITS_SET == 0 {
+            if self.checks.load(Relaxed) & (LIMITS_SET | WATCHING) == 0 {
                 counter.offer_grant(cell, key, room);
             }
         }
@@ -511,7 +511,7 @@ impl Tracker {
         let (cell, key) = (local.grants().cell(domain), local.grant_key());
         if !grants::replenish::<Std>(cell, key, bytes) {
             let counter = &bucket.domain(domain).bytes;
-            if self.checks.load(Relaxed) & LIMITS_SET == 0 {
+            if self.checks.load(Relaxed) & (LIMITS_SET | WATCHING) == 0 {
                 counter.sub_into_grant(cell, key, bytes);
             } else {
                 counter.sub(bytes);
