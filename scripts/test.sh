@@ -24,7 +24,10 @@
 #      built with TSan too (the hooks under python, the heaps under
 #      interheap-python)
 #   6. CPython's own regression tests under interheap-python (scripts/regrtest.sh)
-# Prints one closing line "N passed, N failed" over all pytest runs.
+# Prints one closing line "N passed, N failed" over all pytest runs. Before
+# it, each failed command's output, condensed (scripts/condense_report.py:
+# a sanitizer report's headline, frames and summary; else its last lines),
+# so that a log that keeps only its tail still says why.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
