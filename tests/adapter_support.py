@@ -21,6 +21,10 @@ lib.bk_report.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_longlong)]
 lib.aw_setup.restype = ctypes.c_void_p
 lib.aw_setup.argtypes = [ctypes.c_int]
 lib.aw_report.argtypes = [ctypes.POINTER(ctypes.c_longlong)]
+lib.re_setup.restype = ctypes.c_void_p
+lib.re_setup.argtypes = [ctypes.c_int]
+lib.re_nested.restype = ctypes.c_long
+lib.re_nested.argtypes = [ctypes.c_int]
 # CDLL: calls release the GIL, so several threads hammer the raw domain at once.
 nogil = ctypes.CDLL(os.environ["INTERHEAP_TEST_ALLOCATORS"])
 nogil.bk_hammer_raw.restype = ctypes.c_long

@@ -189,6 +189,37 @@ def test_raw_domain_always_locks_even_with_only_main(allocators_env):
     assert a["contended_acquisitions"] > 0
 
 
+# An allocator that calls back into its own domain (the raw domain, which
+# always locks), from two threads with the GIL released: the nested call
+# passes the lock its own thread holds instead of waiting for itself for
+# ever, and the other thread still waits for the outer call.
+NESTED = r"""
+import threading, interheap.adapters as adapters
+from scenario_support import result
+from adapter_support import lib, nogil, RAW
+
+handle = adapters.install("raw", lib.re_setup(RAW), name="calls back into raw")
+threads = [threading.Thread(target=nogil.bk_hammer_raw, args=(20_000,)) for _ in range(2)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+stats = handle.stats().to_dict()
+handle.uninstall()
+result(adapter=stats, nested=lib.re_nested(RAW))
+"""
+
+
+def test_an_allocator_calling_back_into_its_own_domain_does_not_wait_for_itself(allocators_env):
+    out = scenario(NESTED, env=allocators_env, timeout=120)
+    a = out["adapter"]
+    assert a["mode"] == "locked"
+    # Each of the 2 x 20,000 rounds that allocates makes one nested malloc
+    # and one nested free.
+    assert out["nested"] >= 10_000, out
+    assert a["calls"] >= a["lock_acquisitions"] + 2 * out["nested"], a
+
+
 # The switch under stress: main threads allocate as hard as they can while
 # isolated interpreters start and allocate at once. Any overlap of two calls
 # (including one in flight during the switch) shows in the overlap counter.

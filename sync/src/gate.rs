@@ -182,12 +182,17 @@ pub enum Acquired {
     /// Not at all: this thread is forking and already holds every adapter
     /// lock. The caller must not call [`GateLock::unlock`].
     ByForkingThread,
+    /// Not at all: this thread already holds it, in the locked call this one
+    /// is nested in (the allocator called back into its own domain). The
+    /// caller must not call [`GateLock::unlock`].
+    Nested,
 }
 
 /// The lock of a gate's locked calls: a mutex without data (the gate
 /// protects foreign state).
 pub trait GateLock {
-    /// Takes the lock (`Acquire`), unless it says [`Acquired::ByForkingThread`].
+    /// Takes the lock (`Acquire`), unless it says [`Acquired::ByForkingThread`]
+    /// or [`Acquired::Nested`].
     fn lock(&self) -> Acquired;
     /// Releases it (`Release`).
     fn unlock(&self);
@@ -311,12 +316,14 @@ impl<L: GateLock, M: Memory> Gate<L, M> {
             self.drain(who);
         }
         bump(&self.calls);
-        bump(&self.acquisitions);
+        if acquired != Acquired::Nested {
+            bump(&self.acquisitions);
+        }
         if acquired == Acquired::Contended {
             bump(&self.contended);
         }
         let result = call();
-        if acquired != Acquired::ByForkingThread {
+        if !matches!(acquired, Acquired::ByForkingThread | Acquired::Nested) {
             self.lock.unlock();
         }
         result

@@ -270,6 +270,58 @@ long bk_hammer_raw(long rounds) {
     return rounds;
 }
 
+/* ---- an allocator that calls back into its own domain --------------------
+   Each malloc makes a note of its own through the raw domain's current
+   allocator (PyMem_RawMalloc, PyMem_RawFree): installed on the raw domain,
+   that call comes back into this allocator, nested in the outer one, which a
+   guard of its own then forwards straight on. Installed behind the lock
+   wrapper, the nested call must pass the lock its own thread holds. */
+
+typedef struct {
+    PyMemAllocatorEx under, self;
+    long nested;
+} reentrant;
+
+static reentrant reentrants[3];
+static __thread int re_inside;
+
+static void *re_malloc(void *ctx, size_t size) {
+    reentrant *re = ctx;
+    if (re_inside) {
+        __atomic_fetch_add(&re->nested, 1, __ATOMIC_RELAXED);
+    } else {
+        re_inside = 1;
+        PyMem_RawFree(PyMem_RawMalloc(16));
+        re_inside = 0;
+    }
+    return re->under.malloc(re->under.ctx, size);
+}
+
+static void *re_calloc(void *ctx, size_t nelem, size_t elsize) {
+    reentrant *re = ctx;
+    return re->under.calloc(re->under.ctx, nelem, elsize);
+}
+
+static void *re_realloc(void *ctx, void *ptr, size_t size) {
+    reentrant *re = ctx;
+    return re->under.realloc(re->under.ctx, ptr, size);
+}
+
+static void re_free(void *ctx, void *ptr) {
+    reentrant *re = ctx;
+    re->under.free(re->under.ctx, ptr);
+}
+
+PyMemAllocatorEx *re_setup(int domain) {
+    reentrant *re = &reentrants[domain];
+    PyMem_GetAllocator((PyMemAllocatorDomain)domain, &re->under);
+    re->self = (PyMemAllocatorEx){re, re_malloc, re_calloc, re_realloc, re_free};
+    return &re->self;
+}
+
+/* Calls that arrived nested in one of this allocator's own. */
+long re_nested(int domain) { return __atomic_load_n(&reentrants[domain].nested, __ATOMIC_RELAXED); }
+
 /* ---- the interpreter-aware allocator ---------------------------------- */
 
 #define MAX_INTERP 64

@@ -20,7 +20,7 @@ pub type Gate = interheap_sync::gate::Gate<RawLock>;
 impl GateLock for RawLock {
     #[inline(always)]
     fn lock(&self) -> Acquired {
-        RawLock::lock(self)
+        RawLock::lock_or_nested(self)
     }
     #[inline(always)]
     fn unlock(&self) {
@@ -116,6 +116,43 @@ mod tests {
         other.join().unwrap();
         assert_eq!(gate.mode(), Mode::Locked);
         assert_eq!(gate.stats().calls, 3);
+    }
+
+    /// An allocator that calls back into its own domain inside a locked
+    /// call (a wrapped allocator with a reentrancy guard of its own, say)
+    /// passes through the gate again instead of waiting for itself, while
+    /// other threads still wait for the outer call.
+    #[test]
+    fn a_call_nested_in_a_locked_call_does_not_wait_for_itself() {
+        let gate = Arc::new(Gate::new(Mode::Locked, Barrier::Fences, RawLock::new()));
+        let inside = Arc::new(AtomicUsize::new(0));
+        let (in_tx, in_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let (g, ins) = (Arc::clone(&gate), Arc::clone(&inside));
+        let outer = std::thread::spawn(move || {
+            g.run(
+                || Caller::Other(2),
+                || {
+                    ins.fetch_add(1, Relaxed);
+                    let nested = g.run(|| Caller::Other(2), || ins.load(Relaxed));
+                    in_tx.send(()).unwrap();
+                    go_rx.recv().unwrap();
+                    ins.fetch_sub(1, Relaxed);
+                    nested
+                },
+            )
+        });
+        in_rx.recv().unwrap();
+        let (g, ins) = (Arc::clone(&gate), Arc::clone(&inside));
+        // Another thread's call waits for the outer one to return.
+        let other = std::thread::spawn(move || g.run(|| Caller::Other(3), || ins.load(Relaxed)));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        go_tx.send(()).unwrap();
+        assert_eq!(outer.join().unwrap(), 1, "the nested call ran inside the outer one");
+        assert_eq!(other.join().unwrap(), 0, "the other thread ran after the outer call");
+        let s = gate.stats();
+        assert_eq!((s.calls, s.lock_acquisitions), (3, 2), "a nested call is a call, not an acquisition");
+        assert!(!gate.lock().is_held());
     }
 
     #[test]

@@ -8,13 +8,18 @@
 //! before the waiter sleeps in the kernel until the holder wakes it.
 //!
 //! The lock allocates nothing and takes no other lock, so it can be taken
-//! inside an allocator call. It also knows about `fork()`: the adapters'
+//! inside an allocator call. It records its holder, so that a gate's call
+//! nested in the holder's own locked call (an allocator that calls back into
+//! its own domain) passes instead of waiting for itself
+//! ([`RawLock::lock_or_nested`]). It also knows about `fork()`: the adapters'
 //! `atfork` prepare handler takes every lock on the forking thread and marks
 //! that thread, so an allocation the forking thread makes before the fork
 //! completes does not wait for itself ([`Acquired::ByForkingThread`]).
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
+use std::sync::atomic::{
+    AtomicBool, AtomicU32, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
+};
 
 /// Spins (each a `pause`) before a waiter sleeps.
 pub const SPIN_LIMIT: u32 = 100;
@@ -34,6 +39,10 @@ pub struct RawLock {
     state: AtomicU32,
     /// Set while the `fork()` prepare handler holds this lock.
     held_for_fork: AtomicBool,
+    /// The holder's `pthread_self()`, or 0. Written only by the holder, just
+    /// after it takes the lock and just before it releases it: a thread that
+    /// reads its own ID here therefore holds the lock.
+    holder: AtomicUsize,
 }
 
 /// How [`RawLock::lock`] got the lock (shared with the gate's protocol).
@@ -48,16 +57,38 @@ impl Default for RawLock {
 impl RawLock {
     /// A free lock.
     pub const fn new() -> Self {
-        RawLock { state: AtomicU32::new(FREE), held_for_fork: AtomicBool::new(false) }
+        RawLock {
+            state: AtomicU32::new(FREE),
+            held_for_fork: AtomicBool::new(false),
+            holder: AtomicUsize::new(0),
+        }
     }
 
     /// Takes the lock, spinning briefly and then sleeping if it is held.
     #[inline]
     pub fn lock(&self) -> Acquired {
-        if self.state.compare_exchange(FREE, HELD, Acquire, Relaxed).is_ok() {
-            return Acquired::Uncontended;
+        let how = if self.state.compare_exchange(FREE, HELD, Acquire, Relaxed).is_ok() {
+            Acquired::Uncontended
+        } else {
+            self.lock_contended()
+        };
+        if how != Acquired::ByForkingThread {
+            self.holder.store(this_thread(), Relaxed);
         }
-        self.lock_contended()
+        how
+    }
+
+    /// [`RawLock::lock`], except that a thread that holds the lock already
+    /// gets [`Acquired::Nested`] (and must not unlock) instead of waiting for
+    /// itself for ever. For the gates only: what they protect is a foreign
+    /// allocator's state, which a nested call is that allocator's own
+    /// business, not a second `&mut` to Rust data.
+    #[inline]
+    pub fn lock_or_nested(&self) -> Acquired {
+        if self.state.load(Relaxed) != FREE && self.holder.load(Relaxed) == this_thread() {
+            return Acquired::Nested;
+        }
+        self.lock()
     }
 
     #[cold]
@@ -90,6 +121,7 @@ impl RawLock {
     /// Releases the lock, waking one sleeper if there may be one.
     #[inline]
     pub fn unlock(&self) {
+        self.holder.store(0, Relaxed);
         if self.state.swap(FREE, Release) == HELD_WAITERS {
             futex_wake_one(&self.state);
         }
@@ -122,8 +154,16 @@ impl RawLock {
     /// thread, or the lock is otherwise unshared).
     pub unsafe fn reset_in_fork_child(&self) {
         self.held_for_fork.store(false, Relaxed);
+        self.holder.store(0, Relaxed);
         self.state.store(FREE, Relaxed);
     }
+}
+
+/// The calling thread's ID for [`RawLock::holder`] (never 0).
+#[inline(always)]
+fn this_thread() -> usize {
+    // SAFETY: pthread_self has no preconditions.
+    unsafe { libc::pthread_self() as usize }
 }
 
 /// Marks (or unmarks) the calling thread as the one that holds every adapter
@@ -190,6 +230,27 @@ mod tests {
         lock.unlock();
         assert_eq!(waiter.join().unwrap(), Acquired::Contended);
         assert!(!lock.is_held());
+    }
+
+    #[test]
+    fn the_holder_nests_and_other_threads_still_wait() {
+        let lock = Arc::new(RawLock::new());
+        assert_eq!(lock.lock_or_nested(), Acquired::Uncontended);
+        assert_eq!(lock.lock_or_nested(), Acquired::Nested);
+        let other = Arc::clone(&lock);
+        let waiter = std::thread::spawn(move || {
+            let how = other.lock_or_nested();
+            other.unlock();
+            how
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!waiter.is_finished(), "another thread passed a held lock");
+        lock.unlock();
+        assert_eq!(waiter.join().unwrap(), Acquired::Contended);
+        assert!(!lock.is_held());
+        // Once released, the former holder takes it again like anyone.
+        assert_eq!(lock.lock_or_nested(), Acquired::Uncontended);
+        lock.unlock();
     }
 
     /// Mutual exclusion under heavy contention: more threads than cores, a
