@@ -463,23 +463,10 @@ impl GrantRegistry {
             self.handed_out.fetch_sub(1, Relaxed);
             return None;
         }
-        let slot = &self.chunks[index / SLOTS_PER_CHUNK];
-        let mut chunk = slot.load(Acquire);
-        if chunk.is_null() {
-            // SAFETY: a SlotChunk is atomics only, and all-zero atomics are
-            // empty cells.
-            let fresh = Box::into_raw(unsafe { Box::<SlotChunk>::new_zeroed().assume_init() });
-            chunk = match slot.compare_exchange(std::ptr::null_mut(), fresh, AcqRel, Acquire) {
-                Ok(_) => fresh,
-                Err(winner) => {
-                    // SAFETY: `fresh` was never shared.
-                    drop(unsafe { Box::from_raw(fresh) });
-                    winner
-                }
-            };
-        }
-        // SAFETY: published chunks live as long as the registry.
-        Some(unsafe { &(*chunk).slots[index % SLOTS_PER_CHUNK] })
+        // SAFETY: a SlotChunk is atomics only, and all-zero atomics are empty
+        // cells; published chunks are freed only when the registry is dropped.
+        let chunk = unsafe { &*crate::published_or_zeroed(&self.chunks[index / SLOTS_PER_CHUNK]) };
+        Some(&chunk.slots[index % SLOTS_PER_CHUNK])
     }
 
     /// Every handed-out slot (a slot whose chunk is still being published

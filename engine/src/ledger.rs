@@ -335,35 +335,10 @@ impl Ledger {
 
     #[inline]
     fn chunk(&self, index: usize) -> &Chunk {
-        let slot = &self.chunks[index];
-        let existing = slot.load(std::sync::atomic::Ordering::Acquire);
-        if !existing.is_null() {
-            // SAFETY: a published chunk is not freed or moved while `self` is borrowed (module docs),
-            // and Acquire pairs with the Release/AcqRel CAS that published it.
-            return unsafe { &*existing };
-        }
-        // SAFETY: every field of a Chunk is an atomic integer or bool, for
-        // which all-zero bytes are a valid (zero/false) value.
-        let fresh: Box<Chunk> = unsafe { Box::<Chunk>::new_zeroed().assume_init() };
-        let fresh = Box::into_raw(fresh);
-        match slot.compare_exchange(
-            std::ptr::null_mut(),
-            fresh,
-            std::sync::atomic::Ordering::AcqRel,
-            std::sync::atomic::Ordering::Acquire,
-        ) {
-            // SAFETY: we just published `fresh`; it lives as long as the ledger.
-            Ok(_) => unsafe { &*fresh },
-            Err(winner) => {
-                // SAFETY: `fresh` came from Box::into_raw above and was never
-                // shared; the winner's chunk is published and lives as long as
-                // the ledger.
-                unsafe {
-                    drop(Box::from_raw(fresh));
-                    &*winner
-                }
-            }
-        }
+        // SAFETY: every field of a Chunk is an atomic integer or bool, valid
+        // as all-zero bytes; a published chunk is not freed or moved while
+        // `self` is borrowed (module docs).
+        unsafe { &*crate::published_or_zeroed(&self.chunks[index]) }
     }
 
     /// A bucket, without marking it used.

@@ -59,3 +59,32 @@ pub use tracker::{FastPath, Tracker};
 
 #[cfg(test)]
 pub(crate) use interheap_sync::iterations;
+
+/// The chunk published in `slot`, publishing an all-zero one first if there
+/// is none: lazily allocated storage that is never moved or freed while its
+/// owner lives (the ledger's buckets, the grant registry's slots). Of two
+/// threads publishing at once, the loser frees its chunk and returns the
+/// winner's.
+///
+/// # Safety
+///
+/// All-zero bytes must be a valid `T`, and a chunk published in `slot` must
+/// stay allocated, unmoved, for as long as the returned pointer is used.
+#[inline]
+pub(crate) unsafe fn published_or_zeroed<T>(slot: &std::sync::atomic::AtomicPtr<T>) -> *mut T {
+    use std::sync::atomic::Ordering::{AcqRel, Acquire};
+    let existing = slot.load(Acquire);
+    if !existing.is_null() {
+        return existing;
+    }
+    // SAFETY: the caller promises all-zero bytes are a valid T.
+    let fresh = Box::into_raw(unsafe { Box::<T>::new_zeroed().assume_init() });
+    match slot.compare_exchange(std::ptr::null_mut(), fresh, AcqRel, Acquire) {
+        Ok(_) => fresh,
+        Err(winner) => {
+            // SAFETY: `fresh` came from Box::into_raw above and was never shared.
+            drop(unsafe { Box::from_raw(fresh) });
+            winner
+        }
+    }
+}
