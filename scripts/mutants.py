@@ -321,6 +321,40 @@ MUTATIONS = [
         "if depth > 0 || self.mode.load(Relaxed) == Mode::Unlocked as u8 {",
         "if self.mode.load(Relaxed) == Mode::Unlocked as u8 {",
     ),
+    (
+        "keys: forget_keys_in without its clearing exchange",
+        "interheap-sync",
+        "a_freed_key_never_matches_its_reused_address",
+        "sync/src/keys.rs",
+        "let _ = key.compare_exchange(current, NO_KEY, Ordering::Relaxed, Ordering::Relaxed);",
+        "let _ = current;",
+    ),
+    (
+        "keys: delist leaves the slot listed",
+        "interheap-sync",
+        "a_clear_racing_a_thread_exit_never_writes_the_dead_slot",
+        "sync/src/keys.rs",
+        "listed.retain(|&s| s != me);",
+        "let _ = me;",
+    ),
+    (
+        "pyalloc parked frees: park pushes the block before writing its size",
+        "interheap-pyalloc",
+        "parked_blocks_are_freed_once_with_their_sizes",
+        "frontends/rust-global-alloc/src/deferred.rs",
+        """            S::write(base, size);
+            self.stack.push(base);""",
+        """            self.stack.push(base);
+            S::write(base, size);""",
+    ),
+    (
+        "pyalloc route header: the header loses its route bit",
+        "interheap-pyalloc",
+        "parked_blocks_are_freed_once_with_their_sizes",
+        "frontends/rust-global-alloc/src/layout.rs",
+        "user.sub(WORD).cast::<usize>().write(offset << 1 | tag);",
+        "user.sub(WORD).cast::<usize>().write(offset << 1);",
+    ),
 ]
 
 

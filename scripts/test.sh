@@ -296,6 +296,7 @@ else
     # (3.14's target dir: the instrumented std built there serves both.)
     # --skip models::: the loom models run their threads as coroutines on
     # stacks of loom's own, which TSan cannot follow (loom checks them).
+    # (Below too; the harness-less tests ignore the argument.)
     run env "${tsan_env[@]}" RUSTFLAGS="$tsan_flags" CARGO_TARGET_DIR="$CACHE/target/tsan-3.14" PROPTEST_CASES=8 \
         cargo +nightly test --quiet -Zbuild-std --target "$host" -p interheap-sync -p interheap-engine --lib --tests \
         -- --skip models::
@@ -310,7 +311,8 @@ else
         step "CPython glue and global allocator (embedded CPython, stress) under ThreadSanitizer on $tag (CPython with TSan)"
         run env "${tsan_env[@]}" RUSTFLAGS="$tsan_flags" CARGO_TARGET_DIR="$tsan_target" PYO3_PYTHON="$tpy" \
             LD_LIBRARY_PATH="$tlib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" PYALLOC_STRESS_OPS=5000 \
-            cargo +nightly test --quiet -Zbuild-std --target "$host" -p interheap-cpython -p interheap-pyalloc --lib --tests
+            cargo +nightly test --quiet -Zbuild-std --target "$host" -p interheap-cpython -p interheap-pyalloc --lib --tests \
+            -- --skip models::
         step "interheap-python under ThreadSanitizer on $tag (CPython with TSan): parallel_interpreters.py, interpreters_exchange.py"
         if env RUSTFLAGS="$tsan_flags" CARGO_TARGET_DIR="$tsan_target" PYO3_PYTHON="$tpy" \
             cargo +nightly build --quiet -Zbuild-std --profile tsan --target "$host" -p interheap-launcher; then

@@ -50,7 +50,8 @@
 //!   address of the thread state it allocated under ([`CACHE`]; a thread
 //!   state belongs to one interpreter for life). Before CPython can reuse
 //!   the address of a key, the key is cleared in every thread's cache
-//!   ([`forget_keys_in`], over the [`CACHES`] list): when an interpreter's
+//!   ([`KEYED`], `interheap_sync::keys`, which has the argument and its
+//!   loom models): when an interpreter's
 //!   state (which holds its first thread state) is freed, when a raw block
 //!   of a thread state's size is freed, and when a raw block that is not
 //!   ours is freed. So the fast paths trust a key that equals the current
@@ -64,13 +65,13 @@ use std::cell::Cell;
 use std::ffi::c_void;
 use std::fmt;
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use interheap_engine::heap::{self, Account, Heap, HeapLabel, HeapPool, HeapSnapshot, Realloc, NO_OWNER};
 use interheap_engine::limits::{BudgetSnapshot, DefaultLimit};
 use interheap_engine::Domain;
-use interheap_sync::SpinLock;
+use interheap_sync::{KeyRegistry, KeySlot, SpinLock};
 use pyo3_ffi as ffi;
 use pyo3_ffi::PyMemAllocatorEx;
 
@@ -252,20 +253,16 @@ extern "C" fn fork_prepare() {
     THREAD_POOL.lock_for_fork();
     std::mem::forget(EXITING.lock());
     std::mem::forget(INTERPRETERS.lock());
-    std::mem::forget(CACHES.lock());
+    KEYED.lock_for_fork();
     heap::fork_prepare();
 }
 
 /// In the child only this thread exists: the other threads' caches (and
 /// their thread-locals) are gone, so they leave the list.
 extern "C" fn fork_child() {
-    // SAFETY: fork_prepare took CACHES on this thread just before the fork
-    // and forgot its guard; we hold it until fork_finish releases it.
-    let all = unsafe { CACHES.get_unlocked() };
-    CACHE.with(|me| {
-        let me = me as *const InterpreterCache as usize;
-        all.retain(|&c| c == me);
-    });
+    // SAFETY: fork_prepare took KEYED's lock on this thread just before the
+    // fork; fork_finish releases it.
+    CACHE.with(|me| unsafe { KEYED.keep_only_after_fork(&me.key) });
     fork_finish();
 }
 
@@ -275,7 +272,7 @@ extern "C" fn fork_finish() {
     // lock, both held, so the set of heaps did not change.
     unsafe {
         heap::fork_finish();
-        CACHES.force_unlock();
+        KEYED.unlock_after_fork();
         INTERPRETERS.force_unlock();
         EXITING.force_unlock();
         THREAD_POOL.unlock_after_fork();
@@ -443,39 +440,22 @@ static INTERPRETERS: SpinLock<Interpreters> = SpinLock::new(Interpreters(Vec::ne
 /// interpreter for its whole life and is one load away (the interpreter is
 /// two). A key must never outlive its thread state, since the address can
 /// come back as another interpreter's: whoever frees a raw block that may
-/// hold a keyed thread state first clears every cache keyed inside it
-/// ([`forget_keys_in`]), so the fast paths compare one word and nothing else.
-/// A thread state cannot be freed while it is current, so a cache is never
-/// cleared in the middle of its own thread's fast path; the clearing thread's
-/// compare-exchange happens before the address is reused (the free and the
-/// reuse synchronise through the allocator), hence before the owner thread
-/// can see the address again.
+/// hold a keyed thread state first clears every key inside it
+/// ([`KEYED`]`.forget_keys_in`), so the fast paths compare one word and
+/// nothing else. The protocol, its argument and its loom models are
+/// `interheap_sync::keys`'s; this type adds what only the thread touches.
 ///
 /// When interheap does not serve raw it never sees those frees, so the key
-/// stays [`NO_TSTATE`] and the cache is used by interpreter ID only (the slow path).
-///
-/// This is not a lock-free protocol with orderings of its own (so it has no
-/// loom model, unlike `interheap_sync`'s and the engine's): the list is
-/// changed and walked under [`CACHES`]' lock, and the one cross-thread access
-/// without it, the owner's relaxed loads and stores of `tstate` against a
-/// clearer's compare-exchange, is correct by the coherence of that one word
-/// alone. The owner's store of a key happens before the clearer's exchange
-/// (the key's thread state stopped being current, then was freed: CPython
-/// orders those), and the exchange happens before the owner can see the
-/// address again (free, reuse and making the new thread state current are
-/// ordered by the allocator and CPython), so the owner's load returns the
-/// cleared value or a later key of its own. No ordering on `tstate` adds to
-/// that; dropping the clear is the only way to break it.
+/// stays unset and the cache is used by interpreter ID only (the slow path).
 struct InterpreterCache {
-    /// The thread state this entry was filled under, or [`NO_TSTATE`].
-    /// Written by the thread; cleared by any thread under [`CACHES`]' lock.
-    tstate: AtomicPtr<ffi::PyThreadState>,
+    /// The thread state this entry was filled under (its address), or unset.
+    key: KeySlot,
     /// The rest is only touched by the thread itself: the interpreter's
     /// heaps, by part (null before the first fill), its owner token, its ID.
     heaps: Cell<[*const Heap; PARTS]>,
     token: Cell<usize>,
     id: Cell<i64>,
-    /// Registration in [`CACHES`]: `UNLISTED`, `LISTED`, or `DELISTED` (the
+    /// Registration in [`KEYED`]: `UNLISTED`, `LISTED`, or `DELISTED` (the
     /// thread is exiting: its cache is never keyed again).
     listing: Cell<u8>,
 }
@@ -492,7 +472,7 @@ thread_local! {
     /// the thread's very end, during other thread-locals' destructors too.
     static CACHE: InterpreterCache = const {
         InterpreterCache {
-            tstate: AtomicPtr::new(NO_TSTATE),
+            key: KeySlot::new(),
             heaps: Cell::new([ptr::null(); PARTS]),
             token: Cell::new(NO_OWNER),
             id: Cell::new(-1),
@@ -503,44 +483,19 @@ thread_local! {
     static DELIST_AT_EXIT: DelistAtExit = const { DelistAtExit };
 }
 
-/// Every keyed thread's cache (the addresses of their [`CACHE`]s), so that
-/// freeing a thread state can clear the keys that name it. A thread delists
-/// itself before its thread-locals go away.
-static CACHES: SpinLock<Vec<usize>> = SpinLock::new(Vec::new());
+/// Every keyed thread's cache key, so that freeing a thread state can clear
+/// the keys that name it. A thread delists itself before its thread-locals
+/// go away.
+static KEYED: KeyRegistry = KeyRegistry::new();
 
 struct DelistAtExit;
 
 impl Drop for DelistAtExit {
     fn drop(&mut self) {
         CACHE.with(|cache| {
-            let mut all = CACHES.lock();
-            let me = cache as *const InterpreterCache as usize;
-            all.retain(|&c| c != me);
+            KEYED.delist(&cache.key);
             cache.listing.set(DELISTED);
-            cache.tstate.store(NO_TSTATE, Ordering::Relaxed);
         });
-    }
-}
-
-/// What a cache holds for "no key": not null (the fast path's "no thread
-/// state") and never the address of a thread state (address 1: below any
-/// allocation), so it matches nothing.
-const NO_TSTATE: *mut ffi::PyThreadState = ptr::dangling_mut();
-
-/// Clears every cache keyed by a thread state in `[start, end)`: the raw
-/// block there is about to be freed.
-#[cold]
-fn forget_keys_in(start: usize, end: usize) {
-    let all = CACHES.lock();
-    for &cache in all.iter() {
-        // SAFETY: a listed cache is a live thread-local: its thread delists it
-        // (under this lock) before its thread-locals go away.
-        let key = unsafe { &(*(cache as *const InterpreterCache)).tstate };
-        let current = key.load(Ordering::Relaxed);
-        if (start..end).contains(&(current as usize)) {
-            // Fails only if the thread re-keyed meanwhile, to a live thread state.
-            let _ = key.compare_exchange(current, NO_TSTATE, Ordering::AcqRel, Ordering::Relaxed);
-        }
     }
 }
 
@@ -569,7 +524,7 @@ fn tstate_may_key(tstate: *mut ffi::PyThreadState) -> bool {
     }
 }
 
-/// Lists this thread's cache in [`CACHES`] (once); false if it may not be
+/// Lists this thread's cache in [`KEYED`] (once); false if it may not be
 /// keyed (its thread is exiting).
 fn list_cache(cache: &InterpreterCache) -> bool {
     match cache.listing.get() {
@@ -581,7 +536,9 @@ fn list_cache(cache: &InterpreterCache) -> bool {
                 cache.listing.set(DELISTED);
                 return false;
             }
-            CACHES.lock().push(cache as *const InterpreterCache as usize);
+            // SAFETY: DelistAtExit (registered just above) delists it before
+            // the thread-local goes away; `listing` makes this the only time.
+            unsafe { KEYED.list(&cache.key) };
             cache.listing.set(LISTED);
             true
         }
@@ -594,10 +551,10 @@ fn interpreter_token(id: i64) -> usize {
 }
 
 /// Whether this thread's cache is keyed by its current thread state. A null
-/// thread state (none, or its slot not found) never matches: see [`NO_TSTATE`].
+/// thread state (none, or its slot not found) never matches: see [`interheap_sync::NO_KEY`].
 #[inline(always)]
 fn cache_is_current(cache: &InterpreterCache) -> bool {
-    cache.tstate.load(Ordering::Relaxed) == current_thread_state_fast()
+    cache.key.matches(current_thread_state_fast() as usize)
 }
 
 /// The calling thread's heap for domain part `part` (see [`PARTS`])
@@ -672,7 +629,7 @@ fn current_interpreter_heap_slow(part: usize) -> Option<&'static Heap> {
         };
         // Unkeyed while the entry changes; keyed last, only by a thread state
         // that is current (so no one can free it meanwhile).
-        cache.tstate.store(NO_TSTATE, Ordering::Relaxed);
+        cache.key.unkey();
         cache.heaps.set(heaps);
         cache.token.set(interpreter_token(id));
         cache.id.set(id);
@@ -682,7 +639,7 @@ fn current_interpreter_heap_slow(part: usize) -> Option<&'static Heap> {
             && tstate_may_key(tstate)
             && list_cache(cache)
         {
-            cache.tstate.store(tstate, Ordering::Relaxed);
+            cache.key.key(tstate as usize);
         }
         heaps
     });
@@ -775,7 +732,7 @@ fn end_interpreters_in(block: usize, size: usize) {
                 unsafe { heap.end() };
             }
             // The state holds the interpreter's first thread state.
-            forget_keys_in(block, block + size);
+            KEYED.forget_keys_in(block, block + size);
         }
     }
 }
@@ -920,13 +877,13 @@ extern "C" fn raw_free(_ctx: *mut c_void, p: *mut c_void) {
             end_interpreters_in(p as usize, size);
         } else if size == TSTATE_BLOCK_SIZE.load(Ordering::Relaxed) {
             // Maybe a thread state that keys a cache (see InterpreterCache).
-            forget_keys_in(p as usize, p as usize + size);
+            KEYED.forget_keys_in(p as usize, p as usize + size);
         }
     };
     // SAFETY: `p` is a live block that the caller gives up.
     if !unsafe { heap::free_with(p as *mut u8, end_if_interpreter_state, token_for) } {
         // Not ours, of unknown size: it may hold a thread state that keys a cache.
-        forget_keys_in(0, usize::MAX);
+        KEYED.forget_keys_in(0, usize::MAX);
         forward_free(Domain::Raw as usize, p);
     }
 }

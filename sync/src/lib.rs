@@ -7,6 +7,8 @@
 //! * [`stack`]: the intrusive stack that is emptied whole (the engine's
 //!   remote frees, `interheap-pyalloc`'s deferred frees).
 //! * [`spin_lock`]: the spin lock of short critical sections.
+//! * [`keys`]: per-thread keys cleared before the memory they name is
+//!   freed (the glue's allocator's per-thread interpreter cache).
 //! * [`gate`]: the glue's allocator adapters' switch from unlocked calls
 //!   (serialised by the main GIL) to locked ones, with an asymmetric
 //!   barrier ([`membarrier`]).
@@ -18,11 +20,13 @@
 //! applies those mutations and checks that the models fail.
 
 pub mod gate;
+pub mod keys;
 pub mod membarrier;
 pub mod memory;
 pub mod spin_lock;
 pub mod stack;
 
+pub use keys::{KeyRegistry, KeySlot, NO_KEY};
 #[cfg(any(test, feature = "loom"))]
 pub use memory::Loom;
 pub use memory::{Atomic, AtomicInt, Memory, Std};

@@ -6,6 +6,9 @@ use loom::cell::UnsafeCell;
 use loom::sync::Arc;
 use loom::thread;
 
+use std::sync::atomic::Ordering::{Acquire, Release};
+
+use crate::keys::{KeyRegistry, KeySlot};
 use crate::memory::Loom;
 use crate::spin_lock::SpinLock;
 use crate::stack::{IntrusiveStack, Links};
@@ -109,5 +112,76 @@ fn spin_lock_excludes_and_publishes() {
         let _guard = lock.lock();
         // SAFETY: as above.
         assert_eq!(counter.with(|c| unsafe { *c }), 2);
+    });
+}
+
+/// A thread keyed by a thread state's address while another thread frees
+/// that thread state and the allocator hands the address back to the first
+/// thread as a new thread state (of another interpreter): the first thread
+/// must not find its old key. The handover (detach, free, reuse) is a
+/// Release/Acquire flag each way, as CPython and the allocator order it.
+///
+/// Mutation caught: `forget_keys_in` without its clearing exchange (the
+/// owner matches the reused address and would use the old interpreter's
+/// heaps).
+#[test]
+fn a_freed_key_never_matches_its_reused_address() {
+    const TSTATE: usize = 0x1000;
+    crate::model(|| {
+        let registry = Arc::new(KeyRegistry::<Loom>::new_in());
+        let slot = Arc::new(KeySlot::<Loom>::new_in());
+        // SAFETY: the slot outlives the model's threads and is delisted last.
+        unsafe { registry.list(&slot) };
+        slot.key(TSTATE);
+        let detached = Arc::new(loom::sync::atomic::AtomicBool::new(false));
+        let reused = Arc::new(loom::sync::atomic::AtomicBool::new(false));
+        let freer = {
+            let (registry, detached, reused) = (registry.clone(), detached.clone(), reused.clone());
+            thread::spawn(move || {
+                while !detached.load(Acquire) {
+                    thread::yield_now();
+                }
+                registry.forget_keys_in(TSTATE, TSTATE + 64);
+                reused.store(true, Release);
+            })
+        };
+        // The owner detaches its thread state, then gets the address back.
+        detached.store(true, Release);
+        while !reused.load(Acquire) {
+            thread::yield_now();
+        }
+        assert!(!slot.matches(TSTATE), "a key outlived the thread state it named");
+        freer.join().unwrap();
+        registry.delist(&slot);
+        assert!(registry.is_empty());
+    });
+}
+
+/// A thread exits (delists its slot, then its memory is reused and happens
+/// to hold an address inside a block being freed) while another thread
+/// frees that block: the clear must never write the reused memory.
+///
+/// Mutation caught: `delist` leaving the slot listed (the clear overwrites
+/// the reused memory).
+#[test]
+fn a_clear_racing_a_thread_exit_never_writes_the_dead_slot() {
+    const BLOCK: usize = 0x2000;
+    crate::model(|| {
+        let registry = Arc::new(KeyRegistry::<Loom>::new_in());
+        let slot = Arc::new(KeySlot::<Loom>::new_in());
+        let exiting = {
+            let (registry, slot) = (registry.clone(), slot.clone());
+            thread::spawn(move || {
+                // SAFETY: the slot is delisted before its "memory is reused".
+                unsafe { registry.list(&slot) };
+                slot.key(BLOCK + 8);
+                registry.delist(&slot);
+                // The thread-local's memory, reused: a word that looks like a key.
+                slot.key(BLOCK + 16);
+            })
+        };
+        registry.forget_keys_in(BLOCK, BLOCK + 64);
+        exiting.join().unwrap();
+        assert!(slot.matches(BLOCK + 16), "a clear wrote a delisted slot");
     });
 }
