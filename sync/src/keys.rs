@@ -188,3 +188,66 @@ impl<M: Memory> KeyRegistry<M> {
         self.len() == 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_free_clears_the_keys_inside_it_and_no_others() {
+        let registry = KeyRegistry::new();
+        let (inside, at_end, other) = (KeySlot::new(), KeySlot::new(), KeySlot::new());
+        for slot in [&inside, &at_end, &other] {
+            // SAFETY: the slots outlive the registry's use of them (delisted below).
+            unsafe { registry.list(slot) };
+        }
+        inside.key(0x1008);
+        at_end.key(0x1040);
+        other.key(0x5000);
+        registry.forget_keys_in(0x1000, 0x1040);
+        assert!(!inside.matches(0x1008), "a key inside the freed block survived");
+        assert!(at_end.matches(0x1040) && other.matches(0x5000), "a key outside the block was cleared");
+        assert!(inside.matches(NO_KEY));
+        for slot in [&inside, &at_end, &other] {
+            registry.delist(slot);
+        }
+        assert!(registry.is_empty());
+    }
+
+    #[test]
+    fn a_delisted_slot_is_unkeyed_and_never_cleared_again() {
+        let registry = KeyRegistry::new();
+        let slot = KeySlot::new();
+        // SAFETY: delisted below, before it goes.
+        unsafe { registry.list(&slot) };
+        slot.key(0x2000);
+        registry.delist(&slot);
+        assert!(slot.matches(NO_KEY) && registry.is_empty());
+        // Its memory, reused, holds a word inside the next freed block.
+        slot.key(0x2010);
+        registry.forget_keys_in(0, usize::MAX);
+        assert!(slot.matches(0x2010));
+    }
+
+    #[test]
+    fn a_fork_child_keeps_only_its_own_slot() {
+        let registry = KeyRegistry::new();
+        let (mine, theirs) = (KeySlot::new(), KeySlot::new());
+        // SAFETY: both outlive the test's use of the registry.
+        unsafe {
+            registry.list(&mine);
+            registry.list(&theirs);
+        }
+        registry.lock_for_fork();
+        // SAFETY: this thread took the lock just above.
+        unsafe {
+            registry.keep_only_after_fork(&mine);
+            registry.unlock_after_fork();
+        }
+        assert_eq!(registry.len(), 1);
+        theirs.key(0x3000);
+        registry.forget_keys_in(0x3000, 0x3001);
+        assert!(theirs.matches(0x3000), "a slot of a thread the child lacks is still listed");
+        registry.delist(&mine);
+    }
+}
