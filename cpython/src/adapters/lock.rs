@@ -67,15 +67,7 @@ impl RawLock {
     /// Takes the lock, spinning briefly and then sleeping if it is held.
     #[inline]
     pub fn lock(&self) -> Acquired {
-        let how = if self.state.compare_exchange(FREE, HELD, Acquire, Relaxed).is_ok() {
-            Acquired::Uncontended
-        } else {
-            self.lock_contended()
-        };
-        if how != Acquired::ByForkingThread {
-            self.holder.store(this_thread(), Relaxed);
-        }
-        how
+        self.take(false)
     }
 
     /// [`RawLock::lock`], except that a thread that holds the lock already
@@ -85,10 +77,23 @@ impl RawLock {
     /// business, not a second `&mut` to Rust data.
     #[inline]
     pub fn lock_or_nested(&self) -> Acquired {
-        if self.state.load(Relaxed) != FREE && self.holder.load(Relaxed) == this_thread() {
+        self.take(true)
+    }
+
+    #[inline(always)]
+    fn take(&self, nested_passes: bool) -> Acquired {
+        // The uncontended case first: a nested call finds the lock held.
+        let how = if self.state.compare_exchange(FREE, HELD, Acquire, Relaxed).is_ok() {
+            Acquired::Uncontended
+        } else if nested_passes && self.holder.load(Relaxed) == this_thread() {
             return Acquired::Nested;
+        } else {
+            self.lock_contended()
+        };
+        if how != Acquired::ByForkingThread {
+            self.holder.store(this_thread(), Relaxed);
         }
-        self.lock()
+        how
     }
 
     #[cold]
