@@ -8,17 +8,23 @@ interpreters are still alive), and renders them as JSON or a text table.
 from __future__ import annotations
 
 import sys
-import sysconfig
 from dataclasses import dataclass, field, fields
-from typing import Any
 
 from ._limits import _alive_interpreter_ids
 
+# Not `from typing import TYPE_CHECKING`: `run` loads this module at exit, and
+# typing costs about 0.4 MiB there.
+TYPE_CHECKING = False
+
 DOMAINS = ("raw", "mem", "object")
 
-# Read once, when this module loads: the first get_config_var loads sysconfig's data
-# (~100 KiB), which a snapshot taken after install() would otherwise count.
-_FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+if TYPE_CHECKING:
+    from typing import Any
+
+# The build's ABI flags ("t": free-threaded), not sysconfig's data: loading
+# that (with threading) costs about 0.5 MiB, which `run`'s report at exit
+# would add to the program's peak.
+_FREE_THREADED = "t" in sys.abiflags
 
 
 @dataclass(frozen=True)
