@@ -295,7 +295,7 @@ impl Tracker {
 
     #[inline(always)]
     fn add_live(&self, owner: BucketId, domain: Domain, bytes: usize) {
-        if self.serialized[domain.index()].load(Relaxed) {
+        if self.is_serialized(domain) {
             self.ledger.add_live_serialized(owner, domain, bytes);
         } else {
             self.ledger.add_live(owner, domain, bytes);
@@ -304,7 +304,7 @@ impl Tracker {
 
     #[inline(always)]
     fn sub_live(&self, owner: BucketId, domain: Domain, bytes: usize) {
-        if self.serialized[domain.index()].load(Relaxed) {
+        if self.is_serialized(domain) {
             self.ledger.sub_live_serialized(owner, domain, bytes);
         } else {
             self.ledger.sub_live(owner, domain, bytes);
@@ -417,7 +417,7 @@ impl Tracker {
         let rec = BlockRecord { size, owner, domain };
         if let Some(nursery) = local {
             if let Some(bucket) = nursery.cached_bucket(owner) {
-                self.add_live_to(nursery, bucket, domain, size);
+                self.add_live_to(nursery, bucket, domain, self.is_serialized(domain), size as u64);
                 nursery.count_cached(domain, Count::Allocations);
                 self.record(local, addr, rec);
                 return;
@@ -475,13 +475,9 @@ impl Tracker {
         addr: usize,
         size: usize,
     ) -> bool {
-        debug_assert_eq!(serialized, self.serialized[domain.index()].load(Relaxed));
+        debug_assert_eq!(serialized, self.is_serialized(domain));
         let Some(bucket) = local.record_fast(id, domain, addr, size) else { return false };
-        if serialized {
-            bucket.domain(domain).bytes.add_serialized(size as u64);
-        } else {
-            self.add_live_granted(local, bucket, domain, size as u64);
-        }
+        self.add_live_to(local, bucket, domain, serialized, size as u64);
         local.count_cached(domain, Count::Allocations);
         true
     }
@@ -525,35 +521,47 @@ impl Tracker {
     /// [`Tracker::freeing`]. `serialized` as in [`Tracker::allocated_fast`].
     #[inline(always)]
     pub fn freeing_fast(&self, local: &Nursery, domain: Domain, serialized: bool, addr: usize) -> bool {
-        debug_assert_eq!(serialized, self.serialized[domain.index()].load(Relaxed));
+        debug_assert_eq!(serialized, self.is_serialized(domain));
         let Some((size, bucket)) = local.take_own_fast(domain, addr) else { return false };
-        if serialized {
-            bucket.domain(domain).bytes.sub_serialized(size);
-        } else {
-            self.sub_live_granted(local, bucket, domain, size);
-        }
+        self.sub_live_from(local, bucket, domain, serialized, size);
         local.count_cached(domain, Count::Frees);
         true
     }
 
-    /// `add_live` on counters `nursery` keeps.
+    /// `add_live` on counters `nursery` keeps: a plain update where the
+    /// domain is `serialized` (by the GIL), else through the thread's grant.
+    /// The fast paths pass a constant, the others [`Tracker::is_serialized`].
     #[inline(always)]
-    fn add_live_to(&self, nursery: &Nursery, bucket: &Bucket, domain: Domain, bytes: usize) {
-        if self.serialized[domain.index()].load(Relaxed) {
-            bucket.domain(domain).bytes.add_serialized(bytes as u64);
+    fn add_live_to(&self, nursery: &Nursery, bucket: &Bucket, domain: Domain, serialized: bool, bytes: u64) {
+        if serialized {
+            bucket.domain(domain).bytes.add_serialized(bytes);
         } else {
-            self.add_live_granted(nursery, bucket, domain, bytes as u64);
+            self.add_live_granted(nursery, bucket, domain, bytes);
         }
     }
 
-    /// `sub_live` on counters `nursery` keeps.
+    /// `sub_live` on counters `nursery` keeps; `serialized` as in
+    /// [`Tracker::add_live_to`].
     #[inline(always)]
-    fn sub_live_from(&self, nursery: &Nursery, bucket: &Bucket, domain: Domain, bytes: usize) {
-        if self.serialized[domain.index()].load(Relaxed) {
-            bucket.domain(domain).bytes.sub_serialized(bytes as u64);
+    fn sub_live_from(
+        &self,
+        nursery: &Nursery,
+        bucket: &Bucket,
+        domain: Domain,
+        serialized: bool,
+        bytes: u64,
+    ) {
+        if serialized {
+            bucket.domain(domain).bytes.sub_serialized(bytes);
         } else {
-            self.sub_live_granted(nursery, bucket, domain, bytes as u64);
+            self.sub_live_granted(nursery, bucket, domain, bytes);
         }
+    }
+
+    /// What [`Tracker::set_serialized`] last said for `domain`.
+    #[inline(always)]
+    fn is_serialized(&self, domain: Domain) -> bool {
+        self.serialized[domain.index()].load(Relaxed)
     }
 
     /// An allocation or reallocation request by `owner` failed.
@@ -592,7 +600,13 @@ impl Tracker {
     pub fn account_free(&self, local: Option<&Nursery>, rec: BlockRecord) {
         if let Some(nursery) = local {
             if let Some(bucket) = nursery.cached_bucket(rec.owner) {
-                self.sub_live_from(nursery, bucket, rec.domain, rec.size);
+                self.sub_live_from(
+                    nursery,
+                    bucket,
+                    rec.domain,
+                    self.is_serialized(rec.domain),
+                    rec.size as u64,
+                );
                 nursery.count_cached(rec.domain, Count::Frees);
                 return;
             }
