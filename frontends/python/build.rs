@@ -6,8 +6,9 @@
 //! maturin packs into the wheel's `.data/scripts/` and pip installs into the
 //! environment's `bin/`. maturin has no way to ship a workspace's binary
 //! beside an extension module (PyO3/maturin#368), hence a nested cargo
-//! build here. Without the feature (cargo build/clippy/test of the workspace),
-//! or with `INTERHEAP_WHEEL_LAUNCHER=0`, this does nothing.
+//! build here. Without the feature (cargo build/clippy/test of the workspace)
+//! this does nothing; with `INTERHEAP_WHEEL_LAUNCHER=0` it builds no launcher
+//! and removes any other interpreter's from `wheel-data/`, so none ships.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::SystemTime;
@@ -23,9 +24,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=PYO3_PYTHON");
     // INTERHEAP_WHEEL_LAUNCHER=0 skips it too (`make demo` needs no launcher).
     println!("cargo:rerun-if-env-changed=INTERHEAP_WHEEL_LAUNCHER");
-    if std::env::var_os("CARGO_FEATURE_LAUNCHER").is_none()
-        || std::env::var("INTERHEAP_WHEEL_LAUNCHER").as_deref() == Ok("0")
-    {
+    if std::env::var_os("CARGO_FEATURE_LAUNCHER").is_none() {
         return;
     }
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
@@ -36,6 +35,17 @@ fn main() {
     // may be there (install() gives it this run's start time as mtime).
     let data_file = manifest_dir.join("wheel-data/scripts/interheap-python-bin");
     println!("cargo:rerun-if-changed={}", data_file.display());
+    if std::env::var("INTERHEAP_WHEEL_LAUNCHER").as_deref() == Ok("0") {
+        // No launcher for this build, so none may ship: the file is whichever
+        // interpreter's launcher a full build made last, and maturin would
+        // install it into this environment as its interheap-python.
+        match std::fs::remove_file(&data_file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => panic!("could not remove {}: {e}", data_file.display()),
+        }
+        return;
+    }
     // Cargo checks these for changes (directories recursively); the nested
     // build below decides itself what to recompile.
     for path in LAUNCHER_SOURCES {
