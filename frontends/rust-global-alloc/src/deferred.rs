@@ -121,8 +121,8 @@ impl<M: Memory, S: SizeWord> ParkedBlocks<M, S> {
     /// Takes every parked block and passes each, with its size, to `free`.
     /// Returns how many.
     pub(crate) fn drain(&self, mut free: impl FnMut(*mut u8, usize)) -> usize {
-        // SAFETY: parked blocks were pushed by `park` with their size in the
-        // second word, and the drain made this thread their only owner.
+        // SAFETY: parked blocks were pushed by `park` with their size kept
+        // by `S`, and the drain made this thread their only owner.
         unsafe {
             self.stack.drain(|node| {
                 free(node, S::read(node));
@@ -226,17 +226,12 @@ mod models {
         }
     }
 
-    /// What a caller wrote into its block.
-    const CALLER_WORD: usize = 0xdead_beef;
-
-    /// An attached thread's allocation of `size` bytes, filled by its
-    /// caller: the user pointer and the block's base.
-    fn allocate_and_fill(size: usize) -> (usize, usize) {
+    /// An attached thread's allocation of `size` bytes: the user pointer
+    /// and the block's base.
+    fn allocate(size: usize) -> (usize, usize) {
         // SAFETY: the model backend may be called anywhere; 8 is a power of two.
         let user = unsafe { layout::allocate(&ModelPython, size, 8, false) };
         assert!(!user.is_null());
-        // SAFETY: the caller owns `size` (>= one word) bytes at `user`.
-        unsafe { user.cast::<usize>().write(CALLER_WORD) };
         // SAFETY: a live block of ours.
         (user as usize, unsafe { layout::block_of(user) }.base as usize)
     }
@@ -272,7 +267,7 @@ mod models {
         interheap_sync::model(|| {
             let parked = Arc::new(ModelParked::new_in());
             let freed = Arc::new(Mutex::new(Vec::new()));
-            let blocks = [(allocate_and_fill(16), 16), (allocate_and_fill(40), 40)];
+            let blocks = [(allocate(16), 16), (allocate(40), 40)];
             let parkers = blocks.map(|((user, _), size)| {
                 let parked = parked.clone();
                 thread::spawn(move || free_detached(&parked, user, size))
