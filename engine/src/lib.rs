@@ -7,7 +7,7 @@
 //!   we know about it (exact size, owning bucket, domain). Hooks installed after
 //!   CPython starts cannot add headers to blocks (they must forward pointers
 //!   unchanged), so this table is where exact sizes live.
-//!   Small blocks' records live in its [`granule_map`]: two bytes per 16-byte
+//!   Small blocks' records live in its [`granule_map`]: one byte per 16-byte
 //!   granule of address space, found from the address alone.
 //! * [`Ledger`]: per-bucket (per interpreter, plus a "no interpreter" bucket),
 //!   per-[`Domain`] counters: live and peak bytes, allocation, reallocation and

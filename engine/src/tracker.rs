@@ -1054,8 +1054,9 @@ mod tests {
         let n = t.adopt_nursery();
         // More blocks than slots: some must be evicted.
         let count = crate::iterations(crate::nursery::NURSERY_SLOTS * 4, crate::nursery::NURSERY_SLOTS + 64);
+        // Blocks of i bytes, 2 KiB apart: small ones never overlap.
         for i in 1..=count {
-            t.allocated(Some(n), interp(2), Domain::Object, i * 16, i);
+            t.allocated(Some(n), interp(2), Domain::Object, i * 2048, i);
         }
         let stats = t.table_stats();
         assert_eq!(stats.entries, count);
@@ -1067,7 +1068,7 @@ mod tests {
         let again = t.adopt_nursery();
         assert!(std::ptr::eq(again, n));
         for i in 1..=count {
-            t.freeing(Some(again), Domain::Object, i * 16);
+            t.freeing(Some(again), Domain::Object, i * 2048);
         }
         assert_eq!(t.table_stats().entries, 0);
         assert_eq!(bucket(&t, interp(2))[2].live_bytes, 0);

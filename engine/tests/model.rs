@@ -31,10 +31,29 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// Bytes a block of `size` is taken to span here: sizes reach 2^63 in an
+/// address space of 8 KiB, so at most its first 512 (all that decides where a
+/// record lives: a small block's record takes bytes of its first granules).
+fn extent(size: usize) -> usize {
+    size.clamp(1, 512)
+}
+
+/// Whether a block of `size` at `addr` would overlap a live one at another
+/// address (other than `moving`, a block being reallocated): no allocator
+/// hands out memory inside a live block. The same address again is a
+/// missed free, which the table must see.
+fn clashes(model: &HashMap<usize, BlockRecord>, addr: usize, size: usize, moving: Option<usize>) -> bool {
+    let end = addr + extent(size);
+    model.iter().any(|(&a, r)| a != addr && Some(a) != moving && a < end && addr < a + extent(r.size))
+}
+
 /// Mirrors what the CPython hooks do with the table and the ledger.
 fn apply(table: &BlockTable, ledger: &Ledger, model: &mut HashMap<usize, BlockRecord>, op: &Op) {
     match *op {
         Op::Alloc { addr, size, owner, domain } => {
+            if clashes(model, addr, size, None) {
+                return;
+            }
             let owner = BucketId::for_interpreter((owner >= 0).then_some(owner));
             let rec = BlockRecord { size, owner, domain: Domain::from_index(domain).unwrap() };
             ledger.on_alloc(owner, rec.domain, size);
@@ -53,6 +72,9 @@ fn apply(table: &BlockTable, ledger: &Ledger, model: &mut HashMap<usize, BlockRe
             }
         }
         Op::Realloc { from, to, size } => {
+            if model.contains_key(&from) && clashes(model, to, size, Some(from)) {
+                return;
+            }
             let Some(old) = table.remove(from) else { return };
             assert_eq!(Some(old), model.remove(&from));
             let rec = BlockRecord { size, ..old };
@@ -162,8 +184,8 @@ proptest! {
         for op in &ops {
             match *op {
                 ThreadOp::Alloc { thread, addr, size, owner } => {
-                    if model.contains_key(&addr) {
-                        continue; // an allocator never hands out a live address
+                    if model.contains_key(&addr) || clashes(&model, addr, size, None) {
+                        continue; // an allocator never hands out live memory
                     }
                     let owner = BucketId::for_interpreter(Some(owner));
                     tracker.allocated(Some(nurseries[thread]), owner, Domain::Object, addr, size);
@@ -177,7 +199,7 @@ proptest! {
                 }
                 ThreadOp::Realloc { thread, from, to, size } => {
                     let Some(old) = model.get(&from).copied() else { continue };
-                    if to != from && model.contains_key(&to) {
+                    if to != from && model.contains_key(&to) || clashes(&model, to, size, Some(from)) {
                         continue;
                     }
                     let local = Some(nurseries[thread]);

@@ -6,9 +6,12 @@
 //! thread, which frees them (frees of another nursery's blocks); a thread
 //! may retire its nursery and adopt another mid-run.
 //!
-//! The addresses are only keys (the tracker never touches memory), unique
-//! among live blocks by construction: a thread allocates from its own pool
-//! of addresses, and an address joins the pool of whoever frees it. Pools
+//! The tracker never touches the memory, but its table relies on live blocks
+//! not overlapping, as with any allocator: fresh addresses are 528 bytes
+//! apart (33 granules, so they spread over every nursery slot), which no
+//! block small enough for the granule map reaches past. An address is
+//! unique among live blocks by construction: a thread allocates from its own
+//! pool of addresses, and an address joins the pool of whoever frees it. Pools
 //! are small, so blocks of all threads collide in nursery slots and evict
 //! each other into the table. At the end, every interpreter's and domain's
 //! live bytes and blocks must equal what the threads still hold; once those
@@ -46,7 +49,7 @@ impl Worker<'_> {
         if !self.pool.is_empty() && !pick.is_multiple_of(4) {
             return self.pool.swap_remove(pick as usize % self.pool.len());
         }
-        self.next_fresh += 16;
+        self.next_fresh += 528;
         ((self.t + 1) << 32) + self.next_fresh
     }
 
