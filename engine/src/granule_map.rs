@@ -20,23 +20,24 @@
 //! | byte | meaning |
 //! |---|---|
 //! | `0000_0000` | nothing |
-//! | `0000_00dd` | a tombstone (below), `dd` = domain + 1 |
-//! | `0odd_ssss` | a block of 1-16 bytes (one granule): `ssss` = size - 1, `dd` = domain + 1, `o` = owner bucket (0: no interpreter, 1: the main one) |
+//! | `000t_t000` | a tombstone (below), `tt` = domain + 1 |
+//! | `0sss_sodd` | a block of 1-16 bytes (one granule): `ssss` = size - 1, `dd` = domain + 1, `o` = owner bucket (0: no interpreter, 1: the main one) |
 //! | `10Lp_pppp` | the start of a block of 17-511 bytes, `L`: 33 or more |
 //! | `11pp_pppp` | the rest of that block's record |
 //!
 //! A 17-32-byte block's record is two bytes holding size - 17 (4 bits), the
-//! owner (5) and the domain (2); a larger block's is three, holding the
-//! size (9), the owner (5) and domain + 1 (2): the same 16 bits as
-//! [`code`]'s. A one-granule block of a subinterpreter goes to the hash
-//! table, as does a record that would cross a leaf's end.
+//! owner (5) and domain + 1 (2); a larger block's is three, holding its
+//! [`code`]'s 16 bits (size 9, owner 5, domain + 1 2). A one-granule block
+//! of a subinterpreter goes to the hash table.
 //!
 //! The continuation tag makes records check themselves: if a record was
 //! never cleared because its block's free was missed (the allocator freed
 //! it behind the hooks' back) and a new block was recorded over part of it,
 //! its start no longer reads as a record, rather than as a wrong one. That
 //! missed block's bytes then stay counted, as they would if no block were
-//! ever recorded at its address again.
+//! ever recorded at its address again; and if its start was the part
+//! overwritten, its later bytes stay until a block is recorded over them
+//! (nothing reads them as a record).
 //!
 //! The API speaks in *codes*, each record as 16 bits ([`code`],
 //! [`decode`], [`tombstone`]); the bytes are this module's business.
@@ -51,7 +52,8 @@
 //!
 //! A radix tree over the low [`ADDRESS_BITS`] bits of the address: the root
 //! (one pointer per 4 GiB), then a node (one pointer per 1 MiB), then a leaf
-//! (one byte per 16-byte granule of that MiB: 64 KiB). Each level is an
+//! (one byte per 16-byte granule of that MiB: 64 KiB, and two bytes more for
+//! the rest of a record that starts in its last granules). Each level is an
 //! anonymous zeroed mapping made on the first insert that needs it, so the
 //! OS backs a leaf's pages only where blocks were recorded: at most 1/16 of
 //! the memory that holds small blocks, and no more than the pages touched.
@@ -103,13 +105,14 @@ const ROOT_ENTRIES: usize = 1 << (ADDRESS_BITS - NODE_SHIFT);
 
 /// Sizes below this are kept here (9 bits).
 pub const SMALL_SIZE_LIMIT: usize = 512;
-const SIZE_BITS: u32 = 9;
-/// Owners whose bucket index is below this are kept here (5 bits); a
-/// one-granule block's only if its index is below 2.
+/// A code: domain + 1 (2 bits, so a live code is never 0), the owner's
+/// bucket index (5 bits), the size (9 bits), from the lowest bit up. A
+/// tombstone has domain bits 0 and the freed domain + 1 in the size's.
+const OWNER_SHIFT: u32 = 2;
+const SIZE_SHIFT: u32 = 7;
+/// Owners whose bucket index is below this are kept here; a one-granule
+/// block's only if its index is below 2.
 const OWNER_LIMIT: u32 = 32;
-const OWNER_SHIFT: u32 = SIZE_BITS;
-/// The domain is stored as its index plus one, so a code is never 0.
-const DOMAIN_SHIFT: u32 = SIZE_BITS + 5;
 
 /// Bytes of a granule and the byte layout of records (see the module docs).
 const GRANULE: usize = 1 << GRANULE_SHIFT;
@@ -117,7 +120,14 @@ const START: u8 = 0b1000_0000;
 const LONG: u8 = 0b0010_0000;
 const REST: u8 = 0b1100_0000;
 
-type Leaf = [AtomicU8; LEAF_ENTRIES];
+/// Each leaf has two bytes past its last granule's: the rest of a record
+/// that starts in one of its last two granules (whose block goes on into
+/// the next MiB, where no other block starts), so that every record is
+/// three bytes read from one leaf.
+const LEAF_BYTES: usize = LEAF_ENTRIES + 2;
+/// The bytes a record may take, from its first.
+type RecordBytes = [AtomicU8; 3];
+type Leaf = [AtomicU8; LEAF_BYTES];
 type Node = [AtomicPtr<Leaf>; NODE_ENTRIES];
 type Root = [AtomicPtr<Node>; ROOT_ENTRIES];
 
@@ -128,7 +138,7 @@ pub fn covers(addr: usize) -> bool {
 }
 
 /// Bytes of the record of a block of `size` (1 to 511) bytes.
-#[inline(always)]
+#[cfg(test)]
 fn record_len(size: usize) -> usize {
     match size {
         0..=16 => 1,
@@ -143,28 +153,25 @@ pub fn code(addr: usize, rec: BlockRecord) -> Option<u16> {
     let owner = rec.owner.index();
     let fits = covers(addr)
         && rec.size.wrapping_sub(1) < SMALL_SIZE_LIMIT - 1
-        && owner < if rec.size <= GRANULE { 2 } else { OWNER_LIMIT }
-        && (addr >> GRANULE_SHIFT) % LEAF_ENTRIES + record_len(rec.size) <= LEAF_ENTRIES;
+        && owner < if rec.size <= GRANULE { 2 } else { OWNER_LIMIT };
     fits.then(|| {
-        (rec.size as u16)
-            | ((owner as u16) << OWNER_SHIFT)
-            | ((rec.domain.index() as u16 + 1) << DOMAIN_SHIFT)
+        ((rec.size as u16) << SIZE_SHIFT) | ((owner as u16) << OWNER_SHIFT) | (rec.domain.index() as u16 + 1)
     })
 }
 
 /// The checker's mark for a block freed in `domain` whose address the
 /// allocator has not handed out since: a code with no live record (its
-/// top bits are 0) and the domain in its low bits. A live code always has
-/// its top bits set ([`is_live`]).
+/// domain bits are 0) and the domain in its size bits. A live code always
+/// has its domain bits set ([`is_live`]).
 #[inline(always)]
 pub fn tombstone(domain: Domain) -> u16 {
-    domain.index() as u16 + 1
+    (domain.index() as u16 + 1) << SIZE_SHIFT
 }
 
 /// Whether a code holds a live block's record (not empty, not a tombstone).
 #[inline(always)]
 pub fn is_live(entry: u16) -> bool {
-    entry >> DOMAIN_SHIFT != 0
+    entry & 3 != 0
 }
 
 /// The domain a tombstone says its block was freed in (`None`: not a tombstone).
@@ -173,86 +180,98 @@ pub fn freed_domain(entry: u16) -> Option<Domain> {
     if entry == 0 || is_live(entry) {
         return None;
     }
-    Domain::from_index(usize::from(entry) - 1)
+    Domain::from_index(usize::from(entry >> SIZE_SHIFT).wrapping_sub(1))
 }
 
 /// The record a live code holds.
 #[inline(always)]
 pub fn decode(entry: u16) -> BlockRecord {
     BlockRecord {
-        size: usize::from(entry & ((1 << SIZE_BITS) - 1)),
+        size: usize::from(entry >> SIZE_SHIFT),
         owner: BucketId::from_index(u32::from((entry >> OWNER_SHIFT) & (OWNER_LIMIT as u16 - 1))),
-        domain: Domain::from_index(usize::from(entry >> DOMAIN_SHIFT) - 1).unwrap_or(Domain::Raw),
+        domain: Domain::from_index(usize::from(entry & 3) - 1).unwrap_or(Domain::Raw),
     }
 }
 
-/// The bytes of code `c` (a live code from [`code`], or a tombstone) and how many there are.
+/// What a two-byte record holds: its code less this (the size less 17, in 4 bits).
+const SHORT_BIAS: u16 = 17 << SIZE_SHIFT;
+
+/// Writes code `c` (a live code from [`code`], or a tombstone) into
+/// `bytes` and returns how many it took. The byte layouts:
+///
+/// * one granule: `0sss_sodd` (`ssss`: size - 1; `o`, `dd`: the code's
+///   owner and domain bits); a tombstone: `000s_s000`, the code's size bits;
+/// * two: `100p_pppp`, `11pp_pppp`: the 11 bits of the code less [`SHORT_BIAS`];
+/// * three: `101p_pppp`, `11pp_pppp`, `11pp_pppp`: the code's 16 bits.
 #[inline(always)]
-fn bytes_of(c: u16) -> ([u8; 3], usize) {
-    if !is_live(c) {
-        return ([c as u8, 0, 0], 1); // a tombstone
+fn write(bytes: &RecordBytes, c: u16) -> usize {
+    let size = c >> SIZE_SHIFT;
+    if size <= GRANULE as u16 {
+        // One granule (or a tombstone: size bits 1 to 3, the rest 0).
+        let b0 = if is_live(c) { ((size - 1) << 3) | (c & 7) } else { size << 3 };
+        bytes[0].store(b0 as u8, Relaxed);
+        return 1;
     }
-    let size = c & ((1 << SIZE_BITS) - 1);
-    let owner = (c >> OWNER_SHIFT) & (OWNER_LIMIT as u16 - 1);
-    let domain = c >> DOMAIN_SHIFT; // index + 1
-    match size {
-        0..=16 => ([((owner << 6) | (domain << 4) | size.wrapping_sub(1) & 15) as u8, 0, 0], 1),
-        17..=32 => {
-            let v = (size - 17) | (owner << 4) | ((domain - 1) << 9);
-            ([START | (v & 31) as u8, REST | (v >> 5) as u8, 0], 2)
-        }
-        _ => ([START | LONG | (c & 31) as u8, REST | ((c >> 5) & 63) as u8, REST | (c >> 11) as u8], 3),
+    if size <= 2 * GRANULE as u16 {
+        let v = c - SHORT_BIAS;
+        bytes[0].store(START | (v & 31) as u8, Relaxed);
+        bytes[1].store(REST | (v >> 5) as u8, Relaxed);
+        return 2;
     }
+    bytes[0].store(START | LONG | (c & 31) as u8, Relaxed);
+    bytes[1].store(REST | ((c >> 5) & 63) as u8, Relaxed);
+    bytes[2].store(REST | (c >> 11) as u8, Relaxed);
+    3
 }
 
-/// What the bytes at the start of `bytes` hold: the code (0: nothing, or
-/// not the start of a whole record) and how many bytes it spans (0: none;
-/// a start byte whose record was overwritten spans 1, so that it can be cleared).
+/// What `bytes` hold: the code (0: nothing, or not the start of a whole
+/// record) and how many bytes it spans (0: none; a start byte whose record
+/// was overwritten spans 1, so that it can be cleared). Only the tags are
+/// checked: every overwrite breaks one (see the module docs), and any code
+/// decodes to some record.
 #[inline(always)]
-fn read(bytes: &[AtomicU8]) -> (u16, usize) {
+fn read(bytes: &RecordBytes) -> (u16, usize) {
     let b0 = bytes[0].load(Relaxed);
     if b0 & START == 0 {
-        let domain = u16::from(b0 >> 4) & 3;
-        return match (b0, domain) {
-            (0, _) => (0, 0),
-            (1..=3, 0) => (u16::from(b0), 1), // a tombstone
-            (_, 0) => (0, 1),                 // never written: clear it
-            _ => {
-                let size = u16::from(b0 & 15) + 1;
-                (size | (u16::from(b0 >> 6) << OWNER_SHIFT) | (domain << DOMAIN_SHIFT), 1)
-            }
+        let b0 = u16::from(b0);
+        if b0 & 3 != 0 {
+            return ((((b0 >> 3) + 1) << SIZE_SHIFT) | (b0 & 7), 1);
+        }
+        return match b0 {
+            0 => (0, 0),
+            0x08 | 0x10 | 0x18 => (b0 << (SIZE_SHIFT - 3), 1), // a tombstone
+            _ => (0, 1),                                       // never written: clear it
         };
     }
     if b0 & REST == REST {
         return (0, 0); // inside another record
     }
-    let len = if b0 & LONG != 0 { 3 } else { 2 };
-    let Some(rest) = bytes.get(1..len) else { return (0, 1) };
-    let mut v = u32::from(b0 & 31);
-    for (i, b) in rest.iter().enumerate() {
-        let b = b.load(Relaxed);
-        if b & REST != REST {
+    let b1 = bytes[1].load(Relaxed);
+    let v = u16::from(b0 & 31) | (u16::from(b1 & !REST) << 5);
+    if b0 & LONG == 0 {
+        if b1 & REST != REST {
             return (0, 1); // a record overwritten in part: not a record any more
         }
-        v |= u32::from(b & !REST) << (5 + 6 * i);
+        return (v + SHORT_BIAS, 2);
     }
-    let (size, owner, domain) = if len == 2 {
-        ((v & 15) + 17, (v >> 4) & 31, v >> 9)
-    } else {
-        (v & 511, (v >> 9) & 31, (v >> 14).wrapping_sub(1))
-    };
-    // A domain past the last, or a long record of a short size: not one we wrote.
-    if domain as usize >= Domain::COUNT || (len == 3 && size <= 32) {
+    let b2 = bytes[2].load(Relaxed);
+    if b1 & b2 & REST != REST {
         return (0, 1);
     }
-    ((size | (owner << OWNER_SHIFT) | ((domain + 1) << DOMAIN_SHIFT)) as u16, len)
+    (v | (u16::from(b2 & !REST) << 11), 3)
 }
 
-/// Zeroes the first `len` of `bytes`.
+/// Zeroes the first `len` (at most 3) of `bytes`.
 #[inline(always)]
-fn zero(bytes: &[AtomicU8], len: usize) {
-    for b in &bytes[..len] {
-        b.store(0, Relaxed);
+fn zero(bytes: &RecordBytes, len: usize) {
+    if len > 0 {
+        bytes[0].store(0, Relaxed);
+        if len > 1 {
+            bytes[1].store(0, Relaxed);
+            if len > 2 {
+                bytes[2].store(0, Relaxed);
+            }
+        }
     }
 }
 
@@ -331,11 +350,11 @@ impl GranuleMap {
         GranuleMap { root: AtomicPtr::new(std::ptr::null_mut()) }
     }
 
-    /// The bytes from `addr`'s (which [`covers`]) to at most a record's
-    /// length, stopping at the leaf's end, mapping the levels on the way if
-    /// `create`; `None` if a level is missing (or the OS refused it).
+    /// The bytes a record at `addr` (which [`covers`]) may take, mapping the
+    /// levels on the way if `create`; `None` if a level is missing (or the
+    /// OS refused it).
     #[inline(always)]
-    fn entries(&self, addr: usize, create: bool) -> Option<&[AtomicU8]> {
+    fn entries(&self, addr: usize, create: bool) -> Option<&RecordBytes> {
         // Each step takes a reference to a few elements, never to a whole level:
         // the same code, but Miri would retag a whole 64 KiB leaf on every lookup.
         let root = level_ptr(&self.root, create)?;
@@ -349,10 +368,9 @@ impl GranuleMap {
             unsafe { &*node.cast::<AtomicPtr<Leaf>>().add((addr >> LEAF_SHIFT) & (NODE_ENTRIES - 1)) };
         let leaf = level_ptr(leaf_slot, create)?;
         let index = (addr >> GRANULE_SHIFT) & (LEAF_ENTRIES - 1);
-        // SAFETY: as above, a published leaf; the slice ends at the leaf's end.
-        Some(unsafe {
-            std::slice::from_raw_parts(leaf.cast::<AtomicU8>().add(index), (LEAF_ENTRIES - index).min(3))
-        })
+        // SAFETY: as above, a published leaf; the index is masked, and the
+        // leaf has two bytes past its last granule's.
+        Some(unsafe { &*leaf.cast::<AtomicU8>().add(index).cast::<RecordBytes>() })
     }
 
     /// Stores `code` (from [`code`], or a tombstone) for `addr` and returns
@@ -361,14 +379,12 @@ impl GranuleMap {
     #[inline(always)]
     pub fn store(&self, addr: usize, code: u16) -> Option<u16> {
         let bytes = self.entries(addr, true)?;
-        let (old, old_len) = read(bytes);
-        let (new, len) = bytes_of(code);
-        for (b, &v) in bytes.iter().zip(&new[..len]) {
-            b.store(v, Relaxed);
-        }
+        // Nearly always nothing is there.
+        let (old, old_len) = if bytes[0].load(Relaxed) == 0 { (0, 0) } else { read(bytes) };
+        let len = write(bytes, code);
         // What is left of a longer record replaced here (its free was missed).
-        if old_len > len {
-            zero(&bytes[len..], old_len - len);
+        for b in bytes.iter().take(old_len).skip(len) {
+            b.store(0, Relaxed);
         }
         Some(old)
     }
@@ -583,11 +599,6 @@ mod tests {
         assert_eq!(code(0x1000, rec(16, 2, Domain::Mem)), None, "one granule: owner 0 or 1 only");
         assert_eq!(code(0x1008, rec(8, 0, Domain::Mem)), None, "not 16-byte aligned");
         assert_eq!(code(1 << ADDRESS_BITS, rec(8, 0, Domain::Mem)), None, "above the tree");
-        let leaf_end = 1 << LEAF_SHIFT;
-        assert!(code(leaf_end - 16, rec(16, 1, Domain::Mem)).is_some(), "one byte fits the leaf's last");
-        assert_eq!(code(leaf_end - 16, rec(17, 1, Domain::Mem)), None, "a record never crosses a leaf");
-        assert_eq!(code(leaf_end - 32, rec(33, 1, Domain::Mem)), None);
-        assert!(code(leaf_end - 48, rec(33, 1, Domain::Mem)).is_some());
         for domain in Domain::ALL {
             let t = tombstone(domain);
             assert!(t != 0 && !is_live(t));
@@ -609,15 +620,38 @@ mod tests {
                         assert!(size <= 16 && owner >= 2, "{size} {owner}");
                         continue;
                     };
-                    let (bytes, len) = bytes_of(c);
+                    let cells: RecordBytes = Default::default();
+                    let len = write(&cells, c);
                     assert_eq!(len, record_len(size));
                     assert!((len - 1) * 16 < size, "inside the block");
-                    let cells = bytes.map(AtomicU8::new);
+                    assert!(cells[len..].iter().all(|b| b.load(Relaxed) == 0), "no more than it says");
                     assert_eq!(read(&cells), (c, len), "{size} {owner} {domain:?}");
                     assert_eq!(decode(c), rec(size, owner, domain));
                 }
             }
         }
+    }
+
+    /// A block that starts in a leaf's last granule and goes on into the
+    /// next MiB keeps its whole record in its own leaf.
+    #[test]
+    fn records_at_a_leafs_end_stay_in_their_leaf() {
+        let map = GranuleMap::new();
+        let next_leaf = 0x50_0000;
+        let last = next_leaf - 16;
+        let long = code(last, rec(300, 3, Domain::Object)).unwrap();
+        assert_eq!(map.store(last, long), Some(0));
+        assert_eq!(map.get(last), long);
+        assert_eq!(map.get(next_leaf), 0, "the next MiB's first granule (inside the block) holds nothing");
+        let short = code(last - 16, rec(14, 1, Domain::Mem)).unwrap();
+        assert_eq!(map.store(last - 16, short), Some(0), "a neighbour");
+        assert_eq!((map.take(last), map.take(last - 16)), (long, short));
+        map.discard_empty_pages();
+        assert_eq!(
+            map.resident_bytes(),
+            2 * os::OS_PAGE,
+            "every byte was cleared, the two past the leaf's too"
+        );
     }
 
     /// Blocks side by side keep their own records; a record overwritten in
