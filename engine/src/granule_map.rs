@@ -766,4 +766,78 @@ mod tests {
         assert_eq!((map.get(b), map.resident_bytes()), (0, 0), "all gone");
         assert_eq!(map.store(b, cb), Some(0), "mapped again on demand");
     }
+
+    /// Records stored over each other in any order (blocks whose frees were
+    /// missed), across a leaf's end: a lookup gives the code last stored at
+    /// that address or nothing, never another; a record that no later one
+    /// overlapped reads back exactly; what taking every record leaves is
+    /// only the rest of records whose start was overwritten.
+    mod overwrites {
+        use super::*;
+        use proptest::prelude::*;
+        use std::collections::HashMap;
+
+        /// Granules from `BASE` a record may start at (across a leaf's end).
+        const SPAN: usize = 48;
+        const BASE: usize = 0x60_0000 - 24 * GRANULE;
+
+        proptest! {
+            #![proptest_config(ProptestConfig {
+                cases: if cfg!(miri) { 4 } else { 512 },
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            })]
+
+            #[test]
+            fn a_record_reads_back_exactly_or_not_at_all(
+                ops in proptest::collection::vec((0..SPAN, 1..SMALL_SIZE_LIMIT, 0u32..32, any::<bool>()), 1..80),
+            ) {
+                let map = GranuleMap::new();
+                // Address -> (code last stored there, whether no later record overlapped it).
+                let mut model: HashMap<usize, (u16, bool)> = HashMap::new();
+                for &(granule, size, owner, take) in &ops {
+                    let addr = BASE + granule * GRANULE;
+                    if take {
+                        let got = map.take(addr);
+                        match model.remove(&addr) {
+                            Some((c, true)) => prop_assert_eq!(got, c),
+                            Some((c, false)) => prop_assert!(got == 0 || got == c, "{got:#x} for {c:#x}"),
+                            None => prop_assert_eq!(got, 0),
+                        }
+                        continue;
+                    }
+                    let r = rec(size, owner, Domain::ALL[owner as usize % Domain::COUNT]);
+                    let Some(c) = code(addr, r) else { continue };
+                    for (&a, entry) in model.iter_mut() {
+                        if a != addr && a < addr + size && addr < a + decode(entry.0).size {
+                            entry.1 = false;
+                        }
+                    }
+                    let old = map.store(addr, c).expect("mapped");
+                    match model.insert(addr, (c, true)) {
+                        Some((o, true)) => prop_assert_eq!(old, o),
+                        Some((o, false)) => prop_assert!(old == 0 || old == o, "{old:#x} for {o:#x}"),
+                        None => prop_assert_eq!(old, 0),
+                    }
+                }
+                for granule in 0..SPAN + 2 {
+                    let addr = BASE + granule * GRANULE;
+                    let got = map.get(addr);
+                    match model.get(&addr) {
+                        Some(&(c, true)) => prop_assert_eq!(got, c),
+                        Some(&(c, false)) => prop_assert!(got == 0 || got == c),
+                        None => prop_assert_eq!(got, 0, "nothing at {:#x}", addr),
+                    }
+                }
+                for &addr in model.keys() {
+                    map.take(addr);
+                }
+                let leaves = map.nodes().flat_map(|node| node.iter().filter_map(level));
+                for leaf in leaves {
+                    let only_rests = leaf.iter().map(|b| b.load(Relaxed)).all(|b| b == 0 || b & REST == REST);
+                    prop_assert!(only_rests);
+                }
+            }
+        }
+    }
 }
