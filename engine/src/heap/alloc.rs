@@ -16,6 +16,9 @@ use super::size_class::{
     MAX_PAGED_SIZE,
 };
 
+// The direct path writes a block's slack as a byte with no test of the width.
+const _: () = assert!(MAX_DIRECT_SIZE <= super::segment::SLACK_BYTE_MAX);
+
 /// Most address space a huge block's mapping reserves beyond the block for
 /// growing in place (half the block, up to this).
 const HUGE_GROWTH_RESERVE: usize = 64 << 20;
@@ -52,8 +55,10 @@ impl Heap {
             // SAFETY: the caller is the owner; the index is < DIRECT_SLOTS,
             // and an entry is a live page of ours or EMPTY_PAGE.
             let page = unsafe { &**self.local().direct.get_unchecked(direct_index(size)) };
-            // SAFETY: as above; a page with a free block is a live paged page of ours.
-            let block = unsafe { self.take_free_block::<REQUESTED>(page, page.class.get() as usize, size) };
+            // SAFETY: as above; a page with a free block is a live paged page
+            // of ours, for a direct size: its blocks are at most SLACK_BYTE_MAX.
+            let block =
+                unsafe { self.take_free_block::<REQUESTED, true>(page, page.class.get() as usize, size) };
             if !block.is_null() {
                 return block;
             }
@@ -103,9 +108,9 @@ impl Heap {
         // SAFETY: per the contract; the mode is the heap's.
         unsafe {
             if self.requested {
-                self.take_free_block::<true>(page, class, size)
+                self.take_free_block::<true, false>(page, class, size)
             } else {
-                self.take_free_block::<false>(page, class, size)
+                self.take_free_block::<false, false>(page, class, size)
             }
         }
     }
@@ -118,9 +123,9 @@ impl Heap {
     ///
     /// The caller is the owner, `page` is `EMPTY_PAGE` or a live page of
     /// this heap for `class`, `size` fits the class, and `REQUESTED` is the
-    /// heap's mode.
+    /// heap's mode; if `NARROW`, the page's blocks are at most `SLACK_BYTE_MAX`.
     #[inline(always)]
-    unsafe fn take_free_block<const REQUESTED: bool>(
+    unsafe fn take_free_block<const REQUESTED: bool, const NARROW: bool>(
         &self,
         page: &Page,
         class: usize,
@@ -139,7 +144,7 @@ impl Heap {
             let block_size = page.block_size.get();
             // SAFETY: a paged page of a heap that keeps requested sizes; we
             // own it; a size of the class leaves less slack than the width holds.
-            unsafe { page.set_slack(block as *const u8, block_size - size) };
+            unsafe { page.set_slack_as::<NARROW>(block as *const u8, block_size - size) };
             size
         } else {
             page.block_size.get()
@@ -163,7 +168,7 @@ impl Heap {
     unsafe fn extend_free_list(&self, page: &Page) -> bool {
         // Blocks are derived from `bump` (not made from integers), so that
         // they keep the segment's provenance (which Miri checks).
-        let (bump, end, size) = (page.bump.get(), page.end.get().addr(), page.block_size.get());
+        let (bump, end, size) = (page.bump.get(), page.end_addr(), page.block_size.get());
         let start = bump.addr();
         if start >= end {
             return false;

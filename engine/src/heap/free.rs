@@ -21,9 +21,9 @@ impl Heap {
         // SAFETY: per the contract.
         unsafe {
             if self.requested {
-                self.count_owner_free::<true>(&*page, block);
+                self.count_owner_free::<true, false>(&*page, block);
             } else {
-                self.count_owner_free::<false>(&*page, block);
+                self.count_owner_free::<false, false>(&*page, block);
             }
             self.give_back(page, block);
         }
@@ -34,14 +34,15 @@ impl Heap {
     /// # Safety
     ///
     /// The caller is the owner; `p` is a live page of ours and `block` a live
-    /// block of it; `REQUESTED` is the heap's mode.
+    /// block of it; `REQUESTED` is the heap's mode; if `NARROW`, the page's
+    /// blocks are at most `SLACK_BYTE_MAX`.
     #[inline(always)]
-    unsafe fn count_owner_free<const REQUESTED: bool>(&self, p: &Page, block: *const u8) {
+    unsafe fn count_owner_free<const REQUESTED: bool, const NARROW: bool>(&self, p: &Page, block: *const u8) {
         let class = p.class.get() as usize;
         // Read before the count is written, which the compiler cannot tell
         // apart from the page's fields.
         // SAFETY: per the contract.
-        let bytes = unsafe { p.requested_size(block, REQUESTED) };
+        let bytes = unsafe { p.requested_size_as::<NARROW>(block, REQUESTED) };
         // SAFETY: a page's class is a paged class, LARGE_CLASS or HUGE_CLASS: all < STAT_CLASSES.
         add_serial(unsafe { self.counters.frees.get_unchecked(class) }, 1);
         // SAFETY: the caller is the owner.
@@ -163,8 +164,9 @@ pub unsafe fn free(ptr: *mut u8, token_for: impl FnOnce(usize) -> usize) -> bool
 
 /// The fast path of [`free`]: frees `ptr` and returns true only if it is
 /// ours, `owns(heap)` says the caller owns the heap that holds it, and the
-/// block is a small block of a queued page (only paged pages are ever
-/// queued). Otherwise it returns false and touches nothing; the caller then
+/// block is a small block of a page whose frees may take this path
+/// ([`Page::fast_free`]: queued, and only paged pages are ever queued).
+/// Otherwise it returns false and touches nothing; the caller then
 /// calls [`free`]. Its only call, when the page became empty, is a tail
 /// call, so the caller's fast path needs no saved registers; `owns` must make
 /// no calls.
@@ -192,14 +194,15 @@ pub unsafe fn free_fast<const REQUESTED: bool>(ptr: *mut u8, owns: impl FnOnce(*
         let heap = &*heap;
         let page = page_of(seg, ptr);
         let p = &*page;
-        if !p.queued.get() {
+        // Queued, and (keeping requested sizes) with byte-wide slack entries.
+        if !p.fast_free.get() {
             return false;
         }
         // SAFETY (of the hint): only paged pages are ever queued; telling the
         // compiler spares count_owner_free its large-block branch here.
         std::hint::assert_unchecked((p.class.get() as usize) < PAGED_CLASSES);
         debug_assert_eq!(REQUESTED, heap.requested);
-        heap.count_owner_free::<REQUESTED>(p, ptr);
+        heap.count_owner_free::<REQUESTED, true>(p, ptr);
         if push_free(p, ptr) == 0 {
             heap.after_give_back(page, 0);
         }

@@ -35,10 +35,10 @@ impl Heap {
         let start = slot_address(seg, first);
         // A heap that keeps requested sizes keeps each block's slack after
         // the last block (see `Page::slack`).
-        let (capacity, slack_key) = if self.requested {
-            (Page::capacity_with_slack(span * SLOT_SIZE, size), Page::slack_reciprocal(size))
+        let capacity = if self.requested {
+            Page::capacity_with_slack(span * SLOT_SIZE, size)
         } else {
-            (span * SLOT_SIZE / size, 0)
+            span * SLOT_SIZE / size
         };
         // SAFETY: `take_slots` reserved the span in our segment.
         unsafe {
@@ -49,7 +49,10 @@ impl Heap {
             page.used.set(0);
             page.free.set(ptr::null_mut());
             page.bump.set(start);
-            page.end.set(start.add(capacity * size));
+            let end = start.add(capacity * size);
+            let (slack_key, slack_base) =
+                if self.requested { Page::slack_layout(start, end, capacity, size) } else { (0, end) };
+            page.slack_base.set(slack_base);
             page.slack_key.set(slack_key);
             self.enqueue_head(page_ptr);
             page_ptr
@@ -93,7 +96,7 @@ impl Heap {
                 s.pages[slot].set_first(first);
             }
             s.pages[first].span.set(span as u8);
-            s.pages[first].queued.set(false);
+            s.pages[first].set_queued(false);
         }
     }
 
@@ -153,7 +156,7 @@ impl Heap {
                 (*head).prev.set(page);
             }
             self.set_bin(class, page);
-            p.queued.set(true);
+            p.set_queued(true);
         }
     }
 
@@ -195,7 +198,7 @@ impl Heap {
                 (*after).prev.set(page);
             }
             (*head).next.set(page);
-            p.queued.set(true);
+            p.set_queued(true);
         }
     }
 
@@ -215,7 +218,7 @@ impl Heap {
             if !next.is_null() {
                 (*next).prev.set(prev);
             }
-            p.queued.set(false);
+            p.set_queued(false);
         }
     }
 

@@ -57,8 +57,12 @@ pub struct Page {
     pub free: Cell<*mut Block>,
     /// Next never-handed-out block (bump allocation of fresh pages).
     pub bump: Cell<*mut u8>,
-    /// End of the bump range (start + capacity * block size).
-    pub end: Cell<*mut u8>,
+    /// Where the slack entries' index counts from (see [`Page::slack`]):
+    /// in a paged page of a heap that keeps requested sizes, the end of its
+    /// blocks less the first block's index times the entries' width (an
+    /// address outside the page, used only with an index added); in any
+    /// other page, the end of its blocks ([`Page::end_addr`]).
+    pub slack_base: Cell<*mut u8>,
     /// Block size; for large and huge blocks the usable size. 0 while the page is unused.
     pub block_size: Cell<usize>,
     /// Blocks handed out and not yet given back to this page.
@@ -78,6 +82,12 @@ pub struct Page {
     /// first slot: `first` premultiplied, so that [`page_of`] is one load and
     /// one add (the free fast path).
     head: Cell<u16>,
+    /// Whether a free of one of its blocks may take the free fast path
+    /// ([`free_fast`](super::free::free_fast)): the page is queued and, in
+    /// a heap that keeps requested sizes, its slack entries are bytes (so
+    /// that path reads one with no test of the width). Set with `queued`,
+    /// by [`Page::set_queued`].
+    pub fast_free: Cell<bool>,
     /// In a heap that keeps requested sizes (0 in any other heap): for a
     /// paged page, the reciprocal that turns a block's distance from `end`
     /// into its index in the slack array (see [`Page::slack`]); for a large
@@ -86,21 +96,31 @@ pub struct Page {
 }
 
 /// Block sizes up to this keep their slack in one byte, larger ones in two.
-/// A block of at most 512 bytes is asked for in more than half its size
-/// (16-byte classes; realloc keeps a block only for more than half), so its
-/// slack is below 256.
-pub const SLACK_BYTE_MAX: usize = 512;
+/// Classes up to 2 KiB are at most 256 bytes apart, so a block handed out
+/// for a request has a slack below 256; realloc keeps a block for a smaller
+/// size only if the new slack fits ([`Page::slack_fits`]). Every direct size
+/// (the allocation fast path) is below it, so that path writes a byte with
+/// no test of the width.
+pub const SLACK_BYTE_MAX: usize = 2048;
 
-/// Requested sizes: a paged page of a heap that keeps them has, right after
-/// its last block (at `end`), one slack entry (block size minus requested
-/// size) per block: a `u8` for blocks up to [`SLACK_BYTE_MAX`], else a `u16`.
-/// Entry `m` belongs to the block `m` blocks before `end`, so that the index
-/// needs no page start: `m = (end - block) * slack_key >> 32`, exact because
-/// `slack_key = 2^32 / block_size + 1` and `end - block < 2^19`. Entries are
-/// written by the owner when it hands a block out and read when the block
-/// is freed: whoever frees a block received it after its allocation, so the
-/// entry is as ordered as the block's contents are.
-/// `u16` slack entry `m` of the array at `end` (blocks above
+// Requested sizes: a paged page of a heap that keeps them has, right after
+// its last block, one slack entry (block size minus requested size) per
+// block: a `u8` for blocks up to [`SLACK_BYTE_MAX`], else a `u16`. A block's
+// entry is found from its address alone, with one multiply: its index is
+// `h(block) = (block * slack_key mod 2^64) >> 32`, at `slack_base + width *
+// h(block)`. With `slack_key` at least `2^32 / block_size + 1` (and less
+// than 4,096 above it), `h` of the page's `k`-th block is `h(first) + k`
+// or one more, one step up at most once in the page (a page is below 1
+// MiB, so the multiply's error stays below one part in 4,096 of a step):
+// the `capacity + 1` entries after the last block hold every block's, and
+// no two share one. `slack_key` is the smallest such key for which no
+// index of the page passes 2^32 (`Page::slack_layout`), and `slack_base`
+// is the end of the blocks less `width * h(first)`. Entries are written by
+// the owner when it hands a block out and read when the block is freed:
+// whoever frees a block received it after its allocation, so the entry is
+// as ordered as the block's contents are.
+
+/// `u16` slack entry `m` of the array at `base` (blocks above
 /// [`SLACK_BYTE_MAX`]), out of line so that the small blocks' path has no
 /// jump around it.
 ///
@@ -108,9 +128,10 @@ pub const SLACK_BYTE_MAX: usize = 512;
 ///
 /// As for [`Page::set_slack`].
 #[cold]
-unsafe fn set_wide_slack(end: *mut u8, m: usize, slack: usize) {
-    // SAFETY: per the contract; `end` is 16-aligned.
-    unsafe { *(end.add(2 * m) as *mut u16) = slack as u16 };
+unsafe fn set_wide_slack(base: *mut u8, m: usize, slack: usize) {
+    // SAFETY: per the contract, an entry of the page's array: `base` is
+    // 16-aligned, less an even number of bytes.
+    unsafe { *(base.wrapping_add(2 * m) as *mut u16) = slack as u16 };
 }
 
 /// Reads what [`set_wide_slack`] wrote.
@@ -119,9 +140,9 @@ unsafe fn set_wide_slack(end: *mut u8, m: usize, slack: usize) {
 ///
 /// As for [`Page::slack`].
 #[cold]
-unsafe fn wide_slack(end: *mut u8, m: usize) -> usize {
-    // SAFETY: per the contract; `end` is 16-aligned.
-    unsafe { *(end.add(2 * m) as *const u16) as usize }
+unsafe fn wide_slack(base: *mut u8, m: usize) -> usize {
+    // SAFETY: as for set_wide_slack.
+    unsafe { *(base.wrapping_add(2 * m) as *const u16) as usize }
 }
 
 impl Page {
@@ -136,7 +157,7 @@ impl Page {
     }
 
     /// Blocks of `block_size` that fit in `bytes` with their slack entries
-    /// (`capacity + 1` entries: entry 0 is never used).
+    /// (`capacity + 1` entries: see `slack_index`).
     pub const fn capacity_with_slack(bytes: usize, block_size: usize) -> usize {
         let width = Self::slack_width(block_size);
         (bytes - width) / (block_size + width)
@@ -147,7 +168,28 @@ impl Page {
         ((1u64 << 32) / block_size as u64 + 1) as u32
     }
 
-    /// Index of `block`'s slack entry.
+    /// `h` of the block at `addr` under `key` (see the notes above `set_wide_slack`).
+    #[inline(always)]
+    const fn slack_hash(addr: usize, key: u32) -> usize {
+        ((addr as u64).wrapping_mul(key as u64) >> 32) as usize
+    }
+
+    /// The `slack_key` and `slack_base` of a paged page of `block_size`
+    /// whose `capacity` blocks start at `first` and end at `end`.
+    pub fn slack_layout(first: *mut u8, end: *mut u8, capacity: usize, block_size: usize) -> (u32, *mut u8) {
+        let reciprocal = Self::slack_reciprocal(block_size);
+        let mut key = reciprocal;
+        // Nearly always the first key: an index passes 2^32 in about one
+        // page in 2^32 / capacity.
+        while Self::slack_hash(first.addr(), key) + capacity >= u32::MAX as usize {
+            key += 1;
+        }
+        debug_assert!(key - reciprocal < 4096, "the index stays exact");
+        let width = Self::slack_width(block_size);
+        (key, end.wrapping_sub(width * Self::slack_hash(first.addr(), key)))
+    }
+
+    /// Index of `block`'s slack entry, from `slack_base`, in entries.
     ///
     /// # Safety
     ///
@@ -155,8 +197,20 @@ impl Page {
     /// `block` one of its blocks.
     #[inline(always)]
     fn slack_index(&self, block: *const u8) -> usize {
-        let end = self.end.get() as usize;
-        (((end - block as usize) as u64 * self.slack_key.get() as u64) >> 32) as usize
+        Self::slack_hash(block.addr(), self.slack_key.get())
+    }
+
+    /// The end of the page's blocks (where the slack entries of a heap that
+    /// keeps requested sizes start), from its first slot, span and block
+    /// size: for the slow paths (the descriptor keeps `slack_base`).
+    /// `self` is the descriptor of a paged page's first slot.
+    pub fn end_addr(&self) -> usize {
+        let seg = ptr::from_ref(self).addr() & !(SEGMENT_SIZE - 1);
+        let start = seg + ((self.first.get() as usize) << SLOT_SHIFT);
+        let (bytes, size) = (self.span.get() as usize * SLOT_SIZE, self.block_size.get());
+        let capacity =
+            if self.slack_key.get() == 0 { bytes / size } else { Self::capacity_with_slack(bytes, size) };
+        start + capacity * size
     }
 
     /// Records `block`'s slack.
@@ -168,32 +222,47 @@ impl Page {
     /// the heap, or holds the block), and `slack` fits its width.
     #[inline(always)]
     pub unsafe fn set_slack(&self, block: *const u8, slack: usize) {
-        let (end, m) = (self.end.get(), self.slack_index(block));
+        // SAFETY: per the contract.
+        unsafe { self.set_slack_as::<false>(block, slack) }
+    }
+
+    /// [`set_slack`](Self::set_slack) for a caller that knows (`NARROW`)
+    /// that the page's block size is at most [`SLACK_BYTE_MAX`].
+    ///
+    /// # Safety
+    ///
+    /// As for `set_slack`; if `NARROW`, the block size is at most `SLACK_BYTE_MAX`.
+    #[inline(always)]
+    pub unsafe fn set_slack_as<const NARROW: bool>(&self, block: *const u8, slack: usize) {
+        debug_assert!(!NARROW || self.block_size.get() <= SLACK_BYTE_MAX);
+        let (base, m) = (self.slack_base.get(), self.slack_index(block));
         // SAFETY: per the contract, the entry lies in the page's slack
         // array; u16 entries are 2-aligned (`end` is 16-aligned).
         unsafe {
-            if self.block_size.get() <= SLACK_BYTE_MAX {
-                *end.add(m) = slack as u8;
+            if NARROW || self.block_size.get() <= SLACK_BYTE_MAX {
+                *base.wrapping_add(m) = slack as u8;
             } else {
-                set_wide_slack(end, m, slack);
+                set_wide_slack(base, m, slack);
             }
         }
     }
 
-    /// `block`'s slack, as recorded at its allocation.
+    /// `block`'s slack, as recorded at its allocation (`NARROW`: as for
+    /// [`set_slack_as`](Self::set_slack_as)).
     ///
     /// # Safety
     ///
-    /// As for `set_slack`; the block is live.
+    /// As for `set_slack_as`; the block is live.
     #[inline(always)]
-    pub unsafe fn slack(&self, block: *const u8) -> usize {
-        let (end, m) = (self.end.get(), self.slack_index(block));
+    pub unsafe fn slack<const NARROW: bool>(&self, block: *const u8) -> usize {
+        debug_assert!(!NARROW || self.block_size.get() <= SLACK_BYTE_MAX);
+        let (base, m) = (self.slack_base.get(), self.slack_index(block));
         // SAFETY: as for set_slack.
         unsafe {
-            if self.block_size.get() <= SLACK_BYTE_MAX {
-                *end.add(m) as usize
+            if NARROW || self.block_size.get() <= SLACK_BYTE_MAX {
+                *base.wrapping_add(m) as usize
             } else {
-                wide_slack(end, m)
+                wide_slack(base, m)
             }
         }
     }
@@ -206,6 +275,18 @@ impl Page {
     /// `block` is a live block of this page; `requested` says whether its heap keeps requested sizes.
     #[inline(always)]
     pub unsafe fn requested_size(&self, block: *const u8, requested: bool) -> usize {
+        // SAFETY: per the contract.
+        unsafe { self.requested_size_as::<false>(block, requested) }
+    }
+
+    /// [`requested_size`](Self::requested_size) for a caller that knows
+    /// (`NARROW`) that the page's block size is at most [`SLACK_BYTE_MAX`].
+    ///
+    /// # Safety
+    ///
+    /// As for `requested_size`; if `NARROW`, the block size is at most `SLACK_BYTE_MAX`.
+    #[inline(always)]
+    pub unsafe fn requested_size_as<const NARROW: bool>(&self, block: *const u8, requested: bool) -> usize {
         let size = self.block_size.get();
         if !requested {
             return size;
@@ -214,7 +295,7 @@ impl Page {
             self.slack_key.get() as usize
         } else {
             // SAFETY: per the contract, a paged block of a heap that keeps requested sizes.
-            unsafe { self.slack(block) }
+            unsafe { self.slack::<NARROW>(block) }
         };
         size - slack
     }
@@ -230,18 +311,30 @@ impl Page {
 }
 
 impl Page {
+    /// Puts the page in its heap's queue or takes it out (the flag only;
+    /// the caller links it), and says whether its frees may take the fast
+    /// path (see [`Page::fast_free`]).
+    #[inline]
+    pub fn set_queued(&self, queued: bool) {
+        self.queued.set(queued);
+        // slack_key is 0 in a heap that does not keep requested sizes.
+        let narrow = self.slack_key.get() == 0 || self.block_size.get() <= SLACK_BYTE_MAX;
+        self.fast_free.set(queued && narrow);
+    }
+
     /// A page with no blocks (not in any segment).
     pub const fn empty() -> Page {
         Page {
             free: Cell::new(ptr::null_mut()),
             bump: Cell::new(ptr::null_mut()),
-            end: Cell::new(ptr::null_mut()),
+            slack_base: Cell::new(ptr::null_mut()),
             block_size: Cell::new(0),
             used: Cell::new(0),
             class: Cell::new(0),
             span: Cell::new(0),
             first: Cell::new(0),
             queued: Cell::new(false),
+            fast_free: Cell::new(false),
             next: Cell::new(ptr::null_mut()),
             prev: Cell::new(ptr::null_mut()),
             head: Cell::new(0),
@@ -348,6 +441,52 @@ mod tests {
         assert_eq!(find_free_run(0, 1), None);
         assert_eq!(slot_mask(3, 2), 0b11000);
         assert_eq!(slot_mask(0, 64), u64::MAX);
+    }
+
+    /// Every block of a page of every class has its own slack entry among
+    /// the `capacity + 1` after the last block, wherever the page starts,
+    /// including where an index of the page would pass 2^32 under the
+    /// first key (the layout then takes the next).
+    #[test]
+    #[cfg_attr(miri, ignore = "arithmetic only, over every block of 60 classes' pages")]
+    fn every_block_has_its_own_slack_entry() {
+        use super::super::size_class::{class_size, page_slots, PAGED_CLASSES};
+        let mut bumped = 0;
+        for class in 0..PAGED_CLASSES {
+            let size = class_size(class);
+            let capacity = Page::capacity_with_slack(page_slots(class) * SLOT_SIZE, size);
+            let reciprocal = Page::slack_reciprocal(size);
+            // A page whose last index passes 2^32 under the reciprocal.
+            let wrapping = ((((1u128 << 32) - 1 - capacity as u128 / 2) << 32) / reciprocal as u128) as usize;
+            // Pages where the index takes its extra step (or would lose one)
+            // between two blocks: the product's low half is near 2^32 or 0.
+            let steps = (0..1usize << 20).map(|j| 0x7f00_0000_0000 + j * 16).filter(|&start| {
+                let low = (start as u64).wrapping_mul(reciprocal as u64) as u32 as u64;
+                let reach = (capacity * size) as u64;
+                low < reach || low > (1 << 32) - reach
+            });
+            let starts =
+                [0x10_0000 + SLOT_SIZE, 0x7f12_3456_c000, 0x5555_0000_4000, wrapping, wrapping & !15];
+            for start in starts.into_iter().chain(steps.take(8)) {
+                let first = start as *mut u8;
+                let end = first.wrapping_add(capacity * size);
+                let (key, base) = Page::slack_layout(first, end, capacity, size);
+                bumped += usize::from(key != reciprocal);
+                let width = Page::slack_width(size);
+                let mut taken = vec![false; capacity + 1];
+                for k in 0..capacity {
+                    let entry = base.wrapping_add(width * Page::slack_hash(start + k * size, key));
+                    let offset = entry.addr().wrapping_sub(end.addr()) / width;
+                    assert!(offset <= capacity, "class {class} start {start:#x} block {k}: entry {offset}");
+                    assert!(
+                        !taken[offset],
+                        "class {class} start {start:#x} block {k}: entry {offset} shared"
+                    );
+                    taken[offset] = true;
+                }
+            }
+        }
+        assert!(bumped >= PAGED_CLASSES, "the wrapping starts took another key ({bumped})");
     }
 
     #[test]

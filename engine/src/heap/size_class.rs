@@ -141,6 +141,19 @@ pub const fn page_slots(class: usize) -> usize {
 mod tests {
     use super::*;
 
+    /// A block handed out for a request in a class up to
+    /// `SLACK_BYTE_MAX` has a slack below 256 (its slack entry is a byte).
+    #[test]
+    fn byte_wide_classes_are_at_most_256_apart() {
+        use crate::heap::segment::SLACK_BYTE_MAX;
+        for c in 0..PAGED_CLASSES {
+            if class_size(c) <= SLACK_BYTE_MAX {
+                let below = if c == 0 { 0 } else { class_size(c - 1) };
+                assert!(class_size(c) - below <= 256, "class {c}");
+            }
+        }
+    }
+
     #[test]
     fn classes_are_increasing_aligned_and_end_at_64k() {
         for c in 0..PAGED_CLASSES {
