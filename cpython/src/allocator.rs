@@ -164,8 +164,8 @@ pub struct InstallOptions {
     /// (`Heap::new_keeping_requested_sizes`), so that the heaps' figures are
     /// the bytes callers asked for, as the hooks count them, and interheap's
     /// figures can come from the heaps with no hook installed
-    /// (`crate::figures`). Costs about 14 instructions per allocation and
-    /// free pair, and a byte (two above 512 bytes) per small block.
+    /// (`crate::figures`). Costs about 13 instructions per allocation and
+    /// free pair, and a byte (two above 2 KiB) per block of a shared page.
     pub requested_sizes: bool,
 }
 
