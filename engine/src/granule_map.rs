@@ -261,6 +261,17 @@ fn read(bytes: &RecordBytes) -> (u16, usize) {
     (v | (u16::from(b2 & !REST) << 11), 3)
 }
 
+/// Writes code `c` (as for [`write`]) over what `bytes` held: a record of
+/// `old_len` bytes (from [`read`]), whose bytes past the new one it clears
+/// (a longer record replaced here: its block's free was missed).
+#[inline(always)]
+fn overwrite(bytes: &RecordBytes, old_len: usize, c: u16) {
+    let len = write(bytes, c);
+    for b in bytes.iter().take(old_len).skip(len) {
+        b.store(0, Relaxed);
+    }
+}
+
 /// Zeroes the first `len` (at most 3) of `bytes`.
 #[inline(always)]
 fn zero(bytes: &RecordBytes, len: usize) {
@@ -381,11 +392,7 @@ impl GranuleMap {
         let bytes = self.entries(addr, true)?;
         // Nearly always nothing is there.
         let (old, old_len) = if bytes[0].load(Relaxed) == 0 { (0, 0) } else { read(bytes) };
-        let len = write(bytes, code);
-        // What is left of a longer record replaced here (its free was missed).
-        for b in bytes.iter().take(old_len).skip(len) {
-            b.store(0, Relaxed);
-        }
+        overwrite(bytes, old_len, code);
         Some(old)
     }
 
@@ -431,8 +438,9 @@ impl GranuleMap {
         if first & REST == REST {
             return false; // inside a live block's record
         }
-        if !is_live(read(bytes).0) {
-            self.store(addr, tombstone(domain));
+        let (old, old_len) = read(bytes);
+        if !is_live(old) {
+            overwrite(bytes, old_len, tombstone(domain));
         }
         true
     }
@@ -584,10 +592,15 @@ mod tests {
     use super::*;
 
     impl GranuleMap {
+        /// The bytes of every leaf.
+        fn leaf_bytes(&self) -> impl Iterator<Item = u8> + '_ {
+            let leaves = self.nodes().flat_map(|node| node.iter().filter_map(level));
+            leaves.flat_map(|leaf| leaf.iter().map(|b| b.load(Relaxed)))
+        }
+
         /// Bytes of the leaves that are not 0.
         fn written_bytes(&self) -> usize {
-            let leaves = self.nodes().flat_map(|node| node.iter().filter_map(level));
-            leaves.map(|leaf| leaf.iter().filter(|b| b.load(Relaxed) != 0).count()).sum()
+            self.leaf_bytes().filter(|&b| b != 0).count()
         }
     }
 
@@ -832,11 +845,8 @@ mod tests {
                 for &addr in model.keys() {
                     map.take(addr);
                 }
-                let leaves = map.nodes().flat_map(|node| node.iter().filter_map(level));
-                for leaf in leaves {
-                    let only_rests = leaf.iter().map(|b| b.load(Relaxed)).all(|b| b == 0 || b & REST == REST);
-                    prop_assert!(only_rests);
-                }
+                let only_rests = map.leaf_bytes().all(|b| b == 0 || b & REST == REST);
+                prop_assert!(only_rests);
             }
         }
     }

@@ -178,15 +178,15 @@ impl Page {
     /// whose `capacity` blocks start at `first` and end at `end`.
     pub fn slack_layout(first: *mut u8, end: *mut u8, capacity: usize, block_size: usize) -> (u32, *mut u8) {
         let reciprocal = Self::slack_reciprocal(block_size);
-        let mut key = reciprocal;
+        let (mut key, mut first_index) = (reciprocal, Self::slack_hash(first.addr(), reciprocal));
         // Nearly always the first key: an index passes 2^32 in about one
         // page in 2^32 / capacity.
-        while Self::slack_hash(first.addr(), key) + capacity >= u32::MAX as usize {
+        while first_index + capacity >= u32::MAX as usize {
             key += 1;
+            first_index = Self::slack_hash(first.addr(), key);
         }
         debug_assert!(key - reciprocal < 4096, "the index stays exact");
-        let width = Self::slack_width(block_size);
-        (key, end.wrapping_sub(width * Self::slack_hash(first.addr(), key)))
+        (key, end.wrapping_sub(Self::slack_width(block_size) * first_index))
     }
 
     /// Index of `block`'s slack entry, from `slack_base`, in entries.
